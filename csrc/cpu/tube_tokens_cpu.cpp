@@ -1,0 +1,250 @@
+// CPU backend of tubevit::tube_tokens and tubevit::tube_tokens_backward.
+//
+// Each tube is an implicit GEMM: tokens (rows) x patch (K = C*kt*kh*kw)
+// times the tube's weight (d x K)^T. We gather only the voxels the tube reads
+// into a small row-major patch buffer (in parallel over tokens), then let
+// ATen's BLAS (MKL/oneDNN/OpenBLAS, whichever torch was built with) multiply
+// straight into the tube's row block of the final (B, N, d) buffer. Bias and
+// position embedding ride in the GEMM's C operand (addmm: out = E + P W^T),
+// so they cost no extra pass, and nothing is padded or concatenated.
+//
+// Backward recomputes the gather instead of saving patches (patches are
+// ~K/d-fold bigger than the output and cheap to rebuild), reduces dW over
+// all tokens of a batch chunk in one GEMM, and scatters dP = G W back into dx
+// in parallel over (b, c) planes, which never overlap, so accumulation of
+// overlapping tubes is race-free and deterministic.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../tube_tokens.h"
+
+namespace tubevit {
+namespace {
+
+// Upper bound on one patch buffer: batches are processed in chunks so that
+// the buffer stays cache- and memory-friendly for long videos / big batches.
+constexpr int64_t kPatchBufferBytes = int64_t(32) << 20;
+
+int64_t batch_chunk(const TubeGeom& g, int64_t batch, size_t elem_size) {
+  const int64_t per_sample =
+      std::max<int64_t>(1, g.num_tokens * g.patch_size * int64_t(elem_size));
+  return std::max<int64_t>(1, std::min<int64_t>(batch, kPatchBufferBytes / per_sample));
+}
+
+// Strided view of one input sample; strides in elements.
+template <typename scalar_t>
+struct InputView {
+  const scalar_t* data;
+  int64_t sB, sC, sT, sH, sW;
+};
+
+template <typename scalar_t>
+InputView<scalar_t> input_view(const at::Tensor& x) {
+  return {x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
+          x.stride(3), x.stride(4)};
+}
+
+// Pointer to the first voxel read by token `tok` of tube `g` in sample b.
+template <typename scalar_t>
+const scalar_t* token_origin(const InputView<scalar_t>& v, const TubeGeom& g,
+                             int64_t b, int64_t tok) {
+  const int64_t iw = tok % g.n[2];
+  const int64_t ih = (tok / g.n[2]) % g.n[1];
+  const int64_t it = tok / (g.n[2] * g.n[1]);
+  return v.data + b * v.sB + (g.o[0] + g.s[0] * it) * v.sT +
+         (g.o[1] + g.s[1] * ih) * v.sH + (g.o[2] + g.s[2] * iw) * v.sW;
+}
+
+// Fills rows [0, nb * n) of `dst` (row-major, K = patch_size columns, K laid
+// out (c, kt, kh, kw) like weight.reshape(d, K)) with the patches of samples
+// b0 .. b0 + nb - 1, converting to acc_t.
+template <typename scalar_t, typename acc_t>
+void gather_patches(const InputView<scalar_t>& v, const TubeGeom& g,
+                    int64_t channels, int64_t b0, int64_t nb, acc_t* dst) {
+  const int64_t n = g.num_tokens, K = g.patch_size;
+  const int64_t kt = g.k[0], kh = g.k[1], kw = g.k[2];
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, nb * n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = b0 + r / n, tok = r % n;
+      const scalar_t* src0 = token_origin(v, g, b, tok);
+      acc_t* row = dst + r * K;
+      for (int64_t c = 0; c < channels; ++c) {
+        for (int64_t a = 0; a < kt; ++a) {
+          for (int64_t h = 0; h < kh; ++h) {
+            const scalar_t* src = src0 + c * v.sC + a * v.sT + h * v.sH;
+            if (std::is_same<scalar_t, acc_t>::value && v.sW == 1) {
+              std::memcpy(row, src, sizeof(acc_t) * kw);
+            } else {
+              for (int64_t w = 0; w < kw; ++w) row[w] = static_cast<acc_t>(src[w * v.sW]);
+            }
+            row += kw;
+          }
+        }
+      }
+    }
+  });
+}
+
+// dx[b] += scatter of dP rows (nb * n rows of K) for samples b0 .. b0+nb-1.
+// dx is contiguous (B, C, T, H, W) in acc_t. Parallel over (b, c) planes:
+// a plane is written by exactly one thread, in a fixed token order.
+template <typename acc_t>
+void scatter_patches(const acc_t* dP, const TubeGeom& g, int64_t channels,
+                     int64_t b0, int64_t nb, acc_t* dx, const int64_t* size) {
+  const int64_t n = g.num_tokens, K = g.patch_size;
+  const int64_t T = size[0], H = size[1], W = size[2];
+  const int64_t sH = W, sT = H * W, sC = T * H * W, sB = channels * sC;
+  const int64_t kt = g.k[0], kh = g.k[1], kw = g.k[2];
+  const int64_t kplane = kt * kh * kw;
+  at::parallel_for(0, nb * channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t bl = bc / channels, c = bc % channels;
+      acc_t* plane = dx + (b0 + bl) * sB + c * sC;
+      for (int64_t tok = 0; tok < n; ++tok) {
+        const int64_t iw = tok % g.n[2];
+        const int64_t ih = (tok / g.n[2]) % g.n[1];
+        const int64_t it = tok / (g.n[2] * g.n[1]);
+        acc_t* dst0 = plane + (g.o[0] + g.s[0] * it) * sT +
+                      (g.o[1] + g.s[1] * ih) * sH + (g.o[2] + g.s[2] * iw);
+        const acc_t* src = dP + (bl * n + tok) * K + c * kplane;
+        for (int64_t a = 0; a < kt; ++a) {
+          for (int64_t h = 0; h < kh; ++h) {
+            acc_t* dst = dst0 + a * sT + h * sH;
+            for (int64_t w = 0; w < kw; ++w) dst[w] += src[w];
+            src += kw;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& x, at::TensorList weights,
+                  at::TensorList biases, const c10::optional<at::Tensor>& pos_embed,
+                  const TubeLayout& L, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same<scalar_t, acc_t>::value;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const auto v = input_view<scalar_t>(x);
+  const bool has_pe = pos_embed.has_value() && pos_embed->defined();
+  for (size_t i = 0; i < L.tubes.size(); ++i) {
+    const TubeGeom& g = L.tubes[i];
+    const int64_t n = g.num_tokens, K = g.patch_size;
+    // (K, d) view of the weight; BLAS reads the transpose without a copy.
+    const at::Tensor wt = weights[i].reshape({L.dim, K}).to(acc_dtype).t();
+    // Epilogue operand E, broadcast over the batch: pe rows (+ bias).
+    at::Tensor epi;
+    if (has_pe) epi = pos_embed->narrow(0, g.token_offset, n).to(acc_dtype);
+    if (!biases.empty()) {
+      const at::Tensor bias = biases[i].to(acc_dtype);
+      epi = epi.defined() ? epi + bias : bias;
+    }
+    const int64_t chunk = batch_chunk(g, L.batch, sizeof(acc_t));
+    at::Tensor patches = at::empty({chunk * n, K}, x.options().dtype(acc_dtype));
+    for (int64_t b0 = 0; b0 < L.batch; b0 += chunk) {
+      const int64_t nb = std::min(chunk, L.batch - b0);
+      gather_patches<scalar_t, acc_t>(v, g, L.channels, b0, nb, patches.data_ptr<acc_t>());
+      for (int64_t bl = 0; bl < nb; ++bl) {
+        const at::Tensor p = patches.narrow(0, bl * n, n);
+        at::Tensor dst = out.select(0, b0 + bl).narrow(0, g.token_offset, n);
+        if (kDirect) {
+          // dst is a contiguous row block of out: BLAS writes it in place.
+          if (epi.defined()) at::addmm_out(dst, epi, p, wt);
+          else at::mm_out(dst, p, wt);
+        } else {
+          dst.copy_(epi.defined() ? at::addmm(epi, p, wt) : at::mm(p, wt));
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
+                   at::TensorList weights, const TubeLayout& L, bool need_dx,
+                   bool need_dw, bool need_db, at::Tensor& dx,
+                   std::vector<at::Tensor>& dws, std::vector<at::Tensor>& dbs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const auto v = input_view<scalar_t>(x);
+  const at::Tensor grad = grad_out.to(acc_dtype).contiguous();  // (B, N, d)
+  at::Tensor dx_acc;
+  if (need_dx) dx_acc = at::zeros({L.batch, L.channels, L.size[0], L.size[1], L.size[2]},
+                                  x.options().dtype(acc_dtype));
+  for (size_t i = 0; i < L.tubes.size(); ++i) {
+    const TubeGeom& g = L.tubes[i];
+    const int64_t n = g.num_tokens, K = g.patch_size;
+    const at::Tensor gi = grad.narrow(1, g.token_offset, n);  // (B, n, d)
+    if (need_db) dbs.push_back(gi.sum({0, 1}).to(x.scalar_type()));
+    if (!need_dw && !need_dx) continue;
+    const at::Tensor w = weights[i].reshape({L.dim, K}).to(acc_dtype);
+    at::Tensor dw_acc;
+    if (need_dw) dw_acc = at::zeros({L.dim, K}, w.options());
+    const int64_t chunk = batch_chunk(g, L.batch, sizeof(acc_t));
+    at::Tensor patches;
+    if (need_dw) patches = at::empty({chunk * n, K}, w.options());
+    for (int64_t b0 = 0; b0 < L.batch; b0 += chunk) {
+      const int64_t nb = std::min(chunk, L.batch - b0);
+      // (nb * n, d): one reduction GEMM over all tokens of the chunk.
+      const at::Tensor gc = gi.narrow(0, b0, nb).reshape({nb * n, L.dim});
+      if (need_dw) {
+        gather_patches<scalar_t, acc_t>(v, g, L.channels, b0, nb, patches.data_ptr<acc_t>());
+        dw_acc.addmm_(gc.t(), patches.narrow(0, 0, nb * n));
+      }
+      if (need_dx) {
+        const at::Tensor dP = at::mm(gc, w).contiguous();  // (nb * n, K)
+        scatter_patches<acc_t>(dP.const_data_ptr<acc_t>(), g, L.channels, b0, nb,
+                               dx_acc.data_ptr<acc_t>(), L.size);
+      }
+    }
+    if (need_dw) dws.push_back(dw_acc.view(weights[i].sizes()).to(x.scalar_type()));
+  }
+  if (need_dx) dx = dx_acc.to(x.scalar_type());
+}
+
+at::Tensor tube_tokens_cpu(const at::Tensor& x, at::TensorList weights,
+                           at::TensorList biases, at::IntArrayRef tubes,
+                           const c10::optional<at::Tensor>& pos_embed) {
+  const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
+  at::Tensor out = at::empty({L.batch, L.num_tokens, L.dim}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "tube_tokens_cpu", [&] {
+    forward_impl<scalar_t>(x, weights, biases, pos_embed, L, out);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+tube_tokens_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                         at::TensorList weights, at::IntArrayRef tubes,
+                         std::array<bool, 3> output_mask) {
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  at::Tensor dx = at::empty({0}, x.options());
+  std::vector<at::Tensor> dws, dbs;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "tube_tokens_backward_cpu", [&] {
+    backward_impl<scalar_t>(grad_out, x, weights, L, output_mask[0], output_mask[1],
+                            output_mask[2], dx, dws, dbs);
+  });
+  return {dx, dws, dbs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tubevit, CPU, m) {
+  m.impl("tube_tokens", &tube_tokens_cpu);
+  m.impl("tube_tokens_backward", &tube_tokens_backward_cpu);
+}
+
+}  // namespace tubevit

@@ -1,0 +1,98 @@
+"""Build tubevit_ext._C: the C++ ops, plus the CUDA kernels when possible.
+
+CUDA kernels are compiled whenever nvcc (CUDA_HOME) and a CUDA build of torch
+are present, whether or not a GPU is visible (build machines have none).
+
+Environment:
+  FORCE_CUDA=1            fail instead of silently building CPU-only
+  FORCE_CUDA=0            build CPU-only even when CUDA is available
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default: 8.0;8.6;8.9;9.0)
+  MAX_JOBS                parallel compile jobs (read by torch's ninja build)
+  CUDA_HOME               CUDA toolkit root; /usr/local/cuda is tried when unset
+                          (a wrapper `nvcc` on PATH makes torch guess wrong)
+  TUBEVIT_DEBUG=1         -O0 -g host code, -G device code
+
+Install with `pip install --no-build-isolation .` (or `-e .`): the extension
+must be compiled against the torch that will import it.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - build-time message only
+    sys.exit("tubevit_ext needs torch to build: pip install torch, then "
+             "pip install --no-build-isolation .")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda():
+    force = os.environ.get("FORCE_CUDA")
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if force == "0":
+        return False
+    if force == "1" and not available:
+        sys.exit(f"FORCE_CUDA=1 but torch.version.cuda={torch.version.cuda!r} "
+                 f"and CUDA_HOME={cpp_extension.CUDA_HOME!r}")
+    return available
+
+
+def pip_cuda_includes():
+    """Headers of the pip CUDA libraries torch was built against.
+
+    torch's CUDA headers include cuSPARSE/cuBLAS headers that a minimal
+    toolkit (nvcc + cudart only) lacks; the CUDA wheels of torch ship them
+    in site-packages/nvidia/*/include.
+    """
+    if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")):
+        return []
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return sorted(p for r in roots for p in glob.glob(os.path.join(r, "*", "include")) if os.path.isdir(p))
+
+
+def extensions():
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    debug = os.environ.get("TUBEVIT_DEBUG") == "1"
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    macros = []
+    includes = [os.path.join(ROOT, "csrc")]
+    ext = cpp_extension.CppExtension
+    extra = {"cxx": cxx}
+    if want_cuda():
+        ext = cpp_extension.CUDAExtension
+        sources += rel("csrc/cuda/*.cu")
+        macros.append(("TUBEVIT_WITH_CUDA", None))
+        includes += pip_cuda_includes()
+        extra["nvcc"] = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"])
+        print(f"tubevit_ext: building with CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    else:
+        print("tubevit_ext: building CPU-only (no CUDA build of torch or no CUDA_HOME)")
+    return [ext("tubevit_ext._C", sources, include_dirs=includes,
+                define_macros=macros, extra_compile_args=extra)]
+
+
+setup(
+    name="tubevit_ext",
+    version="0.1.0",
+    description="Fused sparse video tube tokenizer (TubeViT) for PyTorch: C++/CUDA ops",
+    packages=find_packages(include=["tubevit_ext", "tubevit_ext.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch", "numpy"],
+    extras_require={"test": ["pytest", "hypothesis"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)

@@ -1,0 +1,28 @@
+"""tubevit_ext: TubeViT's sparse video tubes as one fused PyTorch op.
+
+Importing the package loads the native library (``_C``, which registers the
+``torch.ops.tubevit`` ops), then the Python registrations (fake kernels,
+autograd) in ``_ops``.
+"""
+from . import _C  # noqa: F401  (must come first: defines torch.ops.tubevit.*)
+from . import _ops  # noqa: F401
+from .functional import tube_tokens
+from .geometry import (IMAGE_TUBE, PAPER_TUBES, Tube, as_tubes, flatten_tubes, num_tokens,
+                       token_grid, token_offsets)
+from .pos_embed import sincos_pos_embed
+from .tokenizer import SparseTubeTokenizer, TubeProjection
+from . import reference  # noqa: E402,F401
+
+__version__ = "0.1.0"
+
+
+def cuda_compiled() -> bool:
+    """Whether this build contains the CUDA kernels."""
+    return _C._cuda_compiled()
+
+
+__all__ = [
+    "Tube", "PAPER_TUBES", "IMAGE_TUBE", "as_tubes", "flatten_tubes", "token_grid", "num_tokens",
+    "token_offsets", "sincos_pos_embed", "tube_tokens", "SparseTubeTokenizer", "TubeProjection",
+    "reference", "cuda_compiled",
+]

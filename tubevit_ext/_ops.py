@@ -1,0 +1,84 @@
+"""Python-side registrations for the tubevit:: dispatcher ops.
+
+The schemas and the CPU/CUDA kernels are C++ (csrc/). Here: fake kernels
+(shape, dtype and device only, for torch.compile and meta tensors) and the
+autograd formula. Imported by ``tubevit_ext/__init__.py`` after ``_C`` has
+loaded the library, so the ops exist when we register against them.
+"""
+from __future__ import annotations
+
+import torch
+
+from .geometry import axis_positions
+
+_KT = 9  # ints per tube in the flat `tubes` argument
+
+
+def _token_count(x_shape, tubes) -> int:
+    """N for the flat tube list on an input of shape (B, C, T, H, W)."""
+    size = x_shape[2:]
+    total = 0
+    for i in range(0, len(tubes), _KT):
+        k, s, o = tubes[i:i + 3], tubes[i + 3:i + 6], tubes[i + 6:i + 9]
+        n = 1
+        for a in range(3):
+            n = n * axis_positions(size[a], k[a], s[a], o[a])
+        total = total + n
+    return total
+
+
+@torch.library.register_fake("tubevit::tube_tokens")
+def _tube_tokens_fake(x, weights, biases, tubes, pos_embed):
+    torch._check(x.dim() == 5, lambda: f"x must be 5-D (B, C, T, H, W), got {x.dim()}-D")
+    torch._check(len(weights) * _KT == len(tubes), lambda: "weights must hold one tensor per tube")
+    n = _token_count(x.shape, tubes)
+    return x.new_empty((x.shape[0], n, weights[0].shape[0]))
+
+
+@torch.library.register_fake("tubevit::tube_tokens_backward")
+def _tube_tokens_backward_fake(grad_out, x, weights, tubes, output_mask):
+    dx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
+    dws = [w.new_empty(w.shape) for w in weights] if output_mask[1] else []
+    dbs = [w.new_empty((w.shape[0],)) for w in weights] if output_mask[2] else []
+    return dx, dws, dbs
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, tubes, pos_embed = inputs
+    # x is needed for grad-weights, weights for grad-input; both are views of
+    # tensors the caller holds anyway, so saving them costs no memory.
+    ctx.save_for_backward(x, *weights)
+    ctx.tubes = list(tubes)
+    ctx.has_bias = len(biases) > 0
+
+
+def _backward(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    need_x, need_w, need_b, _, need_pe = ctx.needs_input_grad
+    need_b = bool(need_b) and ctx.has_bias
+    dx = dws = dbs = None
+    if need_x or need_w or need_b:
+        dx, dws, dbs = torch.ops.tubevit.tube_tokens_backward(
+            grad, x, weights, ctx.tubes, [bool(need_x), bool(need_w), need_b])
+    return (dx if need_x else None,
+            list(dws) if need_w else None,
+            list(dbs) if need_b else None,
+            None,
+            grad.sum(0) if need_pe else None)
+
+
+torch.library.register_autograd("tubevit::tube_tokens", _backward, setup_context=_setup_context)
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError(
+        "tubevit::tube_tokens does not support double backward (higher-order gradients); "
+        "compute second derivatives with tubevit_ext.reference.tube_tokens instead")
+
+
+def _setup_backward_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("tubevit::tube_tokens_backward", _double_backward,
+                                setup_context=_setup_backward_context)

@@ -1,0 +1,51 @@
+"""Functional entry point of the fused tokenizer."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .geometry import Tube, as_tubes, flatten_tubes
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                biases: Optional[Sequence[torch.Tensor]], tubes: Sequence[Tube],
+                pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """All tubes of ``x`` in one pass: (B, C, T, H, W) -> tokens (B, N, d).
+
+    Equal to, for every tube i in list order,
+    ``F.conv3d(x[:, :, o_t:, o_h:, o_w:], weights[i], biases[i], stride=s_i)``
+    flattened over (t, h, w) row-major, concatenated along tokens, channels
+    last, plus ``pos_embed`` (N, d) when given.
+
+    Args:
+        x: (B, C, T, H, W) floating tensor, any strides (channels_last_3d and
+            non-contiguous views are read in place).
+        weights: one (d, C, kt, kh, kw) tensor per tube, dtype/device of x.
+        biases: None, or one (d,) tensor per tube.
+        tubes: Tube records (or (kernel, stride[, offset]) tuples).
+        pos_embed: None or (N, d), dtype/device of x (see sincos_pos_embed).
+
+    Returns a contiguous (B, N, d) tensor of x's dtype. Differentiable in x,
+    weights, biases and pos_embed (first order only).
+    """
+    _check_tensor(x, "x")
+    weights = list(weights)
+    for i, w in enumerate(weights):
+        _check_tensor(w, f"weights[{i}]")
+    biases = [] if biases is None else list(biases)
+    for i, b in enumerate(biases):
+        _check_tensor(b, f"biases[{i}]")
+    if pos_embed is not None:
+        _check_tensor(pos_embed, "pos_embed")
+    tubes = as_tubes(tubes)
+    if len(weights) != len(tubes):
+        raise ValueError(f"weights must hold one tensor per tube ({len(tubes)}), got {len(weights)}")
+    if biases and len(biases) != len(tubes):
+        raise ValueError(f"biases must be None or hold one tensor per tube ({len(tubes)}), got {len(biases)}")
+    return torch.ops.tubevit.tube_tokens(x, weights, biases, flatten_tubes(tubes), pos_embed)

@@ -1,0 +1,116 @@
+"""SparseTubeTokenizer: the drop-in nn.Module around the fused op."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .functional import tube_tokens
+from .geometry import PAPER_TUBES, as_tubes
+from .pos_embed import sincos_pos_embed
+
+
+class _PosEmbedCache:
+    """Per-(size, dtype, device) cache of a module's sin/cos embedding.
+
+    The most recent one is also the module's non-persistent ``pos_embed``
+    buffer (so it shows up in ``module.buffers()`` and follows ``.to()``).
+    Under torch.compile the embedding is computed in the graph instead (it
+    depends only on Python ints, so it is constant-folded), keeping the
+    traced forward free of side effects.
+    """
+
+    max_entries = 8
+
+    def __init__(self, module: nn.Module):
+        self._module_ref = module.__dict__  # avoid a reference cycle through nn.Module.__setattr__
+        self._cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+    def get(self, size, dtype, device) -> torch.Tensor:
+        m = self._module_ref
+        tubes, dim = m["tubes"], m["dim"]
+        if torch.compiler.is_compiling():
+            return sincos_pos_embed(tubes, size, dim, dtype=dtype, device=device)
+        key = (tuple(int(s) for s in size), dtype, torch.device(device))
+        pe = self._cache.get(key)
+        if pe is None:
+            pe = sincos_pos_embed(tubes, key[0], dim, dtype=dtype, device=device)
+            self._cache[key] = pe
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        m["_buffers"]["pos_embed"] = pe
+        return pe
+
+
+class TubeProjection(nn.Module):
+    """Parameters of one tube, shaped and initialised exactly like nn.Conv3d.
+
+    weight: (d, C, kt, kh, kw); bias: (d,) or None.
+    """
+
+    def __init__(self, in_channels: int, dim: int, kernel, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, in_channels, *kernel))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(dim))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv3d's default initialisation, so both tokenizers start alike.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+
+class SparseTubeTokenizer(nn.Module):
+    """Video (B, C, T, H, W) -> tokens (B, N, dim) with sparse tubes, fused.
+
+    Args:
+        in_channels: C.
+        dim: token width d (any positive int; the position embedding handles
+            widths not divisible by 6, see pos_embed.py).
+        tubes: Tube records, default the paper's four (PAPER_TUBES).
+        pos_embed: add the fixed sin/cos embedding of the tube centres,
+            computed for each input size seen and cached.
+        bias: per-tube bias, as nn.Conv3d's ``bias``.
+
+    Parameters are ``projs.{i}.weight`` (d, C, kt, kh, kw) and
+    ``projs.{i}.bias`` (d,), the same names and shapes as
+    tubevit_ext.reference.SparseTubeTokenizer.
+    """
+
+    def __init__(self, in_channels: int, dim: int, tubes=PAPER_TUBES, pos_embed: bool = True,
+                 bias: bool = True):
+        super().__init__()
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.tubes = as_tubes(tubes)
+        self.in_channels, self.dim, self.use_pos_embed = in_channels, dim, pos_embed
+        self.projs = nn.ModuleList(TubeProjection(in_channels, dim, t.kernel, bias) for t in self.tubes)
+        self.register_buffer("pos_embed", torch.empty(0), persistent=False)
+        self._pe = _PosEmbedCache(self)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, dim={self.dim}, tubes={list(self.tubes)}, pos_embed={self.use_pos_embed}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 5:
+            raise ValueError(f"x must be 5-D (B, C, T, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels, expected in_channels={self.in_channels}")
+        pe = self._pe.get(x.shape[2:], x.dtype, x.device) if self.use_pos_embed else None
+        weights = [p.weight for p in self.projs]
+        biases = [p.bias for p in self.projs if p.bias is not None]
+        return tube_tokens(x, weights, biases, self.tubes, pe)
