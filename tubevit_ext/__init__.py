@@ -4,7 +4,9 @@ Importing the package loads the native library (``_C``, which registers the
 ``torch.ops.tubevit`` ops), then the Python registrations (fake kernels,
 autograd) in ``_ops``.
 """
-from . import _C  # noqa: F401  (must come first: defines torch.ops.tubevit.*)
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
+from . import _C  # noqa: F401  (defines torch.ops.tubevit.*; before any registration)
 from . import _ops  # noqa: F401
 from .functional import tube_tokens
 from .geometry import (IMAGE_TUBE, PAPER_TUBES, Tube, as_tubes, flatten_tubes, num_tokens,

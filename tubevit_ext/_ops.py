@@ -54,17 +54,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, *weights = ctx.saved_tensors
-    need_x, need_w, need_b, _, need_pe = ctx.needs_input_grad
-    need_b = bool(need_b) and ctx.has_bias
-    dx = dws = dbs = None
+    # For list arguments needs_input_grad holds one bool per element.
+    need_x, need_ws, need_bs, _, need_pe = ctx.needs_input_grad
+    need_w, need_b = any(need_ws), ctx.has_bias and any(need_bs)
+    dx, dws, dbs = None, [None] * len(weights), [None] * len(need_bs)
     if need_x or need_w or need_b:
-        dx, dws, dbs = torch.ops.tubevit.tube_tokens_backward(
-            grad, x, weights, ctx.tubes, [bool(need_x), bool(need_w), need_b])
-    return (dx if need_x else None,
-            list(dws) if need_w else None,
-            list(dbs) if need_b else None,
-            None,
-            grad.sum(0) if need_pe else None)
+        dx, dws_, dbs_ = torch.ops.tubevit.tube_tokens_backward(
+            grad, x, weights, ctx.tubes, [bool(need_x), need_w, need_b])
+        dx = dx if need_x else None
+        dws = list(dws_) if need_w else dws
+        dbs = list(dbs_) if need_b else dbs
+    return dx, dws, dbs, None, (grad.sum(0) if need_pe else None)
 
 
 torch.library.register_autograd("tubevit::tube_tokens", _backward, setup_context=_setup_context)

@@ -1,0 +1,44 @@
+"""Shared fixtures and helpers. GPU tests are the same tests parametrized on
+``cuda``; they are skipped (not weakened) when no GPU is visible."""
+import random
+
+import pytest
+import torch
+
+import tubevit_ext as tv
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and tv.cuda_compiled()), reason="needs a CUDA GPU and a CUDA build"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def random_tubes(rng: random.Random, n_tubes: int, size=None, max_kernel=6):
+    """Random tube list that fits ``size`` (T, H, W): kernel < stride,
+    kernel > stride (overlapping windows) and non-zero offsets all occur."""
+    tubes = []
+    for _ in range(n_tubes):
+        k, s, o = [], [], []
+        for a in range(3):
+            L = size[a]
+            ka = rng.randint(1, min(max_kernel, L))
+            oa = rng.randint(0, min(3, L - ka))
+            sa = rng.randint(1, max(1, min(7, L)))
+            k.append(ka), s.append(sa), o.append(oa)
+        tubes.append(tv.Tube(tuple(k), tuple(s), tuple(o)))
+    return tubes
+
+
+def make_params(tubes, C, d, dtype=torch.float32, device="cpu", bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(d, C, *t.kernel, generator=g, dtype=torch.float64).div_((C * t.kernel[0] * t.kernel[1] * t.kernel[2]) ** 0.5)
+          .to(device=device, dtype=dtype) for t in tubes]
+    bs = [torch.randn(d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for _ in tubes] if bias else None
+    return ws, bs
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0

@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+import tubevit_ext as tv
+
+
+def _pair(device, **kw):
+    torch.manual_seed(0)
+    fused = tv.SparseTubeTokenizer(3, 12, **kw).to(device)
+    ref = tv.reference.SparseTubeTokenizer(3, 12, **kw).to(device)
+    return fused, ref
+
+
+def test_state_dict_round_trip(device):
+    fused, ref = _pair(device)
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    assert all(fused.state_dict()[k].shape == v.shape for k, v in ref.state_dict().items())
+    x = torch.randn(2, 3, 20, 28, 36, device=device)
+    ref.load_state_dict(fused.state_dict())
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(1)
+    ref2 = tv.reference.SparseTubeTokenizer(3, 12).to(device)
+    fused.load_state_dict(ref2.state_dict())
+    torch.testing.assert_close(fused(x), ref2(x), rtol=1e-5, atol=1e-5)
+
+
+def test_same_initialisation_as_conv3d():
+    torch.manual_seed(0)
+    fused = tv.SparseTubeTokenizer(3, 12)
+    torch.manual_seed(0)
+    ref = tv.reference.SparseTubeTokenizer(3, 12)
+    for (n1, p1), (n2, p2) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert n1 == n2 and p1.shape == p2.shape
+        torch.testing.assert_close(p1, p2)  # same RNG draws in the same order
+
+
+def test_pos_embed_buffer_follows_input_size(device):
+    m = tv.SparseTubeTokenizer(3, 12).to(device)
+    assert "pos_embed" not in m.state_dict()
+    for size in [(20, 28, 28), (32, 64, 48), (20, 28, 28)]:
+        m(torch.randn(1, 3, *size, device=device))
+        assert m.pos_embed.shape == (tv.num_tokens(tv.PAPER_TUBES, size), 12)
+        torch.testing.assert_close(m.pos_embed, tv.sincos_pos_embed(tv.PAPER_TUBES, size, 12, device=device))
+    assert len(m._pe._cache) == 2
+    m.double()
+    y = m(torch.randn(1, 3, 20, 28, 28, device=device, dtype=torch.float64))
+    assert y.dtype == torch.float64 and m.pos_embed.dtype == torch.float64
+
+
+def test_no_pos_embed_no_bias(device):
+    fused, ref = _pair(device, pos_embed=False, bias=False)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 20, 28, 28, device=device)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert all(p.bias is None for p in fused.projs)
+
+
+def test_image_tube_on_one_frame(device):
+    m = tv.SparseTubeTokenizer(3, 12, tubes=[tv.IMAGE_TUBE]).to(device)
+    assert m(torch.randn(2, 3, 1, 224, 224, device=device)).shape == (2, 196, 12)
+
+
+@pytest.mark.parametrize("dim", [12, 20])
+def test_compile_fullgraph_matches_eager(device, dim):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = tv.SparseTubeTokenizer(3, dim).to(device)
+    x = torch.randn(2, 3, 20, 28, 36, device=device, requires_grad=True)
+    eager = m(x)
+    geager = torch.autograd.grad(eager.square().sum(), [x, *m.parameters()])
+    cm = torch.compile(m, fullgraph=True)
+    out = cm(x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    gcomp = torch.autograd.grad(out.square().sum(), [x, *m.parameters()])
+    for a, b in zip(gcomp, geager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_functional_dynamic(device):
+    torch._dynamo.reset()
+    tubes = tv.PAPER_TUBES
+    ws = [torch.randn(8, 3, *t.kernel, device=device) * 0.05 for t in tubes]
+
+    @torch.compile(fullgraph=True, dynamic=True)
+    def f(x):
+        return tv.tube_tokens(x, ws, None, tubes)
+
+    for size in [(20, 28, 28), (24, 40, 36)]:
+        x = torch.randn(2, 3, *size, device=device)
+        torch.testing.assert_close(f(x), tv.reference.tube_tokens(x, ws, None, tubes), rtol=1e-5, atol=1e-5)
+
+
+def test_module_errors():
+    m = tv.SparseTubeTokenizer(3, 12)
+    with pytest.raises(ValueError, match="5-D"):
+        m(torch.randn(3, 20, 28, 28))
+    with pytest.raises(ValueError, match="in_channels=3"):
+        m(torch.randn(1, 2, 20, 28, 28))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        m([1, 2])
+    with pytest.raises(ValueError, match="dim"):
+        tv.SparseTubeTokenizer(3, 0)
+
+
+def test_functional_errors():
+    tubes = tv.PAPER_TUBES
+    x = torch.randn(1, 3, 20, 28, 28)
+    ws = [torch.randn(6, 3, *t.kernel) for t in tubes]
+    with pytest.raises(ValueError, match=r"one tensor per tube \(4\), got 3"):
+        tv.tube_tokens(x, ws[:3], None, tubes)
+    with pytest.raises(RuntimeError, match=r"dtype of x"):
+        tv.tube_tokens(x.double(), ws, None, tubes)
+    with pytest.raises(RuntimeError, match=r"weights\[1\] must have shape"):
+        tv.tube_tokens(x, [ws[0], ws[0], ws[2], ws[3]], None, tubes)
+    n = tv.num_tokens(tubes, (20, 28, 28))
+    with pytest.raises(RuntimeError, match=rf"pos_embed must have shape \(N={n}, d=6\), got \[10, 6\]"):
+        tv.tube_tokens(x, ws, None, tubes, torch.zeros(10, 6))
+    with pytest.raises(RuntimeError, match=r"tube 1 .* yields no tokens .*\(15, 28, 28\)"):
+        tv.tube_tokens(torch.randn(1, 3, 15, 28, 28), ws, None, tubes)
+    with pytest.raises(RuntimeError, match="floating dtype"):
+        tv.tube_tokens(x.long(), [w.long() for w in ws], None, tubes)
+    with pytest.raises(RuntimeError, match=r"biases\[0\] must have shape \(6,\)"):
+        tv.tube_tokens(x, ws, [torch.zeros(5)] * 4, tubes)
