@@ -144,4 +144,13 @@ TORCH_LIBRARY(tubevit, m) {
   m.def(
       "tube_tokens_backward(Tensor grad_out, Tensor x, Tensor[] weights, "
       "int[] tubes, bool[3] output_mask) -> (Tensor, Tensor[], Tensor[])");
+  // The same contract, always computed by the per-element kernels of
+  // naive_kernels.h (on CPU: the CUDA kernels' code run in a host loop).
+  // For testing the GPU kernels' logic; not differentiable.
+  m.def(
+      "tube_tokens_naive(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
+      "Tensor? pos_embed) -> Tensor");
+  m.def(
+      "tube_tokens_naive_backward(Tensor grad_out, Tensor x, Tensor[] weights, "
+      "int[] tubes, bool[3] output_mask) -> (Tensor, Tensor[], Tensor[])");
 }

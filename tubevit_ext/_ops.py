@@ -27,6 +27,7 @@ def _token_count(x_shape, tubes) -> int:
     return total
 
 
+@torch.library.register_fake("tubevit::tube_tokens_naive")
 @torch.library.register_fake("tubevit::tube_tokens")
 def _tube_tokens_fake(x, weights, biases, tubes, pos_embed):
     torch._check(x.dim() == 5, lambda: f"x must be 5-D (B, C, T, H, W), got {x.dim()}-D")
@@ -35,6 +36,7 @@ def _tube_tokens_fake(x, weights, biases, tubes, pos_embed):
     return x.new_empty((x.shape[0], n, weights[0].shape[0]))
 
 
+@torch.library.register_fake("tubevit::tube_tokens_naive_backward")
 @torch.library.register_fake("tubevit::tube_tokens_backward")
 def _tube_tokens_backward_fake(grad_out, x, weights, tubes, output_mask):
     dx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
