@@ -67,6 +67,11 @@ def extensions():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     debug = os.environ.get("TUBEVIT_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # at::parallel_for is inlined into this library; without -fopenmp its
+    # OpenMP pragmas are ignored and every "parallel" loop runs on one thread.
+    # Linking -fopenmp records a dependency on libgomp.so.1, the SONAME of
+    # the runtime torch ships and has already loaded, so one runtime is used.
+    cxx += ["-fopenmp"]
     macros = []
     includes = [os.path.join(ROOT, "csrc")]
     ext = cpp_extension.CppExtension
@@ -81,7 +86,8 @@ def extensions():
     else:
         print("tubevit_ext: building CPU-only (no CUDA build of torch or no CUDA_HOME)")
     return [ext("tubevit_ext._C", sources, include_dirs=includes,
-                define_macros=macros, extra_compile_args=extra)]
+                define_macros=macros, extra_compile_args=extra,
+                extra_link_args=["-fopenmp"])]
 
 
 setup(

@@ -1,0 +1,398 @@
+"""Benchmark: the fused tube tokenizer against what users would write instead.
+
+Implementations (all compute the same (B, N, d) tokens, bias and PE included):
+  reference           per-tube nn.Conv3d (cuDNN / oneDNN) + flatten + cat + PE add
+  unfold_gemm         per-tube strided unfold view -> patch copy -> one F.linear per tube + cat + PE add
+  compiled_reference  torch.compile(reference)
+  fused               tubevit_ext.SparseTubeTokenizer
+
+Modes: fwd; fwd_bwd (weights and bias require grad, input does not);
+fwd_bwd_input (input requires grad too).
+
+Each configuration is first checked against the reference (max_abs_err), then timed: warm-up,
+repeats, median; CUDA events on GPU, perf_counter on CPU; inputs rotated over several fresh
+buffers so no implementation runs on cache-hot data. On GPU the card's dense matmul rate per
+dtype is measured in the same run and every result reports its achieved TFLOP/s.
+
+    python bench/tube_bench.py --preset cpu-targets          # the CPU targets of issue 4
+    python bench/tube_bench.py --preset gpu-targets          # the GPU targets of issue 3
+    python bench/tube_bench.py --device cpu --batch 1 2 4 --frames 32 --dim 384 768 --modes fwd
+Outputs: table on stdout, JSON (--json), PNG plot (--plot; needs matplotlib, skipped otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import tubevit_ext as tv
+
+TUBE_SETS = {
+    "paper": tv.PAPER_TUBES,
+    # A ViViT-style tubelet pair: dense 2x16x16 plus a coarse 8x32x32 tube.
+    "tubelet2": (tv.Tube((2, 16, 16), (2, 16, 16)), tv.Tube((8, 32, 32), (8, 32, 32), (0, 0, 0))),
+}
+IMPLS = ["reference", "unfold_gemm", "compiled_reference", "fused"]
+MODES = ["fwd", "fwd_bwd", "fwd_bwd_input"]
+
+
+# ---------------------------------------------------------------- implementations
+class UnfoldGemm(torch.nn.Module):
+    """The fastest pure-PyTorch formulation we know: strided unfold views of
+    each tube's slice, one copy into a (B, n, K) patch matrix, one GEMM per
+    tube (F.linear, bias fused), cat, PE add. Shares the fused module's
+    parameters."""
+
+    def __init__(self, fused: tv.SparseTubeTokenizer):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x):
+        outs = []
+        for tube, proj in zip(self.fused.tubes, self.fused.projs):
+            (kt, kh, kw), (st, sh, sw), (ot, oh, ow) = tube.kernel, tube.stride, tube.offset
+            p = x[:, :, ot:, oh:, ow:].unfold(2, kt, st).unfold(3, kh, sh).unfold(4, kw, sw)
+            B, C, nt, nh, nw = p.shape[:5]
+            p = p.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(B, nt * nh * nw, C * kt * kh * kw)
+            outs.append(F.linear(p, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias))
+        out = torch.cat(outs, dim=1)
+        if self.fused.use_pos_embed:
+            out = out + self.fused._pe.get(tuple(x.shape[2:]), x.dtype, x.device)
+        return out
+
+
+def build(impl, fused, ref):
+    if impl == "fused":
+        return fused
+    if impl == "reference":
+        return ref
+    if impl == "unfold_gemm":
+        return UnfoldGemm(fused)
+    if impl == "compiled_reference":
+        return torch.compile(ref)
+    raise ValueError(impl)
+
+
+def gemm_flops(tubes, size, C, d, batch):
+    per = sum(n * C * t.kernel[0] * t.kernel[1] * t.kernel[2]
+              for t, n in zip(tubes, tv.geometry.tube_token_counts(tubes, size)))
+    return 2.0 * batch * d * per
+
+
+MODE_GEMMS = {"fwd": 1, "fwd_bwd": 2, "fwd_bwd_input": 3}  # fwd, + dW, + dX
+
+
+# ---------------------------------------------------------------- timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, inputs, device, warmup, repeats):
+    """Median seconds of fn(x) over `repeats` calls, rotating through `inputs`."""
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    sync(device)
+    times = []
+    if device.type == "cuda":
+        for i in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(inputs[i % len(inputs)])
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+    else:
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            fn(inputs[i % len(inputs)])
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device, dtype, n=8192):
+    """Dense square matmul TFLOP/s on this device (the roofline for the GEMM work)."""
+    if device.type != "cuda":
+        n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda _: torch.mm(a, b), [None], device, 3, 10 if device.type == "cuda" else 3)
+    return 2.0 * n ** 3 / t / 1e12
+
+
+def make_step(model, mode):
+    params = list(model.parameters()) if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule) \
+        else list(model._orig_mod.parameters())
+
+    def step(x):
+        if mode == "fwd":
+            with torch.no_grad():
+                return model(x)
+        out = model(x)
+        out.backward(torch.ones_like(out))  # fixed cost; identical for every impl
+        for p in params:
+            p.grad = None
+        if x.grad is not None:
+            x.grad = None
+        return out
+    return step
+
+
+# ---------------------------------------------------------------- one configuration
+def run_config(args, device, dtype, batch, frames, dim, tubes_name, mode, impls, peak, rows, progress):
+    tubes = TUBE_SETS[tubes_name]
+    size = (frames, *args.size)
+    torch.manual_seed(0)
+    fused = tv.SparseTubeTokenizer(3, dim, tubes).to(device, dtype)
+    ref = tv.reference.SparseTubeTokenizer(3, dim, tubes).to(device, dtype)
+    ref.load_state_dict(fused.state_dict())
+    need_x = mode == "fwd_bwd_input"
+    inputs = [torch.randn(batch, 3, *size, device=device, dtype=dtype).requires_grad_(need_x)
+              for _ in range(args.rotate)]
+    flops = gemm_flops(tubes, size, 3, dim, batch) * MODE_GEMMS[mode]
+    with torch.no_grad():
+        want = ref(inputs[0]).float()
+    variants = []
+    for impl in impls:
+        if impl == "reference" and device.type == "cuda":
+            variants += [(impl, False), (impl, True)]  # cudnn.benchmark off / on
+        else:
+            variants.append((impl, None))
+    for impl, bench_flag in variants:
+        progress(f"{tubes_name} {dtype_name(dtype)} B={batch} T={frames} d={dim} {mode} {impl}"
+                 + ("" if bench_flag is None else f" cudnn.benchmark={bench_flag}"))
+        row = dict(impl=impl, mode=mode, dtype=dtype_name(dtype), batch=batch, frames=frames, dim=dim,
+                   tubes=tubes_name, size=list(size), tokens=want.shape[1])
+        if bench_flag is not None:
+            row["cudnn_benchmark"] = bench_flag
+        prev = torch.backends.cudnn.benchmark
+        try:
+            if bench_flag is not None:
+                torch.backends.cudnn.benchmark = bench_flag
+            model = build(impl, fused, ref)
+            with torch.no_grad():
+                got = model(inputs[0]).float()
+            row["max_abs_err"] = (got - want).abs().max().item()
+            t = time_fn(make_step(model, mode), inputs, device, args.warmup, args.repeats)
+            row["median_ms"] = t * 1e3
+            row["tflops"] = flops / t / 1e12
+            if peak.get(row["dtype"]):
+                row["frac_of_matmul_peak"] = row["tflops"] / peak[row["dtype"]]
+        except Exception as e:  # e.g. compile unavailable: recorded, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        finally:
+            torch.backends.cudnn.benchmark = prev
+        rows.append(row)
+
+
+def dtype_name(dt):
+    return str(dt).replace("torch.", "")
+
+
+def git_commit():
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------- reporting
+def print_table(rows):
+    hdr = f"{'tubes':8s} {'dtype':8s} {'B':>3s} {'T':>3s} {'d':>5s} {'mode':13s} {'impl':24s} {'ms':>9s} {'TFLOP/s':>8s} {'xref':>6s} {'err':>9s}"
+    print(hdr)
+    print("-" * len(hdr))
+    base = {}
+    for r in rows:
+        if r["impl"] == "reference" and not r.get("cudnn_benchmark", False) and "median_ms" in r:
+            base[key(r)] = r["median_ms"]
+    for r in rows:
+        name = r["impl"] + ("" if "cudnn_benchmark" not in r else f" (bench={'on' if r['cudnn_benchmark'] else 'off'})")
+        if "error" in r:
+            print(f"{r['tubes']:8s} {r['dtype']:8s} {r['batch']:3d} {r['frames']:3d} {r['dim']:5d} {r['mode']:13s} {name:24s} skipped: {r['error']}")
+            continue
+        sp = base.get(key(r), float("nan")) / r["median_ms"]
+        print(f"{r['tubes']:8s} {r['dtype']:8s} {r['batch']:3d} {r['frames']:3d} {r['dim']:5d} {r['mode']:13s} {name:24s} "
+              f"{r['median_ms']:9.2f} {r['tflops']:8.3f} {sp:6.2f} {r['max_abs_err']:9.2e}")
+
+
+def key(r):
+    return (r["tubes"], r["dtype"], r["batch"], r["frames"], r["dim"], r["mode"])
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: plot skipped (pip install matplotlib)")
+        return
+    base = {key(r): r["median_ms"] for r in rows
+            if r["impl"] == "reference" and not r.get("cudnn_benchmark", False) and "median_ms" in r}
+    panels = sorted({(r["dtype"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (dt, mode) in zip(axes[0], panels):
+        groups = {}
+        for r in rows:
+            if (r["dtype"], r["mode"]) != (dt, mode) or "median_ms" not in r or key(r) not in base:
+                continue
+            name = r["impl"] + (" (bench)" if r.get("cudnn_benchmark") else "")
+            label = f"{name} {r['tubes']} T={r['frames']} d={r['dim']}"
+            groups.setdefault(label, []).append((r["batch"], base[key(r)] / r["median_ms"]))
+        for label, pts in sorted(groups.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speed-up over reference")
+        ax.set_title(f"{dt} {mode}")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def check_targets(rows, device):
+    """Prints the issue targets that this run can judge (ratios from the same run)."""
+    def med(impl, mode, dtype, **kw):
+        for r in rows:
+            if r["impl"] == impl and r["mode"] == mode and r["dtype"] == dtype and "median_ms" in r \
+                    and not r.get("cudnn_benchmark", False) and all(r[k] == v for k, v in kw.items()):
+                return r["median_ms"]
+        return None
+
+    print("\ntargets (ratio of medians, same run):")
+    if device.type == "cpu":
+        checks = [("fwd", "reference", 3.0), ("fwd", "unfold_gemm", 1.2),
+                  ("fwd_bwd", "reference", 4.0), ("fwd_bwd", "unfold_gemm", 1.2)]
+        dt, kw = "float32", dict(tubes="paper", batch=4, frames=32, dim=768)
+    else:
+        checks = [("fwd", "reference", 5.0), ("fwd", "unfold_gemm", 1.5), ("fwd", "compiled_reference", 1.5),
+                  ("fwd_bwd", "reference", 3.0)]
+        dt, kw = "bfloat16", dict(tubes="paper", batch=32, frames=32, dim=768)
+    for mode, other, goal in checks:
+        a, b = med("fused", mode, dt, **kw), med(other, mode, dt, **kw)
+        if a and b:
+            print(f"  {dt} {mode}: fused vs {other}: {b / a:.2f}x (target >= {goal}x) {'OK' if b / a >= goal else 'MISSED'}")
+    if device.type == "cuda":
+        a, b = med("fused", "fwd", "float32", **kw), med("reference", "fwd", "float32", **kw)
+        if a and b:
+            print(f"  float32 fwd: fused vs reference: {b / a:.2f}x (target >= 3x) {'OK' if b / a >= 3 else 'MISSED'}")
+        for r in rows:
+            if r["impl"] == "fused" and r["mode"] == "fwd" and r["dtype"] == "bfloat16" and "frac_of_matmul_peak" in r \
+                    and all(r[k] == v for k, v in kw.items()):
+                print(f"  bf16 fwd achieved {r['frac_of_matmul_peak'] * 100:.0f}% of matmul peak (target >= 50%)")
+
+
+PRESETS = {
+    "cpu-targets": dict(device="cpu", dtypes=["float32"], batch=[4], frames=[32], dim=[768], tubes=["paper"],
+                        modes=["fwd", "fwd_bwd"], impls=IMPLS),
+    "cpu-sweep": dict(device="cpu", dtypes=["float32", "bfloat16"], batch=[1, 2, 4], frames=[32, 64],
+                      dim=[384, 768, 1024], tubes=["paper", "tubelet2"], modes=MODES,
+                      impls=["reference", "unfold_gemm", "fused"]),
+    "gpu-targets": dict(device="cuda", dtypes=["bfloat16", "float32"], batch=[32], frames=[32], dim=[768],
+                        tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=IMPLS),
+    "gpu-sweep": dict(device="cuda", dtypes=["bfloat16", "float16", "float32"], batch=[8, 16, 32, 64],
+                      frames=[32, 64], dim=[384, 768, 1024], tubes=["paper", "tubelet2"], modes=MODES,
+                      impls=IMPLS),
+}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--device")
+    p.add_argument("--dtypes", nargs="+")
+    p.add_argument("--batch", nargs="+", type=int)
+    p.add_argument("--frames", nargs="+", type=int)
+    p.add_argument("--dim", nargs="+", type=int)
+    p.add_argument("--tubes", nargs="+", choices=sorted(TUBE_SETS))
+    p.add_argument("--modes", nargs="+", choices=MODES)
+    p.add_argument("--impls", nargs="+", choices=IMPLS)
+    p.add_argument("--size", nargs=2, type=int, default=(224, 224), metavar=("H", "W"))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--rotate", type=int, default=3, help="fresh input buffers rotated between calls")
+    p.add_argument("--json", help="write results here (default: bench/out/<device>-<date>.json)")
+    p.add_argument("--plot", help="write a PNG plot here (default: next to the JSON)")
+    args = p.parse_args(argv)
+
+    cfg = dict(PRESETS.get(args.preset, {}))
+    defaults = dict(device="cuda" if torch.cuda.is_available() else "cpu", dtypes=["float32"], batch=[4],
+                    frames=[32], dim=[768], tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=IMPLS)
+    for k, v in defaults.items():
+        if getattr(args, k, None) is not None:
+            cfg[k] = getattr(args, k)
+        cfg.setdefault(k, v)
+    device = torch.device(cfg["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device visible")
+
+    dtypes = [getattr(torch, d) for d in cfg["dtypes"]]
+    peak = {}
+    if device.type == "cuda":
+        for dt in dtypes:
+            prev = torch.backends.cuda.matmul.allow_tf32
+            peak[dtype_name(dt)] = matmul_peak(device, dt)
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    configs = [(dt, b, f, d, tn, m) for dt in dtypes for tn in cfg["tubes"] for f in cfg["frames"]
+               for d in cfg["dim"] for m in cfg["modes"] for b in cfg["batch"]]
+    rows = []
+    t_start = time.time()
+    for i, (dt, b, f, d, tn, m) in enumerate(configs):
+        def progress(msg, i=i):
+            print(f"[{i + 1}/{len(configs)} {time.time() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)
+        run_config(args, device, dt, b, f, d, tn, m, cfg["impls"], peak, rows, progress)
+
+    result = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "cudnn": str(torch.backends.cudnn.version()) if device.type == "cuda" else None,
+              "commit": git_commit(), "date": _dt.date.today().isoformat(),
+              "threads": torch.get_num_threads(), "peak_tflops": peak, "config": cfg,
+              "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+              "results": rows}
+    print(f"\ndevice: {result['device']} | torch {result['torch']} | commit {result['commit']}")
+    if peak:
+        print("dense matmul peak (TFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()))
+    print_table(rows)
+    check_targets(rows, device)
+    root = os.path.dirname(os.path.abspath(__file__))
+    path = args.json or os.path.join(root, "out", f"{device.type}-{result['date']}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"json: {path}")
+    plot(rows, args.plot or os.path.splitext(path)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()
