@@ -13,6 +13,8 @@ namespace tubevit {
 
 namespace {
 
+constexpr int64_t kMaxTubeParam = (int64_t(1) << 31) - 1;
+
 std::string tube_str(at::IntArrayRef tubes, size_t i) {
   const int64_t* p = tubes.data() + i * kTubeInts;
   std::ostringstream os;
@@ -24,21 +26,21 @@ std::string tube_str(at::IntArrayRef tubes, size_t i) {
 
 void check_same(const at::Tensor& x, const at::Tensor& t, const char* name,
                 int64_t i) {
-  TORCH_CHECK(t.defined(), name, "[", i, "] is undefined");
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, "[", i,
-              "] must have the dtype of x (", x.scalar_type(), "), got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), name, "[", i,
-              "] must be on the device of x (", x.device(), "), got ",
-              t.device());
+  // i < 0: a single tensor (no list index in the message)
+  const std::string what = i < 0 ? std::string(name) : c10::str(name, "[", i, "]");
+  TORCH_CHECK_VALUE(t.defined(), what, " is undefined");
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), what,
+                   " must have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), what, " must be on the device of x (", x.device(),
+              "), got ", t.device());
 }
 
 }  // namespace
 
 TubeLayout resolve_layout(at::IntArrayRef tubes, int64_t channels,
                           const int64_t* size_thw) {
-  TORCH_CHECK(!tubes.empty(), "tubes must describe at least one tube, got an empty list");
-  TORCH_CHECK(tubes.size() % kTubeInts == 0,
+  TORCH_CHECK_VALUE(!tubes.empty(), "tubes must describe at least one tube, got an empty list");
+  TORCH_CHECK_VALUE(tubes.size() % kTubeInts == 0,
               "tubes must hold 9 ints per tube (kt, kh, kw, st, sh, sw, ot, oh, ow), got ",
               tubes.size(), " ints");
   TubeLayout L;
@@ -49,12 +51,15 @@ TubeLayout resolve_layout(at::IntArrayRef tubes, int64_t channels,
   for (size_t i = 0; i < n_tubes; ++i) {
     const int64_t* p = tubes.data() + i * kTubeInts;
     for (int a = 0; a < 3; ++a) {
-      TORCH_CHECK(p[a] >= 1, tube_str(tubes, i), ": kernel sizes must be >= 1");
-      TORCH_CHECK(p[3 + a] >= 1, tube_str(tubes, i), ": strides must be >= 1");
-      TORCH_CHECK(p[6 + a] >= 0, tube_str(tubes, i), ": offsets must be >= 0");
+      TORCH_CHECK_VALUE(p[a] >= 1, tube_str(tubes, i), ": kernel sizes must be >= 1");
+      TORCH_CHECK_VALUE(p[3 + a] >= 1, tube_str(tubes, i), ": strides must be >= 1");
+      TORCH_CHECK_VALUE(p[6 + a] >= 0, tube_str(tubes, i), ": offsets must be >= 0");
+      // Bounds keep every product of tube and input sizes inside int64.
+      TORCH_CHECK_VALUE(p[a] <= kMaxTubeParam && p[3 + a] <= kMaxTubeParam && p[6 + a] <= kMaxTubeParam,
+                        tube_str(tubes, i), ": kernel, stride and offset must be <= 2^31 - 1");
     }
     TubeGeom g = make_tube_geom(p, channels, size_thw, offset);
-    TORCH_CHECK(g.num_tokens > 0, tube_str(tubes, i),
+    TORCH_CHECK_VALUE(g.num_tokens > 0, tube_str(tubes, i),
                 " yields no tokens for input size (T, H, W) = (", size_thw[0],
                 ", ", size_thw[1], ", ", size_thw[2],
                 "): offset + kernel exceeds the input on some axis");
@@ -68,30 +73,31 @@ TubeLayout resolve_layout(at::IntArrayRef tubes, int64_t channels,
 static TubeLayout check_x_and_weights(const at::Tensor& x,
                                       at::TensorList weights,
                                       at::IntArrayRef tubes) {
-  TORCH_CHECK(x.defined(), "x is undefined");
-  TORCH_CHECK(x.dim() == 5, "x must be 5-D (B, C, T, H, W), got ", x.dim(),
+  TORCH_CHECK_VALUE(x.defined(), "x is undefined");
+  TORCH_CHECK_VALUE(x.dim() == 5, "x must be 5-D (B, C, T, H, W), got ", x.dim(),
               "-D with shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
               "x must have a floating dtype, got ", x.scalar_type());
   const int64_t size[3] = {x.size(2), x.size(3), x.size(4)};
+  TORCH_CHECK_VALUE(x.size(1) >= 1, "x must have at least one channel, got shape ", x.sizes());
   TubeLayout L = resolve_layout(tubes, x.size(1), size);
   L.batch = x.size(0);
-  TORCH_CHECK(weights.size() == L.tubes.size(), "weights must hold one tensor per tube (",
+  TORCH_CHECK_VALUE(weights.size() == L.tubes.size(), "weights must hold one tensor per tube (",
               L.tubes.size(), "), got ", weights.size());
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& w = weights[i];
     check_same(x, w, "weights", i);
     const TubeGeom& g = L.tubes[i];
-    TORCH_CHECK(w.dim() == 5 && w.size(1) == x.size(1) && w.size(2) == g.k[0] &&
+    TORCH_CHECK_VALUE(w.dim() == 5 && w.size(1) == x.size(1) && w.size(2) == g.k[0] &&
                     w.size(3) == g.k[1] && w.size(4) == g.k[2],
                 "weights[", i, "] must have shape (d, C=", x.size(1), ", ", g.k[0],
                 ", ", g.k[1], ", ", g.k[2], ") for ", tube_str(tubes, i),
                 ", got ", w.sizes());
     if (i == 0) L.dim = w.size(0);
-    TORCH_CHECK(w.size(0) == L.dim, "weights[", i, "] has d=", w.size(0),
+    TORCH_CHECK_VALUE(w.size(0) == L.dim, "weights[", i, "] has d=", w.size(0),
                 " but weights[0] has d=", L.dim, "; all tubes must share d");
   }
-  TORCH_CHECK(L.dim >= 1, "d (weights[0].size(0)) must be >= 1, got ", L.dim);
+  TORCH_CHECK_VALUE(L.dim >= 1, "d (weights[0].size(0)) must be >= 1, got ", L.dim);
   return L;
 }
 
@@ -99,17 +105,17 @@ TubeLayout check_forward_args(const at::Tensor& x, at::TensorList weights,
                               at::TensorList biases, at::IntArrayRef tubes,
                               const c10::optional<at::Tensor>& pos_embed) {
   TubeLayout L = check_x_and_weights(x, weights, tubes);
-  TORCH_CHECK(biases.empty() || biases.size() == L.tubes.size(),
+  TORCH_CHECK_VALUE(biases.empty() || biases.size() == L.tubes.size(),
               "biases must be empty (no bias) or hold one tensor per tube (",
               L.tubes.size(), "), got ", biases.size());
   for (size_t i = 0; i < biases.size(); ++i) {
     check_same(x, biases[i], "biases", i);
-    TORCH_CHECK(biases[i].dim() == 1 && biases[i].size(0) == L.dim, "biases[", i,
+    TORCH_CHECK_VALUE(biases[i].dim() == 1 && biases[i].size(0) == L.dim, "biases[", i,
                 "] must have shape (", L.dim, ",), got ", biases[i].sizes());
   }
   if (pos_embed.has_value() && pos_embed->defined()) {
-    check_same(x, *pos_embed, "pos_embed", 0);
-    TORCH_CHECK(pos_embed->dim() == 2 && pos_embed->size(0) == L.num_tokens &&
+    check_same(x, *pos_embed, "pos_embed", -1);
+    TORCH_CHECK_VALUE(pos_embed->dim() == 2 && pos_embed->size(0) == L.num_tokens &&
                     pos_embed->size(1) == L.dim,
                 "pos_embed must have shape (N=", L.num_tokens, ", d=", L.dim,
                 "), got ", pos_embed->sizes());
@@ -120,8 +126,8 @@ TubeLayout check_forward_args(const at::Tensor& x, at::TensorList weights,
 TubeLayout check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                                at::TensorList weights, at::IntArrayRef tubes) {
   TubeLayout L = check_x_and_weights(x, weights, tubes);
-  check_same(x, grad_out, "grad_out", 0);
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == L.batch &&
+  check_same(x, grad_out, "grad_out", -1);
+  TORCH_CHECK_VALUE(grad_out.dim() == 3 && grad_out.size(0) == L.batch &&
                   grad_out.size(1) == L.num_tokens && grad_out.size(2) == L.dim,
               "grad_out must have shape (B=", L.batch, ", N=", L.num_tokens,
               ", d=", L.dim, "), got ", grad_out.sizes());

@@ -100,24 +100,3 @@ def test_module_errors():
         m([1, 2])
     with pytest.raises(ValueError, match="dim"):
         tv.SparseTubeTokenizer(3, 0)
-
-
-def test_functional_errors():
-    tubes = tv.PAPER_TUBES
-    x = torch.randn(1, 3, 20, 28, 28)
-    ws = [torch.randn(6, 3, *t.kernel) for t in tubes]
-    with pytest.raises(ValueError, match=r"one tensor per tube \(4\), got 3"):
-        tv.tube_tokens(x, ws[:3], None, tubes)
-    with pytest.raises(RuntimeError, match=r"dtype of x"):
-        tv.tube_tokens(x.double(), ws, None, tubes)
-    with pytest.raises(RuntimeError, match=r"weights\[1\] must have shape"):
-        tv.tube_tokens(x, [ws[0], ws[0], ws[2], ws[3]], None, tubes)
-    n = tv.num_tokens(tubes, (20, 28, 28))
-    with pytest.raises(RuntimeError, match=rf"pos_embed must have shape \(N={n}, d=6\), got \[10, 6\]"):
-        tv.tube_tokens(x, ws, None, tubes, torch.zeros(10, 6))
-    with pytest.raises(RuntimeError, match=r"tube 1 .* yields no tokens .*\(15, 28, 28\)"):
-        tv.tube_tokens(torch.randn(1, 3, 15, 28, 28), ws, None, tubes)
-    with pytest.raises(RuntimeError, match="floating dtype"):
-        tv.tube_tokens(x.long(), [w.long() for w in ws], None, tubes)
-    with pytest.raises(RuntimeError, match=r"biases\[0\] must have shape \(6,\)"):
-        tv.tube_tokens(x, ws, [torch.zeros(5)] * 4, tubes)
