@@ -1,0 +1,101 @@
+"""Property-based fuzzing of the fused op against the Conv3d reference:
+random tube lists, sizes, channels, widths, dtypes, layouts, and every
+combination of which inputs require grad. Outputs and all gradients."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tubevit_ext as tv
+from conftest import DEVICES, max_err
+
+ATOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.bfloat16: 5e-2}
+
+
+@st.composite
+def problems(draw):
+    size = (draw(st.integers(1, 10)), draw(st.integers(1, 14)), draw(st.integers(1, 14)))
+    tubes = []
+    for _ in range(draw(st.integers(1, 8))):
+        k, s, o = [], [], []
+        for L in size:
+            ka = draw(st.integers(1, min(L, 6)))
+            k.append(ka)
+            s.append(draw(st.integers(1, 8)))  # below and above the kernel size
+            o.append(draw(st.integers(0, L - ka)))
+        tubes.append(tv.Tube(tuple(k), tuple(s), tuple(o)))
+    return dict(
+        size=size, tubes=tubes, C=draw(st.integers(1, 4)), d=draw(st.sampled_from([1, 2, 3, 5, 6, 7, 12, 13])),
+        B=draw(st.integers(0, 3)), bias=draw(st.booleans()), pe=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16])),
+        layout=draw(st.sampled_from(["contiguous", "channels_last_3d", "noncontiguous"])),
+        grads=draw(st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans())),
+        seed=draw(st.integers(0, 2 ** 16)))
+
+
+def _inputs(p, dtype, device, compute=None):
+    g = torch.Generator().manual_seed(p["seed"])
+    x = torch.randn(p["B"], p["C"], *p["size"], generator=g, dtype=torch.float64)
+    ws = [torch.randn(p["d"], p["C"], *t.kernel, generator=g, dtype=torch.float64) * 0.3 for t in p["tubes"]]
+    bs = [torch.randn(p["d"], generator=g, dtype=torch.float64) for _ in p["tubes"]] if p["bias"] else None
+    pe = tv.sincos_pos_embed(p["tubes"], p["size"], p["d"], dtype=torch.float64) if p["pe"] else None
+    gout = torch.randn(p["B"], tv.num_tokens(p["tubes"], p["size"]), p["d"], generator=g, dtype=torch.float64)
+    need_x, need_w, need_b, need_pe = p["grads"]
+    cast = lambda t, req: t.to(dtype).to(device=device, dtype=compute or dtype).requires_grad_(req)
+    if p["layout"] == "channels_last_3d":
+        xl = cast(x, False).contiguous(memory_format=torch.channels_last_3d).requires_grad_(need_x)
+        xv = xl
+    elif p["layout"] == "noncontiguous":
+        xl = cast(torch.cat([x, x], dim=1).transpose(2, 4).contiguous(), need_x)
+        xv = xl.transpose(2, 4)[:, ::2]
+    else:
+        xl = xv = cast(x, need_x)
+    leaves = {"x": xv}  # gradients w.r.t. the (possibly strided) view itself
+    wl = [cast(w, need_w) for w in ws]
+    leaves.update({f"w{i}": w for i, w in enumerate(wl)})
+    bl = None
+    if bs is not None:
+        bl = [cast(b, need_b) for b in bs]
+        leaves.update({f"b{i}": b for i, b in enumerate(bl)})
+    pl = None
+    if pe is not None:
+        pl = cast(pe, need_pe)
+        leaves["pe"] = pl
+    return xv, wl, bl, pl, gout.to(dtype).to(device=device, dtype=compute or dtype), leaves
+
+
+def _scale(t):
+    return max(1.0, t.abs().max().item()) if t.numel() else 1.0
+
+
+def _run(fn, p, dtype, device, compute=None):
+    """Outputs and gradients of fn on p's inputs rounded to dtype; computed
+    in `compute` (then rounded to dtype) when given."""
+    x, ws, bs, pe, gout, leaves = _inputs(p, dtype, device, compute)
+    out = fn(x, ws, bs, p["tubes"], pe)
+    names = [k for k, v in leaves.items() if v.requires_grad]
+    grads = torch.autograd.grad(out, [leaves[k] for k in names], gout) if names else []
+    return {k: v.to(dtype) for k, v in {"out": out, **dict(zip(names, grads))}.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=problems())
+def test_fuzz_against_reference(device, p):
+    dtype = p["dtype"]
+    oracle = _run(tv.reference.tube_tokens, p, torch.float64, "cpu")
+    fused = _run(tv.tube_tokens, p, dtype, device)
+    # PyTorch's own same-dtype path sets the error budget (on the contiguous
+    # layout: layout does not change its arithmetic). Its bf16 conv3d on CPU
+    # returns NaN intermittently for some strided slices (seen in ~17% of runs
+    # of one case with torch 2.14.1); then the budget is that of fp32
+    # arithmetic on the same bf16-rounded inputs, rounded back to bf16.
+    same = _run(tv.reference.tube_tokens, dict(p, layout="contiguous"), dtype, device)
+    if any(not torch.isfinite(v).all() for v in same.values()):
+        same = _run(tv.reference.tube_tokens, dict(p, layout="contiguous"), dtype, device, torch.float32)
+    assert fused.keys() == oracle.keys()
+    for k in oracle:
+        assert fused[k].shape == oracle[k].shape and fused[k].dtype == dtype, k
+        err, ref_err = max_err(fused[k].cpu(), oracle[k]), max_err(same[k].cpu(), oracle[k])
+        assert err <= 2 * ref_err + ATOL[dtype] * _scale(oracle[k]), \
+            f"{k}: err {err:.3g}, reference-path err {ref_err:.3g} ({p})"
