@@ -1,0 +1,286 @@
+"""A thin TubeViT: the fused tube tokenizer + plain pre-norm ViT blocks +
+attention-pooling readout + named linear heads.
+
+Joint image + video batching (our answer; the paper leaves it open): a
+list of samples of any shapes (images and videos, videos of different
+sizes) is tokenized per shape group and packed into ONE (total_tokens, d)
+buffer with no padding. Token-wise layers (LayerNorm, MLP, qkv and output
+projections) run once over all tokens. Attention is restricted to each
+sample: the buffer is ordered by group, so every group of equal-length
+samples is a contiguous (g, L, d) slab, attended with
+``F.scaled_dot_product_attention`` per slab. Memory stays linear in the
+token count (no dense all-tokens mask, fused/flash SDPA kernels where the
+backend has them) and every sample's output equals running it alone.
+
+Image-to-video scaling (paper §3.6): ``enable_image_to_video_scaling(s)``
+freezes blocks 0..s-1 and changes block s to
+``z_s = MLP(LN(y_s)) + y_s + tanh(alpha) * z_0`` with ``z_0`` the tube
+tokens and ``alpha`` a learned scalar initialised to 0 (so at that point the
+model computes exactly what it did before).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..geometry import PAPER_TUBES
+from .tokenizer import PAPER_SPACE_TO_DEPTH, TubeTokenizer
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """How samples sit in a packed (total_tokens, d) buffer.
+
+    groups: (count, tokens per sample) per slab, in buffer order.
+    order:  order[j] = index (in the caller's list) of the j-th sample in the buffer.
+    """
+
+    groups: Tuple[Tuple[int, int], ...]
+    order: Tuple[int, ...]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(c * n for c, n in self.groups)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over packed tokens, restricted to each sample."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        qkv = self.qkv(x)  # (total, 3d): one GEMM for all samples
+        d, h = x.shape[-1], self.heads
+        outs, start = [], 0
+        for count, n in layout.groups:
+            slab = qkv[start:start + count * n].view(count, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(slab[0], slab[1], slab[2])  # (count, h, n, hd)
+            outs.append(o.transpose(1, 2).reshape(count * n, d))
+            start += count * n
+        return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (timm naming: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_dim)
+        self.gate_alpha: Optional[nn.Parameter] = None  # set by image-to-video scaling
+
+    def forward(self, x, layout: PackedLayout, z0: Optional[torch.Tensor] = None):
+        y = x + self.attn(self.norm1(x), layout)
+        z = y + self.mlp(self.norm2(y))
+        if self.gate_alpha is not None and z0 is not None:
+            z = z + torch.tanh(self.gate_alpha) * z0
+        return z
+
+
+class AttentionPool(nn.Module):
+    """Attention-pooling readout (a learned probe attends over each sample's
+    tokens, then a residual MLP), as in the paper's readout."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.probe, std=0.02)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_dim)
+
+    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        d, h = x.shape[-1], self.heads
+        kv = self.kv(x)
+        q = self.q(self.probe).view(1, h, 1, d // h)
+        outs, start = [], 0
+        for count, n in layout.groups:
+            slab = kv[start:start + count * n].view(count, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q.expand(count, -1, -1, -1), slab[0], slab[1])
+            outs.append(o.reshape(count, d))
+            start += count * n
+        pooled = self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))  # (samples, d) in buffer order
+        return pooled + self.mlp(self.norm(pooled))
+
+
+class TubeViT(nn.Module):
+    """TubeViT classifier.
+
+    Args:
+        dim, depth, heads, mlp_dim: ViT sizes.
+        num_classes: an int (one head named "default") or {head name: classes}.
+        in_channels, tubes, kernels, space_to_depth, image_tube: see TubeTokenizer.
+    Inputs: a video batch (B, C, T, H, W), an image batch (B, C, H, W), or (in
+    forward_features / forward_mixed) a list of single samples (C, T, H, W) /
+    (C, H, W) of any sizes.
+    """
+
+    def __init__(self, *, dim: int = 768, depth: int = 12, heads: int = 12, mlp_dim: int = 3072,
+                 num_classes: Union[int, Dict[str, int]] = 400, in_channels: int = 3, tubes=PAPER_TUBES,
+                 kernels: str = "per_tube", space_to_depth=None, image_tube: Optional[int] = None,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.dim = dim
+        self.tokenizer = TubeTokenizer(in_channels, dim, tubes, kernels=kernels, space_to_depth=space_to_depth,
+                                       image_tube=image_tube)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.pool = AttentionPool(dim, heads, mlp_dim, eps)
+        if isinstance(num_classes, int):
+            num_classes = {"default": num_classes}
+        if not num_classes:
+            raise ValueError("num_classes must name at least one head")
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in num_classes.items()})
+        self.scaling_layer: Optional[int] = None
+
+    # ---------------------------------------------------------------- scaling
+    def enable_image_to_video_scaling(self, layer: int) -> None:
+        """Freeze blocks before `layer`; gate the tube tokens into block `layer`."""
+        if not 0 <= layer < len(self.blocks):
+            raise ValueError(f"layer must be in [0, {len(self.blocks)}), got {layer}")
+        for blk in self.blocks[:layer]:
+            blk.requires_grad_(False)
+        blk = self.blocks[layer]
+        blk.gate_alpha = nn.Parameter(torch.zeros((), device=self.norm.weight.device, dtype=self.norm.weight.dtype))
+        self.scaling_layer = layer
+
+    # ---------------------------------------------------------------- forward
+    def _encode(self, tokens: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        z0, x = tokens, tokens
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, layout, z0 if i == self.scaling_layer else None)
+        return self.pool(self.norm(x), layout)  # (samples, d), buffer order
+
+    def _check_head(self, head: Optional[str]) -> str:
+        if head is None:
+            return next(iter(self.heads))
+        if head not in self.heads:
+            raise ValueError(f"unknown head {head!r}; heads are {list(self.heads)}")
+        return head
+
+    def forward(self, x: torch.Tensor, head: Optional[str] = None) -> torch.Tensor:
+        """Same-shape batch (B, C, T, H, W) or (B, C, H, W) -> logits (B, classes)."""
+        head = self._check_head(head)
+        tokens = self.tokenizer(x)  # (B, N, d)
+        B, N, d = tokens.shape
+        layout = PackedLayout(((B, N),), tuple(range(B)))
+        return self.heads[head](self._encode(tokens.reshape(B * N, d), layout))
+
+    def pack(self, samples: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, PackedLayout]:
+        """Tokenize a list of single samples of any shapes into one packed buffer."""
+        if len(samples) == 0:
+            raise ValueError("samples must not be empty")
+        groups: Dict[tuple, List[int]] = {}
+        for i, s in enumerate(samples):
+            if not isinstance(s, torch.Tensor) or s.dim() not in (3, 4):
+                raise ValueError(f"samples[{i}] must be a (C, T, H, W) video or a (C, H, W) image tensor, "
+                                 f"got {getattr(s, 'shape', type(s).__name__)}")
+            groups.setdefault(tuple(s.shape), []).append(i)
+        chunks, slabs, order = [], [], []
+        for shape, idx in groups.items():
+            tok = self.tokenizer(torch.stack([samples[i] for i in idx]))  # one fused call per shape
+            chunks.append(tok.reshape(-1, tok.shape[-1]))
+            slabs.append((len(idx), tok.shape[1]))
+            order += idx
+        buf = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return buf, PackedLayout(tuple(slabs), tuple(order))
+
+    def forward_features(self, samples: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mixed list of images/videos -> pooled features (len(samples), d), input order."""
+        tokens, layout = self.pack(samples)
+        feats = self._encode(tokens, layout)
+        inverse = torch.empty(len(layout.order), dtype=torch.long)
+        inverse[torch.tensor(layout.order)] = torch.arange(len(layout.order))
+        return feats[inverse.to(feats.device)]
+
+    def forward_mixed(self, samples: Sequence[torch.Tensor], heads: Sequence[str]) -> List[torch.Tensor]:
+        """Mixed list + a head name per sample -> list of (classes,) logits."""
+        if len(heads) != len(samples):
+            raise ValueError(f"heads must name one head per sample ({len(samples)}), got {len(heads)}")
+        feats = self.forward_features(samples)
+        return [self.heads[self._check_head(h)](f) for f, h in zip(feats, heads)]
+
+    def joint_loss(self, samples: Sequence[torch.Tensor], heads: Sequence[str], labels: Sequence[int],
+                   weights: Optional[Dict[str, float]] = None):
+        """Cross-entropy for joint image+video training in one forward pass.
+
+        Each head's loss is the mean over its samples; the total is their
+        weighted sum (weights default to 1). Returns (total, {head: loss}).
+        """
+        if not (len(samples) == len(heads) == len(labels)):
+            raise ValueError("samples, heads and labels must have the same length")
+        feats = self.forward_features(samples)
+        labels = torch.as_tensor(labels, device=feats.device)
+        total, per_head = 0.0, {}
+        for name in dict.fromkeys(heads):
+            idx = torch.tensor([i for i, h in enumerate(heads) if h == name], device=feats.device)
+            loss = F.cross_entropy(self.heads[self._check_head(name)](feats[idx]), labels[idx])
+            per_head[name] = loss
+            total = total + (weights or {}).get(name, 1.0) * loss
+        return total, per_head
+
+
+# Paper Table 11 (B, L, H) and the usual ViT-Ti/S widths.
+SIZES = {
+    "ti": dict(dim=192, depth=12, heads=3, mlp_dim=768),
+    "s": dict(dim=384, depth=12, heads=6, mlp_dim=1536),
+    "b": dict(dim=768, depth=12, heads=12, mlp_dim=3072),
+    "l": dict(dim=1024, depth=24, heads=16, mlp_dim=4096),
+    "h": dict(dim=1280, depth=32, heads=16, mlp_dim=5120),
+}
+
+
+def _make(size, **kw):
+    return TubeViT(**{**SIZES[size], **kw})
+
+
+def tubevit_ti(**kw) -> TubeViT:
+    return _make("ti", **kw)
+
+
+def tubevit_s(**kw) -> TubeViT:
+    return _make("s", **kw)
+
+
+def tubevit_b(**kw) -> TubeViT:
+    return _make("b", **kw)
+
+
+def tubevit_l(**kw) -> TubeViT:
+    return _make("l", **kw)
+
+
+def tubevit_h(**kw) -> TubeViT:
+    return _make("h", **kw)
+
+
+#: Tokenizer presets: the paper's §4.1 tubes, and Table 12 (with space-to-depth).
+PRESETS = {
+    "paper": dict(tubes=PAPER_TUBES),
+    "paper_space_to_depth": dict(tubes=PAPER_TUBES, space_to_depth=PAPER_SPACE_TO_DEPTH),
+    "paper_interpolated": dict(tubes=PAPER_TUBES, kernels="interpolated"),
+}
