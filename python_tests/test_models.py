@@ -292,3 +292,11 @@ def test_bf16_autocast():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
     assert m.tokenizer.projs[0].weight.grad is not None
+
+
+def test_demo_learns_motion_and_colour(capsys):
+    from tubevit_ext import demo
+    acc_v, acc_i = demo.main(["--steps", "400", "--eval", "256", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "head 'motion'" in out and "chance 0.250" in out
+    assert acc_v > 0.5 and acc_i > 0.9  # chance: 0.25 and 0.33
