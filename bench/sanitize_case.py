@@ -1,0 +1,33 @@
+"""A small CUDA workload for compute-sanitizer (run by bench/gpu_check.sh):
+forward and backward of every CUDA path on odd shapes, every dtype, several
+layouts, batch 0, and the naive kernels. Exits non-zero on a mismatch."""
+import torch
+
+import tubevit_ext as tv
+
+assert torch.cuda.is_available(), "needs a GPU"
+torch.manual_seed(0)
+tubes = [tv.Tube((3, 5, 4), (2, 3, 5), (1, 0, 2)), tv.Tube((1, 4, 4), (4, 4, 4)), tv.Tube((4, 2, 3), (1, 5, 2), (0, 1, 1))]
+flat = tv.flatten_tubes(tubes)
+for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    for B in (0, 3):
+        for layout in ("contiguous", "channels_last_3d"):
+            x = torch.randn(B, 3, 9, 13, 11, device="cuda", dtype=dtype)
+            if layout == "channels_last_3d":
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            x.requires_grad_()
+            ws = [torch.randn(7, 3, *t.kernel, device="cuda", dtype=dtype, requires_grad=True) for t in tubes]
+            bs = [torch.randn(7, device="cuda", dtype=dtype, requires_grad=True) for _ in tubes]
+            pe = tv.sincos_pos_embed(tubes, (9, 13, 11), 7, dtype=dtype, device="cuda")
+            y = tv.tube_tokens(x, ws, bs, tubes, pe)
+            y.float().square().sum().backward()
+            ref = tv.reference.tube_tokens(x.detach().double(), [w.detach().double() for w in ws],
+                                           [b.detach().double() for b in bs], tubes, pe.double())
+            err = (y.double() - ref).abs().max().item() if y.numel() else 0.0
+            tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+            assert err <= tol * max(1.0, ref.abs().max().item() if ref.numel() else 1.0), (dtype, B, layout, err)
+            yn = torch.ops.tubevit.tube_tokens_naive(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], flat, pe)
+            torch.ops.tubevit.tube_tokens_naive_backward(torch.ones_like(yn), x.detach(), [w.detach() for w in ws], flat,
+                                                         [True, True, True])
+torch.cuda.synchronize()
+print("sanitize_case: ok")
