@@ -300,3 +300,11 @@ def test_demo_learns_motion_and_colour(capsys):
     out = capsys.readouterr().out
     assert "head 'motion'" in out and "chance 0.250" in out
     assert acc_v > 0.5 and acc_i > 0.9  # chance: 0.25 and 0.33
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper_space_to_depth", "paper_interpolated"])
+def test_presets_build_and_run(preset):
+    from tubevit_ext.models import PRESETS
+    m = TubeViT(**SMALL, num_classes=2, **PRESETS[preset])
+    assert m.tokenizer.num_tokens((32, 224, 224)) == 539
+    assert m(torch.randn(1, 3, 32, 64, 64)).shape == (1, 2)

@@ -246,3 +246,34 @@ def test_no_memory_growth(device):
         assert after == before
     else:
         assert after - before < 8, f"RSS grew by {after - before:.1f} MB over 1000 steps"
+
+
+def test_device_mismatch_with_meta_tensors():
+    # Runs without a GPU: a CPU/meta mix reaches the fake kernel, which must refuse it too.
+    x, ws, bs, pe = _args("cpu")
+    fl = tv.flatten_tubes(TUBES)
+    with pytest.raises(RuntimeError, match=r"weights\[1\] must be on the device of x \(cpu\), got meta"):
+        ops.tube_tokens(x, [ws[0], ws[1].to("meta")] + ws[2:], bs, fl, pe)
+    with pytest.raises(RuntimeError, match=r"pos_embed must be on the device of x \(meta\), got cpu"):
+        ops.tube_tokens(x.to("meta"), [w.to("meta") for w in ws], [b.to("meta") for b in bs], fl, pe)
+    y = ops.tube_tokens(x.to("meta"), [w.to("meta") for w in ws], [b.to("meta") for b in bs], fl, pe.to("meta"))
+    assert y.device.type == "meta" and y.shape == (2, 5, 6)
+
+
+def test_model_bad_input():
+    from tubevit_ext.models import TubeViT
+    m = TubeViT(dim=24, depth=1, heads=2, mlp_dim=48, num_classes={"a": 2})
+    with pytest.raises(ValueError, match=r"x must be a video \(B, C, T, H, W\) or an image batch \(B, C, H, W\), got shape \(3, 32, 32\)"):
+        m(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="in_channels=3"):
+        m(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="unknown head 'b'"):
+        m(torch.randn(1, 3, 32, 32), head="b")
+    with pytest.raises(ValueError, match=r"samples\[1\] must be a \(C, T, H, W\) video or a \(C, H, W\) image"):
+        m.forward_features([torch.randn(3, 32, 32), torch.randn(32)])
+    with pytest.raises(ValueError, match="one head per sample"):
+        m.forward_mixed([torch.randn(3, 32, 32)], [])
+    with pytest.raises(ValueError, match=r"tube 0 .* yields no tokens"):
+        m(torch.randn(1, 3, 4, 32, 32))
+    with pytest.raises(ValueError, match="divisible by heads"):
+        TubeViT(dim=10, depth=1, heads=4, mlp_dim=8)

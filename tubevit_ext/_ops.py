@@ -27,11 +27,23 @@ def _token_count(x_shape, tubes) -> int:
     return total
 
 
+def _check_same_device(x, named):
+    # Mixing devices must fail here too: with meta or fake tensors the
+    # dispatcher would otherwise route a CPU + meta call to this kernel and
+    # return a tensor instead of an error.
+    for name, t in named:
+        torch._check(t.device == x.device,
+                     lambda: f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
 @torch.library.register_fake("tubevit::tube_tokens_naive")
 @torch.library.register_fake("tubevit::tube_tokens")
 def _tube_tokens_fake(x, weights, biases, tubes, pos_embed):
     torch._check(x.dim() == 5, lambda: f"x must be 5-D (B, C, T, H, W), got {x.dim()}-D")
     torch._check(len(weights) * _KT == len(tubes), lambda: "weights must hold one tensor per tube")
+    _check_same_device(x, [(f"weights[{i}]", w) for i, w in enumerate(weights)]
+                       + [(f"biases[{i}]", b) for i, b in enumerate(biases)]
+                       + ([("pos_embed", pos_embed)] if pos_embed is not None else []))
     n = _token_count(x.shape, tubes)
     return x.new_empty((x.shape[0], n, weights[0].shape[0]))
 
@@ -39,6 +51,7 @@ def _tube_tokens_fake(x, weights, biases, tubes, pos_embed):
 @torch.library.register_fake("tubevit::tube_tokens_naive_backward")
 @torch.library.register_fake("tubevit::tube_tokens_backward")
 def _tube_tokens_backward_fake(grad_out, x, weights, tubes, output_mask):
+    _check_same_device(x, [("grad_out", grad_out)] + [(f"weights[{i}]", w) for i, w in enumerate(weights)])
     dx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
     dws = [w.new_empty(w.shape) for w in weights] if output_mask[1] else []
     dbs = [w.new_empty((w.shape[0],)) for w in weights] if output_mask[2] else []
