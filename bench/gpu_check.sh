@@ -35,14 +35,20 @@ for step in $STEPS; do
       log "build rc=$?"
       "$PY" -c "import tubevit_ext as tv; print('cuda kernels built:', tv.cuda_compiled())" 2>&1 | tee -a "$RES/summary.txt" ;;
     tests)
-      log "tests"
+      log "tests (default CUDA path: naive kernels)"
       "$PY" -m pytest python_tests -q -x -p no:cacheprovider > "$RES/tests.log" 2>&1
-      log "tests rc=$? :: $(tail -n 1 "$RES/tests.log")" ;;
+      log "tests rc=$? :: $(tail -n 1 "$RES/tests.log")"
+      # the opt-in tensor-core forward (fp16/bf16, sm_80+): same suite
+      log "tests with TUBEVIT_CUDA_TC=1"
+      TUBEVIT_CUDA_TC=1 "$PY" -m pytest python_tests -q -p no:cacheprovider -k "cuda" > "$RES/tests-tc.log" 2>&1
+      log "tests-tc rc=$? :: $(tail -n 1 "$RES/tests-tc.log")" ;;
     sanitize)
       for tool in memcheck racecheck initcheck; do
         log "compute-sanitizer $tool"
         compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_case.py > "$RES/sanitizer-$tool.log" 2>&1
         log "$tool rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$RES/sanitizer-$tool.log" | tail -n 1)"
+        TUBEVIT_CUDA_TC=1 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_case.py > "$RES/sanitizer-tc-$tool.log" 2>&1
+        log "$tool (tensor-core) rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$RES/sanitizer-tc-$tool.log" | tail -n 1)"
       done ;;
     bench)
       for preset in gpu-targets; do
@@ -50,6 +56,9 @@ for step in $STEPS; do
         "$PY" bench/tube_bench.py --preset "$preset" --json "$RES/bench-$preset.json" > "$RES/bench-$preset.txt" 2>"$RES/bench-$preset.err"
         log "bench rc=$?"
         tail -n 12 "$RES/bench-$preset.txt" | tee -a "$RES/summary.txt"
+        TUBEVIT_CUDA_TC=1 "$PY" bench/tube_bench.py --preset "$preset" --json "$RES/bench-tc-$preset.json" > "$RES/bench-tc-$preset.txt" 2>"$RES/bench-tc-$preset.err"
+        log "bench (tensor-core) rc=$?"
+        tail -n 12 "$RES/bench-tc-$preset.txt" | tee -a "$RES/summary.txt"
       done ;;
   esac
 done

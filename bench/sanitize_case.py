@@ -1,6 +1,7 @@
 """A small CUDA workload for compute-sanitizer (run by bench/gpu_check.sh):
 forward and backward of every CUDA path on odd shapes, every dtype, several
-layouts, batch 0, and the naive kernels. Exits non-zero on a mismatch."""
+layouts, batch 0, and the naive kernels. Exits non-zero on a mismatch.
+Run with TUBEVIT_CUDA_TC=1 to cover the tensor-core forward."""
 import torch
 
 import tubevit_ext as tv

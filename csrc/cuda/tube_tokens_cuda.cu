@@ -11,7 +11,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../naive_kernels.h"
+#include "tube_tokens_tc.h"
 
 namespace tubevit {
 namespace {
@@ -37,9 +41,27 @@ struct CudaLauncher {
   }
 };
 
+// The tensor-core forward has not run on a GPU yet, so it is opt-in until a
+// GPU session has verified it (read per call so tests can switch it).
+bool tensor_core_enabled() {
+  const char* v = std::getenv("TUBEVIT_CUDA_TC");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 at::Tensor tube_tokens_cuda(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                             at::IntArrayRef tubes, const c10::optional<at::Tensor>& pos_embed) {
   const c10::cuda::CUDAGuard guard(x.device());
+  if (tensor_core_enabled()) {
+    const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
+    if (tc::supported(x, L)) {
+      at::Tensor out = at::empty({L.batch, L.num_tokens, L.dim}, x.options());
+      if (out.numel() == 0) return out;
+      at::Tensor pe;
+      if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
+      tc::forward(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, out);
+      return out;
+    }
+  }
   return naive::forward<CudaLauncher>(x, weights, biases, tubes, pos_embed);
 }
 
@@ -55,7 +77,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
 TORCH_LIBRARY_IMPL(tubevit, CUDA, m) {
   m.impl("tube_tokens", &tube_tokens_cuda);
   m.impl("tube_tokens_backward", &tube_tokens_backward_cuda);
-  m.impl("tube_tokens_naive", &tube_tokens_cuda);
+  m.impl("tube_tokens_naive", [](const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                                  at::IntArrayRef tubes, const c10::optional<at::Tensor>& pos_embed) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    return naive::forward<CudaLauncher>(x, weights, biases, tubes, pos_embed);
+  });
   m.impl("tube_tokens_naive_backward", &tube_tokens_backward_cuda);
 }
 

@@ -1,0 +1,231 @@
+// Tensor-core forward of tubevit::tube_tokens for fp16 / bf16 (sm_80+):
+// ONE launch for all tubes and samples, a grouped implicit GEMM over tiles of
+// (tube, sample, block of 64 tokens) x (block of 64 output channels).
+//
+//   A (tokens x K): patches gathered on the fly from x (any strides), never
+//                   materialised in global memory; K ordered (c, kt, kh, kw)
+//                   like weight.reshape(d, K), so the 3 input channels are
+//                   not a blocking axis.
+//   B (K x d):      the tube's weight, read as W[n, k] (col-major K x d).
+//   C:              fp32 accumulators (WMMA 16x16x16, 4 warps, 32x32 per warp);
+//                   the epilogue adds bias and the position embedding, casts,
+//                   and stores straight into the (B, N, d) output at the
+//                   tube's row offset.
+//
+// STATUS: compiled in CI, NOT YET RUN ON A GPU (no GPU was available when it
+// was written). It is therefore opt-in: TUBEVIT_CUDA_TC=1 selects it; the
+// default CUDA path stays the verified-on-CPU naive kernels. bench/NOTES.md
+// lists what a GPU session must check before making it the default.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include "tube_tokens_tc.h"
+
+namespace tubevit {
+namespace tc {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int BM = 64, BN = 64, BK = 32;
+constexpr int kWarps = 4, kThreads = 32 * kWarps;
+constexpr int LDS = BK + 8;  // padded smem row (elements) to spread banks
+constexpr int LDC = BN + 4;  // padded fp32 epilogue row
+constexpr int kMaxTubesTC = 16;
+
+struct Params {
+  TubeGeom g[kMaxTubesTC];
+  const void* w[kMaxTubesTC];     // (d, K) row-major, scalar_t
+  const void* bias[kMaxTubesTC];  // (d,) or nullptr
+  int64_t tiles_before[kMaxTubesTC + 1];  // prefix over tubes of B * ceil(n_i / BM)
+  int n_tubes;
+  int64_t B, N, d, C;
+  int64_t sB, sC, sT, sH, sW;  // x strides (elements)
+};
+
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<at::Half> {
+  using type = half;
+};
+template <>
+struct WmmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    tube_tokens_tc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pe,
+                          scalar_t* __restrict__ out, const Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using wt = typename WmmaType<scalar_t>::type;
+  // Shared memory: the A/B staging tiles and the fp32 epilogue tile share
+  // the same bytes (the epilogue runs after the last MMA).
+  static_assert(sizeof(wt) == sizeof(scalar_t), "layout-compatible 16-bit types");
+  constexpr int kStageBytes = (BM + BN) * LDS * int(sizeof(scalar_t));
+  constexpr int kEpiBytes = BM * LDC * int(sizeof(float));
+  constexpr int kSmemBytes = kStageBytes > kEpiBytes ? kStageBytes : kEpiBytes;
+  __shared__ __align__(32) unsigned char smem[kSmemBytes];
+  __shared__ int64_t row_base[BM];
+  // Staged as at::Half / at::BFloat16 (which convert from float under torch's
+  // __CUDA_NO_HALF_CONVERSIONS__), read by WMMA as the bit-identical half /
+  // __nv_bfloat16.
+  scalar_t* As = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* Bs = As + BM * LDS;
+  float* Cs = reinterpret_cast<float*>(smem);
+
+  // Which (tube, sample, token block) this block owns.
+  const int64_t tile = blockIdx.x;
+  int i = 0;
+  while (i + 1 < p.n_tubes && tile >= p.tiles_before[i + 1]) ++i;
+  const TubeGeom& g = p.g[i];
+  const int64_t m_tiles = (g.num_tokens + BM - 1) / BM;
+  const int64_t local = tile - p.tiles_before[i];
+  const int64_t b = local / m_tiles;
+  const int64_t m0 = (local % m_tiles) * BM;
+  const int64_t n0 = int64_t(blockIdx.y) * BN;
+  const int64_t K = g.patch_size;
+  const scalar_t* __restrict__ w = static_cast<const scalar_t*>(p.w[i]);
+
+  // Input offset of each row's (token's) first voxel; -1 past the tube's end.
+  for (int r = threadIdx.x; r < BM; r += kThreads) {
+    const int64_t tok = m0 + r;
+    if (tok < g.num_tokens) {
+      const int64_t iw = tok % g.n[2];
+      const int64_t ih = (tok / g.n[2]) % g.n[1];
+      const int64_t it = tok / (g.n[2] * g.n[1]);
+      row_base[r] = b * p.sB + (g.o[0] + g.s[0] * it) * p.sT + (g.o[1] + g.s[1] * ih) * p.sH +
+                    (g.o[2] + g.s[2] * iw) * p.sW;
+    } else {
+      row_base[r] = -1;
+    }
+  }
+
+  const int warp = threadIdx.x / 32;
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;  // warp's 32x32 sub-tile
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[a][c], 0.0f);
+
+  const int64_t khw = g.k[1] * g.k[2], kthw = g.k[0] * khw;
+  for (int64_t k0 = 0; k0 < K; k0 += BK) {
+    __syncthreads();  // row_base ready (first pass) / previous tiles consumed
+    // A tile: BM x BK gathered patch elements (zero outside the tube / K).
+    for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
+      const int r = e / BK, kk = e % BK;
+      const int64_t k = k0 + kk;
+      scalar_t v = scalar_t(0.0f);
+      const int64_t base = row_base[r];
+      if (base >= 0 && k < K) {
+        const int64_t c = k / kthw, rem = k % kthw;
+        const int64_t a = rem / khw, rem2 = rem % khw;
+        const int64_t h = rem2 / g.k[2], ww = rem2 % g.k[2];
+        v = x[base + c * p.sC + a * p.sT + h * p.sH + ww * p.sW];
+      }
+      As[r * LDS + kk] = v;
+    }
+    // B tile: BN x BK weights W[n0 + n, k0 + kk] (contiguous along k).
+    for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
+      const int n = e / BK, kk = e % BK;
+      const int64_t k = k0 + kk, col = n0 + n;
+      Bs[n * LDS + kk] = (col < p.d && k < K) ? w[col * K + k] : scalar_t(0.0f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, wt, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, wt, wmma::col_major> fb[2];
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+        wmma::load_matrix_sync(fa[a], reinterpret_cast<const wt*>(As + (wm + 16 * a) * LDS + ks), LDS);
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        wmma::load_matrix_sync(fb[c], reinterpret_cast<const wt*>(Bs + (wn + 16 * c) * LDS + ks), LDS);
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) wmma::mma_sync(acc[a][c], fa[a], fb[c], acc[a][c]);
+    }
+  }
+  __syncthreads();  // staging tiles dead: reuse the bytes for the epilogue
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      wmma::store_matrix_sync(Cs + (wm + 16 * a) * LDC + wn + 16 * c, acc[a][c], LDC, wmma::mem_row_major);
+  __syncthreads();
+
+  // Epilogue: + bias + pe, cast, store into the tube's rows of out.
+  const scalar_t* __restrict__ bias = static_cast<const scalar_t*>(p.bias[i]);
+  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+    const int r = e / BN, n = e % BN;
+    const int64_t tok = m0 + r, col = n0 + n;
+    if (tok >= g.num_tokens || col >= p.d) continue;
+    float v = Cs[r * LDC + n];
+    if (bias != nullptr) v += static_cast<float>(bias[col]);
+    const int64_t row = g.token_offset + tok;
+    if (pe != nullptr) v += static_cast<float>(pe[row * p.d + col]);
+    out[(b * p.N + row) * p.d + col] = static_cast<scalar_t>(v);
+  }
+#endif
+}
+
+}  // namespace
+
+bool supported(const at::Tensor& x, const TubeLayout& L) {
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
+  if (L.tubes.size() > size_t(kMaxTubesTC)) return false;
+  const auto* prop = at::cuda::getDeviceProperties(x.device().index());
+  return prop->major >= 8;
+}
+
+void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
+             const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
+  Params p{};
+  p.n_tubes = static_cast<int>(L.tubes.size());
+  p.B = L.batch;
+  p.N = L.num_tokens;
+  p.d = L.dim;
+  p.C = L.channels;
+  p.sB = x.stride(0);
+  p.sC = x.stride(1);
+  p.sT = x.stride(2);
+  p.sH = x.stride(3);
+  p.sW = x.stride(4);
+  p.tiles_before[0] = 0;
+  for (int i = 0; i < p.n_tubes; ++i) {
+    p.g[i] = L.tubes[i];
+    p.w[i] = w[i].const_data_ptr();
+    p.bias[i] = bias.empty() ? nullptr : bias[i].const_data_ptr();
+    p.tiles_before[i + 1] = p.tiles_before[i] + L.batch * ((L.tubes[i].num_tokens + BM - 1) / BM);
+  }
+  const int64_t m_tiles = p.tiles_before[p.n_tubes];
+  const int64_t n_tiles = (L.dim + BN - 1) / BN;
+  TORCH_CHECK(m_tiles < (int64_t(1) << 31) && n_tiles < 65536,
+              "tube_tokens (tensor-core path): problem too large for one launch (", m_tiles, " x ", n_tiles,
+              " tiles)");
+  if (m_tiles == 0) return;
+  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_tokens_tc",
+                     AT_DISPATCH_CASE(at::kHalf, [&] {
+                       tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+                           x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
+                           out.mutable_data_ptr<scalar_t>(), p);
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+                           x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
+                           out.mutable_data_ptr<scalar_t>(), p);
+                     }));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace tc
+}  // namespace tubevit

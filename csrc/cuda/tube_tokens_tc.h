@@ -1,0 +1,22 @@
+// Tensor-core forward (see tube_tokens_tc.cu). Arguments as in
+// tube_tokens.h; `w` and `bias` contiguous, `pe` contiguous (N, d) or
+// undefined, `out` contiguous (B, N, d), all fp16 or all bf16 on one GPU.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "../tube_tokens.h"
+
+namespace tubevit {
+namespace tc {
+
+// Whether the tensor-core kernel handles this call (dtype, tube count, sm_80+).
+bool supported(const at::Tensor& x, const TubeLayout& L);
+
+void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
+             const at::Tensor& pe, const TubeLayout& L, at::Tensor& out);
+
+}  // namespace tc
+}  // namespace tubevit
