@@ -233,3 +233,12 @@ def test_deterministic(device):
         results.append([x.grad] + [p.grad for p in m.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cpu_batch_chunks(monkeypatch, dtype):
+    # A tiny chunk budget splits the batch into one-sample chunks: exercises
+    # the chunked forward and the cross-chunk accumulation of dW, db and dx.
+    monkeypatch.setenv("TUBEVIT_CPU_CHUNK_BYTES", "64")
+    check_case("cpu", tv.PAPER_TUBES, (20, 32, 36), C=3, d=12, B=3, dtype=dtype)
+    check_case("cpu", [tv.Tube((1, 2, 2), (1, 2, 2))], (3, 6, 8), C=2, d=40, B=4, dtype=dtype)
