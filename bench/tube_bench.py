@@ -183,6 +183,13 @@ def run_config(args, device, dtype, batch, frames, dim, tubes_name, mode, impls,
             with torch.no_grad():
                 got = model(inputs[0]).float()
             row["max_abs_err"] = (got - want).abs().max().item()
+            # agreement check before timing: outputs within the dtype's
+            # tolerance of the reference (relative to the output scale)
+            tol = {"float32": 1e-3, "float64": 1e-9, "bfloat16": 5e-2, "float16": 1e-2}.get(row["dtype"], 1e-2)
+            row["agrees"] = bool(row["max_abs_err"] <= tol * max(1.0, want.abs().max().item()))
+            if not row["agrees"]:
+                print(f"WARNING: {impl} disagrees with the reference: max_abs_err {row['max_abs_err']:.3g}",
+                      file=sys.stderr)
             t = time_fn(make_step(model, mode), inputs, device, args.warmup, args.repeats)
             row["median_ms"] = t * 1e3
             row["tflops"] = flops / t / 1e12
@@ -241,7 +248,8 @@ def print_table(rows):
             continue
         sp = base.get(key(r), float("nan")) / r["median_ms"]
         print(f"{r['tubes']:8s} {r['dtype']:8s} {r['batch']:3d} {r['frames']:3d} {r['dim']:5d} {r['mode']:13s} {name:24s} "
-              f"{r['median_ms']:9.2f} {r['tflops']:8.3f} {sp:6.2f} {r['max_abs_err']:9.2e}")
+              f"{r['median_ms']:9.2f} {r['tflops']:8.3f} {sp:6.2f} {r['max_abs_err']:9.2e}"
+              + ("" if r.get("agrees", True) else "  MISMATCH"))
 
 
 def key(r):

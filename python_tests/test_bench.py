@@ -1,0 +1,36 @@
+"""The benchmark harness runs end to end on a tiny configuration and writes
+the documented JSON format (speed is never asserted in tests)."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("tube_bench", os.path.join(ROOT, "bench", "tube_bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_harness_json_format(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    _bench().main(["--device", "cpu", "--batch", "1", "2", "--frames", "20", "--dim", "12", "--size", "32", "40",
+                   "--tubes", "paper", "tubelet2", "--modes", "fwd", "fwd_bwd", "fwd_bwd_input",
+                   "--impls", "reference", "unfold_gemm", "fused", "--dtypes", "float32", "--warmup", "1",
+                   "--repeats", "2", "--json", str(out), "--plot", str(tmp_path / "p.png")])
+    r = json.loads(out.read_text())
+    for key in ("device", "torch", "cuda", "cudnn", "commit", "peak_tflops", "results"):
+        assert key in r
+    assert len(r["results"]) == 2 * 2 * 3 * 3
+    for row in r["results"]:
+        assert row["impl"] in ("reference", "unfold_gemm", "compiled_reference", "fused")
+        assert row["mode"] in ("fwd", "fwd_bwd", "fwd_bwd_input")
+        for key, typ in (("dtype", str), ("batch", int), ("frames", int), ("dim", int), ("tubes", str),
+                         ("median_ms", float), ("tflops", float), ("max_abs_err", float)):
+            assert isinstance(row[key], typ), key
+        assert row["agrees"], row
+    assert "targets" in capsys.readouterr().out
