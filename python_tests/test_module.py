@@ -100,3 +100,20 @@ def test_module_errors():
         m([1, 2])
     with pytest.raises(ValueError, match="dim"):
         tv.SparseTubeTokenizer(3, 0)
+
+
+def test_autocast_follows_conv_policy(device):
+    # Under autocast the tokenizer runs in the autocast dtype, like nn.Conv3d.
+    dt = torch.bfloat16
+    fused, ref = _pair(device)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 20, 32, 40, device=device)
+    with torch.autocast(device_type=device, dtype=dt):
+        y = fused(x)
+        want = ref(x)
+    assert y.dtype == dt
+    exact = ref(x)
+    err, ref_err = (y.float() - exact).abs().max(), (want.float() - exact).abs().max()
+    assert err <= 2 * ref_err + 1e-2
+    y.float().sum().backward()
+    assert fused.projs[0].weight.grad.dtype == torch.float32

@@ -33,6 +33,10 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
 
     Returns a contiguous (B, N, d) tensor of x's dtype. Differentiable in x,
     weights, biases and pos_embed (first order only).
+
+    Under ``torch.autocast`` the op follows PyTorch's policy for convolutions:
+    floating inputs are cast to the autocast dtype (e.g. bf16), so the output
+    has that dtype and gradients flow back to the original (fp32) tensors.
     """
     _check_tensor(x, "x")
     weights = list(weights)
@@ -48,4 +52,10 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
         raise ValueError(f"weights must hold one tensor per tube ({len(tubes)}), got {len(weights)}")
     if biases and len(biases) != len(tubes):
         raise ValueError(f"biases must be None or hold one tensor per tube ({len(tubes)}), got {len(biases)}")
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        cast = lambda t: t.to(dt) if t.is_floating_point() and t.dtype != dt else t
+        x, weights, biases = cast(x), [cast(w) for w in weights], [cast(b) for b in biases]
+        pos_embed = None if pos_embed is None else cast(pos_embed)
     return torch.ops.tubevit.tube_tokens(x, weights, biases, flatten_tubes(tubes), pos_embed)
