@@ -67,7 +67,7 @@ class UnfoldGemm(torch.nn.Module):
             outs.append(F.linear(p, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias))
         out = torch.cat(outs, dim=1)
         if self.fused.use_pos_embed:
-            out = out + self.fused._pe.get(tuple(x.shape[2:]), x.dtype, x.device)
+            out = out + self.fused._pe.get(self.fused._compute_pos_embed, tuple(x.shape[2:]), x.dtype, x.device)
         return out
 
 

@@ -32,7 +32,7 @@ def test_every_size_runs_forward_backward(ctor, dim, depth, heads, mlp):
     out.sum().backward()
     assert x.grad is not None and m.tokenizer.projs[0].weight.grad is not None
     if dim % 6:  # ViT-L/H widths: the position embedding is well defined and distinct per token
-        pe = m.tokenizer._pos_embed((20, 28, 28), (0, 1, 2, 3), torch.float32, "cpu")
+        pe = m.tokenizer._pos_embed((20, 28, 28), "video", torch.float32, "cpu")
         assert pe.shape == (5, dim) and torch.unique(pe, dim=0).shape[0] == 5
 
 
@@ -214,7 +214,7 @@ def test_load_torchvision_vit():
     torch.testing.assert_close(m.norm.weight, ref.encoder.ln.weight)
     img = torch.randn(2, 3, 32, 32)
     want = ref.conv_proj(img).flatten(2).transpose(1, 2)
-    got = m.tokenizer(img) - m.tokenizer._pos_embed((1, 32, 32), (3,), torch.float32, "cpu")
+    got = m.tokenizer(img) - m.tokenizer._pos_embed((1, 32, 32), "image", torch.float32, "cpu")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -228,7 +228,7 @@ def test_load_timm_vit():
     assert {"cls_token", "pos_embed", "head.weight", "head.bias"} <= set(unused)
     _check_blocks_match(m, ref.blocks, lambda blk, x: blk(x))
     img = torch.randn(2, 3, 32, 32)
-    got = m.tokenizer(img) - m.tokenizer._pos_embed((1, 32, 32), (3,), torch.float32, "cpu")
+    got = m.tokenizer(img) - m.tokenizer._pos_embed((1, 32, 32), "image", torch.float32, "cpu")
     torch.testing.assert_close(got, ref.patch_embed(img), rtol=1e-5, atol=1e-5)
 
 

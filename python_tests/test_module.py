@@ -41,7 +41,7 @@ def test_pos_embed_buffer_follows_input_size(device):
         m(torch.randn(1, 3, *size, device=device))
         assert m.pos_embed.shape == (tv.num_tokens(tv.PAPER_TUBES, size), 12)
         torch.testing.assert_close(m.pos_embed, tv.sincos_pos_embed(tv.PAPER_TUBES, size, 12, device=device))
-    assert len(m._pe._cache) == 2
+    assert len(m._pe) == 2
     m.double()
     y = m(torch.randn(1, 3, 20, 28, 28, device=device, dtype=torch.float64))
     assert y.dtype == torch.float64 and m.pos_embed.dtype == torch.float64
@@ -117,3 +117,15 @@ def test_autocast_follows_conv_policy(device):
     assert err <= 2 * ref_err + 1e-2
     y.float().sum().backward()
     assert fused.projs[0].weight.grad.dtype == torch.float32
+
+
+def test_deepcopy_and_pickle_keep_the_cache_with_its_module():
+    import copy
+    import pickle
+    m = tv.SparseTubeTokenizer(3, 12)
+    x = torch.randn(1, 3, 20, 28, 28)
+    y = m(x)
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        torch.testing.assert_close(clone(x), y)
+        clone(torch.randn(1, 3, 32, 64, 64))  # updates the clone's buffer only
+        assert clone.pos_embed.shape[0] != m.pos_embed.shape[0]

@@ -14,7 +14,7 @@ from torch import nn
 
 from .geometry import PAPER_TUBES, Tube, as_tubes
 from .pos_embed import sincos_pos_embed
-from .tokenizer import _PosEmbedCache
+from .tokenizer import PosEmbedCache
 
 
 def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -49,7 +49,10 @@ class SparseTubeTokenizer(nn.Module):
         self.projs = nn.ModuleList(
             nn.Conv3d(in_channels, dim, t.kernel, stride=t.stride, bias=bias) for t in self.tubes)
         self.register_buffer("pos_embed", torch.empty(0), persistent=False)
-        self._pe = _PosEmbedCache(self)
+        self._pe = PosEmbedCache(self)
+
+    def _compute_pos_embed(self, kind, size, dtype, device):
+        return sincos_pos_embed(self.tubes, size, self.dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -58,7 +61,7 @@ class SparseTubeTokenizer(nn.Module):
             outs.append(conv(x[:, :, ot:, oh:, ow:]).flatten(2).transpose(1, 2))
         out = torch.cat(outs, dim=1)
         if self.use_pos_embed:
-            out = out + self._pe.get(tuple(x.shape[2:]), x.dtype, x.device)
+            out = out + self._pe.get(self._compute_pos_embed, tuple(x.shape[2:]), x.dtype, x.device)
         return out
 
 

@@ -12,37 +12,44 @@ from .geometry import PAPER_TUBES, as_tubes
 from .pos_embed import sincos_pos_embed
 
 
-class _PosEmbedCache:
-    """Per-(size, dtype, device) cache of a module's sin/cos embedding.
+class PosEmbedCache:
+    """Per-(kind, size, dtype, device) cache of a module's fixed position embedding.
 
-    The most recent one is also the module's non-persistent ``pos_embed``
-    buffer (so it shows up in ``module.buffers()`` and follows ``.to()``).
-    Under torch.compile the embedding is computed in the graph instead (it
-    depends only on Python ints, so it is constant-folded), keeping the
-    traced forward free of side effects.
+    ``compute(kind, size, dtype, device) -> Tensor`` (passed per call, so the
+    cache holds no reference back to its module) builds an entry; ``kind``
+    tells apart embeddings of one module that differ by more than the input
+    size (e.g. videos vs images in the model tokenizer). The most recent
+    entry is also the module's non-persistent ``pos_embed`` buffer (so it
+    shows up in ``module.buffers()`` and follows ``.to()``). Under
+    torch.compile the embedding is computed in the graph instead (it depends
+    only on Python ints, so it is constant-folded), keeping the traced
+    forward free of side effects.
     """
 
-    max_entries = 8
+    max_entries = 16
 
     def __init__(self, module: nn.Module):
-        self._module_ref = module.__dict__  # avoid a reference cycle through nn.Module.__setattr__
+        # module.__dict__, not the module: no reference cycle through
+        # nn.Module.__setattr__, and deepcopy/pickle remap it consistently.
+        self._module_dict = module.__dict__
         self._cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 
-    def get(self, size, dtype, device) -> torch.Tensor:
-        m = self._module_ref
-        tubes, dim = m["tubes"], m["dim"]
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, compute, size, dtype, device, kind: str = "video") -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return sincos_pos_embed(tubes, size, dim, dtype=dtype, device=device)
-        key = (tuple(int(s) for s in size), dtype, torch.device(device))
+            return compute(kind, tuple(size), dtype, device)
+        key = (kind, tuple(int(s) for s in size), dtype, torch.device(device))
         pe = self._cache.get(key)
         if pe is None:
-            pe = sincos_pos_embed(tubes, key[0], dim, dtype=dtype, device=device)
+            pe = compute(kind, key[1], dtype, device)
             self._cache[key] = pe
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(key)
-        m["_buffers"]["pos_embed"] = pe
+        self._module_dict["_buffers"]["pos_embed"] = pe
         return pe
 
 
@@ -98,7 +105,10 @@ class SparseTubeTokenizer(nn.Module):
         self.in_channels, self.dim, self.use_pos_embed = in_channels, dim, pos_embed
         self.projs = nn.ModuleList(TubeProjection(in_channels, dim, t.kernel, bias) for t in self.tubes)
         self.register_buffer("pos_embed", torch.empty(0), persistent=False)
-        self._pe = _PosEmbedCache(self)
+        self._pe = PosEmbedCache(self)
+
+    def _compute_pos_embed(self, kind, size, dtype, device):
+        return sincos_pos_embed(self.tubes, size, self.dim, dtype=dtype, device=device)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, dim={self.dim}, tubes={list(self.tubes)}, pos_embed={self.use_pos_embed}"
@@ -110,7 +120,7 @@ class SparseTubeTokenizer(nn.Module):
             raise ValueError(f"x must be 5-D (B, C, T, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels, expected in_channels={self.in_channels}")
-        pe = self._pe.get(x.shape[2:], x.dtype, x.device) if self.use_pos_embed else None
+        pe = self._pe.get(self._compute_pos_embed, x.shape[2:], x.dtype, x.device) if self.use_pos_embed else None
         weights = [p.weight for p in self.projs]
         biases = [p.bias for p in self.projs if p.bias is not None]
         return tube_tokens(x, weights, biases, self.tubes, pe)

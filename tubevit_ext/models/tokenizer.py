@@ -26,7 +26,6 @@ weights and the same position-embedding convention (a 1-frame video).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -36,7 +35,7 @@ from torch import nn
 from ..functional import tube_tokens
 from ..geometry import PAPER_TUBES, Tube, as_tubes, token_grid, tube_token_counts
 from ..pos_embed import sincos_from_positions, tube_centres
-from ..tokenizer import TubeProjection
+from ..tokenizer import PosEmbedCache, TubeProjection
 
 #: Table 12 of the paper: 2x temporal space-to-depth on the 8x8x8 tube, 4x
 #: spatial (2x2) on the 16x4x4 tube.
@@ -116,7 +115,8 @@ class TubeTokenizer(nn.Module):
         if image_tube is None:
             image_tube = next((i for i, t in enumerate(self.tubes) if t.kernel[0] == 1 and i not in self.s2d), None)
         self.image_tube = image_tube
-        self._pe: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.register_buffer("pos_embed", torch.empty(0), persistent=False)
+        self._pe = PosEmbedCache(self)
 
     # -------------------------------------------------------------- parameters
     def tube_weights(self):
@@ -142,22 +142,15 @@ class TubeTokenizer(nn.Module):
                 rows.append(tube_centres(t, input_size).double())
         return torch.cat(rows)
 
-    def _pos_embed(self, key_size, tubes_idx, dtype, device):
-        if not self.use_pos_embed:
-            return None
-        key = (tuple(int(s) for s in key_size), tuple(tubes_idx), dtype, str(device))
-        if not torch.compiler.is_compiling() and key in self._pe:
-            return self._pe[key]
-        if tubes_idx == (self.image_tube,):
-            pos = tube_centres(self.tubes[self.image_tube], key_size).double()
+    def _compute_pos_embed(self, kind, size, dtype, device):
+        if kind == "image":
+            pos = tube_centres(self.tubes[self.image_tube], size).double()
         else:
-            pos = self.positions(key_size)
-        pe = sincos_from_positions(pos.to(device), self.dim).to(dtype)
-        if not torch.compiler.is_compiling():
-            self._pe[key] = pe
-            while len(self._pe) > 16:
-                self._pe.popitem(last=False)
-        return pe
+            pos = self.positions(size)
+        return sincos_from_positions(pos.to(device), self.dim).to(dtype)
+
+    def _pos_embed(self, size, kind, dtype, device):
+        return self._pe.get(self._compute_pos_embed, size, dtype, device, kind) if self.use_pos_embed else None
 
     def num_tokens(self, input_size) -> int:
         """Tokens for a (T, H, W) video, or an (H, W) image."""
@@ -185,7 +178,7 @@ class TubeTokenizer(nn.Module):
             raise ValueError(f"x has {x.shape[1]} channels, expected in_channels={self.in_channels}")
         size = tuple(x.shape[2:])
         ws, bs = self.tube_weights()
-        pe = self._pos_embed(size, tuple(range(len(self.tubes))), x.dtype, x.device)
+        pe = self._pos_embed(size, "video", x.dtype, x.device)
         if not self.s2d:  # the common case: all tubes in one fused call
             return tube_tokens(x, ws, bs or None, self.tubes, pe)
         plain = [i for i in range(len(self.tubes)) if i not in self.s2d]
@@ -227,5 +220,5 @@ class TubeTokenizer(nn.Module):
         ws, bs = self.tube_weights()
         x5 = x.unsqueeze(2)
         size = tuple(x5.shape[2:])
-        pe = self._pos_embed(size, (i,), x.dtype, x.device)
+        pe = self._pos_embed(size, "image", x.dtype, x.device)
         return tube_tokens(x5, [ws[i]], [bs[i]] if bs else None, [self.tubes[i]], pe)
