@@ -6,7 +6,7 @@
 #   the GPU benchmark presets.
 # Results go to $OUT (the device tool's folder) or bench/out/gpu-<date>/.
 #   bash bench/gpu_check.sh            # all steps
-#   STEPS="build tests" bash bench/gpu_check.sh
+#   STEPS="build tests" bash bench/gpu_check.sh     (steps: build tests sanitize bench ncu)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${OUT:-bench/out/gpu-$(date +%F)}
@@ -36,11 +36,11 @@ for step in $STEPS; do
       "$PY" -c "import tubevit_ext as tv; print('cuda kernels built:', tv.cuda_compiled())" 2>&1 | tee -a "$RES/summary.txt" ;;
     tests)
       log "tests (default CUDA path: naive kernels)"
-      "$PY" -m pytest python_tests -q -x -p no:cacheprovider > "$RES/tests.log" 2>&1
+      "$PY" -m pytest python_tests -q --maxfail=25 -p no:cacheprovider -rfE > "$RES/tests.log" 2>&1
       log "tests rc=$? :: $(tail -n 1 "$RES/tests.log")"
       # the opt-in tensor-core forward (fp16/bf16, sm_80+): same suite
       log "tests with TUBEVIT_CUDA_TC=1"
-      TUBEVIT_CUDA_TC=1 "$PY" -m pytest python_tests -q -p no:cacheprovider -k "cuda" > "$RES/tests-tc.log" 2>&1
+      TUBEVIT_CUDA_TC=1 "$PY" -m pytest python_tests -q --maxfail=25 -p no:cacheprovider -rfE -k "cuda" > "$RES/tests-tc.log" 2>&1
       log "tests-tc rc=$? :: $(tail -n 1 "$RES/tests-tc.log")" ;;
     sanitize)
       for tool in memcheck racecheck initcheck; do
@@ -49,6 +49,19 @@ for step in $STEPS; do
         log "$tool rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$RES/sanitizer-$tool.log" | tail -n 1)"
         TUBEVIT_CUDA_TC=1 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_case.py > "$RES/sanitizer-tc-$tool.log" 2>&1
         log "$tool (tensor-core) rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$RES/sanitizer-tc-$tool.log" | tail -n 1)"
+      done ;;
+    ncu)
+      # kernel-level profile of one paper-tube forward (bf16, B=8), both paths
+      for tc in 0 1; do
+        log "ncu (TUBEVIT_CUDA_TC=$tc)"
+        TUBEVIT_CUDA_TC=$tc ncu --set full -k regex:tube -c 4 -o "$RES/ncu-tc$tc" "$PY" -c "
+import torch, tubevit_ext as tv
+m = tv.SparseTubeTokenizer(3, 768).cuda().bfloat16()
+x = torch.randn(8, 3, 32, 224, 224, device='cuda', dtype=torch.bfloat16)
+with torch.no_grad():
+    for _ in range(2): m(x)
+torch.cuda.synchronize()" > "$RES/ncu-tc$tc.log" 2>&1
+        log "ncu rc=$?"
       done ;;
     bench)
       for preset in gpu-targets; do
