@@ -1,7 +1,6 @@
 """Bad input gets a clear error; nothing crashes, hangs or silently corrupts.
 NaN/Inf, 64-bit indexing, determinism, memory stability."""
 import gc
-import os
 import subprocess
 import sys
 import textwrap

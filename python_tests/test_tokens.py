@@ -223,7 +223,6 @@ def test_double_backward_raises(device):
 
 
 def test_deterministic(device):
-    tubes = tv.PAPER_TUBES
     results = []
     for _ in range(2):
         torch.manual_seed(0)

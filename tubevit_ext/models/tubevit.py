@@ -201,7 +201,7 @@ class TubeViT(nn.Module):
                                  f"got {getattr(s, 'shape', type(s).__name__)}")
             groups.setdefault(tuple(s.shape), []).append(i)
         chunks, slabs, order = [], [], []
-        for shape, idx in groups.items():
+        for idx in groups.values():
             tok = self.tokenizer(torch.stack([samples[i] for i in idx]))  # one fused call per shape
             chunks.append(tok.reshape(-1, tok.shape[-1]))
             slabs.append((len(idx), tok.shape[1]))
