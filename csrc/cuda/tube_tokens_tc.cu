@@ -177,6 +177,127 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
+// ---- weight gradient: dW_i (d x K_i) = G_i^T (d x M_i) * P_i (M_i x K_i) ----
+// M_i = B * n_i tokens of tube i; one launch for all tubes, tiles of
+// (tube, 64 output channels j, 64 patch columns k), the reduction over M in
+// steps of 32 tokens. A = G^T comes from the gradient rows (coalesced along
+// j, transposed into shared memory); B = P is gathered from x on the fly.
+// No atomics and a fixed reduction order: deterministic.
+constexpr int DM = 32;           // tokens per reduction step
+constexpr int LDA2 = DM + 8;     // As[j][m]
+constexpr int LDB2 = BN + 8;     // Bs[m][k]
+
+struct ParamsDW {
+  TubeGeom g[kMaxTubesTC];
+  void* dw[kMaxTubesTC];                  // (d, K) row-major, scalar_t
+  int64_t tiles_before[kMaxTubesTC + 1];  // prefix of ceil(d/64) * ceil(K_i/64)
+  int n_tubes;
+  int64_t B, N, d;
+  int64_t sB, sC, sT, sH, sW;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    tube_dw_tc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad, const ParamsDW p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using wt = typename WmmaType<scalar_t>::type;
+  constexpr int kStageBytes = (BM * LDA2 + DM * LDB2) * int(sizeof(scalar_t));
+  constexpr int kEpiBytes = BM * LDC * int(sizeof(float));
+  constexpr int kSmemBytes = kStageBytes > kEpiBytes ? kStageBytes : kEpiBytes;
+  __shared__ __align__(32) unsigned char smem[kSmemBytes];
+  __shared__ int64_t row_base[DM];  // x offset of each token's first voxel
+  __shared__ int64_t grad_row[DM];  // row of grad for each token (-1 past M)
+  scalar_t* As = reinterpret_cast<scalar_t*>(smem);  // [BM j][LDA2]
+  scalar_t* Bs = As + BM * LDA2;                      // [DM m][LDB2]
+  float* Cs = reinterpret_cast<float*>(smem);
+
+  const int64_t tile = blockIdx.x;
+  int i = 0;
+  while (i + 1 < p.n_tubes && tile >= p.tiles_before[i + 1]) ++i;
+  const TubeGeom& g = p.g[i];
+  const int64_t K = g.patch_size, n = g.num_tokens, M = p.B * n;
+  const int64_t k_tiles = (K + BN - 1) / BN;
+  const int64_t local = tile - p.tiles_before[i];
+  const int64_t j0 = (local / k_tiles) * BM, c0 = (local % k_tiles) * BN;
+  const int64_t khw = g.k[1] * g.k[2], kthw = g.k[0] * khw;
+
+  const int warp = threadIdx.x / 32;
+  const int wj = (warp / 2) * 32, wk = (warp % 2) * 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[a][c], 0.0f);
+
+  for (int64_t m0 = 0; m0 < M; m0 += DM) {
+    __syncthreads();  // previous step's tiles consumed
+    for (int r = threadIdx.x; r < DM; r += kThreads) {
+      const int64_t m = m0 + r;
+      if (m < M) {
+        const int64_t b = m / n, tok = m % n;
+        const int64_t iw = tok % g.n[2];
+        const int64_t ih = (tok / g.n[2]) % g.n[1];
+        const int64_t it = tok / (g.n[2] * g.n[1]);
+        row_base[r] = b * p.sB + (g.o[0] + g.s[0] * it) * p.sT + (g.o[1] + g.s[1] * ih) * p.sH +
+                      (g.o[2] + g.s[2] * iw) * p.sW;
+        grad_row[r] = b * p.N + g.token_offset + tok;
+      } else {
+        row_base[r] = -1;
+        grad_row[r] = -1;
+      }
+    }
+    __syncthreads();
+    // A = G^T tile: As[j][mm] = grad[grad_row[mm], j0 + j]
+    for (int e = threadIdx.x; e < BM * DM; e += kThreads) {
+      const int mm = e / BM, j = e % BM;
+      const int64_t gr = grad_row[mm], col = j0 + j;
+      As[j * LDA2 + mm] = (gr >= 0 && col < p.d) ? grad[gr * p.d + col] : scalar_t(0.0f);
+    }
+    // B = P tile: Bs[mm][kk] = x[row_base[mm] + offset(c0 + kk)]
+    for (int e = threadIdx.x; e < DM * BN; e += kThreads) {
+      const int mm = e / BN, kk = e % BN;
+      const int64_t base = row_base[mm], k = c0 + kk;
+      scalar_t v = scalar_t(0.0f);
+      if (base >= 0 && k < K) {
+        const int64_t c = k / kthw, rem = k % kthw;
+        const int64_t a = rem / khw, rem2 = rem % khw;
+        v = x[base + c * p.sC + a * p.sT + (rem2 / g.k[2]) * p.sH + (rem2 % g.k[2]) * p.sW];
+      }
+      Bs[mm * LDB2 + kk] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < DM; ks += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, wt, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, wt, wmma::row_major> fb[2];
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+        wmma::load_matrix_sync(fa[a], reinterpret_cast<const wt*>(As + (wj + 16 * a) * LDA2 + ks), LDA2);
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        wmma::load_matrix_sync(fb[c], reinterpret_cast<const wt*>(Bs + ks * LDB2 + wk + 16 * c), LDB2);
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) wmma::mma_sync(acc[a][c], fa[a], fb[c], acc[a][c]);
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      wmma::store_matrix_sync(Cs + (wj + 16 * a) * LDC + wk + 16 * c, acc[a][c], LDC, wmma::mem_row_major);
+  __syncthreads();
+  scalar_t* __restrict__ dw = static_cast<scalar_t*>(p.dw[i]);
+  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+    const int j = e / BN, kk = e % BN;
+    const int64_t row = j0 + j, col = c0 + kk;
+    if (row < p.d && col < K) dw[row * K + col] = static_cast<scalar_t>(Cs[j * LDC + kk]);
+  }
+#endif
+}
+
 }  // namespace
 
 bool supported(const at::Tensor& x, const TubeLayout& L) {
@@ -223,6 +344,46 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
                        tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
                            x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
                            out.mutable_data_ptr<scalar_t>(), p);
+                     }));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace tc
+}  // namespace tubevit
+
+namespace tubevit {
+namespace tc {
+
+void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& L,
+                 std::vector<at::Tensor>& dws) {
+  ParamsDW p{};
+  p.n_tubes = static_cast<int>(L.tubes.size());
+  p.B = L.batch;
+  p.N = L.num_tokens;
+  p.d = L.dim;
+  p.sB = x.stride(0);
+  p.sC = x.stride(1);
+  p.sT = x.stride(2);
+  p.sH = x.stride(3);
+  p.sW = x.stride(4);
+  p.tiles_before[0] = 0;
+  for (int i = 0; i < p.n_tubes; ++i) {
+    p.g[i] = L.tubes[i];
+    p.dw[i] = dws[i].mutable_data_ptr();
+    p.tiles_before[i + 1] =
+        p.tiles_before[i] + ((L.dim + BM - 1) / BM) * ((L.tubes[i].patch_size + BN - 1) / BN);
+  }
+  const int64_t tiles = p.tiles_before[p.n_tubes];
+  TORCH_CHECK(tiles < (int64_t(1) << 31), "tube_tokens_backward (tensor-core path): too many tiles (", tiles, ")");
+  if (tiles == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_dw_tc",
+                     AT_DISPATCH_CASE(at::kHalf, [&] {
+                       tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+                           x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+                           x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
                      }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

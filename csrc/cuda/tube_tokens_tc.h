@@ -18,5 +18,10 @@ bool supported(const at::Tensor& x, const TubeLayout& L);
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
              const at::Tensor& pe, const TubeLayout& L, at::Tensor& out);
 
+// dws[i] (d, C, kt, kh, kw) contiguous, fully overwritten; grad (B, N, d)
+// contiguous; same dtype and device as x (any strides).
+void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& L,
+                 std::vector<at::Tensor>& dws);
+
 }  // namespace tc
 }  // namespace tubevit
