@@ -189,13 +189,14 @@ void scatter_patches(const src_t* dP, const TubeGeom& g, int64_t channels,
   });
 }
 
-// out[b, off + t, :] = cast(tmp[r, :] + E[t, :]) for the rows r = (b - b0) * n + t
-// of one chunk; E is (n, d) (pe rows, + bias) when e_row_stride == d, a bias
-// (d,) when it is 0, absent when e == nullptr. The GEMM result is still in
-// cache, so this pass is cheap, and it replaces what would otherwise be a
-// copy of E into the output (beta = 1) plus a cat.
+// out[b, off + t, :] = cast(tmp[r, :] + pe[t, :] + bias) for the rows
+// r = (b - b0) * n + t of one chunk; pe (this tube's n x d rows, in the
+// input dtype) and bias (fp32) may each be absent. The GEMM result is still
+// in cache, so this pass is cheap; it replaces a copy of bias/pe into the
+// output (beta = 1) plus a cat, and reads pe in place (no per-call n x d
+// temporary).
 template <typename scalar_t, typename res_t, typename acc_t>
-void store_rows(const res_t* tmp, const acc_t* e, int64_t e_row_stride, const TubeGeom& g,
+void store_rows(const res_t* tmp, const scalar_t* pe, const acc_t* bias, const TubeGeom& g,
                 const TubeLayout& L, int64_t b0, int64_t nb, scalar_t* out) {
   const int64_t n = g.num_tokens, d = L.dim;
   at::parallel_for(0, nb * n, std::max<int64_t>(1, 4096 / d), [&](int64_t begin, int64_t end) {
@@ -203,11 +204,18 @@ void store_rows(const res_t* tmp, const acc_t* e, int64_t e_row_stride, const Tu
       const int64_t b = b0 + r / n, t = r % n;
       scalar_t* dst = out + (b * L.num_tokens + g.token_offset + t) * d;
       const res_t* src = tmp + r * d;
-      if (e == nullptr) {
-        for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]));
+      const scalar_t* pr = pe == nullptr ? nullptr : pe + t * d;
+      // one loop per case keeps each inner loop branch-free (vectorisable)
+      if (pr != nullptr && bias != nullptr) {
+        for (int64_t j = 0; j < d; ++j)
+          dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) + static_cast<acc_t>(pr[j]) + bias[j]);
+      } else if (pr != nullptr) {
+        for (int64_t j = 0; j < d; ++j)
+          dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) + static_cast<acc_t>(pr[j]));
+      } else if (bias != nullptr) {
+        for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) + bias[j]);
       } else {
-        const acc_t* er = e + t * e_row_stride;
-        for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) + er[j]);
+        for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]));
       }
     }
   });
@@ -226,6 +234,7 @@ void forward_impl(const at::Tensor& x, at::TensorList weights,
   const auto gemm_opts = x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value);
   const auto v = input_view<scalar_t>(x);
   const bool has_pe = pos_embed.has_value() && pos_embed->defined();
+  const at::Tensor pe = has_pe ? pos_embed->contiguous() : at::Tensor();
   // Two workspaces for all tubes: patches (rows x K) and the GEMM result
   // (rows x d); each tube's batch chunk is one GEMM with M = chunk * n rows,
   // which keeps BLAS at its large-matrix rate (per-sample GEMMs, M = n, ran
@@ -243,23 +252,18 @@ void forward_impl(const at::Tensor& x, at::TensorList weights,
     const int64_t n = g.num_tokens, K = g.patch_size;
     // (K, d) view of the weight; BLAS reads the transpose without a copy.
     const at::Tensor wt = weights[i].reshape({L.dim, K}).to(gemm_opts.dtype()).t();
-    // Epilogue operand E: pe rows (+ bias), or the bias alone.
-    at::Tensor epi;
-    if (has_pe) epi = pos_embed->narrow(0, g.token_offset, n).to(acc_opts.dtype());
-    if (!biases.empty()) {
-      const at::Tensor bias = biases[i].to(acc_opts.dtype());
-      epi = epi.defined() ? epi + bias : bias;
-    }
-    if (epi.defined()) epi = epi.contiguous();
-    const int64_t e_stride = has_pe ? L.dim : 0;
+    // Epilogue operands: this tube's pe rows (read in place) and the bias (fp32).
+    const scalar_t* pe_rows = has_pe ? pe.const_data_ptr<scalar_t>() + g.token_offset * L.dim : nullptr;
+    at::Tensor bias;
+    if (!biases.empty()) bias = biases[i].to(acc_opts.dtype()).contiguous();
     const int64_t chunk = batch_chunk(g, L.batch, sizeof(gemm_t), L.dim);
     for (int64_t b0 = 0; b0 < L.batch; b0 += chunk) {
       const int64_t nb = std::min(chunk, L.batch - b0);
       gather_patches<scalar_t, gemm_t>(v, g, L.channels, b0, nb, pbuf);
       at::Tensor res = at::from_blob(rbuf, {nb * n, L.dim}, gemm_opts);
       at::mm_out(res, at::from_blob(pbuf, {nb * n, K}, gemm_opts), wt);
-      store_rows<scalar_t, gemm_t, acc_t>(rbuf, epi.defined() ? epi.const_data_ptr<acc_t>() : nullptr,
-                                  e_stride, g, L, b0, nb, out.mutable_data_ptr<scalar_t>());
+      store_rows<scalar_t, gemm_t, acc_t>(rbuf, pe_rows, bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+                                          g, L, b0, nb, out.mutable_data_ptr<scalar_t>());
     }
   }
 }
