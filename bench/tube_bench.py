@@ -41,7 +41,9 @@ TUBE_SETS = {
     # A ViViT-style tubelet pair: dense 2x16x16 plus a coarse 8x32x32 tube.
     "tubelet2": (tv.Tube((2, 16, 16), (2, 16, 16)), tv.Tube((8, 32, 32), (8, 32, 32), (0, 0, 0))),
 }
-IMPLS = ["reference", "unfold_gemm", "compiled_reference", "fused"]
+# compiled_reference last in each configuration: torch.compile leaves compile
+# workers behind that would otherwise share the CPU with the next timings.
+IMPLS = ["reference", "unfold_gemm", "fused", "compiled_reference"]
 MODES = ["fwd", "fwd_bwd", "fwd_bwd_input"]
 
 
@@ -162,7 +164,7 @@ def run_config(args, device, dtype, batch, frames, dim, tubes_name, mode, impls,
     with torch.no_grad():
         want = ref(inputs[0]).float()
     variants = []
-    for impl in impls:
+    for impl in sorted(impls, key=IMPLS.index):
         if impl == "reference" and device.type == "cuda":
             variants += [(impl, False), (impl, True)]  # cudnn.benchmark off / on
         else:
