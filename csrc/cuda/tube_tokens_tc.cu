@@ -43,7 +43,7 @@ struct Params {
   const void* bias[kMaxTubesTC];  // (d,) or nullptr
   int64_t tiles_before[kMaxTubesTC + 1];  // prefix over tubes of B * ceil(n_i / BM)
   int n_tubes;
-  int64_t B, N, d, C;
+  int64_t B, N, d;
   int64_t sB, sC, sT, sH, sW;  // x strides (elements)
 };
 
@@ -307,22 +307,27 @@ bool supported(const at::Tensor& x, const TubeLayout& L) {
   return prop->major >= 8;
 }
 
-void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
-             const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
-  Params p{};
+// Fields both kernels' parameter blocks share: sizes, x strides, geometry.
+template <typename P>
+void fill_common(P& p, const at::Tensor& x, const TubeLayout& L) {
   p.n_tubes = static_cast<int>(L.tubes.size());
   p.B = L.batch;
   p.N = L.num_tokens;
   p.d = L.dim;
-  p.C = L.channels;
   p.sB = x.stride(0);
   p.sC = x.stride(1);
   p.sT = x.stride(2);
   p.sH = x.stride(3);
   p.sW = x.stride(4);
   p.tiles_before[0] = 0;
+  for (int i = 0; i < p.n_tubes; ++i) p.g[i] = L.tubes[i];
+}
+
+void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
+             const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
+  Params p{};
+  fill_common(p, x, L);
   for (int i = 0; i < p.n_tubes; ++i) {
-    p.g[i] = L.tubes[i];
     p.w[i] = w[i].const_data_ptr();
     p.bias[i] = bias.empty() ? nullptr : bias[i].const_data_ptr();
     p.tiles_before[i + 1] = p.tiles_before[i] + L.batch * ((L.tubes[i].num_tokens + BM - 1) / BM);
@@ -357,18 +362,8 @@ namespace tc {
 void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& L,
                  std::vector<at::Tensor>& dws) {
   ParamsDW p{};
-  p.n_tubes = static_cast<int>(L.tubes.size());
-  p.B = L.batch;
-  p.N = L.num_tokens;
-  p.d = L.dim;
-  p.sB = x.stride(0);
-  p.sC = x.stride(1);
-  p.sT = x.stride(2);
-  p.sH = x.stride(3);
-  p.sW = x.stride(4);
-  p.tiles_before[0] = 0;
+  fill_common(p, x, L);
   for (int i = 0; i < p.n_tubes; ++i) {
-    p.g[i] = L.tubes[i];
     p.dw[i] = dws[i].mutable_data_ptr();
     p.tiles_before[i + 1] =
         p.tiles_before[i] + ((L.dim + BM - 1) / BM) * ((L.tubes[i].patch_size + BN - 1) / BN);
