@@ -58,6 +58,28 @@ struct WmmaType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
+// One 16-deep step of a warp's 32x32 tile: acc[a][c] += A(a) * B(c) with
+// A(a) = the 16 x 16 block at a + a * a_step (row-major, leading dim lda)
+// and B(c) = the 16 x 16 block at b + c * b_step (layout LayoutB, leading
+// dim ldb). Both kernels below share it; only their staging layouts differ.
+// Pointers are to at::Half / at::BFloat16 staging, bit-identical to wt.
+template <typename wt, typename LayoutB, typename staged_t>
+__device__ __forceinline__ void mma_2x2(wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&acc)[2][2],
+                                        const staged_t* a, int a_step, int lda, const staged_t* b, int b_step,
+                                        int ldb) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, wt, wmma::row_major> fa[2];
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, wt, LayoutB> fb[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    wmma::load_matrix_sync(fa[i], reinterpret_cast<const wt*>(a + i * a_step), lda);
+    wmma::load_matrix_sync(fb[i], reinterpret_cast<const wt*>(b + i * b_step), ldb);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     tube_tokens_tc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pe,
@@ -140,18 +162,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, wt, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, wt, wmma::col_major> fb[2];
-#pragma unroll
-      for (int a = 0; a < 2; ++a)
-        wmma::load_matrix_sync(fa[a], reinterpret_cast<const wt*>(As + (wm + 16 * a) * LDS + ks), LDS);
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        wmma::load_matrix_sync(fb[c], reinterpret_cast<const wt*>(Bs + (wn + 16 * c) * LDS + ks), LDS);
-#pragma unroll
-      for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) wmma::mma_sync(acc[a][c], fa[a], fb[c], acc[a][c]);
+      // B staged as Bs[n][k]: column-major K x N, 16 columns apart = 16 rows of Bs
+      mma_2x2<wt, wmma::col_major>(acc, As + wm * LDS + ks, 16 * LDS, LDS, Bs + wn * LDS + ks, 16 * LDS, LDS);
     }
   }
   __syncthreads();  // staging tiles dead: reuse the bytes for the epilogue
@@ -268,18 +280,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < DM; ks += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, wt, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, wt, wmma::row_major> fb[2];
-#pragma unroll
-      for (int a = 0; a < 2; ++a)
-        wmma::load_matrix_sync(fa[a], reinterpret_cast<const wt*>(As + (wj + 16 * a) * LDA2 + ks), LDA2);
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        wmma::load_matrix_sync(fb[c], reinterpret_cast<const wt*>(Bs + ks * LDB2 + wk + 16 * c), LDB2);
-#pragma unroll
-      for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) wmma::mma_sync(acc[a][c], fa[a], fb[c], acc[a][c]);
+      // B staged as Bs[m][k]: row-major, 16 columns apart = 16 elements
+      mma_2x2<wt, wmma::row_major>(acc, As + wj * LDA2 + ks, 16 * LDA2, LDA2, Bs + ks * LDB2 + wk, 16, LDB2);
     }
   }
   __syncthreads();
