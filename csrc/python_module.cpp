@@ -10,6 +10,7 @@
 
 #include "tube_geometry.h"
 #include "tube_tokens.h"
+#include "cpu/patch_pool.h"
 
 namespace {
 
@@ -42,4 +43,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_token_layout", &token_layout,
         "per tube (nt, nh, nw, token_offset), flattened, from the C++ geometry");
   m.def("_cuda_compiled", &cuda_compiled, "whether the CUDA kernels were built in");
+  m.def("_patch_cache_bytes", &tubevit::patch_pool_cached_bytes,
+        "bytes of freed CPU patch buffers kept for reuse");
+  m.def("_empty_patch_cache", &tubevit::patch_pool_empty,
+        "return the cached CPU patch buffers to the system");
 }

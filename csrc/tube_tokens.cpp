@@ -134,6 +134,21 @@ TubeLayout check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
   return L;
 }
 
+void check_patches(at::TensorList patches, const at::Tensor& x, const TubeLayout& L) {
+  if (patches.empty()) return;
+  TORCH_CHECK_VALUE(patches.size() == L.tubes.size(),
+                    "patches must be empty (gather from x) or hold one tensor per tube (",
+                    L.tubes.size(), "), got ", patches.size());
+  for (size_t i = 0; i < patches.size(); ++i) {
+    check_same(x, patches[i], "patches", static_cast<int64_t>(i));
+    const TubeGeom& g = L.tubes[i];
+    TORCH_CHECK_VALUE(patches[i].dim() == 3 && patches[i].size(0) == L.batch &&
+                          patches[i].size(1) == g.num_tokens && patches[i].size(2) == g.patch_size,
+                      "patches[", i, "] must have shape (B=", L.batch, ", n=", g.num_tokens,
+                      ", K=", g.patch_size, "), got ", patches[i].sizes());
+  }
+}
+
 }  // namespace tubevit
 
 // The schemas. Backends: cpu/tube_tokens_cpu.cpp, cuda/tube_tokens_cuda.cu.
@@ -147,9 +162,20 @@ TORCH_LIBRARY(tubevit, m) {
       "Tensor? pos_embed) -> Tensor");
   // output_mask = (grad_x, grad_weights, grad_biases). Entries not asked
   // for come back as an empty tensor (grad_x, shape (0,)) or an empty list.
+  // patches: [] (dW gathers the patches from x again) or the per-tube patch
+  // matrices tube_tokens_with_patches returned for this x; backends that
+  // gather on the fly (CUDA) ignore them. Results are the same either way.
   m.def(
       "tube_tokens_backward(Tensor grad_out, Tensor x, Tensor[] weights, "
-      "int[] tubes, bool[3] output_mask) -> (Tensor, Tensor[], Tensor[])");
+      "Tensor[] patches, int[] tubes, bool[3] output_mask) -> (Tensor, Tensor[], Tensor[])");
+  // tube_tokens plus the patch matrices its GEMMs read, for the backward to
+  // reuse: patches[i] (B, n_i, K_i) contiguous, dtype of x, K ordered
+  // (c, kt, kh, kw) like weights[i].reshape(d, K). CPU only: there the
+  // gather is a memory-bound pass worth ~5 % of a training step, paid for
+  // with memory (about 1.4x the token output for the paper tubes).
+  m.def(
+      "tube_tokens_with_patches(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
+      "Tensor? pos_embed) -> (Tensor, Tensor[])");
   // The same contract, always computed by the per-element kernels of
   // naive_kernels.h (on CPU: the CUDA kernels' code run in a host loop).
   // For testing the GPU kernels' logic; not differentiable.

@@ -13,6 +13,9 @@
 //   output     (B, N, d) contiguous, dtype of x; rows [off_i, off_i + n_i)
 //              hold tube i's tokens, row-major over its (t, h, w) grid.
 //   grad_out   (B, N, d), any strides.
+//   patches    empty, or per tube (B, n_i, K_i) with K_i = C*kt*kh*kw ordered
+//              (c, kt, kh, kw): the rows the tube's GEMM multiplies with
+//              weights[i].reshape(d, K_i)^T (tube_tokens_with_patches).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -46,5 +49,9 @@ TubeLayout check_forward_args(const at::Tensor& x, at::TensorList weights,
 // Validation of the backward arguments; grad_out must be (B, N, d).
 TubeLayout check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                                at::TensorList weights, at::IntArrayRef tubes);
+
+// Validation of the optional saved patches of tube_tokens_backward: empty,
+// or one (B, n_i, K_i) tensor per tube with x's dtype and device.
+void check_patches(at::TensorList patches, const at::Tensor& x, const TubeLayout& L);
 
 }  // namespace tubevit

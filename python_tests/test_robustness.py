@@ -83,9 +83,9 @@ def test_bad_input_backward_op(device):
     x, ws, bs, pe = _args(device)
     fl = tv.flatten_tubes(TUBES)
     with pytest.raises(ValueError, match=r"grad_out must have shape \(B=2, N=5, d=6\), got \[2, 5, 7\]"):
-        ops.tube_tokens_backward(torch.zeros(2, 5, 7, device=device), x, ws, fl, [True, True, True])
+        ops.tube_tokens_backward(torch.zeros(2, 5, 7, device=device), x, ws, [], fl, [True, True, True])
     with pytest.raises(TypeError, match=r"grad_out must have the dtype of x"):
-        ops.tube_tokens_backward(torch.zeros(2, 5, 6, device=device, dtype=torch.float64), x, ws, fl, [True] * 3)
+        ops.tube_tokens_backward(torch.zeros(2, 5, 6, device=device, dtype=torch.float64), x, ws, [], fl, [True] * 3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a second device type")
@@ -132,7 +132,7 @@ def test_bad_calls_never_crash_the_process():
             lambda: ops.tube_tokens(x, w * 3, [], [2, 2, 2, 1, 1, 1, 0, 0, 0] * 2, None),
             lambda: ops.tube_tokens(x, [torch.randn(3, 2, 2, 2)], [], [2, 2, 2, 1, 1, 1, 0, 0, 0], None),
             lambda: ops.tube_tokens(x, w, [], [2, 2, 2, 1, 1, 1, 0, 0, 0], torch.randn(0)),
-            lambda: ops.tube_tokens_backward(torch.randn(1), x, w, [2, 2, 2, 1, 1, 1, 0, 0, 0], [True] * 3),
+            lambda: ops.tube_tokens_backward(torch.randn(1), x, w, [], [2, 2, 2, 1, 1, 1, 0, 0, 0], [True] * 3),
             lambda: ops.tube_tokens_naive_backward(torch.randn(1, 2, 3), x, w, [2, 2, 2, 1, 1, 1, 0, 0, 0], [True] * 3),
             lambda: ops.tube_tokens(x[..., :0], w, [], [2, 2, 2, 1, 1, 1, 0, 0, 0], None),
             lambda: ops.tube_tokens(torch.randn(1, 2, 9, 10, 11).as_strided((1, 2, 9, 10, 11), (0, 0, 0, 0, 0)), w, [],

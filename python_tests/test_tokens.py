@@ -146,7 +146,7 @@ class _RecordBackwardMasks(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.tubevit.tube_tokens_backward.default:
-            self.masks.append(list(args[4]))
+            self.masks.append(list(args[5]))
         return func(*args, **(kwargs or {}))
 
 
@@ -208,7 +208,7 @@ def test_opcheck(device):
     g = torch.randn(2, n, d, device=device)
     xd, wd = x.detach(), [w.detach() for w in ws]
     for mask in ([True, True, True], [False, True, False], [True, False, False]):
-        torch.library.opcheck(torch.ops.tubevit.tube_tokens_backward.default, (g, xd, wd, flat, mask))
+        torch.library.opcheck(torch.ops.tubevit.tube_tokens_backward.default, (g, xd, wd, [], flat, mask))
 
 
 def test_double_backward_raises(device):

@@ -23,8 +23,21 @@ def cuda_compiled() -> bool:
     return _C._cuda_compiled()
 
 
+def patch_cache_bytes() -> int:
+    """Bytes of CPU patch buffers (saved for backward by CPU training steps,
+    see ``tube_tokens(save_patches=...)``) kept for reuse after they were
+    freed; at most TUBEVIT_CPU_PATCH_CACHE_MB MiB (default 256)."""
+    return _C._patch_cache_bytes()
+
+
+def empty_patch_cache() -> None:
+    """Return the cached CPU patch buffers to the system (buffers still held
+    by an autograd graph are returned when it is freed)."""
+    _C._empty_patch_cache()
+
+
 __all__ = [
     "Tube", "PAPER_TUBES", "IMAGE_TUBE", "as_tubes", "flatten_tubes", "token_grid", "num_tokens",
     "token_offsets", "sincos_pos_embed", "tube_tokens", "SparseTubeTokenizer", "TubeProjection",
-    "reference", "cuda_compiled",
+    "reference", "cuda_compiled", "patch_cache_bytes", "empty_patch_cache",
 ]

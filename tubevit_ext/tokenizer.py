@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 from collections import OrderedDict
 
 import torch
@@ -88,6 +89,8 @@ class SparseTubeTokenizer(nn.Module):
         pos_embed: add the fixed sin/cos embedding of the tube centres,
             computed for each input size seen and cached.
         bias: per-tube bias, as nn.Conv3d's ``bias``.
+        save_patches: CPU training memory/speed trade, see
+            ``tubevit_ext.tube_tokens`` (None: save when training a weight).
 
     Parameters are ``projs.{i}.weight`` (d, C, kt, kh, kw) and
     ``projs.{i}.bias`` (d,), the same names and shapes as
@@ -95,7 +98,7 @@ class SparseTubeTokenizer(nn.Module):
     """
 
     def __init__(self, in_channels: int, dim: int, tubes=PAPER_TUBES, pos_embed: bool = True,
-                 bias: bool = True):
+                 bias: bool = True, save_patches: Optional[bool] = None):
         super().__init__()
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
@@ -103,6 +106,7 @@ class SparseTubeTokenizer(nn.Module):
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         self.tubes = as_tubes(tubes)
         self.in_channels, self.dim, self.use_pos_embed = in_channels, dim, pos_embed
+        self.save_patches = save_patches
         self.projs = nn.ModuleList(TubeProjection(in_channels, dim, t.kernel, bias) for t in self.tubes)
         self.register_buffer("pos_embed", torch.empty(0), persistent=False)
         self._pe = PosEmbedCache(self)
@@ -123,4 +127,4 @@ class SparseTubeTokenizer(nn.Module):
         pe = self._pe.get(self._compute_pos_embed, x.shape[2:], x.dtype, x.device) if self.use_pos_embed else None
         weights = [p.weight for p in self.projs]
         biases = [p.bias for p in self.projs if p.bias is not None]
-        return tube_tokens(x, weights, biases, self.tubes, pe)
+        return tube_tokens(x, weights, biases, self.tubes, pe, save_patches=self.save_patches)

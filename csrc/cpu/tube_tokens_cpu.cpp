@@ -8,9 +8,10 @@
 // position-embedding rows and bias, casts, and writes every row to its place
 // in the final (B, N, d) buffer: no padding, no per-tube tensors, no cat.
 //
-// Backward recomputes the gather instead of saving patches (they are larger
-// than the output and cheap to rebuild), reduces dW over all tokens of a
-// batch chunk in one GEMM, takes db from the same contiguous gradient rows,
+// Training saves the patch matrices (tube_tokens_with_patches) so that the
+// backward's dW GEMM reads them instead of gathering again; without them the
+// backward recomputes the gather. Either way it reduces dW over all tokens
+// of a batch chunk in one GEMM, takes db from the same contiguous gradient rows,
 // and scatters dP = G W back into dx in parallel over (b, c) planes, which
 // never overlap, so accumulation of overlapping tubes is race-free and
 // deterministic. bench/NOTES.md has the measurements behind these choices.
@@ -22,11 +23,13 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../tube_tokens.h"
+#include "patch_pool.h"
 
 namespace tubevit {
 namespace {
@@ -197,6 +200,22 @@ void scatter_patches(const src_t* dP, const TubeGeom& g, int64_t channels,
   });
 }
 
+// Copies the gradient rows of one tube's batch chunk (samples b0 ..
+// b0 + nb - 1) from grad (B, N, d) into dst (nb * n, d) row-major: rows of
+// d contiguous elements, so a memcpy each (libc's is vectorised for the
+// CPU it runs on; the extension is built for baseline x86-64).
+template <typename gemm_t>
+void copy_grad_rows(const gemm_t* grad, const TubeGeom& g, const TubeLayout& L, int64_t b0,
+                    int64_t nb, gemm_t* dst) {
+  const int64_t n = g.num_tokens, d = L.dim;
+  at::parallel_for(0, nb * n, std::max<int64_t>(1, 16384 / d), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const gemm_t* src = grad + ((b0 + r / n) * L.num_tokens + g.token_offset + r % n) * d;
+      std::memcpy(dst + r * d, src, sizeof(gemm_t) * d);
+    }
+  });
+}
+
 // out[b, off + t, :] = cast(tmp[r, :] + pe[t, :] + bias) for the rows
 // r = (b - b0) * n + t of one chunk; pe (this tube's n x d rows, in the
 // input dtype) and bias (fp32) may each be absent. The GEMM result is still
@@ -233,10 +252,16 @@ void store_rows(const res_t* tmp, const scalar_t* pe, const acc_t* bias, const T
 // half/bf16) in general; bf16 itself where oneDNN has fast bf16 GEMMs
 // (AVX512-BF16 / AMX: ~5x the fp32 rate on the dev VM), with fp32
 // accumulation inside the GEMM and bias/pe added in fp32 by the epilogue.
+//
+// saved != nullptr: also return every tube's patch matrix (B, n, K) in the
+// input dtype. The gather then writes there instead of into the workspace
+// (and the GEMM reads it in place when gemm_t is the input dtype), so the
+// result is bitwise the same as without saving.
 template <typename scalar_t, typename gemm_t>
 void forward_impl(const at::Tensor& x, at::TensorList weights,
                   at::TensorList biases, const c10::optional<at::Tensor>& pos_embed,
-                  const TubeLayout& L, at::Tensor& out) {
+                  const TubeLayout& L, at::Tensor& out, std::vector<at::Tensor>* saved) {
+  constexpr bool same_t = std::is_same<gemm_t, scalar_t>::value;
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto gemm_opts = x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value);
@@ -253,7 +278,8 @@ void forward_impl(const at::Tensor& x, at::TensorList weights,
     p_elems = std::max(p_elems, rows * g.patch_size);
     r_elems = std::max(r_elems, rows * L.dim);
   }
-  gemm_t* pbuf = patch_workspace<gemm_t, 0>(p_elems);
+  // Saving patches of the GEMM dtype: the GEMM reads them in place.
+  gemm_t* pbuf = saved != nullptr && same_t ? nullptr : patch_workspace<gemm_t, 0>(p_elems);
   gemm_t* rbuf = patch_workspace<gemm_t, 1>(r_elems);
   for (size_t i = 0; i < L.tubes.size(); ++i) {
     const TubeGeom& g = L.tubes[i];
@@ -265,11 +291,20 @@ void forward_impl(const at::Tensor& x, at::TensorList weights,
     at::Tensor bias;
     if (!biases.empty()) bias = biases[i].to(acc_opts.dtype()).contiguous();
     const int64_t chunk = batch_chunk(g, L.batch, sizeof(gemm_t), L.dim);
+    if (saved != nullptr) saved->push_back(pooled_empty({L.batch, n, K}, x.options()));
     for (int64_t b0 = 0; b0 < L.batch; b0 += chunk) {
       const int64_t nb = std::min(chunk, L.batch - b0);
-      gather_patches<scalar_t, gemm_t>(v, g, L.channels, b0, nb, pbuf);
+      at::Tensor p = pbuf == nullptr ? at::Tensor() : at::from_blob(pbuf, {nb * n, K}, gemm_opts);
+      if (saved == nullptr) {
+        gather_patches<scalar_t, gemm_t>(v, g, L.channels, b0, nb, pbuf);
+      } else {
+        const at::Tensor keep = saved->back().view({L.batch * n, K}).narrow(0, b0 * n, nb * n);
+        gather_patches<scalar_t, scalar_t>(v, g, L.channels, b0, nb, keep.mutable_data_ptr<scalar_t>());
+        if (same_t) p = keep;
+        else p.copy_(keep);
+      }
       at::Tensor res = at::from_blob(rbuf, {nb * n, L.dim}, gemm_opts);
-      at::mm_out(res, at::from_blob(pbuf, {nb * n, K}, gemm_opts), wt);
+      at::mm_out(res, p, wt);
       store_rows<scalar_t, gemm_t, acc_t>(rbuf, pe_rows, bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
                                           g, L, b0, nb, out.mutable_data_ptr<scalar_t>());
     }
@@ -278,9 +313,12 @@ void forward_impl(const at::Tensor& x, at::TensorList weights,
 
 // gemm_t as in forward_impl; accumulation across batch chunks and of dx
 // is in opmath (fp32) either way.
+// patches: empty (gather from x) or the checked (B, n_i, K_i) patch
+// matrices of the forward, read chunk by chunk exactly where the gather
+// would have written, so dW is bitwise the same either way.
 template <typename scalar_t, typename gemm_t>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
-                   at::TensorList weights, const TubeLayout& L, bool need_dx,
+                   at::TensorList weights, at::TensorList patches, const TubeLayout& L, bool need_dx,
                    bool need_dw, bool need_db, at::Tensor& dx,
                    std::vector<at::Tensor>& dws, std::vector<at::Tensor>& dbs) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -288,37 +326,49 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
   const auto gemm_dtype = c10::CppTypeToScalarType<gemm_t>::value;
   const auto v = input_view<scalar_t>(x);
   const at::Tensor grad = grad_out.to(gemm_dtype).contiguous();  // (B, N, d)
+  const gemm_t* grad_ptr = grad.const_data_ptr<gemm_t>();
   at::Tensor dx_acc;
   if (need_dx) dx_acc = at::zeros({L.batch, L.channels, L.size[0], L.size[1], L.size[2]},
                                   x.options().dtype(acc_dtype));
   for (size_t i = 0; i < L.tubes.size(); ++i) {
     const TubeGeom& g = L.tubes[i];
     const int64_t n = g.num_tokens, K = g.patch_size;
-    const at::Tensor gi = grad.narrow(1, g.token_offset, n);  // (B, n, d)
     const at::Tensor w = weights[i].reshape({L.dim, K}).to(gemm_dtype);
     // Accumulators start at the first chunk's result (no zero fill of d x K);
     // zeros only when there is no chunk at all (batch 0).
-    at::Tensor dw_acc, db_acc;
-    if (L.batch == 0) {
-      if (need_dw) dw_acc = at::zeros({L.dim, K}, w.options().dtype(acc_dtype));
-      if (need_db) db_acc = at::zeros({L.dim}, w.options().dtype(acc_dtype));
-    }
+    at::Tensor dw_acc;
+    if (L.batch == 0 && need_dw) dw_acc = at::zeros({L.dim, K}, w.options().dtype(acc_dtype));
+    at::Tensor db_acc;
+    if (L.batch == 0 && need_db) db_acc = at::zeros({L.dim}, w.options().dtype(acc_dtype));
     const int64_t chunk = batch_chunk(g, L.batch, sizeof(gemm_t), L.dim);
-    gemm_t* buf = need_dw ? patch_workspace<gemm_t>(chunk * n * K) : nullptr;
+    const bool read_saved = !patches.empty() && std::is_same<gemm_t, scalar_t>::value;
+    const at::Tensor saved_i = need_dw && !patches.empty() ? patches[i].contiguous() : at::Tensor();
+    gemm_t* buf = need_dw && !read_saved ? patch_workspace<gemm_t>(chunk * n * K) : nullptr;
+    // Thread-local like the patch buffer: a fresh allocation per call costs
+    // more in page faults than the copy itself.
+    gemm_t* gbuf = patch_workspace<gemm_t, 2>(chunk * n * L.dim);
+    gemm_t* dpbuf = need_dx ? patch_workspace<gemm_t, 3>(chunk * n * K) : nullptr;
     for (int64_t b0 = 0; b0 < L.batch; b0 += chunk) {
       const int64_t nb = std::min(chunk, L.batch - b0);
       // (nb * n, d) contiguous copy of the tube's gradient rows: the dW GEMM
       // then reduces over all tokens of the chunk at once, and db is a
       // contiguous column sum.
-      const at::Tensor gc = gi.narrow(0, b0, nb).reshape({nb * n, L.dim});
+      copy_grad_rows<gemm_t>(grad_ptr, g, L, b0, nb, gbuf);
+      const at::Tensor gc = at::from_blob(gbuf, {nb * n, L.dim}, w.options());
       if (need_db) {
         const at::Tensor s = at::sum(gc, {0}, false, acc_dtype);
         if (db_acc.defined()) db_acc.add_(s);
         else db_acc = s;
       }
       if (need_dw) {
-        gather_patches<scalar_t, gemm_t>(v, g, L.channels, b0, nb, buf);
-        const at::Tensor p = at::from_blob(buf, {nb * n, K}, w.options());
+        at::Tensor p = read_saved ? at::Tensor() : at::from_blob(buf, {nb * n, K}, w.options());
+        if (patches.empty()) {
+          gather_patches<scalar_t, gemm_t>(v, g, L.channels, b0, nb, buf);
+        } else {
+          const at::Tensor keep = saved_i.view({L.batch * n, K}).narrow(0, b0 * n, nb * n);
+          if (std::is_same<gemm_t, scalar_t>::value) p = keep;
+          else p.copy_(keep);
+        }
         if (std::is_same<gemm_t, acc_t>::value || nb == L.batch) {
           // fp32 GEMM, or a low-precision one covering the whole batch
           // (the common case): its result is the gradient, no conversions
@@ -331,7 +381,8 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
         }
       }
       if (need_dx) {
-        const at::Tensor dP = at::mm(gc, w).contiguous();  // (nb * n, K)
+        at::Tensor dP = at::from_blob(dpbuf, {nb * n, K}, w.options());
+        at::mm_out(dP, gc, w);
         scatter_patches<gemm_t, acc_t>(dP.const_data_ptr<gemm_t>(), g, L.channels, b0, nb,
                                        dx_acc.data_ptr<acc_t>(), L.size);
       }
@@ -355,38 +406,59 @@ bool fast_bf16_gemm() {
   return ok;
 }
 
+void forward_dispatch(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                      const c10::optional<at::Tensor>& pos_embed, const TubeLayout& L,
+                      at::Tensor& out, std::vector<at::Tensor>* saved) {
+  if (x.scalar_type() == at::kBFloat16 && fast_bf16_gemm()) {
+    forward_impl<at::BFloat16, at::BFloat16>(x, weights, biases, pos_embed, L, out, saved);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "tube_tokens_cpu", [&] {
+    forward_impl<scalar_t, at::opmath_type<scalar_t>>(x, weights, biases, pos_embed, L, out, saved);
+  });
+}
+
 at::Tensor tube_tokens_cpu(const at::Tensor& x, at::TensorList weights,
                            at::TensorList biases, at::IntArrayRef tubes,
                            const c10::optional<at::Tensor>& pos_embed) {
   const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
   at::Tensor out = at::empty({L.batch, L.num_tokens, L.dim}, x.options());
   if (out.numel() == 0) return out;
-  if (x.scalar_type() == at::kBFloat16 && fast_bf16_gemm()) {
-    forward_impl<at::BFloat16, at::BFloat16>(x, weights, biases, pos_embed, L, out);
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "tube_tokens_cpu", [&] {
-    forward_impl<scalar_t, at::opmath_type<scalar_t>>(x, weights, biases, pos_embed, L, out);
-  });
+  forward_dispatch(x, weights, biases, pos_embed, L, out, nullptr);
   return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> tube_tokens_with_patches_cpu(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::IntArrayRef tubes,
+    const c10::optional<at::Tensor>& pos_embed) {
+  const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
+  at::Tensor out = at::empty({L.batch, L.num_tokens, L.dim}, x.options());
+  std::vector<at::Tensor> patches;
+  if (out.numel() == 0) {  // nothing to gather; the shapes still hold
+    for (const auto& g : L.tubes) patches.push_back(at::empty({L.batch, g.num_tokens, g.patch_size}, x.options()));
+    return {out, patches};
+  }
+  forward_dispatch(x, weights, biases, pos_embed, L, out, &patches);
+  return {out, patches};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 tube_tokens_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                         at::TensorList weights, at::IntArrayRef tubes,
+                         at::TensorList weights, at::TensorList patches, at::IntArrayRef tubes,
                          std::array<bool, 3> output_mask) {
   const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  check_patches(patches, x, L);
   at::Tensor dx = at::empty({0}, x.options());
   std::vector<at::Tensor> dws, dbs;
   if (x.scalar_type() == at::kBFloat16 && fast_bf16_gemm()) {
-    backward_impl<at::BFloat16, at::BFloat16>(grad_out, x, weights, L, output_mask[0], output_mask[1],
+    backward_impl<at::BFloat16, at::BFloat16>(grad_out, x, weights, patches, L, output_mask[0], output_mask[1],
                                               output_mask[2], dx, dws, dbs);
     return {dx, dws, dbs};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "tube_tokens_backward_cpu", [&] {
-    backward_impl<scalar_t, at::opmath_type<scalar_t>>(grad_out, x, weights, L, output_mask[0],
+    backward_impl<scalar_t, at::opmath_type<scalar_t>>(grad_out, x, weights, patches, L, output_mask[0],
                                                         output_mask[1], output_mask[2], dx, dws, dbs);
   });
   return {dx, dws, dbs};
@@ -397,6 +469,7 @@ tube_tokens_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
 TORCH_LIBRARY_IMPL(tubevit, CPU, m) {
   m.impl("tube_tokens", &tube_tokens_cpu);
   m.impl("tube_tokens_backward", &tube_tokens_backward_cpu);
+  m.impl("tube_tokens_with_patches", &tube_tokens_with_patches_cpu);
 }
 
 }  // namespace tubevit

@@ -88,7 +88,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
 
 TORCH_LIBRARY_IMPL(tubevit, CUDA, m) {
   m.impl("tube_tokens", &tube_tokens_cuda);
-  m.impl("tube_tokens_backward", &tube_tokens_backward_cuda);
+  // The kernels gather patches on the fly, so saved patches are only
+  // validated (the same contract as on CPU) and not read.
+  m.impl("tube_tokens_backward", [](const at::Tensor& grad_out, const at::Tensor& x,
+                                    at::TensorList weights, at::TensorList patches,
+                                    at::IntArrayRef tubes, std::array<bool, 3> output_mask) {
+    check_patches(patches, x, check_backward_args(grad_out, x, weights, tubes));
+    return tube_tokens_backward_cuda(grad_out, x, weights, tubes, output_mask);
+  });
   m.impl("tube_tokens_naive", [](const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                                   at::IntArrayRef tubes, const c10::optional<at::Tensor>& pos_embed) {
     const c10::cuda::CUDAGuard guard(x.device());

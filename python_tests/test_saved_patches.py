@@ -1,0 +1,174 @@
+"""CPU training keeps the patch matrices for the weight gradient
+(tubevit::tube_tokens_with_patches + the `patches` argument of
+tube_tokens_backward); recycled buffers come from a small pool."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tubevit_ext as tv
+from conftest import make_params
+
+ops = torch.ops.tubevit
+TUBES = [tv.Tube((2, 3, 2), (2, 2, 3), (1, 0, 1)), tv.Tube((4, 2, 3), (1, 3, 2), (0, 1, 0)),
+         tv.Tube((1, 4, 4), (2, 4, 4))]
+SIZE = (7, 9, 11)
+LOW = [torch.bfloat16, torch.float16]
+
+
+def unfold_patches(x, tube):
+    """(B, n, C*kt*kh*kw) patch matrix of one tube, K ordered (c, kt, kh, kw)."""
+    (kt, kh, kw), (st, sh, sw), (ot, oh, ow) = tube.kernel, tube.stride, tube.offset
+    p = x[:, :, ot:, oh:, ow:].unfold(2, kt, st).unfold(3, kh, sh).unfold(4, kw, sw)
+    B, C, nt, nh, nw = p.shape[:5]
+    return p.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(B, nt * nh * nw, C * kt * kh * kw)
+
+
+def make_x(layout, dtype, B=3, C=2):
+    x = torch.randn(B, C, *SIZE, dtype=torch.float64).to(dtype)
+    if layout == "channels_last_3d":
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "noncontiguous":
+        return torch.stack([x, x], dim=2).flatten(1, 2)[:, ::2]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
+def test_with_patches_outputs(dtype, layout):
+    x = make_x(layout, dtype)
+    ws, bs = make_params(TUBES, x.shape[1], 5, dtype)
+    pe = tv.sincos_pos_embed(TUBES, SIZE, 5, dtype=dtype)
+    flat = tv.flatten_tubes(TUBES)
+    out, patches = ops.tube_tokens_with_patches(x, ws, bs, flat, pe)
+    assert torch.equal(out, ops.tube_tokens(x, ws, bs, flat, pe))  # same GEMMs, same bits
+    assert len(patches) == len(TUBES)
+    for p, t in zip(patches, TUBES):
+        want = unfold_patches(x, t)
+        assert p.dtype == dtype and p.is_contiguous() and p.shape == want.shape
+        assert torch.equal(p, want)  # copies, exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW])
+@pytest.mark.parametrize("chunk_bytes", [None, "64"])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_saved_and_recomputed_gradients_are_bitwise_equal(monkeypatch, dtype, chunk_bytes, x_grad):
+    if chunk_bytes is not None:  # one-sample chunks: the cross-chunk accumulation paths
+        monkeypatch.setenv("TUBEVIT_CPU_CHUNK_BYTES", chunk_bytes)
+    x0 = make_x("contiguous", dtype)
+    ws0, bs0 = make_params(TUBES, x0.shape[1], 5, dtype)
+    pe = tv.sincos_pos_embed(TUBES, SIZE, 5, dtype=dtype)
+    gout = torch.randn(x0.shape[0], tv.num_tokens(TUBES, SIZE), 5, dtype=torch.float64).to(dtype)
+    results = []
+    for save in (True, False):
+        x = x0.clone().requires_grad_(x_grad)
+        ws = [w.clone().requires_grad_() for w in ws0]
+        bs = [b.clone().requires_grad_() for b in bs0]
+        out = tv.tube_tokens(x, ws, bs, TUBES, pe, save_patches=save)
+        out.backward(gout)
+        results.append([out] + [t.grad for t in ws + bs] + ([x.grad] if x_grad else []))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (ops.tube_tokens.default, ops.tube_tokens_with_patches.default):
+            self.calls.append(func._opname)
+        elif func is ops.tube_tokens_backward.default:
+            self.calls.append(f"backward with {len(args[3])} patch matrices")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("save,w_grad,grad_mode,expect", [
+    (None, True, True, ["tube_tokens_with_patches", "backward with 3 patch matrices"]),
+    (False, True, True, ["tube_tokens", "backward with 0 patch matrices"]),
+    (None, False, True, ["tube_tokens", "backward with 0 patch matrices"]),  # only x needs grad
+    (None, True, False, ["tube_tokens"]),  # no_grad: nothing to save for
+    (True, False, True, ["tube_tokens_with_patches", "backward with 0 patch matrices"]),
+])
+def test_save_policy(save, w_grad, grad_mode, expect):
+    m = tv.SparseTubeTokenizer(2, 5, TUBES, save_patches=save)
+    m.requires_grad_(w_grad)
+    x = torch.randn(2, 2, *SIZE, requires_grad=not w_grad)
+    with _RecordOps() as rec, torch.set_grad_enabled(grad_mode):
+        out = m(x)
+        if grad_mode:
+            out.sum().backward()
+    assert rec.calls == expect
+
+
+def test_cuda_ignores_save_patches():
+    if not (torch.cuda.is_available() and tv.cuda_compiled()):
+        pytest.skip("needs a CUDA GPU and a CUDA build")
+    m = tv.SparseTubeTokenizer(2, 5, TUBES, save_patches=True).cuda()
+    with _RecordOps() as rec:
+        m(torch.randn(2, 2, *SIZE, device="cuda")).sum().backward()
+    assert rec.calls == ["tube_tokens", "backward with 0 patch matrices"]
+
+
+def test_opcheck_with_patches():
+    x = torch.randn(2, 2, *SIZE, requires_grad=True)
+    ws, bs = make_params(TUBES, 2, 5)
+    for t in ws + bs:
+        t.requires_grad_()
+    pe = tv.sincos_pos_embed(TUBES, SIZE, 5)
+    flat = tv.flatten_tubes(TUBES)
+    torch.library.opcheck(ops.tube_tokens_with_patches.default, (x, ws, bs, flat, pe))
+    torch.library.opcheck(ops.tube_tokens_with_patches.default, (x, ws, [], flat, None))
+    _, patches = ops.tube_tokens_with_patches(x.detach(), [w.detach() for w in ws], [], flat, None)
+    g = torch.randn(2, tv.num_tokens(TUBES, SIZE), 5)
+    for mask in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(ops.tube_tokens_backward.default,
+                              (g, x.detach(), [w.detach() for w in ws], list(patches), flat, mask))
+
+
+def test_compile_training_step_matches_eager():
+    torch.manual_seed(0)
+    m = tv.SparseTubeTokenizer(2, 6, TUBES)
+    x = torch.randn(2, 2, *SIZE)
+    m(x).square().sum().backward()
+    eager = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    torch.compile(m, fullgraph=True)(x).square().sum().backward()
+    for a, b in zip(eager, [p.grad for p in m.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_arguments_are_checked(device):
+    x = torch.randn(2, 2, *SIZE, device=device)
+    ws, _ = make_params(TUBES, 2, 5, device=device)
+    flat = tv.flatten_tubes(TUBES)
+    g = torch.zeros(2, tv.num_tokens(TUBES, SIZE), 5, device=device)
+    good = [unfold_patches(x, t).contiguous() for t in TUBES]
+    mask = [False, True, False]
+    with pytest.raises(ValueError, match=r"patches must be empty \(gather from x\) or hold one tensor per tube \(3\), got 2"):
+        ops.tube_tokens_backward(g, x, ws, good[:2], flat, mask)
+    bad = good[:1] + [good[1][:, 1:]] + good[2:]
+    with pytest.raises(ValueError, match=r"patches\[1\] must have shape \(B=2, n=\d+, K=48\), got \[2, \d+, 48\]"):
+        ops.tube_tokens_backward(g, x, ws, bad, flat, mask)
+    with pytest.raises(TypeError, match=r"patches\[2\] must have the dtype of x \(Float\), got Double"):
+        ops.tube_tokens_backward(g, x, ws, good[:2] + [good[2].double()], flat, mask)
+
+
+def test_patch_buffers_are_recycled(monkeypatch):
+    monkeypatch.delenv("TUBEVIT_CPU_PATCH_CACHE_MB", raising=False)
+    m = tv.SparseTubeTokenizer(2, 5, TUBES)
+    x = torch.randn(2, 2, *SIZE)
+    tv.empty_patch_cache()
+    assert tv.patch_cache_bytes() == 0
+    m(x).sum().backward()  # graph freed: the three patch buffers go to the pool
+    held = tv.patch_cache_bytes()
+    per_step = sum(4 * p.numel() for p in ops.tube_tokens_with_patches(x, [p.weight for p in m.projs], [],
+                                                                       tv.flatten_tubes(TUBES), None)[1])
+    assert held == per_step
+    m(x).sum().backward()  # reuses them: nothing new is cached
+    assert tv.patch_cache_bytes() == held
+    tv.empty_patch_cache()
+    assert tv.patch_cache_bytes() == 0
+    monkeypatch.setenv("TUBEVIT_CPU_PATCH_CACHE_MB", "0")
+    m(x).sum().backward()
+    assert tv.patch_cache_bytes() == 0  # limit 0: freed blocks go back to the system
