@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 from torch import nn
