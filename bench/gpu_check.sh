@@ -1,78 +1,107 @@
 #!/usr/bin/env bash
-# Everything a GPU session needs, in one call (the device tool gives ~30 min):
-#   build (editable, no deps: the GPU machine has torch but no internet),
-#   the full test suite (CUDA-parametrized tests run there),
-#   compute-sanitizer memcheck / racecheck / initcheck on a small CUDA case,
-#   the GPU benchmark presets.
-# Results go to $OUT (the device tool's folder) or bench/out/gpu-<date>/.
-#   bash bench/gpu_check.sh            # all steps
-#   STEPS="build tests" bash bench/gpu_check.sh     (steps: build tests sanitize bench ncu)
+# Everything a GPU session needs, in ONE device call, most valuable first,
+# inside a wall-clock budget (the device tool allows 10 min per call and
+# ~15 min of device time per session, machine start included):
+#   build          editable install, no deps (no internet there), this GPU's arch only
+#   tests          CUDA-parametrized tests, default kernels            (-k cuda)
+#   tests-tc       the same with the opt-in tensor-core kernels        (TUBEVIT_CUDA_TC=1)
+#   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, both paths
+#   bench          --preset gpu-targets without torch.compile, both paths (JSON kept)
+#   racecheck      compute-sanitizer racecheck, both paths
+#   initcheck      compute-sanitizer initcheck, both paths
+#   bench-compile  compiled_reference vs reference vs fused (compiling is slow)
+#   tests-all      the whole suite, CPU tests included (CI covers those too)
+#   ncu            optional (not in the default list): Nsight Compute of one forward
+# A step starts only if the budget still holds its estimate, and runs under
+# `timeout` with what is left, so a killed call still returns its results.
+#
+# The device tool returns at most 8 files from $OUT; this script writes:
+#   summary.txt (env, one line per step, target checks), bench-default.json,
+#   bench-tc.json, bench-compile.json, logs.tar.gz (every log, refreshed after
+#   each step).
+# Usage (device tool):  bash bench/gpu_check.sh      with timeout_s=600
+#   BUDGET_S=540 (default)  STEPS="build tests bench"  PY=python3
 set -uo pipefail
 cd "$(dirname "$0")/.."
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-540}
 RES=${OUT:-bench/out/gpu-$(date +%F)}
+LOGS=$(mktemp -d)
 mkdir -p "$RES"
-STEPS=${STEPS:-"build tests sanitize bench"}
-PY=${PY:-python}
+STEPS=${STEPS:-"build tests tests-tc memcheck bench racecheck initcheck bench-compile tests-all"}
+PY=${PY:-$(command -v python3 || command -v python)}
+export PY RES LOGS PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export MAX_JOBS=${MAX_JOBS:-16}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null || echo 9.0)
   export TORCH_CUDA_ARCH_LIST
 fi
-log() { echo "== $(date +%T) $*" | tee -a "$RES/summary.txt"; }
+SUMMARY="$RES/summary.txt"
+log() { echo "== $(date +%T) +$(( $(date +%s) - START ))s $*" | tee -a "$SUMMARY"; }
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+pack() { tar -czf "$RES/logs.tar.gz" -C "$LOGS" . 2>/dev/null; }
+# run_step NAME ESTIMATE_S CMD...: skipped when less than the estimate is left
+run_step() {
+  local name=$1 est=$2; shift 2
+  local rem; rem=$(left)
+  if [ "$rem" -lt "$est" ]; then log "$name SKIPPED (needs ~${est}s, ${rem}s left)"; return 0; fi
+  log "$name (timeout ${rem}s)"
+  # shell functions run through bash -c (timeout only runs programs)
+  timeout --kill-after=5 "$rem" bash -c "$(declare -f sanitize bench); \"\$@\"" _ "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  log "$name rc=$rc$([ $rc -eq 124 ] && echo ' (TIMED OUT)') :: $(grep -E 'passed|failed|skipped|ERROR SUMMARY|RACECHECK SUMMARY|rror' "$LOGS/$name.log" | tail -n 1)"
+  pack
+  return $rc
+}
+sanitize() {  # sanitize TOOL: default path, then tensor-core path
+  compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_TC=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
+}
+bench() {  # bench JSON_NAME ARGS...: table into the log, targets into the summary
+  local json=$1; shift
+  "$PY" bench/tube_bench.py --preset gpu-targets --json "$RES/$json" --plot "$LOGS/${json%.json}.png" "$@"
+}
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-  git rev-parse --short HEAD 2>/dev/null
-} > "$RES/env.txt" 2>&1
-cat "$RES/env.txt"
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null) ($(git status --porcelain 2>/dev/null | wc -l) files changed)"
+  echo "arch $TORCH_CUDA_ARCH_LIST, budget ${BUDGET_S}s, steps: $STEPS"
+} > "$SUMMARY" 2>&1
+cat "$SUMMARY"
 
 for step in $STEPS; do
   case $step in
     build)
-      log "build (arch $TORCH_CUDA_ARCH_LIST)"
-      FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$RES/build.log" 2>&1
-      log "build rc=$?"
-      "$PY" -c "import tubevit_ext as tv; print('cuda kernels built:', tv.cuda_compiled())" 2>&1 | tee -a "$RES/summary.txt" ;;
+      run_step build 60 env FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e . \
+        || { log "build failed: stopping"; break; }
+      "$PY" -c "import tubevit_ext as tv; print('cuda kernels built:', tv.cuda_compiled())" 2>&1 | tee -a "$SUMMARY" ;;
     tests)
-      log "tests (default CUDA path: naive kernels)"
-      "$PY" -m pytest python_tests -q --maxfail=25 -p no:cacheprovider -rfE > "$RES/tests.log" 2>&1
-      log "tests rc=$? :: $(tail -n 1 "$RES/tests.log")"
-      # the opt-in tensor-core forward (fp16/bf16, sm_80+): same suite
-      log "tests with TUBEVIT_CUDA_TC=1"
-      TUBEVIT_CUDA_TC=1 "$PY" -m pytest python_tests -q --maxfail=25 -p no:cacheprovider -rfE -k "cuda" > "$RES/tests-tc.log" 2>&1
-      log "tests-tc rc=$? :: $(tail -n 1 "$RES/tests-tc.log")" ;;
-    sanitize)
-      for tool in memcheck racecheck initcheck; do
-        log "compute-sanitizer $tool"
-        compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_case.py > "$RES/sanitizer-$tool.log" 2>&1
-        log "$tool rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$RES/sanitizer-$tool.log" | tail -n 1)"
-        TUBEVIT_CUDA_TC=1 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_case.py > "$RES/sanitizer-tc-$tool.log" 2>&1
-        log "$tool (tensor-core) rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$RES/sanitizer-tc-$tool.log" | tail -n 1)"
-      done ;;
+      run_step tests 60 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE ;;
+    tests-tc)
+      run_step tests-tc 60 env TUBEVIT_CUDA_TC=1 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE ;;
+    memcheck|racecheck|initcheck)
+      run_step "$step" 60 sanitize "$step" ;;
+    bench)
+      run_step bench-default 90 bench bench-default.json --impls reference unfold_gemm fused
+      grep -E "target|peak" "$LOGS/bench-default.log" | tee -a "$SUMMARY"
+      TUBEVIT_CUDA_TC=1 run_step bench-tc 90 bench bench-tc.json --impls reference unfold_gemm fused
+      grep -E "target|peak" "$LOGS/bench-tc.log" | tee -a "$SUMMARY" ;;
+    bench-compile)
+      TUBEVIT_CUDA_TC=1 run_step bench-compile 150 bench bench-compile.json --impls reference fused compiled_reference --modes fwd
+      grep -E "target" "$LOGS/bench-compile.log" | tee -a "$SUMMARY" ;;
+    tests-all)
+      run_step tests-all 90 "$PY" -m pytest python_tests -q -p no:cacheprovider -rfE ;;
     ncu)
-      # kernel-level profile of one paper-tube forward (bf16, B=8), both paths
-      for tc in 0 1; do
-        log "ncu (TUBEVIT_CUDA_TC=$tc)"
-        TUBEVIT_CUDA_TC=$tc ncu --set full -k regex:tube -c 4 -o "$RES/ncu-tc$tc" "$PY" -c "
+      run_step ncu 90 env TUBEVIT_CUDA_TC=1 ncu --set full -k regex:tube -c 4 -o "$LOGS/ncu" "$PY" -c "
 import torch, tubevit_ext as tv
 m = tv.SparseTubeTokenizer(3, 768).cuda().bfloat16()
 x = torch.randn(8, 3, 32, 224, 224, device='cuda', dtype=torch.bfloat16)
 with torch.no_grad():
     for _ in range(2): m(x)
-torch.cuda.synchronize()" > "$RES/ncu-tc$tc.log" 2>&1
-        log "ncu rc=$?"
-      done ;;
-    bench)
-      for preset in gpu-targets; do
-        log "bench $preset"
-        "$PY" bench/tube_bench.py --preset "$preset" --json "$RES/bench-$preset.json" > "$RES/bench-$preset.txt" 2>"$RES/bench-$preset.err"
-        log "bench rc=$?"
-        tail -n 12 "$RES/bench-$preset.txt" | tee -a "$RES/summary.txt"
-        TUBEVIT_CUDA_TC=1 "$PY" bench/tube_bench.py --preset "$preset" --json "$RES/bench-tc-$preset.json" > "$RES/bench-tc-$preset.txt" 2>"$RES/bench-tc-$preset.err"
-        log "bench (tensor-core) rc=$?"
-        tail -n 12 "$RES/bench-tc-$preset.txt" | tee -a "$RES/summary.txt"
-      done ;;
+torch.cuda.synchronize()" ;;
+    *) log "unknown step $step" ;;
   esac
 done
-log "done"
+pack
+log "done ($(left)s of the budget left)"
