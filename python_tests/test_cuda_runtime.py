@@ -1,0 +1,91 @@
+"""CUDA runtime contract of the ops: current stream, CUDA-graph capture, the
+tensor-core switch. GPU only (skipped without one); each runs both with the
+default kernels and with TUBEVIT_CUDA_TC=1 (the opt-in tensor-core path),
+in fp32 and bf16 (the tensor-core path covers 16-bit dtypes)."""
+import pytest
+import torch
+
+import tubevit_ext as tv
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and tv.cuda_compiled()),
+                                reason="needs a CUDA GPU and a CUDA build")
+TUBES = [tv.Tube((3, 5, 4), (2, 3, 5), (1, 0, 2)), tv.Tube((1, 4, 4), (4, 4, 4)), tv.Tube((4, 2, 3), (1, 5, 2), (0, 1, 1))]
+SIZE = (9, 21, 19)
+
+
+@pytest.fixture(params=["default", "tc"])
+def cuda_path(request, monkeypatch):
+    if request.param == "tc":
+        monkeypatch.setenv("TUBEVIT_CUDA_TC", "1")
+    else:
+        monkeypatch.delenv("TUBEVIT_CUDA_TC", raising=False)
+    return request.param
+
+
+def _step(m, x, g):
+    """Forward + backward; returns the output and every gradient."""
+    out = m(x)
+    out.backward(g)
+    return [out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+
+
+def _model(dtype):
+    torch.manual_seed(0)
+    return tv.SparseTubeTokenizer(3, 24, TUBES).cuda().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_side_stream_matches_default_stream(cuda_path, dtype):
+    m = _model(dtype)
+    x = torch.randn(3, 3, *SIZE, device="cuda", dtype=dtype, requires_grad=True)
+    g = torch.randn(3, tv.num_tokens(TUBES, SIZE), 24, device="cuda", dtype=dtype)
+    want = _step(m, x, g)
+    m.zero_grad(set_to_none=True)
+    x.grad = None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        # the default stream is kept busy so that work issued on it instead
+        # of on `s` would race with what follows
+        torch.cuda._sleep(10_000_000)
+        got = _step(m, x, g)
+    torch.cuda.current_stream().wait_stream(s)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_capture_and_replay(cuda_path, dtype):
+    m = _model(dtype)
+    n = tv.num_tokens(TUBES, SIZE)
+    static_x = torch.randn(2, 3, *SIZE, device="cuda", dtype=dtype, requires_grad=True)
+    static_g = torch.randn(2, n, 24, device="cuda", dtype=dtype)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture, as PyTorch's docs ask
+        for _ in range(2):
+            m.zero_grad(set_to_none=True)
+            static_x.grad = None
+            m(static_x).backward(static_g)
+    torch.cuda.current_stream().wait_stream(s)
+    m.zero_grad(set_to_none=True)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = m(static_x)
+        static_out.backward(static_g)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        new_x = torch.randn_like(static_x)
+        new_g = torch.randn_like(static_g)
+        with torch.no_grad():
+            static_x.copy_(new_x)
+            static_g.copy_(new_g)
+        graph.replay()
+        torch.cuda.synchronize()
+        got = [static_out, static_x.grad] + [p.grad for p in m.parameters()]
+        eager = _model(dtype)
+        xe = new_x.clone().requires_grad_()
+        want = _step(eager, xe, new_g)
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
