@@ -76,11 +76,7 @@ struct ForwardElem {
     const int i = find_tube_by_token(args.g, args.n_tubes, token);
     const TubeGeom& g = args.g[i];
     const int64_t tok = token - g.token_offset;
-    const int64_t iw = tok % g.n[2];
-    const int64_t ih = (tok / g.n[2]) % g.n[1];
-    const int64_t it = tok / (g.n[2] * g.n[1]);
-    const scalar_t* src0 = x + b * xs.b + (g.o[0] + g.s[0] * it) * xs.t +
-                           (g.o[1] + g.s[1] * ih) * xs.h + (g.o[2] + g.s[2] * iw) * xs.w;
+    const scalar_t* src0 = x + b * xs.b + token_origin_offset(g, tok, xs.t, xs.h, xs.w);
     const scalar_t* wrow = args.w[i] + j * g.patch_size;
     acc_t acc = 0;
     for (int64_t c = 0; c < C; ++c)
@@ -113,14 +109,12 @@ struct GradWeightElem {
     const TubeGeom& g = args.g[i];
     const int64_t local = idx - args.w_offset[i];
     const int64_t j = local / g.patch_size, k = local % g.patch_size;
-    const int64_t kw = k % g.k[2];
-    const int64_t kh = (k / g.k[2]) % g.k[1];
-    const int64_t kt = (k / (g.k[2] * g.k[1])) % g.k[0];
-    const int64_t c = k / (g.k[2] * g.k[1] * g.k[0]);
+    // column k's voxel in the grid's first token; tokens step by s * stride
+    const int64_t col = token_origin_offset(g, 0, xs.t, xs.h, xs.w) +
+                        patch_column_offset(g, k, xs.c, xs.t, xs.h, xs.w);
     acc_t acc = 0;
     for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* xb = x + b * xs.b + c * xs.c + (g.o[0] + kt) * xs.t +
-                           (g.o[1] + kh) * xs.h + (g.o[2] + kw) * xs.w;
+      const scalar_t* xb = x + b * xs.b + col;
       const scalar_t* gb = grad + (b * N + g.token_offset) * d + j;
       for (int64_t it = 0; it < g.n[0]; ++it)
         for (int64_t ih = 0; ih < g.n[1]; ++ih)

@@ -85,6 +85,27 @@ struct TubeGeom {
   int64_t patch_size;    // C * k[0] * k[1] * k[2] (the GEMM reduction size)
 };
 
+// Input offset (elements, strides sT, sH, sW) of the first voxel token
+// `tok` of tube g reads, relative to its sample and channel 0; tokens are
+// row-major over (t, h, w).
+TUBEVIT_HD int64_t token_origin_offset(const TubeGeom& g, int64_t tok, int64_t sT, int64_t sH,
+                                       int64_t sW) {
+  const int64_t iw = tok % g.n[2];
+  const int64_t ih = (tok / g.n[2]) % g.n[1];
+  const int64_t it = tok / (g.n[2] * g.n[1]);
+  return (g.o[0] + g.s[0] * it) * sT + (g.o[1] + g.s[1] * ih) * sH + (g.o[2] + g.s[2] * iw) * sW;
+}
+
+// Input offset of patch column k, relative to the token's first voxel. K is
+// ordered (c, kt, kh, kw), like weight.reshape(d, K).
+TUBEVIT_HD int64_t patch_column_offset(const TubeGeom& g, int64_t k, int64_t sC, int64_t sT,
+                                       int64_t sH, int64_t sW) {
+  const int64_t kw = k % g.k[2], r = k / g.k[2];
+  const int64_t kh = r % g.k[1], r2 = r / g.k[1];
+  const int64_t kt = r2 % g.k[0], c = r2 / g.k[0];
+  return c * sC + kt * sT + kh * sH + kw * sW;
+}
+
 // Resolve tube `t` described by 9 ints (see kTubeInts) for input
 // (C, T, H, W) with `token_offset` tokens before it.
 inline TubeGeom make_tube_geom(const int64_t* p, int64_t channels,

@@ -126,16 +126,21 @@ def test_opcheck_with_patches():
                               (g, x.detach(), [w.detach() for w in ws], list(patches), flat, mask))
 
 
-def test_compile_training_step_matches_eager():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_training_step_matches_eager(dynamic):
+    torch._dynamo.reset()
     torch.manual_seed(0)
     m = tv.SparseTubeTokenizer(2, 6, TUBES)
-    x = torch.randn(2, 2, *SIZE)
-    m(x).square().sum().backward()
-    eager = [p.grad.clone() for p in m.parameters()]
-    m.zero_grad(set_to_none=True)
-    torch.compile(m, fullgraph=True)(x).square().sum().backward()
-    for a, b in zip(eager, [p.grad for p in m.parameters()]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    cm = torch.compile(m, fullgraph=True, dynamic=dynamic)
+    for size in [SIZE, (8, 13, 12)]:  # a second size: symbolic patch shapes when dynamic
+        x = torch.randn(2, 2, *size)
+        m(x).square().sum().backward()
+        eager = [p.grad.clone() for p in m.parameters()]
+        m.zero_grad(set_to_none=True)
+        cm(x).square().sum().backward()
+        for a, b in zip(eager, [p.grad for p in m.parameters()]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        m.zero_grad(set_to_none=True)
 
 
 def test_patch_arguments_are_checked(device):

@@ -86,11 +86,7 @@ InputView<scalar_t> input_view(const at::Tensor& x) {
 template <typename scalar_t>
 const scalar_t* token_origin(const InputView<scalar_t>& v, const TubeGeom& g,
                              int64_t b, int64_t tok) {
-  const int64_t iw = tok % g.n[2];
-  const int64_t ih = (tok / g.n[2]) % g.n[1];
-  const int64_t it = tok / (g.n[2] * g.n[1]);
-  return v.data + b * v.sB + (g.o[0] + g.s[0] * it) * v.sT +
-         (g.o[1] + g.s[1] * ih) * v.sH + (g.o[2] + g.s[2] * iw) * v.sW;
+  return v.data + b * v.sB + token_origin_offset(g, tok, v.sT, v.sH, v.sW);
 }
 
 // Input offset (elements) of every patch row (c, kt, kh) relative to the

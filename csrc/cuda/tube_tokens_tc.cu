@@ -94,6 +94,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kSmemBytes = kStageBytes > kEpiBytes ? kStageBytes : kEpiBytes;
   __shared__ __align__(32) unsigned char smem[kSmemBytes];
   __shared__ int64_t row_base[BM];
+  __shared__ int64_t koff[BK];  // input offset of each of this step's patch columns
   // Staged as at::Half / at::BFloat16 (which convert from float under torch's
   // __CUDA_NO_HALF_CONVERSIONS__), read by WMMA as the bit-identical half /
   // __nv_bfloat16.
@@ -118,11 +119,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = threadIdx.x; r < BM; r += kThreads) {
     const int64_t tok = m0 + r;
     if (tok < g.num_tokens) {
-      const int64_t iw = tok % g.n[2];
-      const int64_t ih = (tok / g.n[2]) % g.n[1];
-      const int64_t it = tok / (g.n[2] * g.n[1]);
-      row_base[r] = b * p.sB + (g.o[0] + g.s[0] * it) * p.sT + (g.o[1] + g.s[1] * ih) * p.sH +
-                    (g.o[2] + g.s[2] * iw) * p.sW;
+      row_base[r] = b * p.sB + token_origin_offset(g, tok, p.sT, p.sH, p.sW);
     } else {
       row_base[r] = -1;
     }
@@ -136,22 +133,20 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[a][c], 0.0f);
 
-  const int64_t khw = g.k[1] * g.k[2], kthw = g.k[0] * khw;
   for (int64_t k0 = 0; k0 < K; k0 += BK) {
-    __syncthreads();  // row_base ready (first pass) / previous tiles consumed
+    __syncthreads();  // previous tiles and column offsets consumed
+    // This step's BK column offsets, once per block: the (c, kt, kh, kw)
+    // decomposition is four 64-bit divisions, too slow per element.
+    if (threadIdx.x < BK) {
+      const int64_t k = k0 + threadIdx.x;
+      koff[threadIdx.x] = k < K ? patch_column_offset(g, k, p.sC, p.sT, p.sH, p.sW) : -1;
+    }
+    __syncthreads();  // row_base (first pass) and koff ready
     // A tile: BM x BK gathered patch elements (zero outside the tube / K).
     for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
       const int r = e / BK, kk = e % BK;
-      const int64_t k = k0 + kk;
-      scalar_t v = scalar_t(0.0f);
-      const int64_t base = row_base[r];
-      if (base >= 0 && k < K) {
-        const int64_t c = k / kthw, rem = k % kthw;
-        const int64_t a = rem / khw, rem2 = rem % khw;
-        const int64_t h = rem2 / g.k[2], ww = rem2 % g.k[2];
-        v = x[base + c * p.sC + a * p.sT + h * p.sH + ww * p.sW];
-      }
-      As[r * LDS + kk] = v;
+      const int64_t base = row_base[r], off = koff[kk];
+      As[r * LDS + kk] = base >= 0 && off >= 0 ? x[base + off] : scalar_t(0.0f);
     }
     // B tile: BN x BK weights W[n0 + n, k0 + kk] (contiguous along k).
     for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
@@ -219,6 +214,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(32) unsigned char smem[kSmemBytes];
   __shared__ int64_t row_base[DM];  // x offset of each token's first voxel
   __shared__ int64_t grad_row[DM];  // row of grad for each token (-1 past M)
+  __shared__ int64_t koff[BN];      // input offset of this block's patch columns (-1 past K)
   scalar_t* As = reinterpret_cast<scalar_t*>(smem);  // [BM j][LDA2]
   scalar_t* Bs = As + BM * LDA2;                      // [DM m][LDB2]
   float* Cs = reinterpret_cast<float*>(smem);
@@ -231,7 +227,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t k_tiles = (K + BN - 1) / BN;
   const int64_t local = tile - p.tiles_before[i];
   const int64_t j0 = (local / k_tiles) * BM, c0 = (local % k_tiles) * BN;
-  const int64_t khw = g.k[1] * g.k[2], kthw = g.k[0] * khw;
+  // The block's patch columns are fixed: decompose them once (the loop's
+  // first barrier publishes them).
+  for (int kk = threadIdx.x; kk < BN; kk += kThreads) {
+    const int64_t k = c0 + kk;
+    koff[kk] = k < K ? patch_column_offset(g, k, p.sC, p.sT, p.sH, p.sW) : -1;
+  }
 
   const int warp = threadIdx.x / 32;
   const int wj = (warp / 2) * 32, wk = (warp % 2) * 32;
@@ -247,11 +248,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t m = m0 + r;
       if (m < M) {
         const int64_t b = m / n, tok = m % n;
-        const int64_t iw = tok % g.n[2];
-        const int64_t ih = (tok / g.n[2]) % g.n[1];
-        const int64_t it = tok / (g.n[2] * g.n[1]);
-        row_base[r] = b * p.sB + (g.o[0] + g.s[0] * it) * p.sT + (g.o[1] + g.s[1] * ih) * p.sH +
-                      (g.o[2] + g.s[2] * iw) * p.sW;
+        row_base[r] = b * p.sB + token_origin_offset(g, tok, p.sT, p.sH, p.sW);
         grad_row[r] = b * p.N + g.token_offset + tok;
       } else {
         row_base[r] = -1;
@@ -268,14 +265,8 @@ __global__ void __launch_bounds__(kThreads)
     // B = P tile: Bs[mm][kk] = x[row_base[mm] + offset(c0 + kk)]
     for (int e = threadIdx.x; e < DM * BN; e += kThreads) {
       const int mm = e / BN, kk = e % BN;
-      const int64_t base = row_base[mm], k = c0 + kk;
-      scalar_t v = scalar_t(0.0f);
-      if (base >= 0 && k < K) {
-        const int64_t c = k / kthw, rem = k % kthw;
-        const int64_t a = rem / khw, rem2 = rem % khw;
-        v = x[base + c * p.sC + a * p.sT + (rem2 / g.k[2]) * p.sH + (rem2 % g.k[2]) * p.sW];
-      }
-      Bs[mm * LDB2 + kk] = v;
+      const int64_t base = row_base[mm], off = koff[kk];
+      Bs[mm * LDB2 + kk] = base >= 0 && off >= 0 ? x[base + off] : scalar_t(0.0f);
     }
     __syncthreads();
 #pragma unroll
