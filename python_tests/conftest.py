@@ -7,6 +7,12 @@ import torch
 
 import tubevit_ext as tv
 
+# fp32 CUDA results are compared at fp32 tolerances, so TF32 is off for the
+# suite: with PyTorch's default (cudnn.allow_tf32 = True) both the cuDNN
+# reference and our tensor-core path would run fp32 convolutions as TF32.
+# test_cuda_runtime.py::test_cuda_tf32_* turn it on where TF32 is the subject.
+torch.backends.cudnn.allow_tf32 = False
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not (torch.cuda.is_available() and tv.cuda_compiled()), reason="needs a CUDA GPU and a CUDA build"))]
 
@@ -42,3 +48,12 @@ def make_params(tubes, C, d, dtype=torch.float32, device="cpu", bias=True, seed=
 
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def round_to_tf32(t):
+    """fp32 tensor rounded to TF32's 10-bit mantissa (nearest, ties to even):
+    the input rounding of tensor-core fp32 (TF32) arithmetic."""
+    bits = t.float().contiguous().view(torch.int32)
+    lsb = (bits >> 13) & 1
+    rounded = ((bits + 0xFFF + lsb) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(t), rounded, t.float())

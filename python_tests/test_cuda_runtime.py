@@ -89,3 +89,54 @@ def test_cuda_graph_capture_and_replay(cuda_path, dtype):
         want = _step(eager, xe, new_g)
         for a, b in zip(want, got):
             assert torch.equal(a, b)
+
+
+def _tf32_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, *SIZE, generator=g, dtype=torch.float64)
+    ws = [torch.randn(24, 3, *t.kernel, generator=g, dtype=torch.float64) * 0.2 for t in TUBES]
+    bs = [torch.randn(24, generator=g, dtype=torch.float64) for _ in TUBES]
+    gout = torch.randn(2, tv.num_tokens(TUBES, SIZE), 24, generator=g, dtype=torch.float64)
+    return x, ws, bs, gout
+
+
+def _fwd_bwd(x, ws, bs, gout, device, dtype):
+    x = x.to(device, dtype)
+    ws = [w.to(device, dtype).requires_grad_() for w in ws]
+    bs = [b.to(device, dtype).requires_grad_() for b in bs]
+    out = tv.tube_tokens(x, ws, bs, TUBES)
+    out.backward(gout.to(device, dtype))
+    return [out.detach().double().cpu()] + [w.grad.double().cpu() for w in ws] + [b.grad.double().cpu() for b in bs]
+
+
+def test_cuda_tf32_follows_cudnn_switch(monkeypatch):
+    from conftest import round_to_tf32
+    monkeypatch.setenv("TUBEVIT_CUDA_TC", "1")
+    x, ws, bs, gout = _tf32_case()
+    oracle = _fwd_bwd(x, ws, bs, gout, "cpu", torch.float64)
+    prev = torch.backends.cudnn.allow_tf32
+    try:
+        # TF32 off: exact fp32, bitwise what the default (naive) kernels give
+        torch.backends.cudnn.allow_tf32 = False
+        exact = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
+        monkeypatch.delenv("TUBEVIT_CUDA_TC")
+        naive = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
+        monkeypatch.setenv("TUBEVIT_CUDA_TC", "1")
+        for a, b in zip(exact, naive):
+            assert torch.equal(a, b)
+        # TF32 on: the tensor-core kernels; error budget = twice that of exact
+        # arithmetic on TF32-rounded operands (x and w for the output, x and
+        # the output gradient for dW) + atol
+        torch.backends.cudnn.allow_tf32 = True
+        tf32 = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    r = lambda t: round_to_tf32(t).double()
+    rounded_out = _fwd_bwd(r(x), [r(w) for w in ws], bs, gout, "cpu", torch.float64)[0]
+    rounded_dw = _fwd_bwd(r(x), ws, bs, r(gout), "cpu", torch.float64)[1:1 + len(TUBES)]
+    budgets = [rounded_out] + rounded_dw
+    for got, want, budget in zip(tf32, oracle, budgets):
+        err = (got - want).abs().max().item()
+        assert err <= 2 * (budget - want).abs().max().item() + 1e-4, err
+    # and TF32 really was used (the output differs from exact fp32)
+    assert not torch.equal(tf32[0], exact[0])

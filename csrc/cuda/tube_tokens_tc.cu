@@ -1,4 +1,5 @@
-// Tensor-core forward of tubevit::tube_tokens for fp16 / bf16 (sm_80+):
+// Tensor-core forward of tubevit::tube_tokens for fp16 / bf16, and for fp32
+// as TF32 where PyTorch allows TF32 convolutions (sm_80+):
 // ONE launch for all tubes and samples, a grouped implicit GEMM over tiles of
 // (tube, sample, block of 64 tokens) x (block of 64 output channels).
 //
@@ -7,7 +8,8 @@
 //                   like weight.reshape(d, K), so the 3 input channels are
 //                   not a blocking axis.
 //   B (K x d):      the tube's weight, read as W[n, k] (col-major K x d).
-//   C:              fp32 accumulators (WMMA 16x16x16, 4 warps, 32x32 per warp);
+//   C:              fp32 accumulators (WMMA 16x16x16, TF32 16x16x8; 4 warps,
+//                   32x32 per warp);
 //                   the epilogue adds bias and the position embedding, casts,
 //                   and stores straight into the (B, N, d) output at the
 //                   tube's row offset.
@@ -47,32 +49,58 @@ struct Params {
   int64_t sB, sC, sT, sH, sW;  // x strides (elements)
 };
 
+// Per input dtype: the WMMA fragment element type, the depth of one MMA
+// (16 for fp16/bf16, 8 for TF32) and the type loads read from shared memory.
+// fp32 inputs are staged as fp32 and rounded to TF32 in the fragments, which
+// is what cuDNN does for fp32 convolutions when TF32 is allowed.
 template <typename T>
-struct WmmaType;
+struct Mma;
 template <>
-struct WmmaType<at::Half> {
-  using type = half;
+struct Mma<at::Half> {
+  using frag = half;
+  using load_t = half;
+  static constexpr int kK = 16;
 };
 template <>
-struct WmmaType<at::BFloat16> {
-  using type = __nv_bfloat16;
+struct Mma<at::BFloat16> {
+  using frag = __nv_bfloat16;
+  using load_t = __nv_bfloat16;
+  static constexpr int kK = 16;
+};
+template <>
+struct Mma<float> {
+  using frag = wmma::precision::tf32;
+  using load_t = float;
+  static constexpr int kK = 8;
 };
 
-// One 16-deep step of a warp's 32x32 tile: acc[a][c] += A(a) * B(c) with
-// A(a) = the 16 x 16 block at a + a * a_step (row-major, leading dim lda)
-// and B(c) = the 16 x 16 block at b + c * b_step (layout LayoutB, leading
+template <typename scalar_t>
+using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, Mma<scalar_t>::kK, float>;
+
+// One kK-deep step of a warp's 32x32 tile: acc[a][c] += A(a) * B(c) with
+// A(a) = the 16 x kK block at a + a * a_step (row-major, leading dim lda)
+// and B(c) = the kK x 16 block at b + c * b_step (layout LayoutB, leading
 // dim ldb). Both kernels below share it; only their staging layouts differ.
-// Pointers are to at::Half / at::BFloat16 staging, bit-identical to wt.
-template <typename wt, typename LayoutB, typename staged_t>
-__device__ __forceinline__ void mma_2x2(wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&acc)[2][2],
-                                        const staged_t* a, int a_step, int lda, const staged_t* b, int b_step,
-                                        int ldb) {
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, wt, wmma::row_major> fa[2];
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, wt, LayoutB> fb[2];
+// Staging holds scalar_t (at::Half / at::BFloat16 / float), bit-identical
+// to Mma<scalar_t>::load_t.
+template <typename scalar_t, typename LayoutB>
+__device__ __forceinline__ void mma_2x2(AccFrag<scalar_t> (&acc)[2][2], const scalar_t* a, int a_step, int lda,
+                                        const scalar_t* b, int b_step, int ldb) {
+  using M = Mma<scalar_t>;
+  using load_t = typename M::load_t;
+  static_assert(sizeof(load_t) == sizeof(scalar_t), "layout-compatible staging types");
+  wmma::fragment<wmma::matrix_a, 16, 16, M::kK, typename M::frag, wmma::row_major> fa[2];
+  wmma::fragment<wmma::matrix_b, 16, 16, M::kK, typename M::frag, LayoutB> fb[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    wmma::load_matrix_sync(fa[i], reinterpret_cast<const wt*>(a + i * a_step), lda);
-    wmma::load_matrix_sync(fb[i], reinterpret_cast<const wt*>(b + i * b_step), ldb);
+    wmma::load_matrix_sync(fa[i], reinterpret_cast<const load_t*>(a + i * a_step), lda);
+    wmma::load_matrix_sync(fb[i], reinterpret_cast<const load_t*>(b + i * b_step), ldb);
+    if constexpr (std::is_same<scalar_t, float>::value) {
+#pragma unroll
+      for (int t = 0; t < fa[i].num_elements; ++t) fa[i].x[t] = wmma::__float_to_tf32(fa[i].x[t]);
+#pragma unroll
+      for (int t = 0; t < fb[i].num_elements; ++t) fb[i].x[t] = wmma::__float_to_tf32(fb[i].x[t]);
+    }
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -85,19 +113,17 @@ __global__ void __launch_bounds__(kThreads)
     tube_tokens_tc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pe,
                           scalar_t* __restrict__ out, const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using wt = typename WmmaType<scalar_t>::type;
   // Shared memory: the A/B staging tiles and the fp32 epilogue tile share
   // the same bytes (the epilogue runs after the last MMA).
-  static_assert(sizeof(wt) == sizeof(scalar_t), "layout-compatible 16-bit types");
   constexpr int kStageBytes = (BM + BN) * LDS * int(sizeof(scalar_t));
   constexpr int kEpiBytes = BM * LDC * int(sizeof(float));
   constexpr int kSmemBytes = kStageBytes > kEpiBytes ? kStageBytes : kEpiBytes;
   __shared__ __align__(32) unsigned char smem[kSmemBytes];
   __shared__ int64_t row_base[BM];
   __shared__ int64_t koff[BK];  // input offset of each of this step's patch columns
-  // Staged as at::Half / at::BFloat16 (which convert from float under torch's
-  // __CUDA_NO_HALF_CONVERSIONS__), read by WMMA as the bit-identical half /
-  // __nv_bfloat16.
+  // Staged as at::Half / at::BFloat16 / float (the 16-bit ones convert from
+  // float under torch's __CUDA_NO_HALF_CONVERSIONS__), read by WMMA as the
+  // bit-identical half / __nv_bfloat16 / float.
   scalar_t* As = reinterpret_cast<scalar_t*>(smem);
   scalar_t* Bs = As + BM * LDS;
   float* Cs = reinterpret_cast<float*>(smem);
@@ -127,7 +153,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int warp = threadIdx.x / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;  // warp's 32x32 sub-tile
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  AccFrag<scalar_t> acc[2][2];
 #pragma unroll
   for (int a = 0; a < 2; ++a)
 #pragma unroll
@@ -156,9 +182,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 #pragma unroll
-    for (int ks = 0; ks < BK; ks += 16) {
+    for (int ks = 0; ks < BK; ks += Mma<scalar_t>::kK) {
       // B staged as Bs[n][k]: column-major K x N, 16 columns apart = 16 rows of Bs
-      mma_2x2<wt, wmma::col_major>(acc, As + wm * LDS + ks, 16 * LDS, LDS, Bs + wn * LDS + ks, 16 * LDS, LDS);
+      mma_2x2<scalar_t, wmma::col_major>(acc, As + wm * LDS + ks, 16 * LDS, LDS, Bs + wn * LDS + ks, 16 * LDS, LDS);
     }
   }
   __syncthreads();  // staging tiles dead: reuse the bytes for the epilogue
@@ -207,7 +233,6 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     tube_dw_tc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad, const ParamsDW p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using wt = typename WmmaType<scalar_t>::type;
   constexpr int kStageBytes = (BM * LDA2 + DM * LDB2) * int(sizeof(scalar_t));
   constexpr int kEpiBytes = BM * LDC * int(sizeof(float));
   constexpr int kSmemBytes = kStageBytes > kEpiBytes ? kStageBytes : kEpiBytes;
@@ -236,7 +261,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int warp = threadIdx.x / 32;
   const int wj = (warp / 2) * 32, wk = (warp % 2) * 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  AccFrag<scalar_t> acc[2][2];
 #pragma unroll
   for (int a = 0; a < 2; ++a)
 #pragma unroll
@@ -270,9 +295,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 #pragma unroll
-    for (int ks = 0; ks < DM; ks += 16) {
+    for (int ks = 0; ks < DM; ks += Mma<scalar_t>::kK) {
       // B staged as Bs[m][k]: row-major, 16 columns apart = 16 elements
-      mma_2x2<wt, wmma::row_major>(acc, As + wj * LDA2 + ks, 16 * LDA2, LDA2, Bs + ks * LDB2 + wk, 16, LDB2);
+      mma_2x2<scalar_t, wmma::row_major>(acc, As + wj * LDA2 + ks, 16 * LDA2, LDA2, Bs + ks * LDB2 + wk, 16, LDB2);
     }
   }
   __syncthreads();
@@ -294,7 +319,11 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 bool supported(const at::Tensor& x, const TubeLayout& L) {
-  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
+  const auto t = x.scalar_type();
+  // fp32 only where PyTorch lets convolutions use TF32 (cuDNN's switch,
+  // torch.backends.cudnn.allow_tf32, on by default); else exact fp32 kernels.
+  const bool tf32 = t == at::kFloat && at::globalContext().allowTF32CuDNN();
+  if (t != at::kHalf && t != at::kBFloat16 && !tf32) return false;
   if (L.tubes.size() > size_t(kMaxTubesTC)) return false;
   const auto* prop = at::cuda::getDeviceProperties(x.device().index());
   return prop->major >= 8;
@@ -342,6 +371,10 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
                        tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
                            x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
                            out.mutable_data_ptr<scalar_t>(), p);
+                     }) AT_DISPATCH_CASE(at::kFloat, [&] {
+                       tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+                           x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
+                           out.mutable_data_ptr<scalar_t>(), p);
                      }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -370,6 +403,9 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& 
                        tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
                            x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
                      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+                           x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
+                     }) AT_DISPATCH_CASE(at::kFloat, [&] {
                        tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
                            x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
                      }));

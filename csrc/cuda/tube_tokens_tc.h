@@ -1,6 +1,7 @@
 // Tensor-core forward (see tube_tokens_tc.cu). Arguments as in
 // tube_tokens.h; `w` and `bias` contiguous, `pe` contiguous (N, d) or
-// undefined, `out` contiguous (B, N, d), all fp16 or all bf16 on one GPU.
+// undefined, `out` contiguous (B, N, d), all fp16, all bf16 or all fp32 (run
+// as TF32) on one GPU.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,7 +13,8 @@
 namespace tubevit {
 namespace tc {
 
-// Whether the tensor-core kernel handles this call (dtype, tube count, sm_80+).
+// Whether the tensor-core kernels handle this call: sm_80+, at most 16 tubes,
+// fp16 / bf16, or fp32 while torch.backends.cudnn.allow_tf32 is on.
 bool supported(const at::Tensor& x, const TubeLayout& L);
 
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
