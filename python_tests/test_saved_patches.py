@@ -177,3 +177,26 @@ def test_patch_buffers_are_recycled(monkeypatch):
     monkeypatch.setenv("TUBEVIT_CPU_PATCH_CACHE_MB", "0")
     m(x).sum().backward()
     assert tv.patch_cache_bytes() == 0  # limit 0: freed blocks go back to the system
+
+
+@pytest.mark.parametrize("bias,pe", [(True, True), (True, False), (False, True), (False, False)])
+def test_bf16_epilogue_rounds_like_torch(bias, pe):
+    # A 1x1x1 tube with one channel and unit weights makes the GEMM an exact
+    # copy of x, so the output is the epilogue alone: bf16(x + pe + bias),
+    # rounded to nearest even with NaN/Inf kept, as torch rounds.
+    d = 37  # odd width: the vectorised loop's tail
+    tube = [tv.Tube((1, 1, 1), (1, 1, 1))]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 1, 3, 4, 5, generator=g) * 100).bfloat16()
+    x.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    w = torch.ones(d, 1, 1, 1, 1, dtype=torch.bfloat16)
+    b = (torch.randn(d, generator=g) * 1e-2).bfloat16() if bias else None
+    n = tv.num_tokens(tube, (3, 4, 5))
+    p = (torch.randn(n, d, generator=g) * 3).bfloat16() if pe else None
+    out = tv.tube_tokens(x, [w], None if b is None else [b], tube, p)
+    want = x.permute(0, 2, 3, 4, 1).reshape(2, n, 1).float().expand(2, n, d)
+    if p is not None:
+        want = want + p.float()
+    if b is not None:
+        want = want + b.float()
+    torch.testing.assert_close(out, want.bfloat16(), rtol=0, atol=0, equal_nan=True)
