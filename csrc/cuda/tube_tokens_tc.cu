@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
+#include <torch/version.h>
 
 #include "tube_tokens_tc.h"
 
@@ -318,11 +319,24 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
+// torch.backends.cudnn.allow_tf32 (conv). Since PyTorch 2.9 the flag is per
+// operation, and asking without naming one throws when conv and RNN differ.
+#ifndef TORCH_VERSION_MINOR
+#error "torch/version.h did not define TORCH_VERSION_MINOR"
+#endif
+bool tf32_conv_allowed() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#else
+  return at::globalContext().allowTF32CuDNN();
+#endif
+}
+
 bool supported(const at::Tensor& x, const TubeLayout& L) {
   const auto t = x.scalar_type();
   // fp32 only where PyTorch lets convolutions use TF32 (cuDNN's switch,
   // torch.backends.cudnn.allow_tf32, on by default); else exact fp32 kernels.
-  const bool tf32 = t == at::kFloat && at::globalContext().allowTF32CuDNN();
+  const bool tf32 = t == at::kFloat && tf32_conv_allowed();
   if (t != at::kHalf && t != at::kBFloat16 && !tf32) return false;
   if (L.tubes.size() > size_t(kMaxTubesTC)) return false;
   const auto* prop = at::cuda::getDeviceProperties(x.device().index());
