@@ -31,10 +31,16 @@ import subprocess
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+# Compile in this process: inductor's default pool of compile workers keeps
+# processes alive that share the CPU with every timing after the first
+# torch.compile (seen on the 2-vCPU VM: a bf16 fwd_bwd timed after a compile
+# ran 30 % slower). Must be set before torch._inductor is imported.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-import tubevit_ext as tv
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import tubevit_ext as tv  # noqa: E402
 
 TUBE_SETS = {
     "paper": tv.PAPER_TUBES,
