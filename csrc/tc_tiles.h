@@ -1,0 +1,313 @@
+// Tile logic of the tensor-core kernels (cuda/tube_tokens_tc.cu), written
+// once for the GPU and for a host emulator (cpu/tc_emulation.cpp).
+//
+// Why: no GPU has run those kernels yet. Everything in them except the WMMA
+// fragment calls and the barriers is a function of (block, thread) defined
+// here: which tube / sample / tokens / channels a block owns, which input
+// voxel, weight or gradient element each thread stages into which shared-
+// memory slot, which staged sub-blocks each warp multiplies (the pointer
+// offsets, strides and leading dimensions handed to WMMA), and where each
+// accumulator lands in the output. The emulator runs these same functions
+// on the CPU, block by block and thread by thread, with a plain-C++ MMA of
+// WMMA's documented semantics in place of the fragments, so the tests
+// (python_tests/test_tc_emulation.py) check the kernels' index arithmetic
+// and boundary masks without a GPU.
+//
+// Shared-memory layouts (elements; a block has kThreads threads, 4 warps):
+//   forward: As[BM tokens][LDS] (A = patches, row-major, K along a row),
+//            Bs[BN channels][LDS] (B = W^T read column-major: Bs[n][k]),
+//            Cs[BM][LDC] fp32 (accumulators, aliasing As/Bs after the MMAs)
+//   dW:      As[BM channels j][LDA2] (A = G^T), Bs[DM tokens][LDB2] (B = P,
+//            row-major), Cs as above.
+#pragma once
+
+#include <cstdint>
+
+#include "tube_geometry.h"
+#include "tube_tokens.h"
+
+namespace tubevit {
+namespace tc {
+
+constexpr int BM = 64, BN = 64, BK = 32;
+constexpr int kWarps = 4, kThreads = 32 * kWarps;
+constexpr int LDS = BK + 8;   // padded staging row (elements) to spread banks
+constexpr int LDC = BN + 4;   // padded fp32 accumulator row
+constexpr int DM = 32;        // dW: tokens per reduction step
+constexpr int LDA2 = DM + 8;  // dW: As[j][m]
+constexpr int LDB2 = BN + 8;  // dW: Bs[m][k]
+constexpr int kMaxTubesTC = 16;
+
+// Depth of one MMA: 16 for fp16/bf16 (WMMA 16x16x16), 8 for fp32 as TF32
+// (WMMA 16x16x8).
+template <typename T>
+struct MmaDepth {
+  static constexpr int value = 16;
+};
+template <>
+struct MmaDepth<float> {
+  static constexpr int value = 8;
+};
+
+struct Params {
+  TubeGeom g[kMaxTubesTC];
+  const void* w[kMaxTubesTC];             // (d, K) row-major, scalar_t
+  const void* bias[kMaxTubesTC];          // (d,) or nullptr
+  int64_t tiles_before[kMaxTubesTC + 1];  // prefix over tubes of B * ceil(n_i / BM)
+  int n_tubes;
+  int64_t B, N, d;
+  int64_t sB, sC, sT, sH, sW;  // x strides (elements)
+};
+
+struct ParamsDW {
+  TubeGeom g[kMaxTubesTC];
+  void* dw[kMaxTubesTC];                  // (d, K) row-major, scalar_t
+  int64_t tiles_before[kMaxTubesTC + 1];  // prefix of ceil(d/BM) * ceil(K_i/BN)
+  int n_tubes;
+  int64_t B, N, d;
+  int64_t sB, sC, sT, sH, sW;
+};
+
+// One warp's MMA step: acc[a][c] += A(a) * B(c), A(a) = the 16 x depth block
+// at As + a_off + a * a_step (row-major, leading dim lda), B(c) = the
+// depth x 16 block at Bs + b_off + c * b_step (leading dim ldb; layout fixed
+// per kernel: column-major in the forward, row-major in dW).
+struct MmaArgs {
+  int a_off, a_step, lda, b_off, b_step, ldb;
+};
+
+// ------------------------------------------------------------------ forward
+struct FwdLoc {
+  int i;                // tube
+  int64_t b, m0, n0;    // sample, first token, first output channel
+};
+
+// Grid: x = tiles_before[n_tubes] token tiles, y = ceil(d / BN) channel tiles.
+TUBEVIT_HD FwdLoc fwd_locate(const Params& p, int64_t tile, int64_t channel_tile) {
+  int i = 0;
+  while (i + 1 < p.n_tubes && tile >= p.tiles_before[i + 1]) ++i;
+  const int64_t m_tiles = (p.g[i].num_tokens + BM - 1) / BM;
+  const int64_t local = tile - p.tiles_before[i];
+  return {i, local / m_tiles, (local % m_tiles) * BM, channel_tile * BN};
+}
+
+// row_base[r]: input offset of token m0 + r's first voxel, -1 past the tube.
+TUBEVIT_HD void fwd_row_base(const Params& p, const FwdLoc& l, int tid, int64_t* row_base) {
+  const TubeGeom& g = p.g[l.i];
+  for (int r = tid; r < BM; r += kThreads) {
+    const int64_t tok = l.m0 + r;
+    row_base[r] = tok < g.num_tokens ? l.b * p.sB + token_origin_offset(g, tok, p.sT, p.sH, p.sW) : -1;
+  }
+}
+
+// koff[kk]: input offset of patch column k0 + kk, -1 past K. Once per block
+// and step: the (c, kt, kh, kw) decomposition is four 64-bit divisions.
+TUBEVIT_HD void fwd_koff(const Params& p, const FwdLoc& l, int64_t k0, int tid, int64_t* koff) {
+  const TubeGeom& g = p.g[l.i];
+  if (tid < BK) {
+    const int64_t k = k0 + tid;
+    koff[tid] = k < g.patch_size ? patch_column_offset(g, k, p.sC, p.sT, p.sH, p.sW) : -1;
+  }
+}
+
+// A tile: As[r][kk] = x[row_base[r] + koff[kk]], zero outside the tube / K.
+template <typename scalar_t>
+TUBEVIT_HD void fwd_fill_a(const scalar_t* x, const int64_t* row_base, const int64_t* koff, int tid,
+                           scalar_t* As) {
+  for (int e = tid; e < BM * BK; e += kThreads) {
+    const int r = e / BK, kk = e % BK;
+    const int64_t base = row_base[r], off = koff[kk];
+    As[r * LDS + kk] = base >= 0 && off >= 0 ? x[base + off] : scalar_t(0.0f);
+  }
+}
+
+// B tile: Bs[n][kk] = W[n0 + n, k0 + kk] (contiguous along k), zero outside.
+template <typename scalar_t>
+TUBEVIT_HD void fwd_fill_b(const Params& p, const FwdLoc& l, int64_t k0, int tid, scalar_t* Bs) {
+  const int64_t K = p.g[l.i].patch_size;
+  const scalar_t* w = static_cast<const scalar_t*>(p.w[l.i]);
+  for (int e = tid; e < BN * BK; e += kThreads) {
+    const int n = e / BK, kk = e % BK;
+    const int64_t k = k0 + kk, col = l.n0 + n;
+    Bs[n * LDS + kk] = (col < p.d && k < K) ? w[col * K + k] : scalar_t(0.0f);
+  }
+}
+
+// Warp w owns rows [wm, wm + 32) x columns [wn, wn + 32) of the block tile.
+TUBEVIT_HD MmaArgs fwd_mma_args(int warp, int ks) {
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  // B staged as Bs[n][k]: column-major K x N; 16 columns apart = 16 rows
+  return {wm * LDS + ks, 16 * LDS, LDS, wn * LDS + ks, 16 * LDS, LDS};
+}
+
+// Where accumulator block (a, c) of warp w is stored in Cs (row-major, LDC).
+TUBEVIT_HD int fwd_acc_offset(int warp, int a, int c) {
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  return (wm + 16 * a) * LDC + wn + 16 * c;
+}
+
+// out[b, off_i + tok, col] = cast(Cs + bias + pe) for the block's valid part.
+template <typename scalar_t>
+TUBEVIT_HD void fwd_epilogue(const Params& p, const FwdLoc& l, const float* Cs, const scalar_t* pe, int tid,
+                             scalar_t* out) {
+  const TubeGeom& g = p.g[l.i];
+  const scalar_t* bias = static_cast<const scalar_t*>(p.bias[l.i]);
+  for (int e = tid; e < BM * BN; e += kThreads) {
+    const int r = e / BN, n = e % BN;
+    const int64_t tok = l.m0 + r, col = l.n0 + n;
+    if (tok >= g.num_tokens || col >= p.d) continue;
+    float v = Cs[r * LDC + n];
+    if (bias != nullptr) v += static_cast<float>(bias[col]);
+    const int64_t row = g.token_offset + tok;
+    if (pe != nullptr) v += static_cast<float>(pe[row * p.d + col]);
+    out[(l.b * p.N + row) * p.d + col] = static_cast<scalar_t>(v);
+  }
+}
+
+// --------------------------------------------------- weight gradient (dW)
+// dW_i (d x K_i) = G_i^T (d x M_i) * P_i (M_i x K_i), M_i = B * n_i tokens;
+// one launch for all tubes, tiles of (tube, BM channels j, BN columns k), the
+// reduction over M in steps of DM tokens, fixed order, no atomics.
+struct DwLoc {
+  int i;
+  int64_t j0, c0;  // first output channel, first patch column
+};
+
+TUBEVIT_HD DwLoc dw_locate(const ParamsDW& p, int64_t tile) {
+  int i = 0;
+  while (i + 1 < p.n_tubes && tile >= p.tiles_before[i + 1]) ++i;
+  const int64_t k_tiles = (p.g[i].patch_size + BN - 1) / BN;
+  const int64_t local = tile - p.tiles_before[i];
+  return {i, (local / k_tiles) * BM, (local % k_tiles) * BN};
+}
+
+// The block's patch columns are fixed: koff[kk] for c0 + kk, once per block.
+TUBEVIT_HD void dw_koff(const ParamsDW& p, const DwLoc& l, int tid, int64_t* koff) {
+  const TubeGeom& g = p.g[l.i];
+  for (int kk = tid; kk < BN; kk += kThreads) {
+    const int64_t k = l.c0 + kk;
+    koff[kk] = k < g.patch_size ? patch_column_offset(g, k, p.sC, p.sT, p.sH, p.sW) : -1;
+  }
+}
+
+// For the step's tokens m0 + r: their first voxel's input offset and their
+// row in grad (B, N, d); -1 past M.
+TUBEVIT_HD void dw_rows(const ParamsDW& p, const DwLoc& l, int64_t m0, int tid, int64_t* row_base,
+                        int64_t* grad_row) {
+  const TubeGeom& g = p.g[l.i];
+  const int64_t n = g.num_tokens, M = p.B * n;
+  for (int r = tid; r < DM; r += kThreads) {
+    const int64_t m = m0 + r;
+    if (m < M) {
+      const int64_t b = m / n, tok = m % n;
+      row_base[r] = b * p.sB + token_origin_offset(g, tok, p.sT, p.sH, p.sW);
+      grad_row[r] = b * p.N + g.token_offset + tok;
+    } else {
+      row_base[r] = -1;
+      grad_row[r] = -1;
+    }
+  }
+}
+
+// A = G^T tile: As[j][mm] = grad[grad_row[mm], j0 + j] (reads coalesced along j).
+template <typename scalar_t>
+TUBEVIT_HD void dw_fill_a(const ParamsDW& p, const DwLoc& l, const scalar_t* grad, const int64_t* grad_row,
+                          int tid, scalar_t* As) {
+  for (int e = tid; e < BM * DM; e += kThreads) {
+    const int mm = e / BM, j = e % BM;
+    const int64_t gr = grad_row[mm], col = l.j0 + j;
+    As[j * LDA2 + mm] = (gr >= 0 && col < p.d) ? grad[gr * p.d + col] : scalar_t(0.0f);
+  }
+}
+
+// B = P tile: Bs[mm][kk] = x[row_base[mm] + koff[kk]].
+template <typename scalar_t>
+TUBEVIT_HD void dw_fill_b(const scalar_t* x, const int64_t* row_base, const int64_t* koff, int tid, scalar_t* Bs) {
+  for (int e = tid; e < DM * BN; e += kThreads) {
+    const int mm = e / BN, kk = e % BN;
+    const int64_t base = row_base[mm], off = koff[kk];
+    Bs[mm * LDB2 + kk] = base >= 0 && off >= 0 ? x[base + off] : scalar_t(0.0f);
+  }
+}
+
+TUBEVIT_HD MmaArgs dw_mma_args(int warp, int ks) {
+  const int wj = (warp / 2) * 32, wk = (warp % 2) * 32;
+  // B staged as Bs[m][k]: row-major; 16 columns apart = 16 elements
+  return {wj * LDA2 + ks, 16 * LDA2, LDA2, ks * LDB2 + wk, 16, LDB2};
+}
+
+TUBEVIT_HD int dw_acc_offset(int warp, int a, int c) {
+  const int wj = (warp / 2) * 32, wk = (warp % 2) * 32;
+  return (wj + 16 * a) * LDC + wk + 16 * c;
+}
+
+template <typename scalar_t>
+TUBEVIT_HD void dw_epilogue(const ParamsDW& p, const DwLoc& l, const float* Cs, int tid) {
+  const int64_t K = p.g[l.i].patch_size;
+  scalar_t* dw = static_cast<scalar_t*>(p.dw[l.i]);
+  for (int e = tid; e < BM * BN; e += kThreads) {
+    const int j = e / BN, kk = e % BN;
+    const int64_t row = l.j0 + j, col = l.c0 + kk;
+    if (row < p.d && col < K) dw[row * K + col] = static_cast<scalar_t>(Cs[j * LDC + kk]);
+  }
+}
+
+// ------------------------------------------------------------- host side
+// Parameter blocks for layout L (at most kMaxTubesTC tubes); xs = x's five
+// strides in elements. The grid is (fwd_token_tiles, ceil(d / BN)) for the
+// forward and (dw_tiles) for dW.
+template <typename P>
+inline void fill_common(P& p, const TubeLayout& L, const int64_t* xs) {
+  p.n_tubes = static_cast<int>(L.tubes.size());
+  p.B = L.batch;
+  p.N = L.num_tokens;
+  p.d = L.dim;
+  p.sB = xs[0];
+  p.sC = xs[1];
+  p.sT = xs[2];
+  p.sH = xs[3];
+  p.sW = xs[4];
+  p.tiles_before[0] = 0;
+  for (int i = 0; i < p.n_tubes; ++i) p.g[i] = L.tubes[i];
+}
+
+inline Params make_fwd_params(const TubeLayout& L, const int64_t* xs, const void* const* w,
+                              const void* const* bias) {
+  Params p{};
+  fill_common(p, L, xs);
+  for (int i = 0; i < p.n_tubes; ++i) {
+    p.w[i] = w[i];
+    p.bias[i] = bias == nullptr ? nullptr : bias[i];
+    p.tiles_before[i + 1] = p.tiles_before[i] + L.batch * ((L.tubes[i].num_tokens + BM - 1) / BM);
+  }
+  return p;
+}
+
+inline ParamsDW make_dw_params(const TubeLayout& L, const int64_t* xs, void* const* dw) {
+  ParamsDW p{};
+  fill_common(p, L, xs);
+  for (int i = 0; i < p.n_tubes; ++i) {
+    p.dw[i] = dw[i];
+    p.tiles_before[i + 1] =
+        p.tiles_before[i] + ((L.dim + BM - 1) / BM) * ((L.tubes[i].patch_size + BN - 1) / BN);
+  }
+  return p;
+}
+
+// Shared-memory bytes of the staging tiles and of the fp32 accumulator tile
+// (they alias: the accumulators are stored after the last MMA).
+template <typename scalar_t>
+constexpr int fwd_smem_bytes() {
+  return (BM + BN) * LDS * int(sizeof(scalar_t)) > BM * LDC * int(sizeof(float))
+             ? (BM + BN) * LDS * int(sizeof(scalar_t))
+             : BM * LDC * int(sizeof(float));
+}
+template <typename scalar_t>
+constexpr int dw_smem_bytes() {
+  return (BM * LDA2 + DM * LDB2) * int(sizeof(scalar_t)) > BM * LDC * int(sizeof(float))
+             ? (BM * LDA2 + DM * LDB2) * int(sizeof(scalar_t))
+             : BM * LDC * int(sizeof(float));
+}
+
+}  // namespace tc
+}  // namespace tubevit

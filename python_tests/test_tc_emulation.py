@@ -1,0 +1,125 @@
+"""The tensor-core kernels' tile code, run on the CPU (tubevit::tube_tokens_tc_emulated{,_dw},
+see csrc/tc_tiles.h and csrc/cpu/tc_emulation.cpp): block/thread/warp index arithmetic, strides,
+leading dimensions and boundary masks of the forward and weight-gradient kernels, checked against
+the fp64 reference without a GPU. Shapes are chosen so that every tile axis has several tiles and
+a partial last one (tokens > 64, d > 64, K > 32 / 64, batch > 1)."""
+import pytest
+import torch
+
+import tubevit_ext as tv
+from conftest import make_params
+
+ops = torch.ops.tubevit
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# output rounding of each dtype (fp32: the TF32 operand rounding is applied to the oracle's inputs)
+EPS = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -20}
+
+CASES = {
+    # many tokens (M tiles), K = 54 (two K steps, partial), d = 70 (two channel tiles, partial)
+    "one_tube": ([tv.Tube((2, 3, 3), (1, 2, 2), (0, 1, 0))], (6, 20, 22), 3, 70),
+    # four tubes, K from 12 to 240, overlapping windows, offsets
+    "mixed": ([tv.Tube((4, 4, 5), (2, 3, 3), (1, 0, 2)), tv.Tube((1, 2, 2), (1, 2, 2)),
+               tv.Tube((3, 1, 4), (2, 1, 3), (0, 2, 1)), tv.Tube((2, 5, 2), (3, 4, 2), (1, 1, 0))],
+              (9, 17, 19), 3, 130),
+    "paper": (tv.PAPER_TUBES, (33, 64, 48), 3, 20),
+}
+
+
+def tf32(t):
+    """Round fp32 to TF32 as the kernels' __float_to_tf32 does (nearest, ties away from zero)."""
+    bits = t.float().contiguous().view(torch.int32)
+    out = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(t), out, t.float())
+
+
+def as_mma_input(t, dtype):
+    """What the tensor cores multiply: the dtype-rounded value (fp32: TF32), in fp64."""
+    t = t.to(dtype)
+    return (tf32(t) if dtype == torch.float32 else t).double()
+
+
+def make_x(B, C, size, dtype, layout, g):
+    x = torch.randn(B, C, *size, generator=g, dtype=torch.float64).to(dtype)
+    if layout == "channels_last_3d":
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "noncontiguous":
+        return torch.stack([x, x], dim=2).flatten(1, 2)[:, ::2]
+    return x
+
+
+def check_close(got, want, dtype, name):
+    err = (got.double() - want).abs().max().item()
+    tol = 2 * EPS[dtype] * want.abs().max().item() + 1e-5
+    assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
+def test_forward_tiles(case, dtype, layout):
+    tubes, size, C, d = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    x = make_x(2, C, size, dtype, layout, g)
+    ws, bs = make_params(tubes, C, d, dtype)
+    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype)
+    flat = tv.flatten_tubes(tubes)
+    for bias, pos in [(bs, pe), ([], None)]:
+        got = ops.tube_tokens_tc_emulated(x, ws, bias, flat, pos)
+        want = tv.reference.tube_tokens(as_mma_input(x, dtype), [as_mma_input(w, dtype) for w in ws],
+                                        [b.double() for b in bias] or None, tubes,
+                                        None if pos is None else pos.double())
+        assert got.dtype == dtype and got.shape == want.shape
+        check_close(got, want, dtype, f"{case} out (bias={bool(bias)})")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+def test_weight_gradient_tiles(case, dtype, layout):
+    tubes, size, C, d = CASES[case]
+    g = torch.Generator().manual_seed(2)
+    x = make_x(3, C, size, dtype, layout, g)
+    ws, _ = make_params(tubes, C, d, dtype)
+    gout = torch.randn(3, tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    got = ops.tube_tokens_tc_emulated_dw(gout, x, ws, tv.flatten_tubes(tubes))
+    x64 = as_mma_input(x, dtype)
+    w64 = [w.double().requires_grad_() for w in ws]
+    out = tv.reference.tube_tokens(x64, w64, None, tubes)
+    want = torch.autograd.grad(out, w64, as_mma_input(gout, dtype))
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == dtype and a.shape == b.shape
+        check_close(a, b, dtype, f"{case} dW[{i}]")
+
+
+def test_emulation_detects_a_wrong_result():
+    # the comparison is sharp enough: a one-element change of the input is seen
+    tubes, size, C, d = CASES["one_tube"]
+    x = torch.randn(1, C, *size, dtype=torch.bfloat16)
+    ws, bs = make_params(tubes, C, d, torch.bfloat16)
+    got = ops.tube_tokens_tc_emulated(x, ws, bs, tv.flatten_tubes(tubes), None)
+    x2 = x.clone()
+    x2[0, 1, 3, 5, 7] += 4
+    want = tv.reference.tube_tokens(x2.double(), [w.double() for w in ws], [b.double() for b in bs], tubes)
+    with pytest.raises(AssertionError):
+        check_close(got, want, torch.bfloat16, "perturbed")
+
+
+def test_more_tubes_than_the_kernels_take():
+    tubes = [tv.Tube((1, 1, 1), (1, 1, 1))] * 17
+    x = torch.randn(1, 1, 2, 2, 2, dtype=torch.float16)
+    ws = [torch.randn(4, 1, 1, 1, 1, dtype=torch.float16) for _ in tubes]
+    with pytest.raises(ValueError, match="at most 16 tubes, got 17"):
+        ops.tube_tokens_tc_emulated(x, ws, [], tv.flatten_tubes(tubes), None)
+
+
+def test_batch_zero_and_float64_rejected():
+    tubes, size, C, d = CASES["one_tube"]
+    ws, _ = make_params(tubes, C, d, torch.float16)
+    x = torch.randn(0, C, *size, dtype=torch.float16)
+    assert ops.tube_tokens_tc_emulated(x, ws, [], tv.flatten_tubes(tubes), None).shape == (0, 450, d)
+    dws = ops.tube_tokens_tc_emulated_dw(torch.zeros(0, 450, d, dtype=torch.float16), x, ws, tv.flatten_tubes(tubes))
+    assert all(torch.equal(w, torch.zeros_like(w)) for w in dws)  # empty reduction
+    w64, _ = make_params(tubes, C, d, torch.float64)
+    x64 = torch.randn(1, C, *size, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="tube_tokens_tc_emulated"):  # no fp64 tensor cores
+        ops.tube_tokens_tc_emulated(x64, w64, [], tv.flatten_tubes(tubes), None)
