@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "tube_geometry.h"
 #include "tube_tokens.h"
@@ -53,6 +54,8 @@ struct Params {
   TubeGeom g[kMaxTubesTC];
   const void* w[kMaxTubesTC];             // (d, K) row-major, scalar_t
   const void* bias[kMaxTubesTC];          // (d,) or nullptr
+  int vec_x[kMaxTubesTC];                 // elements per patch-gather access (gather_vec)
+  int vec_w[kMaxTubesTC];                 // elements per weight-tile access (weight_vec)
   int64_t tiles_before[kMaxTubesTC + 1];  // prefix over tubes of B * ceil(n_i / BM)
   int n_tubes;
   int64_t B, N, d;
@@ -62,6 +65,7 @@ struct Params {
 struct ParamsDW {
   TubeGeom g[kMaxTubesTC];
   void* dw[kMaxTubesTC];                  // (d, K) row-major, scalar_t
+  int vec_x[kMaxTubesTC];                 // elements per patch-gather access (gather_vec)
   int64_t tiles_before[kMaxTubesTC + 1];  // prefix of ceil(d/BM) * ceil(K_i/BN)
   int n_tubes;
   int64_t B, N, d;
@@ -75,6 +79,76 @@ struct ParamsDW {
 struct MmaArgs {
   int a_off, a_step, lda, b_off, b_step, ldb;
 };
+
+// V contiguous elements in one access where the host proved it legal (see
+// gather_vec / weight_vec): on the GPU a single 2- to 16-byte load/store
+// instead of V scalar ones; on the host a memcpy.
+template <int BYTES>
+TUBEVIT_HD void copy_bytes(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (BYTES == 16) {
+    *static_cast<uint4*>(dst) = *static_cast<const uint4*>(src);
+  } else if constexpr (BYTES == 8) {
+    *static_cast<uint2*>(dst) = *static_cast<const uint2*>(src);
+  } else {
+    static_assert(BYTES == 4, "2-byte chunks are the scalar path");
+    *static_cast<unsigned int*>(dst) = *static_cast<const unsigned int*>(src);
+  }
+#else
+  std::memcpy(dst, src, BYTES);
+#endif
+}
+
+template <int BYTES>
+TUBEVIT_HD void zero_bytes(void* dst) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (BYTES == 16) {
+    *static_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  } else if constexpr (BYTES == 8) {
+    *static_cast<uint2*>(dst) = make_uint2(0, 0);
+  } else {
+    static_assert(BYTES == 4, "2-byte chunks are the scalar path");
+    *static_cast<unsigned int*>(dst) = 0u;
+  }
+#else
+  std::memset(dst, 0, BYTES);
+#endif
+}
+
+// Stages a ROWS x COLS tile from the (row, column) offsets row_base / koff
+// (-1 = outside: zero) into dst[r * ld + kk], V columns per access. V divides
+// kw, COLS and every offset involved (gather_vec), so an access never leaves
+// a run of kw contiguous voxels.
+template <int V, int ROWS, int COLS, int LD, typename scalar_t>
+TUBEVIT_HD void gather_tile_v(const scalar_t* x, const int64_t* row_base, const int64_t* koff, int tid,
+                              scalar_t* dst) {
+  constexpr int kChunks = COLS / V;
+  for (int e = tid; e < ROWS * kChunks; e += kThreads) {
+    const int r = e / kChunks, kk = (e % kChunks) * V;
+    const int64_t base = row_base[r], off = koff[kk];
+    scalar_t* out = dst + r * LD + kk;
+    if (base >= 0 && off >= 0) copy_bytes<V * int(sizeof(scalar_t))>(out, x + base + off);
+    else zero_bytes<V * int(sizeof(scalar_t))>(out);
+  }
+}
+
+template <int ROWS, int COLS, int LD, typename scalar_t>
+TUBEVIT_HD void gather_tile(const scalar_t* x, const int64_t* row_base, const int64_t* koff, int vec, int tid,
+                            scalar_t* dst) {
+  constexpr int kMaxV = 16 / int(sizeof(scalar_t));
+  if constexpr (kMaxV >= 8) {
+    if (vec == 8) return gather_tile_v<8, ROWS, COLS, LD>(x, row_base, koff, tid, dst);
+  }
+  if (vec == 4 && 4 * sizeof(scalar_t) <= 16) return gather_tile_v<4, ROWS, COLS, LD>(x, row_base, koff, tid, dst);
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (vec == 2) return gather_tile_v<2, ROWS, COLS, LD>(x, row_base, koff, tid, dst);
+  }
+  for (int e = tid; e < ROWS * COLS; e += kThreads) {  // one element per access
+    const int r = e / COLS, kk = e % COLS;
+    const int64_t base = row_base[r], off = koff[kk];
+    dst[r * LD + kk] = base >= 0 && off >= 0 ? x[base + off] : scalar_t(0.0f);
+  }
+}
 
 // ------------------------------------------------------------------ forward
 struct FwdLoc {
@@ -112,18 +186,34 @@ TUBEVIT_HD void fwd_koff(const Params& p, const FwdLoc& l, int64_t k0, int tid, 
 
 // A tile: As[r][kk] = x[row_base[r] + koff[kk]], zero outside the tube / K.
 template <typename scalar_t>
-TUBEVIT_HD void fwd_fill_a(const scalar_t* x, const int64_t* row_base, const int64_t* koff, int tid,
-                           scalar_t* As) {
-  for (int e = tid; e < BM * BK; e += kThreads) {
-    const int r = e / BK, kk = e % BK;
-    const int64_t base = row_base[r], off = koff[kk];
-    As[r * LDS + kk] = base >= 0 && off >= 0 ? x[base + off] : scalar_t(0.0f);
-  }
+TUBEVIT_HD void fwd_fill_a(const Params& p, const FwdLoc& l, const scalar_t* x, const int64_t* row_base,
+                           const int64_t* koff, int tid, scalar_t* As) {
+  gather_tile<BM, BK, LDS>(x, row_base, koff, p.vec_x[l.i], tid, As);
 }
 
 // B tile: Bs[n][kk] = W[n0 + n, k0 + kk] (contiguous along k), zero outside.
+template <int V, typename scalar_t>
+TUBEVIT_HD void fwd_fill_b_v(const Params& p, const FwdLoc& l, int64_t k0, int tid, scalar_t* Bs) {
+  const int64_t K = p.g[l.i].patch_size;
+  const scalar_t* w = static_cast<const scalar_t*>(p.w[l.i]);
+  constexpr int kChunks = BK / V;
+  for (int e = tid; e < BN * kChunks; e += kThreads) {
+    const int n = e / kChunks, kk = (e % kChunks) * V;
+    const int64_t k = k0 + kk, col = l.n0 + n;
+    // V divides K: a chunk is wholly inside or wholly past the row
+    if (col < p.d && k < K) copy_bytes<V * int(sizeof(scalar_t))>(Bs + n * LDS + kk, w + col * K + k);
+    else zero_bytes<V * int(sizeof(scalar_t))>(Bs + n * LDS + kk);
+  }
+}
+
 template <typename scalar_t>
 TUBEVIT_HD void fwd_fill_b(const Params& p, const FwdLoc& l, int64_t k0, int tid, scalar_t* Bs) {
+  const int vec = p.vec_w[l.i];
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (vec == 8) return fwd_fill_b_v<8>(p, l, k0, tid, Bs);
+    if (vec == 2) return fwd_fill_b_v<2>(p, l, k0, tid, Bs);
+  }
+  if (vec == 4 && 4 * sizeof(scalar_t) <= 16) return fwd_fill_b_v<4>(p, l, k0, tid, Bs);
   const int64_t K = p.g[l.i].patch_size;
   const scalar_t* w = static_cast<const scalar_t*>(p.w[l.i]);
   for (int e = tid; e < BN * BK; e += kThreads) {
@@ -222,12 +312,9 @@ TUBEVIT_HD void dw_fill_a(const ParamsDW& p, const DwLoc& l, const scalar_t* gra
 
 // B = P tile: Bs[mm][kk] = x[row_base[mm] + koff[kk]].
 template <typename scalar_t>
-TUBEVIT_HD void dw_fill_b(const scalar_t* x, const int64_t* row_base, const int64_t* koff, int tid, scalar_t* Bs) {
-  for (int e = tid; e < DM * BN; e += kThreads) {
-    const int mm = e / BN, kk = e % BN;
-    const int64_t base = row_base[mm], off = koff[kk];
-    Bs[mm * LDB2 + kk] = base >= 0 && off >= 0 ? x[base + off] : scalar_t(0.0f);
-  }
+TUBEVIT_HD void dw_fill_b(const ParamsDW& p, const DwLoc& l, const scalar_t* x, const int64_t* row_base,
+                          const int64_t* koff, int tid, scalar_t* Bs) {
+  gather_tile<DM, BN, LDB2>(x, row_base, koff, p.vec_x[l.i], tid, Bs);
 }
 
 TUBEVIT_HD MmaArgs dw_mma_args(int warp, int ks) {
@@ -253,6 +340,29 @@ TUBEVIT_HD void dw_epilogue(const ParamsDW& p, const DwLoc& l, const float* Cs, 
 }
 
 // ------------------------------------------------------------- host side
+// Widest access (elements, at most 16 bytes) for gathering tube g's patches
+// from x: the kw-runs must be unit-stride and start at multiples of V for
+// every token, channel and row (offset, stride and all of x's strides
+// divisible by V, x aligned to V elements), and V must divide kw.
+// Shared-memory rows (LDS, LDB2) and the tile widths are multiples of 8.
+inline int gather_vec(const TubeGeom& g, const int64_t* xs, const void* x, int64_t elem_size) {
+  if (xs[4] != 1) return 1;
+  for (int v = int(16 / elem_size); v > 1; v /= 2) {
+    bool ok = g.k[2] % v == 0 && g.o[2] % v == 0 && g.s[2] % v == 0 &&
+              reinterpret_cast<uintptr_t>(x) % uintptr_t(v * elem_size) == 0;
+    for (int a = 0; a < 4; ++a) ok = ok && xs[a] % v == 0;
+    if (ok) return v;
+  }
+  return 1;
+}
+
+// Widest access for the weight tile: rows of K contiguous elements.
+inline int weight_vec(int64_t K, const void* w, int64_t elem_size) {
+  for (int v = int(16 / elem_size); v > 1; v /= 2)
+    if (K % v == 0 && reinterpret_cast<uintptr_t>(w) % uintptr_t(v * elem_size) == 0) return v;
+  return 1;
+}
+
 // Parameter blocks for layout L (at most kMaxTubesTC tubes); xs = x's five
 // strides in elements. The grid is (fwd_token_tiles, ceil(d / BN)) for the
 // forward and (dw_tiles) for dW.
@@ -271,23 +381,27 @@ inline void fill_common(P& p, const TubeLayout& L, const int64_t* xs) {
   for (int i = 0; i < p.n_tubes; ++i) p.g[i] = L.tubes[i];
 }
 
-inline Params make_fwd_params(const TubeLayout& L, const int64_t* xs, const void* const* w,
-                              const void* const* bias) {
+inline Params make_fwd_params(const TubeLayout& L, const int64_t* xs, const void* x, int64_t elem_size,
+                              const void* const* w, const void* const* bias) {
   Params p{};
   fill_common(p, L, xs);
   for (int i = 0; i < p.n_tubes; ++i) {
     p.w[i] = w[i];
     p.bias[i] = bias == nullptr ? nullptr : bias[i];
+    p.vec_x[i] = gather_vec(L.tubes[i], xs, x, elem_size);
+    p.vec_w[i] = weight_vec(L.tubes[i].patch_size, w[i], elem_size);
     p.tiles_before[i + 1] = p.tiles_before[i] + L.batch * ((L.tubes[i].num_tokens + BM - 1) / BM);
   }
   return p;
 }
 
-inline ParamsDW make_dw_params(const TubeLayout& L, const int64_t* xs, void* const* dw) {
+inline ParamsDW make_dw_params(const TubeLayout& L, const int64_t* xs, const void* x, int64_t elem_size,
+                               void* const* dw) {
   ParamsDW p{};
   fill_common(p, L, xs);
   for (int i = 0; i < p.n_tubes; ++i) {
     p.dw[i] = dw[i];
+    p.vec_x[i] = gather_vec(L.tubes[i], xs, x, elem_size);
     p.tiles_before[i + 1] =
         p.tiles_before[i] + ((L.dim + BM - 1) / BM) * ((L.tubes[i].patch_size + BN - 1) / BN);
   }

@@ -21,7 +21,11 @@ CASES = {
     "mixed": ([tv.Tube((4, 4, 5), (2, 3, 3), (1, 0, 2)), tv.Tube((1, 2, 2), (1, 2, 2)),
                tv.Tube((3, 1, 4), (2, 1, 3), (0, 2, 1)), tv.Tube((2, 5, 2), (3, 4, 2), (1, 1, 0))],
               (9, 17, 19), 3, 130),
+    # widths/offsets that allow 8-, 4- (and for fp32 4-) element accesses in the gather and
+    # the weight tile (kw 8/4/12/16, W = 48, K = 1536/768/1728/768)
     "paper": (tv.PAPER_TUBES, (33, 64, 48), 3, 20),
+    # kw = 6 on W = 36: 2-element gather accesses (16-bit types), K = 2*2*6*2 = 48
+    "vec2": ([tv.Tube((2, 2, 6), (2, 3, 6), (0, 1, 0))], (5, 11, 36), 2, 33),
 }
 
 

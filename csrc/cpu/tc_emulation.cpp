@@ -98,7 +98,8 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
     wp.push_back(w[i].const_data_ptr());
     bp.push_back(bias.empty() ? nullptr : bias[i].const_data_ptr());
   }
-  const Params p = make_fwd_params(L, x.strides().data(), wp.data(), bias.empty() ? nullptr : bp.data());
+  const Params p = make_fwd_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(), wp.data(),
+                                   bias.empty() ? nullptr : bp.data());
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* pep = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -116,7 +117,7 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
       for (int64_t k0 = 0; k0 < p.g[l.i].patch_size; k0 += BK) {
         for (int t = 0; t < kThreads; ++t) fwd_koff(p, l, k0, t, koff);
         for (int t = 0; t < kThreads; ++t) {
-          fwd_fill_a(xp, row_base, koff, t, As);
+          fwd_fill_a(p, l, xp, row_base, koff, t, As);
           fwd_fill_b(p, l, k0, t, Bs);
         }
         for (int warp = 0; warp < kWarps; ++warp)
@@ -135,7 +136,7 @@ void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const Tube
                          std::vector<at::Tensor>& dws) {
   std::vector<void*> dp;
   for (auto& t : dws) dp.push_back(t.mutable_data_ptr());
-  const ParamsDW p = make_dw_params(L, x.strides().data(), dp.data());
+  const ParamsDW p = make_dw_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(), dp.data());
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   for (int64_t bx = 0; bx < p.tiles_before[p.n_tubes]; ++bx) {
@@ -152,7 +153,7 @@ void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const Tube
       for (int t = 0; t < kThreads; ++t) dw_rows(p, l, m0, t, row_base, grad_row);
       for (int t = 0; t < kThreads; ++t) {
         dw_fill_a(p, l, gp, grad_row, t, As);
-        dw_fill_b(xp, row_base, koff, t, Bs);
+        dw_fill_b(p, l, xp, row_base, koff, t, Bs);
       }
       for (int warp = 0; warp < kWarps; ++warp)
         for (int ks = 0; ks < DM; ks += MmaDepth<scalar_t>::value)

@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // previous tiles and column offsets consumed
     fwd_koff(p, l, k0, tid, koff);
     __syncthreads();  // row_base (first pass) and koff ready
-    fwd_fill_a(x, row_base, koff, tid, As);
+    fwd_fill_a(p, l, x, row_base, koff, tid, As);
     fwd_fill_b(p, l, k0, tid, Bs);
     __syncthreads();
 #pragma unroll
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads)
     dw_rows(p, l, m0, tid, row_base, grad_row);
     __syncthreads();
     dw_fill_a(p, l, grad, grad_row, tid, As);
-    dw_fill_b(x, row_base, koff, tid, Bs);
+    dw_fill_b(p, l, x, row_base, koff, tid, Bs);
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < DM; ks += Mma<scalar_t>::kK)
@@ -228,7 +228,8 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
     wp[i] = w[i].const_data_ptr();
     bp[i] = bias.empty() ? nullptr : bias[i].const_data_ptr();
   }
-  const Params p = make_fwd_params(L, x.strides().data(), wp, bias.empty() ? nullptr : bp);
+  const Params p = make_fwd_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(), wp,
+                                   bias.empty() ? nullptr : bp);
   const int64_t m_tiles = p.tiles_before[p.n_tubes];
   const int64_t n_tiles = (L.dim + BN - 1) / BN;
   TORCH_CHECK(m_tiles < (int64_t(1) << 31) && n_tiles < 65536,
@@ -264,7 +265,7 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& 
                  std::vector<at::Tensor>& dws) {
   void* dp[kMaxTubesTC];
   for (size_t i = 0; i < L.tubes.size(); ++i) dp[i] = dws[i].mutable_data_ptr();
-  const ParamsDW p = make_dw_params(L, x.strides().data(), dp);
+  const ParamsDW p = make_dw_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(), dp);
   const int64_t tiles = p.tiles_before[p.n_tubes];
   TORCH_CHECK(tiles < (int64_t(1) << 31), "tube_tokens_backward (tensor-core path): too many tiles (", tiles, ")");
   if (tiles == 0) return;
