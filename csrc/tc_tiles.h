@@ -23,6 +23,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "tube_geometry.h"
 #include "tube_tokens.h"
@@ -81,37 +82,19 @@ struct MmaArgs {
 };
 
 // V contiguous elements in one access where the host proved it legal (see
-// gather_vec / weight_vec): on the GPU a single 2- to 16-byte load/store
-// instead of V scalar ones; on the host a memcpy.
+// gather_vec / weight_vec): BYTES (4, 8 or 16) copied from src, or zeros
+// when src is null. On the GPU a single load/store instead of V scalar ones;
+// on the host a memcpy / memset.
 template <int BYTES>
-TUBEVIT_HD void copy_bytes(void* dst, const void* src) {
+TUBEVIT_HD void put_bytes(void* dst, const void* src) {
+  static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "2-byte chunks are the scalar path");
 #if defined(__CUDA_ARCH__)
-  if constexpr (BYTES == 16) {
-    *static_cast<uint4*>(dst) = *static_cast<const uint4*>(src);
-  } else if constexpr (BYTES == 8) {
-    *static_cast<uint2*>(dst) = *static_cast<const uint2*>(src);
-  } else {
-    static_assert(BYTES == 4, "2-byte chunks are the scalar path");
-    *static_cast<unsigned int*>(dst) = *static_cast<const unsigned int*>(src);
-  }
+  using T = typename std::conditional<BYTES == 16, uint4,
+                                      typename std::conditional<BYTES == 8, uint2, unsigned int>::type>::type;
+  *static_cast<T*>(dst) = src != nullptr ? *static_cast<const T*>(src) : T{};
 #else
-  std::memcpy(dst, src, BYTES);
-#endif
-}
-
-template <int BYTES>
-TUBEVIT_HD void zero_bytes(void* dst) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (BYTES == 16) {
-    *static_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-  } else if constexpr (BYTES == 8) {
-    *static_cast<uint2*>(dst) = make_uint2(0, 0);
-  } else {
-    static_assert(BYTES == 4, "2-byte chunks are the scalar path");
-    *static_cast<unsigned int*>(dst) = 0u;
-  }
-#else
-  std::memset(dst, 0, BYTES);
+  if (src != nullptr) std::memcpy(dst, src, BYTES);
+  else std::memset(dst, 0, BYTES);
 #endif
 }
 
@@ -126,9 +109,7 @@ TUBEVIT_HD void gather_tile_v(const scalar_t* x, const int64_t* row_base, const 
   for (int e = tid; e < ROWS * kChunks; e += kThreads) {
     const int r = e / kChunks, kk = (e % kChunks) * V;
     const int64_t base = row_base[r], off = koff[kk];
-    scalar_t* out = dst + r * LD + kk;
-    if (base >= 0 && off >= 0) copy_bytes<V * int(sizeof(scalar_t))>(out, x + base + off);
-    else zero_bytes<V * int(sizeof(scalar_t))>(out);
+    put_bytes<V * int(sizeof(scalar_t))>(dst + r * LD + kk, base >= 0 && off >= 0 ? x + base + off : nullptr);
   }
 }
 
@@ -201,8 +182,7 @@ TUBEVIT_HD void fwd_fill_b_v(const Params& p, const FwdLoc& l, int64_t k0, int t
     const int n = e / kChunks, kk = (e % kChunks) * V;
     const int64_t k = k0 + kk, col = l.n0 + n;
     // V divides K: a chunk is wholly inside or wholly past the row
-    if (col < p.d && k < K) copy_bytes<V * int(sizeof(scalar_t))>(Bs + n * LDS + kk, w + col * K + k);
-    else zero_bytes<V * int(sizeof(scalar_t))>(Bs + n * LDS + kk);
+    put_bytes<V * int(sizeof(scalar_t))>(Bs + n * LDS + kk, col < p.d && k < K ? w + col * K + k : nullptr);
   }
 }
 
