@@ -155,14 +155,47 @@ TUBEVIT_HD void fwd_row_base(const Params& p, const FwdLoc& l, int tid, int64_t*
   }
 }
 
-// koff[kk]: input offset of patch column k0 + kk, -1 past K. Once per block
-// and step: the (c, kt, kh, kw) decomposition is four 64-bit divisions.
-TUBEVIT_HD void fwd_koff(const Params& p, const FwdLoc& l, int64_t k0, int tid, int64_t* koff) {
+// koff[kk]: input offset of patch column k0 + kk, -1 past K. Thread kk < BK
+// owns column kk of every step and walks it through K with a cursor: the
+// (c, kt, kh, kw) decomposition costs four 64-bit divisions (done once per
+// block here), a step is a mixed-radix add with carries.
+struct ColCursor {
+  int64_t c, kt, kh, kw;
+};
+
+TUBEVIT_HD ColCursor col_cursor(const TubeGeom& g, int64_t k) {
+  const int64_t r = k / g.k[2], r2 = r / g.k[1];
+  return {r2 / g.k[0], r2 % g.k[0], r % g.k[1], k % g.k[2]};
+}
+
+struct FwdCols {
+  ColCursor cur, step;  // this thread's column, and BK as digits
+  int64_t k;            // this thread's column index
+};
+
+TUBEVIT_HD FwdCols fwd_cols_init(const Params& p, const FwdLoc& l, int tid) {
   const TubeGeom& g = p.g[l.i];
-  if (tid < BK) {
-    const int64_t k = k0 + tid;
-    koff[tid] = k < g.patch_size ? patch_column_offset(g, k, p.sC, p.sT, p.sH, p.sW) : -1;
-  }
+  return {col_cursor(g, tid), col_cursor(g, BK), tid};
+}
+
+// Publishes this step's offset (threads tid < BK) and moves to the next step.
+TUBEVIT_HD void fwd_koff(const Params& p, const FwdLoc& l, FwdCols& cols, int tid, int64_t* koff) {
+  if (tid >= BK) return;
+  const TubeGeom& g = p.g[l.i];
+  ColCursor& c = cols.cur;
+  koff[tid] = cols.k < g.patch_size ? c.c * p.sC + c.kt * p.sT + c.kh * p.sH + c.kw * p.sW : -1;
+  // Every digit of cur and step is below its radix, so one carry per digit.
+  cols.k += BK;
+  c.kw += cols.step.kw;
+  int64_t carry = c.kw >= g.k[2];
+  c.kw -= carry * g.k[2];
+  c.kh += cols.step.kh + carry;
+  carry = c.kh >= g.k[1];
+  c.kh -= carry * g.k[1];
+  c.kt += cols.step.kt + carry;
+  carry = c.kt >= g.k[0];
+  c.kt -= carry * g.k[0];
+  c.c += cols.step.c + carry;
 }
 
 // A tile: As[r][kk] = x[row_base[r] + koff[kk]], zero outside the tube / K.

@@ -113,9 +113,11 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
       int64_t row_base[BM], koff[BK];
       const FwdLoc l = fwd_locate(p, bx, by);
       for (int t = 0; t < kThreads; ++t) fwd_row_base(p, l, t, row_base);
+      std::vector<FwdCols> cols;  // per-thread registers
+      for (int t = 0; t < kThreads; ++t) cols.push_back(fwd_cols_init(p, l, t));
       WarpAcc acc[kWarps] = {};
       for (int64_t k0 = 0; k0 < p.g[l.i].patch_size; k0 += BK) {
-        for (int t = 0; t < kThreads; ++t) fwd_koff(p, l, k0, t, koff);
+        for (int t = 0; t < kThreads; ++t) fwd_koff(p, l, cols[t], t, koff);
         for (int t = 0; t < kThreads; ++t) {
           fwd_fill_a(p, l, xp, row_base, koff, t, As);
           fwd_fill_b(p, l, k0, t, Bs);

@@ -120,6 +120,7 @@ __global__ void __launch_bounds__(kThreads)
   const FwdLoc l = fwd_locate(p, blockIdx.x, blockIdx.y);
   const int64_t K = p.g[l.i].patch_size;
   fwd_row_base(p, l, tid, row_base);
+  FwdCols cols = fwd_cols_init(p, l, tid);
 
   AccFrag<scalar_t> acc[2][2];
 #pragma unroll
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t k0 = 0; k0 < K; k0 += BK) {
     __syncthreads();  // previous tiles and column offsets consumed
-    fwd_koff(p, l, k0, tid, koff);
+    fwd_koff(p, l, cols, tid, koff);
     __syncthreads();  // row_base (first pass) and koff ready
     fwd_fill_a(p, l, x, row_base, koff, tid, As);
     fwd_fill_b(p, l, k0, tid, Bs);
