@@ -134,8 +134,6 @@ def test_weights_only_training(device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(device, dtype):
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("float16 conv3d is not implemented on CPU by PyTorch (no reference path)")
     check_case(device, tv.PAPER_TUBES, (20, 32, 32), C=3, d=24, B=2, dtype=dtype)
 
 
