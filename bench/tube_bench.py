@@ -107,6 +107,11 @@ def sync(device):
 
 def time_fn(fn, inputs, device, warmup, repeats):
     """Median seconds of fn(x) over `repeats` calls, rotating through `inputs`."""
+    return statistics.median(time_samples(fn, inputs, device, warmup, repeats))
+
+
+def time_samples(fn, inputs, device, warmup, repeats):
+    """Seconds of each of `repeats` calls of fn(x) after `warmup` calls, rotating through `inputs`."""
     for i in range(warmup):
         fn(inputs[i % len(inputs)])
     sync(device)
@@ -124,7 +129,7 @@ def time_fn(fn, inputs, device, warmup, repeats):
             t0 = time.perf_counter()
             fn(inputs[i % len(inputs)])
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def matmul_peak(device, dtype, n=8192):
@@ -175,20 +180,21 @@ def run_config(args, device, dtype, batch, frames, dim, tubes_name, mode, impls,
             variants += [(impl, False), (impl, True)]  # cudnn.benchmark off / on
         else:
             variants.append((impl, None))
+    # Agreement first, then timing in `args.rounds` interleaved rounds
+    # (impl A, B, C, A, B, C, ...): slow drifts of a shared machine then
+    # hit every implementation alike instead of whichever ran last.
+    timed = []
     for impl, bench_flag in variants:
-        progress(f"{tubes_name} {dtype_name(dtype)} B={batch} T={frames} d={dim} {mode} {impl}"
-                 + ("" if bench_flag is None else f" cudnn.benchmark={bench_flag}"))
         row = dict(impl=impl, mode=mode, dtype=dtype_name(dtype), batch=batch, frames=frames, dim=dim,
                    tubes=tubes_name, size=list(size), tokens=want.shape[1])
         if bench_flag is not None:
             row["cudnn_benchmark"] = bench_flag
-        prev = torch.backends.cudnn.benchmark
+        rows.append(row)
         try:
-            if bench_flag is not None:
-                torch.backends.cudnn.benchmark = bench_flag
-            model = build(impl, fused, ref)
-            with torch.no_grad():
-                got = model(inputs[0]).float()
+            with cudnn_benchmark(bench_flag):
+                model = build(impl, fused, ref)
+                with torch.no_grad():
+                    got = model(inputs[0]).float()
             row["max_abs_err"] = (got - want).abs().max().item()
             # agreement check before timing: outputs within the dtype's
             # tolerance of the reference (relative to the output scale)
@@ -197,16 +203,45 @@ def run_config(args, device, dtype, batch, frames, dim, tubes_name, mode, impls,
             if not row["agrees"]:
                 print(f"WARNING: {impl} disagrees with the reference: max_abs_err {row['max_abs_err']:.3g}",
                       file=sys.stderr)
-            t = time_fn(make_step(model, mode), inputs, device, args.warmup, args.repeats)
-            row["median_ms"] = t * 1e3
-            row["tflops"] = flops / t / 1e12
-            if peak.get(row["dtype"]):
-                row["frac_of_matmul_peak"] = row["tflops"] / peak[row["dtype"]]
+            timed.append((row, make_step(model, mode), bench_flag, []))
         except Exception as e:  # e.g. compile unavailable: recorded, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        finally:
-            torch.backends.cudnn.benchmark = prev
-        rows.append(row)
+    for r in range(args.rounds):
+        for row, step, bench_flag, samples in timed:
+            if "error" in row:
+                continue
+            progress(f"{tubes_name} {dtype_name(dtype)} B={batch} T={frames} d={dim} {mode} {row['impl']}"
+                     + ("" if bench_flag is None else f" cudnn.benchmark={bench_flag}")
+                     + (f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""))
+            try:
+                with cudnn_benchmark(bench_flag):
+                    samples += time_samples(step, inputs, device, args.warmup, args.repeats)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    for row, _, _, samples in timed:
+        if "error" in row or not samples:
+            continue
+        t = statistics.median(samples)
+        row["median_ms"] = t * 1e3
+        row["samples"] = len(samples)
+        row["tflops"] = flops / t / 1e12
+        if peak.get(row["dtype"]):
+            row["frac_of_matmul_peak"] = row["tflops"] / peak[row["dtype"]]
+
+
+class cudnn_benchmark:
+    """torch.backends.cudnn.benchmark set to `flag` inside (None: untouched)."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __enter__(self):
+        self.prev = torch.backends.cudnn.benchmark
+        if self.flag is not None:
+            torch.backends.cudnn.benchmark = self.flag
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.benchmark = self.prev
 
 
 def dtype_name(dt):
@@ -330,11 +365,12 @@ def check_targets(rows, device):
 
 
 PRESETS = {
+    # the shared CPU VM drifts: three interleaved rounds (see run_config)
     "cpu-targets": dict(device="cpu", dtypes=["float32"], batch=[4], frames=[32], dim=[768], tubes=["paper"],
-                        modes=["fwd", "fwd_bwd"], impls=IMPLS),
+                        modes=["fwd", "fwd_bwd"], impls=IMPLS, rounds=3),
     "cpu-sweep": dict(device="cpu", dtypes=["float32", "bfloat16"], batch=[1, 2, 4], frames=[32, 64],
                       dim=[384, 768, 1024], tubes=["paper", "tubelet2"], modes=MODES,
-                      impls=["reference", "unfold_gemm", "fused"]),
+                      impls=["reference", "unfold_gemm", "fused"], rounds=2),
     "gpu-targets": dict(device="cuda", dtypes=["bfloat16", "float32"], batch=[32], frames=[32], dim=[768],
                         tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=IMPLS),
     "gpu-sweep": dict(device="cuda", dtypes=["bfloat16", "float16", "float32"], batch=[8, 16, 32, 64],
@@ -356,7 +392,8 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", choices=IMPLS)
     p.add_argument("--size", nargs=2, type=int, default=(224, 224), metavar=("H", "W"))
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per implementation and round")
+    p.add_argument("--rounds", type=int, help="interleaved timing rounds (default: preset's, else 1)")
     p.add_argument("--rotate", type=int, default=3, help="fresh input buffers rotated between calls")
     p.add_argument("--json", help="write results here (default: bench/out/<device>-<date>.json)")
     p.add_argument("--plot", help="write a PNG plot here (default: next to the JSON)")
@@ -364,11 +401,12 @@ def main(argv=None):
 
     cfg = dict(PRESETS.get(args.preset, {}))
     defaults = dict(device="cuda" if torch.cuda.is_available() else "cpu", dtypes=["float32"], batch=[4],
-                    frames=[32], dim=[768], tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=IMPLS)
+                    frames=[32], dim=[768], tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=IMPLS, rounds=1)
     for k, v in defaults.items():
         if getattr(args, k, None) is not None:
             cfg[k] = getattr(args, k)
         cfg.setdefault(k, v)
+    args.rounds = cfg["rounds"]
     device = torch.device(cfg["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device visible")

@@ -20,7 +20,7 @@ def test_harness_json_format(tmp_path, capsys):
     _bench().main(["--device", "cpu", "--batch", "1", "2", "--frames", "20", "--dim", "12", "--size", "32", "40",
                    "--tubes", "paper", "tubelet2", "--modes", "fwd", "fwd_bwd", "fwd_bwd_input",
                    "--impls", "reference", "unfold_gemm", "fused", "--dtypes", "float32", "--warmup", "1",
-                   "--repeats", "2", "--json", str(out), "--plot", str(tmp_path / "p.png")])
+                   "--repeats", "2", "--rounds", "2", "--json", str(out), "--plot", str(tmp_path / "p.png")])
     r = json.loads(out.read_text())
     for key in ("device", "torch", "cuda", "cudnn", "commit", "peak_tflops", "results"):
         assert key in r
@@ -32,4 +32,5 @@ def test_harness_json_format(tmp_path, capsys):
                          ("median_ms", float), ("tflops", float), ("max_abs_err", float)):
             assert isinstance(row[key], typ), key
         assert row["agrees"], row
+        assert row["samples"] == 4  # 2 interleaved rounds x 2 repeats
     assert "targets" in capsys.readouterr().out
