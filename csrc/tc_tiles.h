@@ -73,6 +73,15 @@ struct ParamsDW {
   int64_t sB, sC, sT, sH, sW;
 };
 
+struct ParamsDX {
+  TubeGeom g[kMaxTubesTC];
+  const void* w[kMaxTubesTC];             // (d, K) row-major, scalar_t
+  int64_t dp_offset[kMaxTubesTC];         // first element of tube i's (B n_i x K_i) block of dP
+  int64_t tiles_before[kMaxTubesTC + 1];  // prefix of ceil(B n_i / BM) * ceil(K_i / BN)
+  int n_tubes;
+  int64_t B, N, d;
+};
+
 // One warp's MMA step: acc[a][c] += A(a) * B(c), A(a) = the 16 x depth block
 // at As + a_off + a * a_step (row-major, leading dim lda), B(c) = the
 // depth x 16 block at Bs + b_off + c * b_step (leading dim ldb; layout fixed
@@ -352,6 +361,105 @@ TUBEVIT_HD void dw_epilogue(const ParamsDW& p, const DwLoc& l, const float* Cs, 
   }
 }
 
+// ----------------------------------------------------- input gradient (dX)
+// Two steps, both deterministic: (1) dP_i (M_i x K_i) = G_i (M_i x d) * W_i
+// (d x K_i), M_i = B * n_i, on tensor cores into an fp32 workspace (one
+// launch, tiles of (tube, BM tokens, BN patch columns), reduction over d in
+// steps of BK); (2) every input voxel sums the dP entries of the tokens whose
+// windows cover it (gather form: no atomics, overlapping tubes and windows
+// need no ordering between threads).
+struct DxLoc {
+  int i;
+  int64_t m0, c0;  // first token (of the B * n_i), first patch column
+};
+
+TUBEVIT_HD DxLoc dx_locate(const ParamsDX& p, int64_t tile) {
+  int i = 0;
+  while (i + 1 < p.n_tubes && tile >= p.tiles_before[i + 1]) ++i;
+  const int64_t k_tiles = (p.g[i].patch_size + BN - 1) / BN;
+  const int64_t local = tile - p.tiles_before[i];
+  return {i, (local / k_tiles) * BM, (local % k_tiles) * BN};
+}
+
+// grad_row[r]: row of grad (B, N, d) of token m0 + r, -1 past M.
+TUBEVIT_HD void dx_rows(const ParamsDX& p, const DxLoc& l, int tid, int64_t* grad_row) {
+  const TubeGeom& g = p.g[l.i];
+  const int64_t n = g.num_tokens;
+  for (int r = tid; r < BM; r += kThreads) {
+    const int64_t m = l.m0 + r;
+    grad_row[r] = m < p.B * n ? (m / n) * p.N + g.token_offset + m % n : -1;
+  }
+}
+
+// A = G tile: As[r][kk] = grad[grad_row[r], j0 + kk] (row-major, contiguous along d).
+template <typename scalar_t>
+TUBEVIT_HD void dx_fill_a(const ParamsDX& p, const scalar_t* grad, const int64_t* grad_row, int64_t j0, int tid,
+                          scalar_t* As) {
+  for (int e = tid; e < BM * BK; e += kThreads) {
+    const int r = e / BK, kk = e % BK;
+    const int64_t gr = grad_row[r], j = j0 + kk;
+    As[r * LDS + kk] = gr >= 0 && j < p.d ? grad[gr * p.d + j] : scalar_t(0.0f);
+  }
+}
+
+// B = W tile: Bs[kk][n] = W[j0 + kk, c0 + n] (row-major, contiguous along K).
+template <typename scalar_t>
+TUBEVIT_HD void dx_fill_b(const ParamsDX& p, const DxLoc& l, int64_t j0, int tid, scalar_t* Bs) {
+  const int64_t K = p.g[l.i].patch_size;
+  const scalar_t* w = static_cast<const scalar_t*>(p.w[l.i]);
+  for (int e = tid; e < BK * BN; e += kThreads) {
+    const int kk = e / BN, n = e % BN;
+    const int64_t j = j0 + kk, col = l.c0 + n;
+    Bs[kk * LDB2 + n] = j < p.d && col < K ? w[j * K + col] : scalar_t(0.0f);
+  }
+}
+
+TUBEVIT_HD MmaArgs dx_mma_args(int warp, int ks) {
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  // B staged as Bs[j][k]: row-major; 16 columns apart = 16 elements
+  return {wm * LDS + ks, 16 * LDS, LDS, ks * LDB2 + wn, 16, LDB2};
+}
+
+TUBEVIT_HD int dx_acc_offset(int warp, int a, int c) { return fwd_acc_offset(warp, a, c); }
+
+// dP[dp_offset_i + m * K + col] = Cs (fp32, not rounded to the input dtype).
+TUBEVIT_HD void dx_epilogue(const ParamsDX& p, const DxLoc& l, const float* Cs, int tid, float* dp) {
+  const TubeGeom& g = p.g[l.i];
+  const int64_t K = g.patch_size, M = p.B * g.num_tokens;
+  for (int e = tid; e < BM * BN; e += kThreads) {
+    const int r = e / BN, n = e % BN;
+    const int64_t m = l.m0 + r, col = l.c0 + n;
+    if (m < M && col < K) dp[p.dp_offset[l.i] + m * K + col] = Cs[r * LDC + n];
+  }
+}
+
+// Step (2), one input element: idx over contiguous (B, C, T, H, W).
+template <typename scalar_t>
+TUBEVIT_HD scalar_t dx_gather(const ParamsDX& p, const float* dp, int64_t C, const int64_t* size, int64_t idx) {
+  const int64_t T = size[0], H = size[1], W = size[2];
+  const int64_t w = idx % W, h = (idx / W) % H, t = (idx / (W * H)) % T;
+  const int64_t c = (idx / (W * H * T)) % C, b = idx / (W * H * T * C);
+  float acc = 0.0f;
+  for (int i = 0; i < p.n_tubes; ++i) {
+    const TubeGeom& g = p.g[i];
+    int64_t t0, t1, h0, h1, w0, w1;
+    axis_covering(t, g.k[0], g.s[0], g.o[0], g.n[0], &t0, &t1);
+    axis_covering(h, g.k[1], g.s[1], g.o[1], g.n[1], &h0, &h1);
+    axis_covering(w, g.k[2], g.s[2], g.o[2], g.n[2], &w0, &w1);
+    const float* dpi = dp + p.dp_offset[i] + b * g.num_tokens * g.patch_size;
+    for (int64_t it = t0; it <= t1; ++it)
+      for (int64_t ih = h0; ih <= h1; ++ih)
+        for (int64_t iw = w0; iw <= w1; ++iw) {
+          const int64_t tok = (it * g.n[1] + ih) * g.n[2] + iw;
+          const int64_t k = ((c * g.k[0] + (t - g.o[0] - g.s[0] * it)) * g.k[1] + (h - g.o[1] - g.s[1] * ih)) *
+                                g.k[2] +
+                            (w - g.o[2] - g.s[2] * iw);
+          acc += dpi[tok * g.patch_size + k];
+        }
+  }
+  return static_cast<scalar_t>(acc);
+}
+
 // ------------------------------------------------------------- host side
 // Widest access (elements, at most 16 bytes) for gathering tube g's patches
 // from x: the kw-runs must be unit-stride and start at multiples of V for
@@ -421,12 +529,40 @@ inline ParamsDW make_dw_params(const TubeLayout& L, const int64_t* xs, const voi
   return p;
 }
 
+// dp_elems receives the workspace size (elements of fp32) for dP.
+inline ParamsDX make_dx_params(const TubeLayout& L, const void* const* w, int64_t* dp_elems) {
+  ParamsDX p{};
+  p.n_tubes = static_cast<int>(L.tubes.size());
+  p.B = L.batch;
+  p.N = L.num_tokens;
+  p.d = L.dim;
+  p.tiles_before[0] = 0;
+  int64_t off = 0;
+  for (int i = 0; i < p.n_tubes; ++i) {
+    const TubeGeom& g = L.tubes[i];
+    p.g[i] = g;
+    p.w[i] = w[i];
+    p.dp_offset[i] = off;
+    off += L.batch * g.num_tokens * g.patch_size;
+    p.tiles_before[i + 1] =
+        p.tiles_before[i] + ((L.batch * g.num_tokens + BM - 1) / BM) * ((g.patch_size + BN - 1) / BN);
+  }
+  *dp_elems = off;
+  return p;
+}
+
 // Shared-memory bytes of the staging tiles and of the fp32 accumulator tile
 // (they alias: the accumulators are stored after the last MMA).
 template <typename scalar_t>
 constexpr int fwd_smem_bytes() {
   return (BM + BN) * LDS * int(sizeof(scalar_t)) > BM * LDC * int(sizeof(float))
              ? (BM + BN) * LDS * int(sizeof(scalar_t))
+             : BM * LDC * int(sizeof(float));
+}
+template <typename scalar_t>
+constexpr int dx_smem_bytes() {
+  return (BM * LDS + BK * LDB2) * int(sizeof(scalar_t)) > BM * LDC * int(sizeof(float))
+             ? (BM * LDS + BK * LDB2) * int(sizeof(scalar_t))
              : BM * LDC * int(sizeof(float));
 }
 template <typename scalar_t>

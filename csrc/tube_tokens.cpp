@@ -187,10 +187,11 @@ TORCH_LIBRARY(tubevit, m) {
       "int[] tubes, bool[3] output_mask) -> (Tensor, Tensor[], Tensor[])");
   // The tensor-core kernels' tile code (tc_tiles.h) run on the CPU with an
   // emulated MMA (cpu/tc_emulation.cpp): the forward output and the weight
-  // gradients those kernels compute, for fp16, bf16 and fp32-as-TF32.
+  // and input gradients those kernels compute, for fp16, bf16 and fp32-as-TF32.
   // Test-only, CPU-only, not differentiable.
   m.def(
       "tube_tokens_tc_emulated(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
       "Tensor? pos_embed) -> Tensor");
   m.def("tube_tokens_tc_emulated_dw(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor[]");
+  m.def("tube_tokens_tc_emulated_dx(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor");
 }

@@ -101,12 +101,14 @@ def _tf32_case(seed=0):
 
 
 def _fwd_bwd(x, ws, bs, gout, device, dtype):
-    x = x.to(device, dtype)
+    """[out, dW..., dx, db...] in fp64 on the CPU."""
+    x = x.to(device, dtype).requires_grad_()
     ws = [w.to(device, dtype).requires_grad_() for w in ws]
     bs = [b.to(device, dtype).requires_grad_() for b in bs]
     out = tv.tube_tokens(x, ws, bs, TUBES)
     out.backward(gout.to(device, dtype))
-    return [out.detach().double().cpu()] + [w.grad.double().cpu() for w in ws] + [b.grad.double().cpu() for b in bs]
+    return ([out.detach().double().cpu()] + [w.grad.double().cpu() for w in ws] + [x.grad.double().cpu()]
+            + [b.grad.double().cpu() for b in bs])
 
 
 def test_cuda_tf32_follows_cudnn_switch(monkeypatch):
@@ -126,15 +128,17 @@ def test_cuda_tf32_follows_cudnn_switch(monkeypatch):
             assert torch.equal(a, b)
         # TF32 on: the tensor-core kernels; error budget = twice that of exact
         # arithmetic on TF32-rounded operands (x and w for the output, x and
-        # the output gradient for dW) + atol
+        # the output gradient for dW, w and the output gradient for dx) + atol
         torch.backends.cudnn.allow_tf32 = True
         tf32 = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
     finally:
         torch.backends.cudnn.allow_tf32 = prev
     r = lambda t: round_to_tf32(t).double()
+    n = len(TUBES)
     rounded_out = _fwd_bwd(r(x), [r(w) for w in ws], bs, gout, "cpu", torch.float64)[0]
-    rounded_dw = _fwd_bwd(r(x), ws, bs, r(gout), "cpu", torch.float64)[1:1 + len(TUBES)]
-    budgets = [rounded_out] + rounded_dw
+    rounded_dw = _fwd_bwd(r(x), ws, bs, r(gout), "cpu", torch.float64)[1:1 + n]
+    rounded_dx = _fwd_bwd(x, [r(w) for w in ws], bs, r(gout), "cpu", torch.float64)[1 + n]
+    budgets = [rounded_out] + rounded_dw + [rounded_dx]  # db is exact (naive kernel) and not compared here
     for got, want, budget in zip(tf32, oracle, budgets):
         err = (got - want).abs().max().item()
         assert err <= 2 * (budget - want).abs().max().item() + 1e-4, err

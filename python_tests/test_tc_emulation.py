@@ -1,6 +1,6 @@
-"""The tensor-core kernels' tile code, run on the CPU (tubevit::tube_tokens_tc_emulated{,_dw},
+"""The tensor-core kernels' tile code, run on the CPU (tubevit::tube_tokens_tc_emulated{,_dw,_dx},
 see csrc/tc_tiles.h and csrc/cpu/tc_emulation.cpp): block/thread/warp index arithmetic, strides,
-leading dimensions and boundary masks of the forward and weight-gradient kernels, checked against
+leading dimensions and boundary masks of the forward, weight- and input-gradient kernels, checked against
 the fp64 reference without a GPU. Shapes are chosen so that every tile axis has several tiles and
 a partial last one (tokens > 64, d > 64, K > 32 / 64, batch > 1)."""
 import pytest
@@ -97,6 +97,25 @@ def test_weight_gradient_tiles(case, dtype, layout):
         check_close(a, b, dtype, f"{case} dW[{i}]")
 
 
+def _dx_oracle(gout, x, ws, tubes, dtype):
+    x64 = x.double().requires_grad_()
+    out = tv.reference.tube_tokens(x64, [as_mma_input(w, dtype) for w in ws], None, tubes)
+    return torch.autograd.grad(out, x64, as_mma_input(gout, dtype))[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_input_gradient_tiles(case, dtype):
+    tubes, size, C, d = CASES[case]
+    g = torch.Generator().manual_seed(3)
+    x = make_x(2, C, size, dtype, "contiguous", g)
+    ws, _ = make_params(tubes, C, d, dtype)
+    gout = torch.randn(2, tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    got = ops.tube_tokens_tc_emulated_dx(gout, x, ws, tv.flatten_tubes(tubes))
+    assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+    check_close(got, _dx_oracle(gout, x, ws, tubes, dtype), dtype, f"{case} dx")
+
+
 def test_emulation_detects_a_wrong_result():
     # the comparison is sharp enough: a one-element change of the input is seen
     tubes, size, C, d = CASES["one_tube"]
@@ -171,3 +190,5 @@ def test_fuzz_forward_and_weight_gradient(prob):
                               as_mma_input(gout, dtype))
     for i, (a, b) in enumerate(zip(dws, ref)):
         check_close(a, b, dtype, f"dW[{i}]")
+    dx = ops.tube_tokens_tc_emulated_dx(gout, x, ws, flat)
+    check_close(dx, _dx_oracle(gout, x, ws, tubes, dtype), dtype, "dx")

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../tc_tiles.h"
@@ -167,6 +168,42 @@ void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const Tube
   }
 }
 
+template <typename scalar_t>
+void emulate_grad_input(const at::Tensor& grad, const std::vector<at::Tensor>& w, const TubeLayout& L,
+                        at::Tensor& dx) {
+  std::vector<const void*> wp;
+  for (const auto& t : w) wp.push_back(t.const_data_ptr());
+  int64_t dp_elems = 0;
+  const ParamsDX p = make_dx_params(L, wp.data(), &dp_elems);
+  // poisoned: every entry the gather reads must have been written by step 1
+  std::vector<float> dp(dp_elems, std::numeric_limits<float>::quiet_NaN());
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  for (int64_t bx = 0; bx < p.tiles_before[p.n_tubes]; ++bx) {
+    Smem smem(dx_smem_bytes<scalar_t>());
+    scalar_t* As = smem.as<scalar_t>();
+    scalar_t* Bs = As + BM * LDS;
+    float* Cs = smem.as<float>();
+    int64_t grad_row[BM];
+    const DxLoc l = dx_locate(p, bx);
+    for (int t = 0; t < kThreads; ++t) dx_rows(p, l, t, grad_row);
+    WarpAcc acc[kWarps] = {};
+    for (int64_t j0 = 0; j0 < p.d; j0 += BK) {
+      for (int t = 0; t < kThreads; ++t) {
+        dx_fill_a(p, gp, grad_row, j0, t, As);
+        dx_fill_b(p, l, j0, t, Bs);
+      }
+      for (int warp = 0; warp < kWarps; ++warp)
+        for (int ks = 0; ks < BK; ks += MmaDepth<scalar_t>::value)
+          mma_2x2(acc[warp], As, Bs, dx_mma_args(warp, ks), /*b_col_major=*/false);
+    }
+    store_acc(acc, &dx_acc_offset, Cs);
+    for (int t = 0; t < kThreads; ++t) dx_epilogue(p, l, Cs, t, dp.data());
+    smem.check();
+  }
+  scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+  for (int64_t idx = 0; idx < dx.numel(); ++idx) out[idx] = dx_gather<scalar_t>(p, dp.data(), L.channels, L.size, idx);
+}
+
 std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   std::vector<at::Tensor> out;
   for (const auto& t : ts) out.push_back(t.contiguous());
@@ -204,6 +241,18 @@ std::vector<at::Tensor> tc_emulated_dw_cpu(const at::Tensor& grad_out, const at:
   return dws;
 }
 
+at::Tensor tc_emulated_dx_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                              at::IntArrayRef tubes) {
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  check_emulable(L);
+  at::Tensor dx = at::empty({L.batch, L.channels, L.size[0], L.size[1], L.size[2]}, x.options());
+  if (dx.numel() == 0) return dx;
+  const auto w = contiguous_all(weights);
+  const at::Tensor grad = grad_out.contiguous();
+  TUBEVIT_TC_DTYPES("tube_tokens_tc_emulated_dx", [&] { emulate_grad_input<scalar_t>(grad, w, L, dx); });
+  return dx;
+}
+
 #undef TUBEVIT_TC_DTYPES
 
 }  // namespace
@@ -211,6 +260,7 @@ std::vector<at::Tensor> tc_emulated_dw_cpu(const at::Tensor& grad_out, const at:
 TORCH_LIBRARY_IMPL(tubevit, CPU, m) {
   m.impl("tube_tokens_tc_emulated", &tc_emulated_cpu);
   m.impl("tube_tokens_tc_emulated_dw", &tc_emulated_dw_cpu);
+  m.impl("tube_tokens_tc_emulated_dx", &tc_emulated_dx_cpu);
 }
 
 }  // namespace tubevit

@@ -69,16 +69,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
     const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights, at::IntArrayRef tubes,
     std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
-  if (tensor_core_enabled() && output_mask[1]) {
+  if (tensor_core_enabled() && (output_mask[0] || output_mask[1])) {
     const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
     if (tc::supported(x, L)) {
-      // dW on tensor cores; dx and db (if asked) from the naive kernels.
-      auto rest = naive::backward<CudaLauncher>(grad_out, x, weights, tubes,
-                                                {output_mask[0], false, output_mask[2]});
+      // dx and dW on tensor cores; db (if asked) from the naive kernels.
+      auto rest = naive::backward<CudaLauncher>(grad_out, x, weights, tubes, {false, false, output_mask[2]});
+      const at::Tensor grad = grad_out.contiguous();
+      at::Tensor dx = at::empty({0}, x.options());
+      if (output_mask[0]) dx = tc::grad_input(x, grad, naive::contiguous_all(weights), L);
       std::vector<at::Tensor> dws;
-      for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));
-      tc::grad_weight(x, grad_out.contiguous(), L, dws);
-      return {std::get<0>(rest), dws, std::get<2>(rest)};
+      if (output_mask[1]) {
+        for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));
+        tc::grad_weight(x, grad, L, dws);
+      }
+      return {dx, dws, std::get<2>(rest)};
     }
   }
   return naive::backward<CudaLauncher>(grad_out, x, weights, tubes, output_mask);

@@ -195,6 +195,57 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
+// ---- input gradient, step 1: dP = G W into an fp32 workspace (tc_tiles.h) ----
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    tube_dp_tc_kernel(const scalar_t* __restrict__ grad, float* __restrict__ dp, const ParamsDX p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ __align__(32) unsigned char smem[dx_smem_bytes<scalar_t>()];
+  __shared__ int64_t grad_row[BM];
+  scalar_t* As = reinterpret_cast<scalar_t*>(smem);  // [BM tokens][LDS]
+  scalar_t* Bs = As + BM * LDS;                       // [BK d][LDB2]
+  float* Cs = reinterpret_cast<float*>(smem);
+  const int tid = threadIdx.x, warp = tid / 32;
+  const DxLoc l = dx_locate(p, blockIdx.x);
+  dx_rows(p, l, tid, grad_row);  // published by the loop's first barrier
+
+  AccFrag<scalar_t> acc[2][2];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[a][c], 0.0f);
+
+  for (int64_t j0 = 0; j0 < p.d; j0 += BK) {
+    __syncthreads();  // previous tiles consumed (first pass: grad_row ready)
+    dx_fill_a(p, grad, grad_row, j0, tid, As);
+    dx_fill_b(p, l, j0, tid, Bs);
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += Mma<scalar_t>::kK)
+      mma_2x2<scalar_t, wmma::row_major>(acc, As, Bs, dx_mma_args(warp, ks));
+  }
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      wmma::store_matrix_sync(Cs + dx_acc_offset(warp, a, c), acc[a][c], LDC, wmma::mem_row_major);
+  __syncthreads();
+  dx_epilogue(p, l, Cs, tid, dp);
+#endif
+}
+
+// ---- input gradient, step 2: every voxel gathers the dP entries covering it ----
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+    tube_dx_gather_kernel(const float* __restrict__ dp, scalar_t* __restrict__ dx, const ParamsDX p, int64_t C,
+                          int64_t T, int64_t H, int64_t W, int64_t numel) {
+  const int64_t size[3] = {T, H, W};
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < numel;
+       idx += int64_t(gridDim.x) * blockDim.x)
+    dx[idx] = dx_gather<scalar_t>(p, dp, C, size, idx);
+}
+
 }  // namespace
 
 // torch.backends.cudnn.allow_tf32 (conv). Since PyTorch 2.9 the flag is per
@@ -261,6 +312,46 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
 
 namespace tubevit {
 namespace tc {
+
+at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
+                      const TubeLayout& L) {
+  at::Tensor dx = at::empty({L.batch, L.channels, L.size[0], L.size[1], L.size[2]}, x.options());
+  if (dx.numel() == 0) return dx;
+  const void* wp[kMaxTubesTC];
+  for (size_t i = 0; i < L.tubes.size(); ++i) wp[i] = w[i].const_data_ptr();
+  int64_t dp_elems = 0;
+  const ParamsDX p = make_dx_params(L, wp, &dp_elems);
+  const int64_t tiles = p.tiles_before[p.n_tubes];
+  TORCH_CHECK(tiles < (int64_t(1) << 31), "tube_tokens_backward (tensor-core path): too many tiles (", tiles, ")");
+  at::Tensor dp = at::empty({dp_elems}, x.options().dtype(at::kFloat));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::min<int64_t>((dx.numel() + 255) / 256, int64_t(1) << 20);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_dx_tc",
+                     AT_DISPATCH_CASE(at::kHalf, [&] {
+                       tube_dp_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+                           grad.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<float>(), p);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                       tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+                           dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0],
+                           L.size[1], L.size[2], dx.numel());
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       tube_dp_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+                           grad.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<float>(), p);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                       tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+                           dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0],
+                           L.size[1], L.size[2], dx.numel());
+                     }) AT_DISPATCH_CASE(at::kFloat, [&] {
+                       tube_dp_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+                           grad.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<float>(), p);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                       tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+                           dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0],
+                           L.size[1], L.size[2], dx.numel());
+                     }));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
 
 void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& L,
                  std::vector<at::Tensor>& dws) {

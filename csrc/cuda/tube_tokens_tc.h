@@ -20,6 +20,12 @@ bool supported(const at::Tensor& x, const TubeLayout& L);
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
              const at::Tensor& pe, const TubeLayout& L, at::Tensor& out);
 
+// The input gradient (B, C, T, H, W) contiguous, dtype of x: dP = G W per
+// tube on tensor cores (fp32 workspace), then a deterministic gather.
+// grad (B, N, d) and w contiguous.
+at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
+                      const TubeLayout& L);
+
 // dws[i] (d, C, kt, kh, kw) contiguous, fully overwritten; grad (B, N, d)
 // contiguous; same dtype and device as x (any strides).
 void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& L,
