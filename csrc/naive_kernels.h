@@ -167,22 +167,12 @@ struct GradInputElem {
     acc_t acc = 0;
     for (int i = 0; i < args.n_tubes; ++i) {
       const TubeGeom& g = args.g[i];
-      int64_t t0, t1, h0, h1, w0, w1;
-      axis_covering(t, g.k[0], g.s[0], g.o[0], g.n[0], &t0, &t1);
-      axis_covering(h, g.k[1], g.s[1], g.o[1], g.n[1], &h0, &h1);
-      axis_covering(w, g.k[2], g.s[2], g.o[2], g.n[2], &w0, &w1);
-      for (int64_t it = t0; it <= t1; ++it)
-        for (int64_t ih = h0; ih <= h1; ++ih)
-          for (int64_t iw = w0; iw <= w1; ++iw) {
-            const int64_t tok = (it * g.n[1] + ih) * g.n[2] + iw;
-            const int64_t k =
-                ((c * g.k[0] + (t - g.o[0] - g.s[0] * it)) * g.k[1] +
-                 (h - g.o[1] - g.s[1] * ih)) * g.k[2] + (w - g.o[2] - g.s[2] * iw);
-            const scalar_t* gr = grad + (b * N + g.token_offset + tok) * d;
-            const scalar_t* wc = args.w[i] + k;
-            for (int64_t jj = 0; jj < d; ++jj)
-              acc += static_cast<acc_t>(gr[jj]) * static_cast<acc_t>(wc[jj * g.patch_size]);
-          }
+      for_each_covering(g, c, t, h, w, [&](int64_t tok, int64_t k) {
+        const scalar_t* gr = grad + (b * N + g.token_offset + tok) * d;
+        const scalar_t* wc = args.w[i] + k;
+        for (int64_t jj = 0; jj < d; ++jj)
+          acc += static_cast<acc_t>(gr[jj]) * static_cast<acc_t>(wc[jj * g.patch_size]);
+      });
     }
     dx[idx] = static_cast<scalar_t>(acc);
   }

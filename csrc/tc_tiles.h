@@ -442,20 +442,8 @@ TUBEVIT_HD scalar_t dx_gather(const ParamsDX& p, const float* dp, int64_t C, con
   float acc = 0.0f;
   for (int i = 0; i < p.n_tubes; ++i) {
     const TubeGeom& g = p.g[i];
-    int64_t t0, t1, h0, h1, w0, w1;
-    axis_covering(t, g.k[0], g.s[0], g.o[0], g.n[0], &t0, &t1);
-    axis_covering(h, g.k[1], g.s[1], g.o[1], g.n[1], &h0, &h1);
-    axis_covering(w, g.k[2], g.s[2], g.o[2], g.n[2], &w0, &w1);
     const float* dpi = dp + p.dp_offset[i] + b * g.num_tokens * g.patch_size;
-    for (int64_t it = t0; it <= t1; ++it)
-      for (int64_t ih = h0; ih <= h1; ++ih)
-        for (int64_t iw = w0; iw <= w1; ++iw) {
-          const int64_t tok = (it * g.n[1] + ih) * g.n[2] + iw;
-          const int64_t k = ((c * g.k[0] + (t - g.o[0] - g.s[0] * it)) * g.k[1] + (h - g.o[1] - g.s[1] * ih)) *
-                                g.k[2] +
-                            (w - g.o[2] - g.s[2] * iw);
-          acc += dpi[tok * g.patch_size + k];
-        }
+    for_each_covering(g, c, t, h, w, [&](int64_t tok, int64_t k) { acc += dpi[tok * g.patch_size + k]; });
   }
   return static_cast<scalar_t>(acc);
 }

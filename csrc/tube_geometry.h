@@ -106,6 +106,26 @@ TUBEVIT_HD int64_t patch_column_offset(const TubeGeom& g, int64_t k, int64_t sC,
   return c * sC + kt * sT + kh * sH + kw * sW;
 }
 
+// Calls f(tok, k) for every token `tok` of tube g whose window covers voxel
+// (c, t, h, w), with k the voxel's column in that token's patch (K ordered
+// (c, kt, kh, kw)); tokens in row-major (t, h, w) order. The gather form of
+// the input gradient (each voxel sums over the tokens that read it).
+template <class F>
+TUBEVIT_HD void for_each_covering(const TubeGeom& g, int64_t c, int64_t t, int64_t h, int64_t w, const F& f) {
+  int64_t t0, t1, h0, h1, w0, w1;
+  axis_covering(t, g.k[0], g.s[0], g.o[0], g.n[0], &t0, &t1);
+  axis_covering(h, g.k[1], g.s[1], g.o[1], g.n[1], &h0, &h1);
+  axis_covering(w, g.k[2], g.s[2], g.o[2], g.n[2], &w0, &w1);
+  for (int64_t it = t0; it <= t1; ++it)
+    for (int64_t ih = h0; ih <= h1; ++ih)
+      for (int64_t iw = w0; iw <= w1; ++iw) {
+        const int64_t tok = (it * g.n[1] + ih) * g.n[2] + iw;
+        const int64_t k = ((c * g.k[0] + (t - g.o[0] - g.s[0] * it)) * g.k[1] + (h - g.o[1] - g.s[1] * ih)) * g.k[2] +
+                          (w - g.o[2] - g.s[2] * iw);
+        f(tok, k);
+      }
+}
+
 // Resolve tube `t` described by 9 ints (see kTubeInts) for input
 // (C, T, H, W) with `token_offset` tokens before it.
 inline TubeGeom make_tube_geom(const int64_t* p, int64_t channels,

@@ -313,6 +313,23 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
 namespace tubevit {
 namespace tc {
 
+namespace {
+// The two launches of the input gradient, on the current stream, checked.
+template <typename scalar_t>
+void launch_dx(const at::Tensor& grad, const ParamsDX& p, int64_t tiles, const TubeLayout& L, at::Tensor& dp,
+               at::Tensor& dx) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  tube_dp_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+      grad.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<float>(), p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t blocks = std::min<int64_t>((dx.numel() + 255) / 256, int64_t(1) << 20);
+  tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0], L.size[1], L.size[2],
+      dx.numel());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+}  // namespace
+
 at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
                       const TubeLayout& L) {
   at::Tensor dx = at::empty({L.batch, L.channels, L.size[0], L.size[1], L.size[2]}, x.options());
@@ -324,32 +341,10 @@ at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::ve
   const int64_t tiles = p.tiles_before[p.n_tubes];
   TORCH_CHECK(tiles < (int64_t(1) << 31), "tube_tokens_backward (tensor-core path): too many tiles (", tiles, ")");
   at::Tensor dp = at::empty({dp_elems}, x.options().dtype(at::kFloat));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t blocks = std::min<int64_t>((dx.numel() + 255) / 256, int64_t(1) << 20);
   AT_DISPATCH_SWITCH(x.scalar_type(), "tube_dx_tc",
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       tube_dp_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-                           grad.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<float>(), p);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                       tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-                           dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0],
-                           L.size[1], L.size[2], dx.numel());
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       tube_dp_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-                           grad.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<float>(), p);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                       tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-                           dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0],
-                           L.size[1], L.size[2], dx.numel());
-                     }) AT_DISPATCH_CASE(at::kFloat, [&] {
-                       tube_dp_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-                           grad.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<float>(), p);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                       tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-                           dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0],
-                           L.size[1], L.size[2], dx.numel());
-                     }));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_dx<scalar_t>(grad, p, tiles, L, dp, dx); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_dx<scalar_t>(grad, p, tiles, L, dp, dx); })
+                     AT_DISPATCH_CASE(at::kFloat, [&] { launch_dx<scalar_t>(grad, p, tiles, L, dp, dx); }));
   return dx;
 }
 
