@@ -25,6 +25,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include <ATen/Dispatch.h>
+
 #include "tube_geometry.h"
 #include "tube_tokens.h"
 
@@ -140,6 +142,35 @@ TUBEVIT_HD void gather_tile(const scalar_t* x, const int64_t* row_base, const in
   }
 }
 
+// The dtypes the tensor-core kernels take (fp32 as TF32); the kernels'
+// launchers and the emulator dispatch through this one list.
+#define TUBEVIT_DISPATCH_TC_TYPES(TYPE, NAME, ...)                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__))
+
+// Every grid here is a prefix sum over tubes of their tile counts: the tube
+// that owns `tile`, by a linear scan (at most kMaxTubesTC entries).
+TUBEVIT_HD int tube_of_tile(const int64_t* tiles_before, int n_tubes, int64_t tile) {
+  int i = 0;
+  while (i + 1 < n_tubes && tile >= tiles_before[i + 1]) ++i;
+  return i;
+}
+
+// For the dW and dX grids: tube i has ceil(rows / BM) x ceil(K_i / BN) tiles,
+// patch-column blocks fastest; returns the tile's first row and column.
+struct RowColTile {
+  int i;
+  int64_t r0, c0;
+};
+
+TUBEVIT_HD RowColTile row_col_tile(const int64_t* tiles_before, int n_tubes, const TubeGeom* g, int64_t tile) {
+  const int i = tube_of_tile(tiles_before, n_tubes, tile);
+  const int64_t k_tiles = (g[i].patch_size + BN - 1) / BN;
+  const int64_t local = tile - tiles_before[i];
+  return {i, (local / k_tiles) * BM, (local % k_tiles) * BN};
+}
+
 // ------------------------------------------------------------------ forward
 struct FwdLoc {
   int i;                // tube
@@ -148,8 +179,7 @@ struct FwdLoc {
 
 // Grid: x = tiles_before[n_tubes] token tiles, y = ceil(d / BN) channel tiles.
 TUBEVIT_HD FwdLoc fwd_locate(const Params& p, int64_t tile, int64_t channel_tile) {
-  int i = 0;
-  while (i + 1 < p.n_tubes && tile >= p.tiles_before[i + 1]) ++i;
+  const int i = tube_of_tile(p.tiles_before, p.n_tubes, tile);
   const int64_t m_tiles = (p.g[i].num_tokens + BM - 1) / BM;
   const int64_t local = tile - p.tiles_before[i];
   return {i, local / m_tiles, (local % m_tiles) * BM, channel_tile * BN};
@@ -252,8 +282,10 @@ TUBEVIT_HD MmaArgs fwd_mma_args(int warp, int ks) {
   return {wm * LDS + ks, 16 * LDS, LDS, wn * LDS + ks, 16 * LDS, LDS};
 }
 
-// Where accumulator block (a, c) of warp w is stored in Cs (row-major, LDC).
-TUBEVIT_HD int fwd_acc_offset(int warp, int a, int c) {
+// Where accumulator block (a, c) of warp w is stored in Cs (row-major, LDC);
+// all three kernels split their 64 x 64 block tile the same way (warp w owns
+// rows [32 (w / 2), +32) x columns [32 (w % 2), +32)).
+TUBEVIT_HD int acc_offset(int warp, int a, int c) {
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   return (wm + 16 * a) * LDC + wn + 16 * c;
 }
@@ -286,11 +318,8 @@ struct DwLoc {
 };
 
 TUBEVIT_HD DwLoc dw_locate(const ParamsDW& p, int64_t tile) {
-  int i = 0;
-  while (i + 1 < p.n_tubes && tile >= p.tiles_before[i + 1]) ++i;
-  const int64_t k_tiles = (p.g[i].patch_size + BN - 1) / BN;
-  const int64_t local = tile - p.tiles_before[i];
-  return {i, (local / k_tiles) * BM, (local % k_tiles) * BN};
+  const RowColTile t = row_col_tile(p.tiles_before, p.n_tubes, p.g, tile);
+  return {t.i, t.r0, t.c0};
 }
 
 // The block's patch columns are fixed: koff[kk] for c0 + kk, once per block.
@@ -345,11 +374,6 @@ TUBEVIT_HD MmaArgs dw_mma_args(int warp, int ks) {
   return {wj * LDA2 + ks, 16 * LDA2, LDA2, ks * LDB2 + wk, 16, LDB2};
 }
 
-TUBEVIT_HD int dw_acc_offset(int warp, int a, int c) {
-  const int wj = (warp / 2) * 32, wk = (warp % 2) * 32;
-  return (wj + 16 * a) * LDC + wk + 16 * c;
-}
-
 template <typename scalar_t>
 TUBEVIT_HD void dw_epilogue(const ParamsDW& p, const DwLoc& l, const float* Cs, int tid) {
   const int64_t K = p.g[l.i].patch_size;
@@ -374,11 +398,8 @@ struct DxLoc {
 };
 
 TUBEVIT_HD DxLoc dx_locate(const ParamsDX& p, int64_t tile) {
-  int i = 0;
-  while (i + 1 < p.n_tubes && tile >= p.tiles_before[i + 1]) ++i;
-  const int64_t k_tiles = (p.g[i].patch_size + BN - 1) / BN;
-  const int64_t local = tile - p.tiles_before[i];
-  return {i, (local / k_tiles) * BM, (local % k_tiles) * BN};
+  const RowColTile t = row_col_tile(p.tiles_before, p.n_tubes, p.g, tile);
+  return {t.i, t.r0, t.c0};
 }
 
 // grad_row[r]: row of grad (B, N, d) of token m0 + r, -1 past M.
@@ -419,8 +440,6 @@ TUBEVIT_HD MmaArgs dx_mma_args(int warp, int ks) {
   // B staged as Bs[j][k]: row-major; 16 columns apart = 16 elements
   return {wm * LDS + ks, 16 * LDS, LDS, ks * LDB2 + wn, 16, LDB2};
 }
-
-TUBEVIT_HD int dx_acc_offset(int warp, int a, int c) { return fwd_acc_offset(warp, a, c); }
 
 // dP[dp_offset_i + m * K + col] = Cs (fp32, not rounded to the input dtype).
 TUBEVIT_HD void dx_epilogue(const ParamsDX& p, const DxLoc& l, const float* Cs, int tid, float* dp) {

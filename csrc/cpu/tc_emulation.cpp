@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "../naive_kernels.h"
 #include "../tc_tiles.h"
 #include "../tube_tokens.h"
 
@@ -61,13 +62,13 @@ void mma_2x2(WarpAcc& acc, const scalar_t* As, const scalar_t* Bs, const MmaArgs
         }
 }
 
-// store_matrix_sync(Cs + offset, acc, LDC, mem_row_major) for every warp.
-void store_acc(const WarpAcc (&acc)[kWarps], int (*offset)(int, int, int), float* Cs) {
+// store_matrix_sync(Cs + acc_offset(...), acc, LDC, mem_row_major) for every warp.
+void store_acc(const WarpAcc (&acc)[kWarps], float* Cs) {
   for (int w = 0; w < kWarps; ++w)
     for (int a = 0; a < 2; ++a)
       for (int c = 0; c < 2; ++c)
         for (int r = 0; r < 16; ++r)
-          for (int col = 0; col < 16; ++col) Cs[offset(w, a, c) + r * LDC + col] = acc[w][a][c][r][col];
+          for (int col = 0; col < 16; ++col) Cs[acc_offset(w, a, c) + r * LDC + col] = acc[w][a][c][r][col];
 }
 
 // Shared memory of one block, with a guard zone behind it that the tile
@@ -127,7 +128,7 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
           for (int ks = 0; ks < BK; ks += MmaDepth<scalar_t>::value)
             mma_2x2(acc[warp], As, Bs, fwd_mma_args(warp, ks), /*b_col_major=*/true);
       }
-      store_acc(acc, &fwd_acc_offset, Cs);
+      store_acc(acc, Cs);
       for (int t = 0; t < kThreads; ++t) fwd_epilogue(p, l, Cs, pep, t, op);
       smem.check();
     }
@@ -162,7 +163,7 @@ void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const Tube
         for (int ks = 0; ks < DM; ks += MmaDepth<scalar_t>::value)
           mma_2x2(acc[warp], As, Bs, dw_mma_args(warp, ks), /*b_col_major=*/false);
     }
-    store_acc(acc, &dw_acc_offset, Cs);
+    store_acc(acc, Cs);
     for (int t = 0; t < kThreads; ++t) dw_epilogue<scalar_t>(p, l, Cs, t);
     smem.check();
   }
@@ -196,25 +197,13 @@ void emulate_grad_input(const at::Tensor& grad, const std::vector<at::Tensor>& w
         for (int ks = 0; ks < BK; ks += MmaDepth<scalar_t>::value)
           mma_2x2(acc[warp], As, Bs, dx_mma_args(warp, ks), /*b_col_major=*/false);
     }
-    store_acc(acc, &dx_acc_offset, Cs);
+    store_acc(acc, Cs);
     for (int t = 0; t < kThreads; ++t) dx_epilogue(p, l, Cs, t, dp.data());
     smem.check();
   }
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
   for (int64_t idx = 0; idx < dx.numel(); ++idx) out[idx] = dx_gather<scalar_t>(p, dp.data(), L.channels, L.size, idx);
 }
-
-std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-#define TUBEVIT_TC_DTYPES(NAME, ...)                                    \
-  AT_DISPATCH_SWITCH(x.scalar_type(), NAME,                             \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)           \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)       \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__))
 
 at::Tensor tc_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                            at::IntArrayRef tubes, const c10::optional<at::Tensor>& pos_embed) {
@@ -224,9 +213,10 @@ at::Tensor tc_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::Tens
   if (out.numel() == 0) return out;
   at::Tensor pe;
   if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
-  const auto w = contiguous_all(weights);
-  const auto b = contiguous_all(biases);
-  TUBEVIT_TC_DTYPES("tube_tokens_tc_emulated", [&] { emulate_forward<scalar_t>(x, w, b, pe, L, out); });
+  const auto w = naive::contiguous_all(weights);
+  const auto b = naive::contiguous_all(biases);
+  TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_tokens_tc_emulated",
+                            [&] { emulate_forward<scalar_t>(x, w, b, pe, L, out); });
   return out;
 }
 
@@ -237,7 +227,8 @@ std::vector<at::Tensor> tc_emulated_dw_cpu(const at::Tensor& grad_out, const at:
   std::vector<at::Tensor> dws;
   for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));
   const at::Tensor grad = grad_out.contiguous();
-  TUBEVIT_TC_DTYPES("tube_tokens_tc_emulated_dw", [&] { emulate_grad_weight<scalar_t>(x, grad, L, dws); });
+  TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_tokens_tc_emulated_dw",
+                            [&] { emulate_grad_weight<scalar_t>(x, grad, L, dws); });
   return dws;
 }
 
@@ -247,13 +238,12 @@ at::Tensor tc_emulated_dx_cpu(const at::Tensor& grad_out, const at::Tensor& x, a
   check_emulable(L);
   at::Tensor dx = at::empty({L.batch, L.channels, L.size[0], L.size[1], L.size[2]}, x.options());
   if (dx.numel() == 0) return dx;
-  const auto w = contiguous_all(weights);
+  const auto w = naive::contiguous_all(weights);
   const at::Tensor grad = grad_out.contiguous();
-  TUBEVIT_TC_DTYPES("tube_tokens_tc_emulated_dx", [&] { emulate_grad_input<scalar_t>(grad, w, L, dx); });
+  TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_tokens_tc_emulated_dx",
+                            [&] { emulate_grad_input<scalar_t>(grad, w, L, dx); });
   return dx;
 }
-
-#undef TUBEVIT_TC_DTYPES
 
 }  // namespace
 

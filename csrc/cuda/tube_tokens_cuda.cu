@@ -97,7 +97,7 @@ TORCH_LIBRARY_IMPL(tubevit, CUDA, m) {
   m.impl("tube_tokens_backward", [](const at::Tensor& grad_out, const at::Tensor& x,
                                     at::TensorList weights, at::TensorList patches,
                                     at::IntArrayRef tubes, std::array<bool, 3> output_mask) {
-    check_patches(patches, x, check_backward_args(grad_out, x, weights, tubes));
+    if (!patches.empty()) check_patches(patches, x, check_backward_args(grad_out, x, weights, tubes));
     return tube_tokens_backward_cuda(grad_out, x, weights, tubes, output_mask);
   });
   m.impl("tube_tokens_naive", [](const at::Tensor& x, at::TensorList weights, at::TensorList biases,

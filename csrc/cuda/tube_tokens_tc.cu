@@ -98,6 +98,24 @@ __device__ __forceinline__ void mma_2x2(AccFrag<scalar_t> (&acc)[2][2], const sc
     for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
 }
 
+template <typename scalar_t>
+__device__ __forceinline__ void zero_acc(AccFrag<scalar_t> (&acc)[2][2]) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[a][c], 0.0f);
+}
+
+// The warp's four accumulator blocks into the fp32 tile Cs (acc_offset).
+template <typename scalar_t>
+__device__ __forceinline__ void store_acc(AccFrag<scalar_t> (&acc)[2][2], float* Cs, int warp) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      wmma::store_matrix_sync(Cs + acc_offset(warp, a, c), acc[a][c], LDC, wmma::mem_row_major);
+}
+
 // The forward. Tile logic (what each block / thread / warp does) is in
 // tc_tiles.h, shared with the host emulator; here only shared memory, the
 // barriers and the WMMA fragments.
@@ -123,10 +141,7 @@ __global__ void __launch_bounds__(kThreads)
   FwdCols cols = fwd_cols_init(p, l, tid);
 
   AccFrag<scalar_t> acc[2][2];
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[a][c], 0.0f);
+  zero_acc<scalar_t>(acc);
 
   for (int64_t k0 = 0; k0 < K; k0 += BK) {
     __syncthreads();  // previous tiles and column offsets consumed
@@ -140,11 +155,7 @@ __global__ void __launch_bounds__(kThreads)
       mma_2x2<scalar_t, wmma::col_major>(acc, As, Bs, fwd_mma_args(warp, ks));
   }
   __syncthreads();  // staging tiles dead: reuse the bytes for the accumulators
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-      wmma::store_matrix_sync(Cs + fwd_acc_offset(warp, a, c), acc[a][c], LDC, wmma::mem_row_major);
+  store_acc<scalar_t>(acc, Cs, warp);
   __syncthreads();
   fwd_epilogue(p, l, Cs, pe, tid, out);
 #endif
@@ -168,10 +179,7 @@ __global__ void __launch_bounds__(kThreads)
   dw_koff(p, l, tid, koff);  // published by the loop's first barrier
 
   AccFrag<scalar_t> acc[2][2];
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[a][c], 0.0f);
+  zero_acc<scalar_t>(acc);
 
   for (int64_t m0 = 0; m0 < M; m0 += DM) {
     __syncthreads();  // previous step's tiles consumed
@@ -185,11 +193,7 @@ __global__ void __launch_bounds__(kThreads)
       mma_2x2<scalar_t, wmma::row_major>(acc, As, Bs, dw_mma_args(warp, ks));
   }
   __syncthreads();
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-      wmma::store_matrix_sync(Cs + dw_acc_offset(warp, a, c), acc[a][c], LDC, wmma::mem_row_major);
+  store_acc<scalar_t>(acc, Cs, warp);
   __syncthreads();
   dw_epilogue<scalar_t>(p, l, Cs, tid);
 #endif
@@ -210,10 +214,7 @@ __global__ void __launch_bounds__(kThreads)
   dx_rows(p, l, tid, grad_row);  // published by the loop's first barrier
 
   AccFrag<scalar_t> acc[2][2];
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[a][c], 0.0f);
+  zero_acc<scalar_t>(acc);
 
   for (int64_t j0 = 0; j0 < p.d; j0 += BK) {
     __syncthreads();  // previous tiles consumed (first pass: grad_row ready)
@@ -225,11 +226,7 @@ __global__ void __launch_bounds__(kThreads)
       mma_2x2<scalar_t, wmma::row_major>(acc, As, Bs, dx_mma_args(warp, ks));
   }
   __syncthreads();
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-      wmma::store_matrix_sync(Cs + dx_acc_offset(warp, a, c), acc[a][c], LDC, wmma::mem_row_major);
+  store_acc<scalar_t>(acc, Cs, warp);
   __syncthreads();
   dx_epilogue(p, l, Cs, tid, dp);
 #endif
@@ -290,20 +287,11 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
   if (m_tiles == 0) return;
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_tokens_tc",
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-                           x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
-                           out.mutable_data_ptr<scalar_t>(), p);
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-                           x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
-                           out.mutable_data_ptr<scalar_t>(), p);
-                     }) AT_DISPATCH_CASE(at::kFloat, [&] {
-                       tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-                           x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
-                           out.mutable_data_ptr<scalar_t>(), p);
-                     }));
+  TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_tokens_tc", [&] {
+    tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
+        out.mutable_data_ptr<scalar_t>(), p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -341,10 +329,8 @@ at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::ve
   const int64_t tiles = p.tiles_before[p.n_tubes];
   TORCH_CHECK(tiles < (int64_t(1) << 31), "tube_tokens_backward (tensor-core path): too many tiles (", tiles, ")");
   at::Tensor dp = at::empty({dp_elems}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_dx_tc",
-                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_dx<scalar_t>(grad, p, tiles, L, dp, dx); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_dx<scalar_t>(grad, p, tiles, L, dp, dx); })
-                     AT_DISPATCH_CASE(at::kFloat, [&] { launch_dx<scalar_t>(grad, p, tiles, L, dp, dx); }));
+  TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_dx_tc",
+                            [&] { launch_dx<scalar_t>(grad, p, tiles, L, dp, dx); });
   return dx;
 }
 
@@ -357,17 +343,10 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& 
   TORCH_CHECK(tiles < (int64_t(1) << 31), "tube_tokens_backward (tensor-core path): too many tiles (", tiles, ")");
   if (tiles == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_dw_tc",
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-                           x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-                           x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
-                     }) AT_DISPATCH_CASE(at::kFloat, [&] {
-                       tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-                           x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
-                     }));
+  TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_dw_tc", [&] {
+    tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
