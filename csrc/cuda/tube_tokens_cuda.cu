@@ -105,7 +105,14 @@ TORCH_LIBRARY_IMPL(tubevit, CUDA, m) {
     const c10::cuda::CUDAGuard guard(x.device());
     return naive::forward<CudaLauncher>(x, weights, biases, tubes, pos_embed);
   });
-  m.impl("tube_tokens_naive_backward", &tube_tokens_backward_cuda);
+  // Always the naive kernels, also under TUBEVIT_CUDA_TC=1: they are what
+  // the tensor-core path is checked against.
+  m.impl("tube_tokens_naive_backward", [](const at::Tensor& grad_out, const at::Tensor& x,
+                                           at::TensorList weights, at::IntArrayRef tubes,
+                                           std::array<bool, 3> output_mask) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    return naive::backward<CudaLauncher>(grad_out, x, weights, tubes, output_mask);
+  });
 }
 
 }  // namespace tubevit
