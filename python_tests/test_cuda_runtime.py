@@ -144,3 +144,27 @@ def test_cuda_tf32_follows_cudnn_switch(monkeypatch):
         assert err <= 2 * (budget - want).abs().max().item() + 1e-4, err
     # and TF32 really was used (the output differs from exact fp32)
     assert not torch.equal(tf32[0], exact[0])
+
+
+def test_cuda_naive_ops_ignore_tensor_core_switch(monkeypatch):
+    # tube_tokens_naive{,_backward} are the reference the tensor-core path is
+    # checked against, so TUBEVIT_CUDA_TC must not reroute them: bitwise the
+    # same results with the switch off and on (the tensor-core kernels round
+    # differently in bf16, so a rerouted op would not be).
+    x, ws, bs, gout = _tf32_case(seed=1)
+    flat = tv.flatten_tubes(TUBES)
+    cast = lambda t: t.to("cuda", torch.bfloat16)
+    args = (cast(x), [cast(w) for w in ws], [cast(b) for b in bs])
+
+    def run():
+        out = torch.ops.tubevit.tube_tokens_naive(*args, flat, None)
+        dx, dws, dbs = torch.ops.tubevit.tube_tokens_naive_backward(cast(gout), args[0], args[1], flat,
+                                                                     [True, True, True])
+        return [out, dx, *dws, *dbs]
+
+    monkeypatch.delenv("TUBEVIT_CUDA_TC", raising=False)
+    off = run()
+    monkeypatch.setenv("TUBEVIT_CUDA_TC", "1")
+    on = run()
+    for a, b in zip(off, on):
+        assert torch.equal(a, b)
