@@ -7,8 +7,9 @@
 // faults on ~1.4x the token output (and, depending on the allocator's
 // adaptive thresholds, run-to-run swings of several ms per step were measured
 // on the dev VM; bench/NOTES.md). The pool keeps freed blocks and hands them
-// out again. Only these internal buffers come from it, never tensors a user
-// receives (pool tensors' storage cannot be resized).
+// out again. Only internal buffers come from it (these, and the whole-batch
+// gradient rows of the 16-bit backward), never tensors a user receives (pool
+// tensors' storage cannot be resized).
 #pragma once
 
 #include <ATen/core/Tensor.h>

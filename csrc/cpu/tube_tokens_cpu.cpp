@@ -398,14 +398,31 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
     if (L.batch == 0 && need_dw) dw_acc = at::zeros({L.dim, K}, w.options().dtype(acc_dtype));
     at::Tensor db_acc;
     if (L.batch == 0 && need_db) db_acc = at::zeros({L.dim}, w.options().dtype(acc_dtype));
-    const int64_t chunk = batch_chunk(g, L.batch, sizeof(gemm_t), L.dim);
     const bool read_saved = !patches.empty() && std::is_same<gemm_t, scalar_t>::value;
+    // 16-bit GEMMs reading saved patches: one chunk, i.e. ONE dW GEMM over
+    // the whole batch. Chunk by chunk, every partial dW would come back
+    // rounded to 16 bits and be converted and added in fp32 — a d x K pass
+    // per chunk that made bf16 training up to 1.6x slower than unfold_gemm
+    // for big tubes (8x32x32, K = 24576; bench/NOTES.md) — while the single
+    // GEMM accumulates in fp32 inside oneDNN and rounds once. The saved
+    // patches bound nothing here; the gradient rows (and dP) of the whole
+    // batch then live in pooled temporaries rather than in the thread-local
+    // workspaces, which would keep their size.
+    const bool whole_batch = read_saved && need_dw && !std::is_same<gemm_t, acc_t>::value;
+    const int64_t chunk = whole_batch ? L.batch : batch_chunk(g, L.batch, sizeof(gemm_t), L.dim);
     const at::Tensor saved_i = need_dw && !patches.empty() ? patches[i].contiguous() : at::Tensor();
     gemm_t* buf = need_dw && !read_saved ? patch_workspace<gemm_t>(chunk * n * K) : nullptr;
     // Thread-local like the patch buffer: a fresh allocation per call costs
     // more in page faults than the copy itself.
-    gemm_t* gbuf = patch_workspace<gemm_t, 2>(chunk * n * L.dim);
-    gemm_t* dpbuf = need_dx ? patch_workspace<gemm_t, 3>(chunk * n * K) : nullptr;
+    at::Tensor whole_g, whole_dp;
+    if (whole_batch) {
+      whole_g = pooled_empty({chunk * n, L.dim}, w.options());
+      if (need_dx) whole_dp = pooled_empty({chunk * n, K}, w.options());
+    }
+    gemm_t* gbuf = whole_batch ? whole_g.mutable_data_ptr<gemm_t>() : patch_workspace<gemm_t, 2>(chunk * n * L.dim);
+    gemm_t* dpbuf = !need_dx ? nullptr
+                    : whole_batch ? whole_dp.mutable_data_ptr<gemm_t>()
+                                  : patch_workspace<gemm_t, 3>(chunk * n * K);
     for (int64_t b0 = 0; b0 < L.batch; b0 += chunk) {
       const int64_t nb = std::min(chunk, L.batch - b0);
       // (nb * n, d) contiguous copy of the tube's gradient rows: the dW GEMM
