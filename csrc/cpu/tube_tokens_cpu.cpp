@@ -456,9 +456,10 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
           if (dw_acc.defined()) dw_acc.addmm_(gc.t(), p);
           else dw_acc = at::mm(gc.t(), p);
         } else {  // low-precision GEMM over several chunks: summed in fp32
-          const at::Tensor part = at::mm(gc.t(), p).to(acc_dtype);
+          // (fp32 += 16-bit converts on the fly: no d x K fp32 temporary)
+          const at::Tensor part = at::mm(gc.t(), p);
           if (dw_acc.defined()) dw_acc.add_(part);
-          else dw_acc = part;
+          else dw_acc = part.to(acc_dtype);
         }
       }
       if (need_dx) {
