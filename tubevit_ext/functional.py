@@ -37,7 +37,10 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
             training steps for ~1.4x the token output's memory (paper tubes).
             None (default): save when x is on the CPU, grad mode is on and a
             weight requires grad; False: never (recompute in backward).
-            Results are bitwise the same either way. The CUDA kernels always
+            Results are bitwise the same either way, except bf16 weight/bias
+            gradients on CPUs with native bf16 GEMMs when the batch spans
+            several chunks (with saved patches: one GEMM, rounded once; without:
+            chunk by chunk). The CUDA kernels always
             gather on the fly and ignore it.
 
     Returns a contiguous (B, N, d) tensor of x's dtype. Differentiable in x,

@@ -373,7 +373,8 @@ void forward_impl(const at::Tensor& x, at::TensorList weights,
 // is in opmath (fp32) either way.
 // patches: empty (gather from x) or the checked (B, n_i, K_i) patch
 // matrices of the forward, read chunk by chunk exactly where the gather
-// would have written, so dW is bitwise the same either way.
+// would have written, so dW is bitwise the same either way — except for
+// 16-bit GEMMs, which read saved patches in one whole-batch chunk (below).
 template <typename scalar_t, typename gemm_t>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                    at::TensorList weights, at::TensorList patches, const TubeLayout& L, bool need_dx,
@@ -412,8 +413,9 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
     const int64_t chunk = whole_batch ? L.batch : batch_chunk(g, L.batch, sizeof(gemm_t), L.dim);
     const at::Tensor saved_i = need_dw && !patches.empty() ? patches[i].contiguous() : at::Tensor();
     gemm_t* buf = need_dw && !read_saved ? patch_workspace<gemm_t>(chunk * n * K) : nullptr;
-    // Thread-local like the patch buffer: a fresh allocation per call costs
-    // more in page faults than the copy itself.
+    // Gradient rows and dP: thread-local like the patch buffer (a fresh
+    // allocation per call costs more in page faults than the copy itself),
+    // or pooled whole-batch temporaries.
     at::Tensor whole_g, whole_dp;
     if (whole_batch) {
       whole_g = pooled_empty({chunk * n, L.dim}, w.options());
