@@ -14,15 +14,23 @@ from .geometry import axis_positions
 _KT = 9  # ints per tube in the flat `tubes` argument
 
 
-def _token_count(x_shape, tubes) -> int:
-    """N for the flat tube list on an input of shape (B, C, T, H, W)."""
+def _tube_token_counts(x_shape, tubes) -> list:
+    """n_i of every tube in the flat tube list on an input of shape (B, C, T, H, W)."""
     size = x_shape[2:]
-    total = 0
+    counts = []
     for i in range(0, len(tubes), _KT):
         k, s, o = tubes[i:i + 3], tubes[i + 3:i + 6], tubes[i + 6:i + 9]
         n = 1
         for a in range(3):
             n = n * axis_positions(size[a], k[a], s[a], o[a])
+        counts.append(n)
+    return counts
+
+
+def _token_count(x_shape, tubes) -> int:
+    """N for the flat tube list on an input of shape (B, C, T, H, W)."""
+    total = 0
+    for n in _tube_token_counts(x_shape, tubes):
         total = total + n
     return total
 
@@ -51,13 +59,10 @@ def _tube_tokens_fake(x, weights, biases, tubes, pos_embed):
 @torch.library.register_fake("tubevit::tube_tokens_with_patches")
 def _tube_tokens_with_patches_fake(x, weights, biases, tubes, pos_embed):
     out = _tube_tokens_fake(x, weights, biases, tubes, pos_embed)
-    B, C, size = x.shape[0], x.shape[1], x.shape[2:]
+    B, C = x.shape[0], x.shape[1]
     patches = []
-    for i in range(0, len(tubes), _KT):
-        k, s, o = tubes[i:i + 3], tubes[i + 3:i + 6], tubes[i + 6:i + 9]
-        n = 1
-        for a in range(3):
-            n = n * axis_positions(size[a], k[a], s[a], o[a])
+    for i, n in enumerate(_tube_token_counts(x.shape, tubes)):
+        k = tubes[i * _KT:i * _KT + 3]
         patches.append(x.new_empty((B, n, C * k[0] * k[1] * k[2])))
     return out, patches
 
