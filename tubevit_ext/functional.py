@@ -8,6 +8,27 @@ import torch
 from .geometry import Tube, as_tubes, flatten_tubes
 
 
+def _autocast_device_types() -> frozenset:
+    """Device types with an autocast mode in this torch build, looked up once.
+
+    ``torch.amp.is_autocast_available`` cannot be traced by Dynamo in torch
+    2.11 (a hard error under ``fullgraph=True``; fine in 2.14), while a set
+    lookup can, so the per-call check is ``dev in _AUTOCAST_DEVICE_TYPES``.
+    """
+    names = ["cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", torch._C._get_privateuse1_backend_name()]
+    out = set()
+    for name in names:
+        try:
+            if torch.amp.is_autocast_available(name):
+                out.add(name)
+        except RuntimeError:  # a name this build does not know
+            pass
+    return frozenset(out)
+
+
+_AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -65,7 +86,7 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
     if biases and len(biases) != len(tubes):
         raise ValueError(f"biases must be None or hold one tensor per tube ({len(tubes)}), got {len(biases)}")
     dev = x.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+    if dev in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         cast = lambda t: t.to(dt) if t.is_floating_point() and t.dtype != dt else t
         x, weights, biases = cast(x), [cast(w) for w in weights], [cast(b) for b in biases]
