@@ -13,7 +13,7 @@ def _autocast_device_types() -> frozenset:
 
     ``torch.amp.is_autocast_available`` cannot be traced by Dynamo in torch
     2.11 (a hard error under ``fullgraph=True``; fine in 2.14), while a set
-    lookup can, so the per-call check is ``dev in _AUTOCAST_DEVICE_TYPES``.
+    lookup can; see _autocast_enabled.
     """
     names = ["cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", torch._C._get_privateuse1_backend_name()]
     out = set()
@@ -27,6 +27,16 @@ def _autocast_device_types() -> frozenset:
 
 
 _AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
+def _autocast_enabled(dev: str) -> bool:
+    if dev in _AUTOCAST_DEVICE_TYPES:
+        return torch.is_autocast_enabled(dev)
+    if torch.compiler.is_compiling():
+        return False
+    # Eager: a device type not seen at import (e.g. a privateuse1 backend
+    # renamed afterwards) is asked for directly.
+    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
 
 
 def _check_tensor(t, name: str) -> None:
@@ -86,7 +96,7 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
     if biases and len(biases) != len(tubes):
         raise ValueError(f"biases must be None or hold one tensor per tube ({len(tubes)}), got {len(biases)}")
     dev = x.device.type
-    if dev in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
+    if _autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         cast = lambda t: t.to(dt) if t.is_floating_point() and t.dtype != dt else t
         x, weights, biases = cast(x), [cast(w) for w in weights], [cast(b) for b in biases]
