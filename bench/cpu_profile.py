@@ -9,19 +9,31 @@
                                                       # times, GEMM time per step (profiler), minor
                                                       # page faults, and the ops called directly
                                                       # vs through autograd vs through the module
+    python bench/cpu_profile.py split --glibc-keep    # the same with glibc told never to return
+                                                      # memory (no page faults after warm-up)
 
 Paper tubes, 3x32x224x224, d = 768, B = 4 (--batch), three rotated inputs; medians of --repeats calls.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import resource
 import statistics
 import sys
 import time
 
-import torch
+if "--glibc-keep" in sys.argv:
+    # Before torch allocates anything: mmap threshold 1 GiB, trim threshold
+    # 2 GiB, so freed blocks stay in the heap and are reused without new
+    # page faults (bench/NOTES.md, session 4: how much of the fwd_bwd margin
+    # is page faults).
+    _libc = ctypes.CDLL("libc.so.6")
+    assert _libc.mallopt(-3, 1 << 30) == 1  # M_MMAP_THRESHOLD
+    assert _libc.mallopt(-1, (1 << 31) - 1) == 1  # M_TRIM_THRESHOLD
+
+import torch  # noqa: E402
 
 import tubevit_ext as tv
 
@@ -129,6 +141,7 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--glibc-keep", action="store_true", help="see the module docstring (acted on at import)")
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     torch.manual_seed(0)
