@@ -3,22 +3,24 @@
 # inside a wall-clock budget (the device tool allows 10 min per call and
 # ~15 min of device time per session, machine start included):
 #   build          editable install, no deps (no internet there), this GPU's arch only
-#   tests          CUDA-parametrized tests, default kernels            (-k cuda)
-#   tests-tc       the same with the opt-in tensor-core kernels        (TUBEVIT_CUDA_TC=1)
+#   tests          CUDA-parametrized tests, default (tensor-core) kernels (-k cuda)
+#   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_TC=0)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, both paths
-#   bench          --preset gpu-targets without torch.compile, both paths (JSON kept)
+#   bench          --preset gpu-targets without torch.compile (JSON kept)
+#   bench-naive    optional: the same on the naive kernels (slow: ~60 ms a forward)
 #   racecheck      compute-sanitizer racecheck, both paths
 #   initcheck      compute-sanitizer initcheck, both paths
 #   bench-compile  compiled_reference vs reference vs fused (compiling is slow)
 #   tests-all      the whole suite, CPU tests included (CI covers those too)
-#   ncu            optional (not in the default list): Nsight Compute of one forward
+#   profile        optional: torch.profiler kernel tables (bench/gpu_profile.py)
+#   ncu            optional: Nsight Compute text report of one bf16 forward + backward
 # A step starts only if the budget still holds its estimate, and runs under
 # `timeout` with what is left, so a killed call still returns its results.
 #
 # The device tool returns at most 8 files from $OUT; this script writes:
 #   summary.txt (env, one line per step, target checks), bench-default.json,
-#   bench-tc.json, bench-compile.json, logs.tar.gz (every log, refreshed after
-#   each step).
+#   bench-naive.json, bench-compile.json, profile.txt, ncu.txt, logs.tar.gz (every
+#   log, refreshed after each step).
 # Usage (device tool):  bash bench/gpu_check.sh      with timeout_s=600
 #   BUDGET_S=540 (default)  STEPS="build tests bench"  PY=python3
 # A build carried from the CPU machine (tubevit_ext/_C.cpython-312-*.so made by
@@ -32,7 +34,7 @@ BUDGET_S=${BUDGET_S:-540}
 RES=${OUT:-bench/out/gpu-$(date +%F)}
 LOGS=$(mktemp -d)
 mkdir -p "$RES"
-STEPS=${STEPS:-"build tests tests-tc memcheck bench racecheck initcheck bench-compile tests-all"}
+STEPS=${STEPS:-"build tests tests-naive memcheck bench racecheck initcheck bench-compile tests-all"}
 PY=${PY:-$(command -v python3 || command -v python)}
 export PY RES LOGS PYTHONUNBUFFERED=1
 # the repo root on the path: the carried build is used without an install
@@ -64,9 +66,9 @@ run_step() {
   pack
   return $rc
 }
-sanitize() {  # sanitize TOOL: default path, then tensor-core path
+sanitize() {  # sanitize TOOL: default (tensor-core) path, then the naive kernels
   compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
-  TUBEVIT_CUDA_TC=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
+  TUBEVIT_CUDA_TC=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
 }
 bench() {  # bench JSON_NAME ARGS...: table into the log, targets into the summary
   local json=$1; shift
@@ -100,28 +102,31 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       "$PY" -c "import tubevit_ext as tv; print('cuda kernels built:', tv.cuda_compiled())" 2>&1 | tee -a "$SUMMARY" ;;
     tests)
       run_step tests 60 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
-    tests-tc)
-      run_step tests-tc 60 env TUBEVIT_CUDA_TC=1 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+    tests-naive)
+      run_step tests-naive 60 env TUBEVIT_CUDA_TC=0 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     memcheck|racecheck|initcheck)
       run_step "$step" 60 sanitize "$step" ;;
     bench)
       run_step bench-default 90 bench bench-default.json --impls reference unfold_gemm fused
-      grep -E "target|peak" "$LOGS/bench-default.log" | tee -a "$SUMMARY"
-      TUBEVIT_CUDA_TC=1 run_step bench-tc 90 bench bench-tc.json --impls reference unfold_gemm fused
-      grep -E "target|peak" "$LOGS/bench-tc.log" | tee -a "$SUMMARY" ;;
+      grep -E "target|peak|fused" "$LOGS/bench-default.log" | tee -a "$SUMMARY" ;;
+    bench-naive)
+      TUBEVIT_CUDA_TC=0 run_step bench-naive 90 bench bench-naive.json --impls reference unfold_gemm fused
+      grep -E "target|peak" "$LOGS/bench-naive.log" | tee -a "$SUMMARY" ;;
     bench-compile)
-      TUBEVIT_CUDA_TC=1 run_step bench-compile 150 bench bench-compile.json --impls reference fused compiled_reference --modes fwd
+      run_step bench-compile 150 bench bench-compile.json --impls reference fused compiled_reference --modes fwd
       grep -E "target" "$LOGS/bench-compile.log" | tee -a "$SUMMARY" ;;
     tests-all)
       run_step tests-all 90 "$PY" -m pytest python_tests -q -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+    profile)
+      run_step profile 40 bash -c '"$PY" bench/gpu_profile.py && "$PY" bench/gpu_profile.py --input-grad'
+      cp "$LOGS/profile.log" "$RES/profile.txt" ;;
     ncu)
-      run_step ncu 90 env TUBEVIT_CUDA_TC=1 ncu --set full -k regex:tube -c 4 -o "$LOGS/ncu" "$PY" -c "
-import torch, tubevit_ext as tv
-m = tv.SparseTubeTokenizer(3, 768).cuda().bfloat16()
-x = torch.randn(8, 3, 32, 224, 224, device='cuda', dtype=torch.bfloat16)
-with torch.no_grad():
-    for _ in range(2): m(x)
-torch.cuda.synchronize()" ;;
+      # one bf16 forward + backward at B = 32: the tube kernels and the naive
+      # ones (grid_stride_kernel); text report (clocks left as they are)
+      run_step ncu 90 ncu --clock-control none --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        -k "regex:tube_|grid_stride" -c 8 "$PY" bench/gpu_profile.py --once bf16 --input-grad
+      cp "$LOGS/ncu.log" "$RES/ncu.txt" ;;
     *) log "unknown step $step" ;;
   esac
 done

@@ -1,15 +1,16 @@
 """A small CUDA workload for compute-sanitizer (run by bench/gpu_check.sh):
 forward and backward of every CUDA path on odd shapes, every dtype, several
 layouts, batch 0, and the naive kernels. Exits non-zero on a mismatch.
-Run with TUBEVIT_CUDA_TC=1 to cover the tensor-core kernels (fp16/bf16, and fp32 as TF32)."""
+By default the tensor-core kernels run (fp16/bf16, and fp32 as TF32); run it
+again with TUBEVIT_CUDA_TC=0 to cover the naive kernels."""
 import os
 
 import torch
 
 import tubevit_ext as tv
 
-# with the tensor-core path, fp32 runs as TF32 (PyTorch's default cudnn.allow_tf32)
-TF32 = os.environ.get("TUBEVIT_CUDA_TC") == "1" and torch.backends.cudnn.allow_tf32
+# on the tensor-core path (the default), fp32 runs as TF32 (PyTorch's default cudnn.allow_tf32)
+TF32 = os.environ.get("TUBEVIT_CUDA_TC") != "0" and torch.backends.cudnn.allow_tf32
 
 assert torch.cuda.is_available(), "needs a GPU"
 torch.manual_seed(0)

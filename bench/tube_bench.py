@@ -433,7 +433,7 @@ def main(argv=None):
               "threads": torch.get_num_threads(), "peak_tflops": peak, "config": cfg,
               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
               # which CUDA kernels "fused" used: the opt-in tensor-core ones or the naive ones
-              "cuda_tensor_core_path": os.environ.get("TUBEVIT_CUDA_TC") == "1",
+              "cuda_tensor_core_path": os.environ.get("TUBEVIT_CUDA_TC") != "0",
               "results": rows}
     print(f"\ndevice: {result['device']} | torch {result['torch']} | commit {result['commit']}")
     if peak:

@@ -1,7 +1,8 @@
 """CUDA runtime contract of the ops: current stream, CUDA-graph capture, the
 tensor-core switch. GPU only (skipped without one); each runs both with the
-default kernels and with TUBEVIT_CUDA_TC=1 (the opt-in tensor-core path),
-in fp32 and bf16 (the tensor-core path covers 16-bit dtypes)."""
+default kernels (tensor cores where they apply) and with TUBEVIT_CUDA_TC=0
+(the naive kernels), in fp32 and bf16 (the tensor-core path covers 16-bit
+dtypes, and fp32 while TF32 is allowed)."""
 import pytest
 import torch
 
@@ -13,10 +14,10 @@ TUBES = [tv.Tube((3, 5, 4), (2, 3, 5), (1, 0, 2)), tv.Tube((1, 4, 4), (4, 4, 4))
 SIZE = (9, 21, 19)
 
 
-@pytest.fixture(params=["default", "tc"])
+@pytest.fixture(params=["default", "naive"])
 def cuda_path(request, monkeypatch):
-    if request.param == "tc":
-        monkeypatch.setenv("TUBEVIT_CUDA_TC", "1")
+    if request.param == "naive":
+        monkeypatch.setenv("TUBEVIT_CUDA_TC", "0")
     else:
         monkeypatch.delenv("TUBEVIT_CUDA_TC", raising=False)
     return request.param
@@ -102,9 +103,11 @@ def _tf32_case(seed=0):
 
 def _fwd_bwd(x, ws, bs, gout, device, dtype):
     """[out, dW..., dx, db...] in fp64 on the CPU."""
-    x = x.to(device, dtype).requires_grad_()
-    ws = [w.to(device, dtype).requires_grad_() for w in ws]
-    bs = [b.to(device, dtype).requires_grad_() for b in bs]
+    # copies: .to() returns the same tensor when nothing changes (fp64 on the
+    # CPU), and the caller's tensors must stay plain inputs for the next call
+    x = x.to(device, dtype, copy=True).requires_grad_()
+    ws = [w.to(device, dtype, copy=True).requires_grad_() for w in ws]
+    bs = [b.to(device, dtype, copy=True).requires_grad_() for b in bs]
     out = tv.tube_tokens(x, ws, bs, TUBES)
     out.backward(gout.to(device, dtype))
     return ([out.detach().double().cpu()] + [w.grad.double().cpu() for w in ws] + [x.grad.double().cpu()]
@@ -113,17 +116,17 @@ def _fwd_bwd(x, ws, bs, gout, device, dtype):
 
 def test_cuda_tf32_follows_cudnn_switch(monkeypatch):
     from conftest import round_to_tf32
-    monkeypatch.setenv("TUBEVIT_CUDA_TC", "1")
+    monkeypatch.delenv("TUBEVIT_CUDA_TC", raising=False)  # the default: tensor cores where allowed
     x, ws, bs, gout = _tf32_case()
     oracle = _fwd_bwd(x, ws, bs, gout, "cpu", torch.float64)
     prev = torch.backends.cudnn.allow_tf32
     try:
-        # TF32 off: exact fp32, bitwise what the default (naive) kernels give
+        # TF32 off: exact fp32, bitwise what the naive kernels (TUBEVIT_CUDA_TC=0) give
         torch.backends.cudnn.allow_tf32 = False
         exact = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
-        monkeypatch.delenv("TUBEVIT_CUDA_TC")
+        monkeypatch.setenv("TUBEVIT_CUDA_TC", "0")
         naive = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
-        monkeypatch.setenv("TUBEVIT_CUDA_TC", "1")
+        monkeypatch.delenv("TUBEVIT_CUDA_TC")
         for a, b in zip(exact, naive):
             assert torch.equal(a, b)
         # TF32 on: the tensor-core kernels; error budget = twice that of exact
@@ -162,9 +165,9 @@ def test_cuda_naive_ops_ignore_tensor_core_switch(monkeypatch):
                                                                      [True, True, True])
         return [out, dx, *dws, *dbs]
 
-    monkeypatch.delenv("TUBEVIT_CUDA_TC", raising=False)
+    monkeypatch.setenv("TUBEVIT_CUDA_TC", "0")
     off = run()
-    monkeypatch.setenv("TUBEVIT_CUDA_TC", "1")
+    monkeypatch.delenv("TUBEVIT_CUDA_TC")
     on = run()
     for a, b in zip(off, on):
         assert torch.equal(a, b)

@@ -28,6 +28,10 @@ CASES = {
     "paper": (tv.PAPER_TUBES, (33, 64, 48), 3, 20),
     # kw = 6 on W = 36: 2-element gather accesses (16-bit types), K = 2*2*6*2 = 48
     "vec2": ([tv.Tube((2, 2, 6), (2, 3, 6), (0, 1, 0))], (5, 11, 36), 2, 33),
+    # H > 32 and W > 64: the dX gather's (32 x 64)-voxel tiles, with partial last tiles on both
+    # axes and windows that straddle tile borders (kw = 5 with stride 3)
+    "wide": ([tv.Tube((2, 3, 5), (1, 2, 3), (0, 1, 2)), tv.Tube((1, 4, 4), (2, 4, 4), (1, 0, 1))],
+             (3, 37, 70), 2, 20),
 }
 
 

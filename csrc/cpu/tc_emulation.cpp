@@ -201,8 +201,21 @@ void emulate_grad_input(const at::Tensor& grad, const std::vector<at::Tensor>& w
     for (int t = 0; t < kThreads; ++t) dx_epilogue(p, l, Cs, t, dp.data());
     smem.check();
   }
+  // step 2, tile by tile and thread by thread as tube_dx_gather_kernel runs it
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-  for (int64_t idx = 0; idx < dx.numel(); ++idx) out[idx] = dx_gather<scalar_t>(p, dp.data(), L.channels, L.size, idx);
+  const int64_t tiles = dx_gather_tiles(L.batch, L.channels, L.size);
+  DxGatherTables tb;
+  for (int64_t blk = 0; blk < tiles; ++blk) {
+    const DxTile tl = dx_gather_tile(L.channels, L.size, blk);
+    // poison: a range the fill skipped reads as empty, i.e. a missing term
+    for (int i = 0; i < kMaxTubesTC; ++i) {
+      tb.t[i][0] = 1, tb.t[i][1] = 0;
+      for (auto& r : tb.h[i]) r[0] = 1, r[1] = 0;
+      for (auto& r : tb.w[i]) r[0] = 1, r[1] = 0;
+    }
+    for (int t = 0; t < kGatherThreads; ++t) dx_gather_fill_tables(p, tl, t, tb);
+    for (int t = 0; t < kGatherThreads; ++t) dx_gather_voxels<scalar_t>(p, dp.data(), L.channels, L.size, tl, t, tb, out);
+  }
 }
 
 at::Tensor tc_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,

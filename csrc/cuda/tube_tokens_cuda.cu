@@ -1,8 +1,11 @@
 // CUDA backend of tubevit::tube_tokens and tubevit::tube_tokens_backward
-// (and of tubevit::tube_tokens_naive*): the correctness-first kernels of
-// naive_kernels.h run as grid-stride kernels, one thread per output element.
-// The tensor-core implicit-GEMM kernels (issue 3) will take over the main
-// ops; these stay as the naive GPU path they are tested against.
+// (and of tubevit::tube_tokens_naive*). The main ops run the tensor-core
+// implicit-GEMM kernels (tube_tokens_tc.cu) wherever they apply (sm_80+,
+// fp16 / bf16, fp32 while TF32 convolutions are allowed), the bias gradient
+// on its own reduction kernel (bias_grad_cuda.cu), and everything else on the
+// correctness-first kernels of naive_kernels.h, run here as grid-stride
+// kernels (one thread per output element) — also the path the tensor-core
+// kernels are tested against.
 //
 // Every launch: on the current stream, under a device guard, checked, and
 // skipped when empty (a zero-sized grid is an invalid launch).
@@ -15,6 +18,7 @@
 #include <cstring>
 
 #include "../naive_kernels.h"
+#include "bias_grad_cuda.h"
 #include "tube_tokens_tc.h"
 
 namespace tubevit {
@@ -41,11 +45,13 @@ struct CudaLauncher {
   }
 };
 
-// The tensor-core forward has not run on a GPU yet, so it is opt-in until a
-// GPU session has verified it (read per call so tests can switch it).
+// The tensor-core kernels are the default since they passed the CUDA suite
+// and compute-sanitizer on an H200 (session 5, bench/NOTES.md);
+// TUBEVIT_CUDA_TC=0 routes the main ops to the naive kernels (to compare or
+// to rule the fast path out). Read per call so tests can switch it.
 bool tensor_core_enabled() {
   const char* v = std::getenv("TUBEVIT_CUDA_TC");
-  return v != nullptr && std::strcmp(v, "1") == 0;
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 at::Tensor tube_tokens_cuda(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
@@ -69,23 +75,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
     const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights, at::IntArrayRef tubes,
     std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
-  if (tensor_core_enabled() && (output_mask[0] || output_mask[1])) {
-    const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
-    if (tc::supported(x, L)) {
-      // dx and dW on tensor cores; db (if asked) from the naive kernels.
-      auto rest = naive::backward<CudaLauncher>(grad_out, x, weights, tubes, {false, false, output_mask[2]});
-      const at::Tensor grad = grad_out.contiguous();
-      at::Tensor dx = at::empty({0}, x.options());
-      if (output_mask[0]) dx = tc::grad_input(x, grad, naive::contiguous_all(weights), L);
-      std::vector<at::Tensor> dws;
-      if (output_mask[1]) {
-        for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));
-        tc::grad_weight(x, grad, L, dws);
-      }
-      return {dx, dws, std::get<2>(rest)};
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  const at::Tensor grad = grad_out.contiguous();
+  std::vector<at::Tensor> dbs;
+  if (output_mask[2]) dbs = cuda::grad_bias(grad, L);
+  if (!output_mask[0] && !output_mask[1]) return {at::empty({0}, x.options()), {}, dbs};
+  if (tensor_core_enabled() && tc::supported(x, L)) {
+    at::Tensor dx = at::empty({0}, x.options());
+    if (output_mask[0]) dx = tc::grad_input(x, grad, naive::contiguous_all(weights), L);
+    std::vector<at::Tensor> dws;
+    if (output_mask[1]) {
+      for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));
+      tc::grad_weight(x, grad, L, dws);
     }
+    return {dx, dws, dbs};
   }
-  return naive::backward<CudaLauncher>(grad_out, x, weights, tubes, output_mask);
+  auto r = naive::backward<CudaLauncher>(grad, x, weights, tubes, {output_mask[0], output_mask[1], false});
+  return {std::get<0>(r), std::get<1>(r), dbs};
 }
 
 }  // namespace
@@ -105,8 +111,8 @@ TORCH_LIBRARY_IMPL(tubevit, CUDA, m) {
     const c10::cuda::CUDAGuard guard(x.device());
     return naive::forward<CudaLauncher>(x, weights, biases, tubes, pos_embed);
   });
-  // Always the naive kernels, also under TUBEVIT_CUDA_TC=1: they are what
-  // the tensor-core path is checked against.
+  // Always the naive kernels (db included), whatever TUBEVIT_CUDA_TC says:
+  // they are what the fast paths are checked against.
   m.impl("tube_tokens_naive_backward", [](const at::Tensor& grad_out, const at::Tensor& x,
                                            at::TensorList weights, at::IntArrayRef tubes,
                                            std::array<bool, 3> output_mask) {

@@ -14,13 +14,12 @@
 //                   and stores straight into the (B, N, d) output at the
 //                   tube's row offset.
 //
-// STATUS: compiled in CI, NOT YET RUN ON A GPU (no GPU was available when it
-// was written). Its tile logic (tc_tiles.h) is tested on the CPU through the
-// host emulator (cpu/tc_emulation.cpp, python_tests/test_tc_emulation.py);
-// the WMMA calls, alignment and barriers are not. It is therefore opt-in:
-// TUBEVIT_CUDA_TC=1 selects it; the default CUDA path stays the naive
-// kernels. bench/NOTES.md lists what a GPU session must check before making
-// it the default.
+// STATUS: the default CUDA path since session 5, when these kernels first ran
+// (H200): CUDA test suite and compute-sanitizer memcheck / racecheck /
+// initcheck clean. Their tile logic (tc_tiles.h) is also tested on the CPU
+// through the host emulator (cpu/tc_emulation.cpp,
+// python_tests/test_tc_emulation.py). TUBEVIT_CUDA_TC=0 switches them off.
+// Speed: far from the issue-3 targets yet; bench/NOTES.md has the numbers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -233,14 +232,20 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- input gradient, step 2: every voxel gathers the dP entries covering it ----
+// One block per (b, c, t, GH x GW) tile (tc_tiles.h), grid-stride over tiles.
 template <typename scalar_t>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kGatherThreads)
     tube_dx_gather_kernel(const float* __restrict__ dp, scalar_t* __restrict__ dx, const ParamsDX p, int64_t C,
-                          int64_t T, int64_t H, int64_t W, int64_t numel) {
+                          int64_t T, int64_t H, int64_t W, int64_t tiles) {
+  __shared__ DxGatherTables tb;
   const int64_t size[3] = {T, H, W};
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < numel;
-       idx += int64_t(gridDim.x) * blockDim.x)
-    dx[idx] = dx_gather<scalar_t>(p, dp, C, size, idx);
+  for (int64_t blk = blockIdx.x; blk < tiles; blk += gridDim.x) {
+    const DxTile tl = dx_gather_tile(C, size, blk);
+    __syncthreads();  // previous tile's tables consumed
+    dx_gather_fill_tables(p, tl, threadIdx.x, tb);
+    __syncthreads();
+    dx_gather_voxels<scalar_t>(p, dp, C, size, tl, threadIdx.x, tb, dx);
+  }
 }
 
 }  // namespace
@@ -310,10 +315,11 @@ void launch_dx(const at::Tensor& grad, const ParamsDX& p, int64_t tiles, const T
   tube_dp_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
       grad.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<float>(), p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t blocks = std::min<int64_t>((dx.numel() + 255) / 256, int64_t(1) << 20);
-  tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+  const int64_t gather_tiles = dx_gather_tiles(L.batch, L.channels, L.size);
+  const int64_t blocks = std::min<int64_t>(gather_tiles, int64_t(1) << 20);
+  tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
       dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0], L.size[1], L.size[2],
-      dx.numel());
+      gather_tiles);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 }  // namespace
