@@ -11,6 +11,9 @@ Environment:
   CUDA_HOME               CUDA toolkit root; /usr/local/cuda is tried when unset
                           (a wrapper `nvcc` on PATH makes torch guess wrong)
   TUBEVIT_DEBUG=1         -O0 -g host code, -G device code
+  TUBEVIT_DEFINES         extra macros for every compiler, e.g. the tensor-core
+                          kernels' tuning knobs (csrc/tc_tiles.h):
+                          "TUBEVIT_TC_DEPTH=32 TUBEVIT_TC_MIN_BLOCKS=4"
 
 Install with `pip install --no-build-isolation .` (or `-e .`): the extension
 must be compiled against the torch that will import it.
@@ -73,6 +76,9 @@ def extensions():
     # the runtime torch ships and has already loaded, so one runtime is used.
     cxx += ["-fopenmp"]
     macros = []
+    for d in os.environ.get("TUBEVIT_DEFINES", "").split():
+        name, _, value = d.partition("=")
+        macros.append((name, value or None))
     includes = [os.path.join(ROOT, "csrc")]
     ext = cpp_extension.CppExtension
     extra = {"cxx": cxx}

@@ -13,6 +13,8 @@
 #   bench-compile  compiled_reference vs reference vs fused (compiling is slow)
 #   tests-all      the whole suite, CPU tests included (CI covers those too)
 #   profile        optional: torch.profiler kernel tables (bench/gpu_profile.py)
+#   variants       optional: fused bench + kernel table for each build carried
+#                  as .variants/NAME.so (tuning variants, a baseline commit)
 #   ncu            optional: Nsight Compute text report of one bf16 forward + backward
 # A step starts only if the budget still holds its estimate, and runs under
 # `timeout` with what is left, so a killed call still returns its results.
@@ -117,6 +119,24 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       grep -E "target" "$LOGS/bench-compile.log" | tee -a "$SUMMARY" ;;
     tests-all)
       run_step tests-all 90 "$PY" -m pytest python_tests -q -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+    variants)
+      # builds carried in .variants/NAME.so (e.g. other TUBEVIT_DEFINES, or an
+      # earlier commit), each in turn in place of the main build: the fused
+      # benchmark and the kernel table, same run, same card
+      if ls .variants/*.so > /dev/null 2>&1; then
+        so=$(ls tubevit_ext/_C.cpython-3*.so | head -n 1)
+        cp "$so" "$LOGS/main.so"
+        for v in .variants/*.so; do
+          name=$(basename "$v" .so)
+          cp "$v" "$so"
+          run_step "variant-$name" 30 bash -c "\"\$PY\" bench/tube_bench.py --preset gpu-targets --impls fused \
+            --json \"\$RES/variant-$name.json\" --plot \"\$LOGS/variant-$name.png\" && \"\$PY\" bench/gpu_profile.py"
+          grep -E "^paper" "$LOGS/variant-$name.log" | sed "s/^/$name: /" | tee -a "$SUMMARY"
+        done
+        cp "$LOGS/main.so" "$so"
+      else
+        log "variants: nothing in .variants/"
+      fi ;;
     profile)
       run_step profile 40 bash -c '"$PY" bench/gpu_profile.py && "$PY" bench/gpu_profile.py --input-grad'
       cp "$LOGS/profile.log" "$RES/profile.txt" ;;

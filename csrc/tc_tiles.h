@@ -33,11 +33,25 @@
 namespace tubevit {
 namespace tc {
 
-constexpr int BM = 64, BN = 64, BK = 32;
+// Tuning knobs, overridable at build time (setup.py: TUBEVIT_DEFINES); the
+// host emulator is compiled with the same values, so the tests cover them.
+// TUBEVIT_TC_DEPTH: the reduction depth of one staged step (BK, and DM for
+// dW), 32 or 64. It was 32 until the first GPU run (session 5): a step was
+// then 8 MMAs per warp against two or three barriers and a global-load
+// latency. TUBEVIT_TC_MIN_BLOCKS: blocks per SM the compiler must fit
+// (__launch_bounds__ of the forward and dW kernels; 1 = no register cap).
+#ifndef TUBEVIT_TC_DEPTH
+#define TUBEVIT_TC_DEPTH 64
+#endif
+#ifndef TUBEVIT_TC_MIN_BLOCKS
+#define TUBEVIT_TC_MIN_BLOCKS 1
+#endif
+static_assert(TUBEVIT_TC_DEPTH == 32 || TUBEVIT_TC_DEPTH == 64, "TUBEVIT_TC_DEPTH: 32 or 64");
+constexpr int BM = 64, BN = 64, BK = TUBEVIT_TC_DEPTH;
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int LDS = BK + 8;   // padded staging row (elements) to spread banks
 constexpr int LDC = BN + 4;   // padded fp32 accumulator row
-constexpr int DM = 32;        // dW: tokens per reduction step
+constexpr int DM = TUBEVIT_TC_DEPTH;  // dW: tokens per reduction step
 constexpr int LDA2 = DM + 8;  // dW: As[j][m]
 constexpr int LDB2 = BN + 8;  // dW: Bs[m][k]
 constexpr int kMaxTubesTC = 16;
@@ -177,8 +191,18 @@ struct FwdLoc {
   int64_t b, m0, n0;    // sample, first token, first output channel
 };
 
-// Grid: x = tiles_before[n_tubes] token tiles, y = ceil(d / BN) channel tiles.
-TUBEVIT_HD FwdLoc fwd_locate(const Params& p, int64_t tile, int64_t channel_tile) {
+// Grid: tiles_before[n_tubes] token tiles x ceil(d / BN) channel tiles, one
+// dimension, channel tile fastest: the blocks that gather the same patches
+// run together, so the input is read from DRAM about once rather than once
+// per channel tile (token tile fastest made ncu show 1.3 TB/s of DRAM
+// traffic, ~4x the input, on an H200 in session 5).
+TUBEVIT_HD int64_t fwd_blocks(const Params& p) {
+  return p.tiles_before[p.n_tubes] * ((p.d + BN - 1) / BN);
+}
+
+TUBEVIT_HD FwdLoc fwd_locate(const Params& p, int64_t blk) {
+  const int64_t n_tiles = (p.d + BN - 1) / BN;
+  const int64_t tile = blk / n_tiles, channel_tile = blk % n_tiles;
   const int i = tube_of_tile(p.tiles_before, p.n_tubes, tile);
   const int64_t m_tiles = (p.g[i].num_tokens + BM - 1) / BM;
   const int64_t local = tile - p.tiles_before[i];
@@ -317,9 +341,13 @@ struct DwLoc {
   int64_t j0, c0;  // first output channel, first patch column
 };
 
+// Channel tile (j) fastest: the ceil(d / BM) blocks that gather the same
+// patch columns from x run together and share them through L2.
 TUBEVIT_HD DwLoc dw_locate(const ParamsDW& p, int64_t tile) {
-  const RowColTile t = row_col_tile(p.tiles_before, p.n_tubes, p.g, tile);
-  return {t.i, t.r0, t.c0};
+  const int i = tube_of_tile(p.tiles_before, p.n_tubes, tile);
+  const int64_t j_tiles = (p.d + BM - 1) / BM;
+  const int64_t local = tile - p.tiles_before[i];
+  return {i, (local % j_tiles) * BM, (local / j_tiles) * BN};
 }
 
 // The block's patch columns are fixed: koff[kk] for c0 + kk, once per block.

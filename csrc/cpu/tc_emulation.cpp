@@ -105,15 +105,15 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* pep = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const int64_t m_tiles = p.tiles_before[p.n_tubes], n_tiles = (L.dim + BN - 1) / BN;
-  for (int64_t bx = 0; bx < m_tiles; ++bx) {
-    for (int64_t by = 0; by < n_tiles; ++by) {
+  const int64_t blocks = fwd_blocks(p);
+  for (int64_t bx = 0; bx < blocks; ++bx) {
+    {
       Smem smem(fwd_smem_bytes<scalar_t>());
       scalar_t* As = smem.as<scalar_t>();
       scalar_t* Bs = As + BM * LDS;
       float* Cs = smem.as<float>();
       int64_t row_base[BM], koff[BK];
-      const FwdLoc l = fwd_locate(p, bx, by);
+      const FwdLoc l = fwd_locate(p, bx);
       for (int t = 0; t < kThreads; ++t) fwd_row_base(p, l, t, row_base);
       std::vector<FwdCols> cols;  // per-thread registers
       for (int t = 0; t < kThreads; ++t) cols.push_back(fwd_cols_init(p, l, t));

@@ -119,7 +119,7 @@ __device__ __forceinline__ void store_acc(AccFrag<scalar_t> (&acc)[2][2], float*
 // tc_tiles.h, shared with the host emulator; here only shared memory, the
 // barriers and the WMMA fragments.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
     tube_tokens_tc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pe,
                           scalar_t* __restrict__ out, const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* Bs = As + BM * LDS;
   float* Cs = reinterpret_cast<float*>(smem);
   const int tid = threadIdx.x, warp = tid / 32;
-  const FwdLoc l = fwd_locate(p, blockIdx.x, blockIdx.y);
+  const FwdLoc l = fwd_locate(p, blockIdx.x);
   const int64_t K = p.g[l.i].patch_size;
   fwd_row_base(p, l, tid, row_base);
   FwdCols cols = fwd_cols_init(p, l, tid);
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- weight gradient: dW_i = G_i^T P_i (see tc_tiles.h) ----
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
     tube_dw_tc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad, const ParamsDW p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __shared__ __align__(32) unsigned char smem[dw_smem_bytes<scalar_t>()];
@@ -284,13 +284,11 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
   }
   const Params p = make_fwd_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(), wp,
                                    bias.empty() ? nullptr : bp);
-  const int64_t m_tiles = p.tiles_before[p.n_tubes];
-  const int64_t n_tiles = (L.dim + BN - 1) / BN;
-  TORCH_CHECK(m_tiles < (int64_t(1) << 31) && n_tiles < 65536,
-              "tube_tokens (tensor-core path): problem too large for one launch (", m_tiles, " x ", n_tiles,
-              " tiles)");
-  if (m_tiles == 0) return;
-  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
+  const int64_t blocks = fwd_blocks(p);
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "tube_tokens (tensor-core path): problem too large for one launch (",
+              blocks, " tiles)");
+  if (blocks == 0) return;
+  const dim3 grid(static_cast<unsigned>(blocks));
   auto stream = at::cuda::getCurrentCUDAStream();
   TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_tokens_tc", [&] {
     tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
