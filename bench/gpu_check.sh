@@ -23,7 +23,8 @@
 #   summary.txt (env, one line per step, target checks), bench-default.json,
 #   bench-naive.json, bench-compile.json, profile.txt, ncu.txt, logs.tar.gz (every
 #   log, refreshed after each step).
-# Usage (device tool):  bash bench/gpu_check.sh      with timeout_s=600
+# Usage (device tool):  TUBEVIT_COMMIT=<short sha> bash bench/gpu_check.sh   with timeout_s=600
+#   (the device's copy of .git is the session start's, so name the commit run)
 #   BUDGET_S=540 (default)  STEPS="build tests bench"  PY=python3
 # A build carried from the CPU machine (tubevit_ext/_C.cpython-312-*.so made by
 # .ci/check_gpu_torch against the same Python 3.12 + torch 2.11.0, name it in
@@ -79,7 +80,7 @@ bench() {  # bench JSON_NAME ARGS...: table into the log, targets into the summa
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null) ($(git status --porcelain 2>/dev/null | wc -l) files changed)"
+  echo "commit ${TUBEVIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) ($(git status --porcelain 2>/dev/null | wc -l) files changed)}"
   echo "arch $TORCH_CUDA_ARCH_LIST, budget ${BUDGET_S}s, steps: $STEPS"
 } > "$SUMMARY" 2>&1
 cat "$SUMMARY"

@@ -249,6 +249,11 @@ def dtype_name(dt):
 
 
 def git_commit():
+    # The device tool's copy of the tree carries the .git of the session's
+    # start, not the commit being run (seen in session 5): the caller can name
+    # the commit (bench/gpu_check.sh passes TUBEVIT_COMMIT through).
+    if os.environ.get("TUBEVIT_COMMIT"):
+        return os.environ["TUBEVIT_COMMIT"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)

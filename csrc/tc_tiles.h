@@ -40,11 +40,15 @@ namespace tc {
 // then 8 MMAs per warp against two or three barriers and a global-load
 // latency. TUBEVIT_TC_MIN_BLOCKS: blocks per SM the compiler must fit
 // (__launch_bounds__ of the forward and dW kernels; 1 = no register cap).
+// Measured on an H200 (session 5, bench/NOTES.md), per call at B = 32, bf16
+// forward / dW: depth 32 uncapped 0.93 / 3.05 ms, depth 64 uncapped 1.18 /
+// 3.14 ms (168 / 166 registers: 3 blocks per SM), depth 64 with 4 blocks per
+// SM (128 registers) 0.76 / 2.08 ms — the default.
 #ifndef TUBEVIT_TC_DEPTH
 #define TUBEVIT_TC_DEPTH 64
 #endif
 #ifndef TUBEVIT_TC_MIN_BLOCKS
-#define TUBEVIT_TC_MIN_BLOCKS 1
+#define TUBEVIT_TC_MIN_BLOCKS 4
 #endif
 static_assert(TUBEVIT_TC_DEPTH == 32 || TUBEVIT_TC_DEPTH == 64, "TUBEVIT_TC_DEPTH: 32 or 64");
 constexpr int BM = 64, BN = 64, BK = TUBEVIT_TC_DEPTH;
