@@ -50,6 +50,15 @@ namespace tc {
 #ifndef TUBEVIT_TC_MIN_BLOCKS
 #define TUBEVIT_TC_MIN_BLOCKS 4
 #endif
+// TUBEVIT_TC_STAGES: shared-memory stages of the forward's k-loop. 1 = load,
+// barrier, multiply (as measured in session 5); 2 = the next step's tiles
+// are staged with cp.async (sm_80+) while the tensor cores work on the
+// current ones (written in session 5 after the GPU time was spent: compiled
+// and emulator-covered, NOT YET RUN on a GPU — measure it as a variant).
+#ifndef TUBEVIT_TC_STAGES
+#define TUBEVIT_TC_STAGES 1
+#endif
+static_assert(TUBEVIT_TC_STAGES == 1 || TUBEVIT_TC_STAGES == 2, "TUBEVIT_TC_STAGES: 1 or 2");
 static_assert(TUBEVIT_TC_DEPTH == 32 || TUBEVIT_TC_DEPTH == 64, "TUBEVIT_TC_DEPTH: 32 or 64");
 constexpr int BM = 64, BN = 64, BK = TUBEVIT_TC_DEPTH;
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
@@ -112,14 +121,27 @@ struct MmaArgs {
 
 // V contiguous elements in one access where the host proved it legal (see
 // gather_vec / weight_vec): BYTES (4, 8 or 16) copied from src, or zeros
-// when src is null. On the GPU a single load/store instead of V scalar ones;
-// on the host a memcpy / memset.
-template <int BYTES>
+// when src is null. On the GPU a single load/store instead of V scalar ones
+// (ASYNC: a cp.async into shared memory that completes at the kernel's next
+// cp.async wait, for the pipelined forward, TUBEVIT_TC_STAGES = 2; zeros are
+// a plain store); on the host a memcpy / memset.
+template <int BYTES, bool ASYNC = false>
 TUBEVIT_HD void put_bytes(void* dst, const void* src) {
   static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "2-byte chunks are the scalar path");
 #if defined(__CUDA_ARCH__)
   using T = typename std::conditional<BYTES == 16, uint4,
                                       typename std::conditional<BYTES == 8, uint2, unsigned int>::type>::type;
+#if __CUDA_ARCH__ >= 800
+  if constexpr (ASYNC) {
+    if (src != nullptr) {
+      const unsigned saddr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(saddr), "l"(src), "n"(BYTES) : "memory");
+    } else {
+      *static_cast<T*>(dst) = T{};
+    }
+    return;
+  }
+#endif
   *static_cast<T*>(dst) = src != nullptr ? *static_cast<const T*>(src) : T{};
 #else
   if (src != nullptr) std::memcpy(dst, src, BYTES);
@@ -131,27 +153,31 @@ TUBEVIT_HD void put_bytes(void* dst, const void* src) {
 // (-1 = outside: zero) into dst[r * ld + kk], V columns per access. V divides
 // kw, COLS and every offset involved (gather_vec), so an access never leaves
 // a run of kw contiguous voxels.
-template <int V, int ROWS, int COLS, int LD, typename scalar_t>
+template <int V, int ROWS, int COLS, int LD, bool ASYNC, typename scalar_t>
 TUBEVIT_HD void gather_tile_v(const scalar_t* x, const int64_t* row_base, const int64_t* koff, int tid,
                               scalar_t* dst) {
   constexpr int kChunks = COLS / V;
   for (int e = tid; e < ROWS * kChunks; e += kThreads) {
     const int r = e / kChunks, kk = (e % kChunks) * V;
     const int64_t base = row_base[r], off = koff[kk];
-    put_bytes<V * int(sizeof(scalar_t))>(dst + r * LD + kk, base >= 0 && off >= 0 ? x + base + off : nullptr);
+    put_bytes<V * int(sizeof(scalar_t)), ASYNC>(dst + r * LD + kk,
+                                                base >= 0 && off >= 0 ? x + base + off : nullptr);
   }
 }
 
-template <int ROWS, int COLS, int LD, typename scalar_t>
+// ASYNC: vector accesses as cp.async (see put_bytes); the one-element path
+// stays synchronous (cp.async moves at least 4 bytes).
+template <int ROWS, int COLS, int LD, bool ASYNC = false, typename scalar_t>
 TUBEVIT_HD void gather_tile(const scalar_t* x, const int64_t* row_base, const int64_t* koff, int vec, int tid,
                             scalar_t* dst) {
   constexpr int kMaxV = 16 / int(sizeof(scalar_t));
   if constexpr (kMaxV >= 8) {
-    if (vec == 8) return gather_tile_v<8, ROWS, COLS, LD>(x, row_base, koff, tid, dst);
+    if (vec == 8) return gather_tile_v<8, ROWS, COLS, LD, ASYNC>(x, row_base, koff, tid, dst);
   }
-  if (vec == 4 && 4 * sizeof(scalar_t) <= 16) return gather_tile_v<4, ROWS, COLS, LD>(x, row_base, koff, tid, dst);
+  if (vec == 4 && 4 * sizeof(scalar_t) <= 16)
+    return gather_tile_v<4, ROWS, COLS, LD, ASYNC>(x, row_base, koff, tid, dst);
   if constexpr (sizeof(scalar_t) == 2) {
-    if (vec == 2) return gather_tile_v<2, ROWS, COLS, LD>(x, row_base, koff, tid, dst);
+    if (vec == 2) return gather_tile_v<2, ROWS, COLS, LD, ASYNC>(x, row_base, koff, tid, dst);
   }
   for (int e = tid; e < ROWS * COLS; e += kThreads) {  // one element per access
     const int r = e / COLS, kk = e % COLS;
@@ -266,14 +292,14 @@ TUBEVIT_HD void fwd_koff(const Params& p, const FwdLoc& l, FwdCols& cols, int ti
 }
 
 // A tile: As[r][kk] = x[row_base[r] + koff[kk]], zero outside the tube / K.
-template <typename scalar_t>
+template <bool ASYNC = false, typename scalar_t>
 TUBEVIT_HD void fwd_fill_a(const Params& p, const FwdLoc& l, const scalar_t* x, const int64_t* row_base,
                            const int64_t* koff, int tid, scalar_t* As) {
-  gather_tile<BM, BK, LDS>(x, row_base, koff, p.vec_x[l.i], tid, As);
+  gather_tile<BM, BK, LDS, ASYNC>(x, row_base, koff, p.vec_x[l.i], tid, As);
 }
 
 // B tile: Bs[n][kk] = W[n0 + n, k0 + kk] (contiguous along k), zero outside.
-template <int V, typename scalar_t>
+template <int V, bool ASYNC, typename scalar_t>
 TUBEVIT_HD void fwd_fill_b_v(const Params& p, const FwdLoc& l, int64_t k0, int tid, scalar_t* Bs) {
   const int64_t K = p.g[l.i].patch_size;
   const scalar_t* w = static_cast<const scalar_t*>(p.w[l.i]);
@@ -282,18 +308,19 @@ TUBEVIT_HD void fwd_fill_b_v(const Params& p, const FwdLoc& l, int64_t k0, int t
     const int n = e / kChunks, kk = (e % kChunks) * V;
     const int64_t k = k0 + kk, col = l.n0 + n;
     // V divides K: a chunk is wholly inside or wholly past the row
-    put_bytes<V * int(sizeof(scalar_t))>(Bs + n * LDS + kk, col < p.d && k < K ? w + col * K + k : nullptr);
+    put_bytes<V * int(sizeof(scalar_t)), ASYNC>(Bs + n * LDS + kk,
+                                                col < p.d && k < K ? w + col * K + k : nullptr);
   }
 }
 
-template <typename scalar_t>
+template <bool ASYNC = false, typename scalar_t>
 TUBEVIT_HD void fwd_fill_b(const Params& p, const FwdLoc& l, int64_t k0, int tid, scalar_t* Bs) {
   const int vec = p.vec_w[l.i];
   if constexpr (sizeof(scalar_t) == 2) {
-    if (vec == 8) return fwd_fill_b_v<8>(p, l, k0, tid, Bs);
-    if (vec == 2) return fwd_fill_b_v<2>(p, l, k0, tid, Bs);
+    if (vec == 8) return fwd_fill_b_v<8, ASYNC>(p, l, k0, tid, Bs);
+    if (vec == 2) return fwd_fill_b_v<2, ASYNC>(p, l, k0, tid, Bs);
   }
-  if (vec == 4 && 4 * sizeof(scalar_t) <= 16) return fwd_fill_b_v<4>(p, l, k0, tid, Bs);
+  if (vec == 4 && 4 * sizeof(scalar_t) <= 16) return fwd_fill_b_v<4, ASYNC>(p, l, k0, tid, Bs);
   const int64_t K = p.g[l.i].patch_size;
   const scalar_t* w = static_cast<const scalar_t*>(p.w[l.i]);
   for (int e = tid; e < BN * BK; e += kThreads) {
@@ -665,9 +692,9 @@ inline ParamsDX make_dx_params(const TubeLayout& L, const void* const* w, int64_
 // Shared-memory bytes of the staging tiles and of the fp32 accumulator tile
 // (they alias: the accumulators are stored after the last MMA).
 template <typename scalar_t>
-constexpr int fwd_smem_bytes() {
-  return (BM + BN) * LDS * int(sizeof(scalar_t)) > BM * LDC * int(sizeof(float))
-             ? (BM + BN) * LDS * int(sizeof(scalar_t))
+constexpr int fwd_smem_bytes(int stages = 1) {
+  return stages * (BM + BN) * LDS * int(sizeof(scalar_t)) > BM * LDC * int(sizeof(float))
+             ? stages * (BM + BN) * LDS * int(sizeof(scalar_t))
              : BM * LDC * int(sizeof(float));
 }
 template <typename scalar_t>

@@ -160,6 +160,67 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
 #endif
 }
 
+// cp.async bookkeeping of the pipelined forward (sm_80+).
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// The forward with two shared-memory stages (TUBEVIT_TC_STAGES = 2): step
+// s + 1's tiles are issued as cp.async before step s's MMAs, so their load
+// latency overlaps the tensor-core work. Same tile functions as the 1-stage
+// kernel (their index math is emulator-tested); the buffer / barrier order:
+//   iteration s: koff of step s+1 -> koff[nxt]; wait for this thread's
+//   copies of step s; barrier (step s's tiles and koff[nxt] visible, every
+//   warp done with step s-1, whose buffers step s+1 now overwrites); issue
+//   step s+1's copies into [nxt]; MMAs on [cur].
+// Dynamic shared memory: 2 x (As + Bs), the fp32 accumulator tile aliases it
+// after the loop.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
+    tube_tokens_tc2_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pe,
+                           scalar_t* __restrict__ out, const Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char dsmem[];
+  __shared__ int64_t row_base[BM];
+  __shared__ int64_t koff[2][BK];
+  scalar_t* As[2] = {reinterpret_cast<scalar_t*>(dsmem), reinterpret_cast<scalar_t*>(dsmem) + (BM + BN) * LDS};
+  scalar_t* Bs[2] = {As[0] + BM * LDS, As[1] + BM * LDS};
+  float* Cs = reinterpret_cast<float*>(dsmem);
+  const int tid = threadIdx.x, warp = tid / 32;
+  const FwdLoc l = fwd_locate(p, blockIdx.x);
+  const int64_t K = p.g[l.i].patch_size;
+  const int64_t steps = (K + BK - 1) / BK;
+  fwd_row_base(p, l, tid, row_base);
+  FwdCols cols = fwd_cols_init(p, l, tid);
+
+  AccFrag<scalar_t> acc[2][2];
+  zero_acc<scalar_t>(acc);
+
+  fwd_koff(p, l, cols, tid, koff[0]);
+  __syncthreads();  // row_base, koff[0]
+  fwd_fill_a<true>(p, l, x, row_base, koff[0], tid, As[0]);
+  fwd_fill_b<true>(p, l, 0, tid, Bs[0]);
+  cp_async_commit();
+  for (int64_t s = 0; s < steps; ++s) {
+    const int cur = static_cast<int>(s & 1), nxt = cur ^ 1;
+    if (s + 1 < steps) fwd_koff(p, l, cols, tid, koff[nxt]);
+    cp_async_wait_all();
+    __syncthreads();
+    if (s + 1 < steps) {
+      fwd_fill_a<true>(p, l, x, row_base, koff[nxt], tid, As[nxt]);
+      fwd_fill_b<true>(p, l, (s + 1) * BK, tid, Bs[nxt]);
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += Mma<scalar_t>::kK)
+      mma_2x2<scalar_t, wmma::col_major>(acc, As[cur], Bs[cur], fwd_mma_args(warp, ks));
+  }
+  __syncthreads();  // every warp done with the staging bytes (no copies pending)
+  store_acc<scalar_t>(acc, Cs, warp);
+  __syncthreads();
+  fwd_epilogue(p, l, Cs, pe, tid, out);
+#endif
+}
+
 // ---- weight gradient: dW_i = G_i^T P_i (see tc_tiles.h) ----
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
@@ -291,9 +352,20 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
   const dim3 grid(static_cast<unsigned>(blocks));
   auto stream = at::cuda::getCurrentCUDAStream();
   TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_tokens_tc", [&] {
-    tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
-        out.mutable_data_ptr<scalar_t>(), p);
+    const scalar_t* pe_ptr = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
+    // a plain if: both kernels are always compiled (CI builds the 2-stage one too)
+    if (TUBEVIT_TC_STAGES == 2) {
+      constexpr int bytes = fwd_smem_bytes<scalar_t>(2);
+      // above 48 KiB (fp32: 74 KiB) a kernel must opt in to that much dynamic shared memory
+      if (bytes > 48 * 1024)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(tube_tokens_tc2_kernel<scalar_t>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      tube_tokens_tc2_kernel<scalar_t><<<grid, kThreads, bytes, stream>>>(x.const_data_ptr<scalar_t>(), pe_ptr,
+                                                                          out.mutable_data_ptr<scalar_t>(), p);
+    } else {
+      tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), pe_ptr,
+                                                                      out.mutable_data_ptr<scalar_t>(), p);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
