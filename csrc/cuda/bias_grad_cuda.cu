@@ -50,7 +50,7 @@ __device__ __forceinline__ int tube_of_chunk(const BiasParams& p, int64_t q) {
   return i;
 }
 
-// part: (total chunks, d) fp32, row q = (tube, chunk) in chunks_before order.
+// part: (total chunks, d) of acc_t, row q = (tube, chunk) in chunks_before order.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kCols* kLanes)
     bias_partial_kernel(const scalar_t* __restrict__ grad, acc_t* __restrict__ part, const BiasParams p) {
