@@ -9,7 +9,10 @@
 # one call this way (bench/NOTES.md, "Session 5").
 #
 # Usage: bash bench/prepare_gpu_variants.sh [NAME="DEFINES" ...]
-#   default variants: base="" (the defaults) and stages2="TUBEVIT_TC_STAGES=2"
+#   default variants: base="" (the defaults), stages2="TUBEVIT_TC_STAGES=2",
+#   dwvec="TUBEVIT_TC_DW_VEC=1", both="TUBEVIT_TC_STAGES=2 TUBEVIT_TC_DW_VEC=1"
+# Every variant's tile code is checked by the emulator tests
+# (python_tests/test_tc_emulation.py) before it is kept.
 # Needs .venv-gpu-torch (bash .ci/check_gpu_torch creates it, ~3 min).
 # Each build is a full rebuild (~1.5 min on 2 cores): the macros reach every file.
 set -euo pipefail
@@ -18,7 +21,9 @@ VENV=${GPU_VENV:-.venv-gpu-torch}
 [ -x "$VENV/bin/python" ] || { echo "no $VENV: run bash .ci/check_gpu_torch first" >&2; exit 2; }
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-2}
-if [ $# -eq 0 ]; then set -- base= stages2=TUBEVIT_TC_STAGES=2; fi
+if [ $# -eq 0 ]; then
+  set -- base= stages2=TUBEVIT_TC_STAGES=2 dwvec=TUBEVIT_TC_DW_VEC=1 "both=TUBEVIT_TC_STAGES=2 TUBEVIT_TC_DW_VEC=1"
+fi
 so=tubevit_ext/_C.cpython-312-x86_64-linux-gnu.so
 mkdir -p .variants
 rm -f .variants/*.so
@@ -31,6 +36,7 @@ for spec in "$@"; do
   defines=${spec#*=}
   echo "building variant $name (TUBEVIT_DEFINES=\"$defines\")"
   build "$defines"
+  "$VENV/bin/python" -m pytest python_tests/test_tc_emulation.py -q -p no:cacheprovider | tail -n 1
   strip --strip-debug -o ".variants/$name.so" "$so"
 done
 echo "building the default (carried as $so)"

@@ -17,7 +17,8 @@
 //   forward: As[BM tokens][LDS] (A = patches, row-major, K along a row),
 //            Bs[BN channels][LDS] (B = W^T read column-major: Bs[n][k]),
 //            Cs[BM][LDC] fp32 (accumulators, aliasing As/Bs after the MMAs)
-//   dW:      As[BM channels j][LDA2] (A = G^T), Bs[DM tokens][LDB2] (B = P,
+//   dW:      As[BM channels j][LDA2] (A = G^T; TUBEVIT_TC_DW_VEC = 1: As[DM tokens][LDA2],
+//            A read column-major), Bs[DM tokens][LDB2] (B = P,
 //            row-major), Cs as above.
 #pragma once
 
@@ -59,13 +60,25 @@ namespace tc {
 #define TUBEVIT_TC_STAGES 1
 #endif
 static_assert(TUBEVIT_TC_STAGES == 1 || TUBEVIT_TC_STAGES == 2, "TUBEVIT_TC_STAGES: 1 or 2");
+// TUBEVIT_TC_DW_VEC: how dW stages its A tile (G^T, channels j x tokens m).
+// 0 = As[j][m]: a transposing copy, one 2-byte load and a bank-conflicted
+// 2-byte store per element (what session 5 measured; dW was 2.7x slower per
+// FLOP than the forward). 1 = As[m][j], copied along j in 16/8/4-byte chunks
+// (grad rows are contiguous in j) and read by the tensor cores as a
+// column-major A. Written after session 5's device time: emulator-tested,
+// NOT YET RUN on a GPU — measure it as a variant before making it the default.
+#ifndef TUBEVIT_TC_DW_VEC
+#define TUBEVIT_TC_DW_VEC 0
+#endif
+constexpr bool kDwTokenMajorA = TUBEVIT_TC_DW_VEC != 0;
 static_assert(TUBEVIT_TC_DEPTH == 32 || TUBEVIT_TC_DEPTH == 64, "TUBEVIT_TC_DEPTH: 32 or 64");
 constexpr int BM = 64, BN = 64, BK = TUBEVIT_TC_DEPTH;
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int LDS = BK + 8;   // padded staging row (elements) to spread banks
 constexpr int LDC = BN + 4;   // padded fp32 accumulator row
 constexpr int DM = TUBEVIT_TC_DEPTH;  // dW: tokens per reduction step
-constexpr int LDA2 = DM + 8;  // dW: As[j][m]
+constexpr int LDA2 = (kDwTokenMajorA ? BM : DM) + 8;  // dW: As[m][j] or As[j][m]
+constexpr int kDwARows = kDwTokenMajorA ? DM : BM;     // dW: rows of As
 constexpr int LDB2 = BN + 8;  // dW: Bs[m][k]
 constexpr int kMaxTubesTC = 16;
 
@@ -96,6 +109,7 @@ struct ParamsDW {
   TubeGeom g[kMaxTubesTC];
   void* dw[kMaxTubesTC];                  // (d, K) row-major, scalar_t
   int vec_x[kMaxTubesTC];                 // elements per patch-gather access (gather_vec)
+  int vec_g;                              // elements per grad-row access (TUBEVIT_TC_DW_VEC = 1)
   int64_t tiles_before[kMaxTubesTC + 1];  // prefix of ceil(d/BM) * ceil(K_i/BN)
   int n_tubes;
   int64_t B, N, d;
@@ -411,12 +425,46 @@ TUBEVIT_HD void dw_rows(const ParamsDW& p, const DwLoc& l, int64_t m0, int tid, 
 
 // A = G^T tile: As[j][mm] = grad[grad_row[mm], j0 + j] (reads coalesced along j).
 template <typename scalar_t>
-TUBEVIT_HD void dw_fill_a(const ParamsDW& p, const DwLoc& l, const scalar_t* grad, const int64_t* grad_row,
-                          int tid, scalar_t* As) {
+TUBEVIT_HD void dw_fill_a_transposed(const ParamsDW& p, const DwLoc& l, const scalar_t* grad,
+                                     const int64_t* grad_row, int tid, scalar_t* As) {
   for (int e = tid; e < BM * DM; e += kThreads) {
     const int mm = e / BM, j = e % BM;
     const int64_t gr = grad_row[mm], col = l.j0 + j;
     As[j * LDA2 + mm] = (gr >= 0 && col < p.d) ? grad[gr * p.d + col] : scalar_t(0.0f);
+  }
+}
+
+// TUBEVIT_TC_DW_VEC = 1: As[mm][j] = grad[grad_row[mm], j0 + j], V channels
+// per access (V divides d and j0, grad aligned: a chunk is wholly inside or
+// wholly past the row).
+template <int V, typename scalar_t>
+TUBEVIT_HD void dw_fill_a_rows_v(const ParamsDW& p, const DwLoc& l, const scalar_t* grad, const int64_t* grad_row,
+                                 int tid, scalar_t* As) {
+  constexpr int kChunks = BM / V;
+  for (int e = tid; e < DM * kChunks; e += kThreads) {
+    const int mm = e / kChunks, j = (e % kChunks) * V;
+    const int64_t gr = grad_row[mm], col = l.j0 + j;
+    put_bytes<V * int(sizeof(scalar_t))>(As + mm * LDA2 + j, gr >= 0 && col < p.d ? grad + gr * p.d + col : nullptr);
+  }
+}
+
+template <typename scalar_t>
+TUBEVIT_HD void dw_fill_a(const ParamsDW& p, const DwLoc& l, const scalar_t* grad, const int64_t* grad_row,
+                          int tid, scalar_t* As) {
+  if constexpr (!kDwTokenMajorA) {
+    dw_fill_a_transposed(p, l, grad, grad_row, tid, As);
+  } else {
+    const int vec = p.vec_g;
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (vec == 8) return dw_fill_a_rows_v<8>(p, l, grad, grad_row, tid, As);
+      if (vec == 2) return dw_fill_a_rows_v<2>(p, l, grad, grad_row, tid, As);
+    }
+    if (vec == 4 && 4 * sizeof(scalar_t) <= 16) return dw_fill_a_rows_v<4>(p, l, grad, grad_row, tid, As);
+    for (int e = tid; e < DM * BM; e += kThreads) {  // one element per access
+      const int mm = e / BM, j = e % BM;
+      const int64_t gr = grad_row[mm], col = l.j0 + j;
+      As[mm * LDA2 + j] = (gr >= 0 && col < p.d) ? grad[gr * p.d + col] : scalar_t(0.0f);
+    }
   }
 }
 
@@ -429,7 +477,10 @@ TUBEVIT_HD void dw_fill_b(const ParamsDW& p, const DwLoc& l, const scalar_t* x, 
 
 TUBEVIT_HD MmaArgs dw_mma_args(int warp, int ks) {
   const int wj = (warp / 2) * 32, wk = (warp % 2) * 32;
-  // B staged as Bs[m][k]: row-major; 16 columns apart = 16 elements
+  // B staged as Bs[m][k]: row-major; 16 columns apart = 16 elements.
+  // A: As[j][m] row-major (16 rows of j apart = 16 * LDA2), or with
+  // TUBEVIT_TC_DW_VEC = 1 As[m][j], i.e. A column-major (16 rows apart = 16).
+  if (kDwTokenMajorA) return {ks * LDA2 + wj, 16, LDA2, ks * LDB2 + wk, 16, LDB2};
   return {wj * LDA2 + ks, 16 * LDA2, LDA2, ks * LDB2 + wk, 16, LDB2};
 }
 
@@ -654,10 +705,12 @@ inline Params make_fwd_params(const TubeLayout& L, const int64_t* xs, const void
   return p;
 }
 
+// grad: the contiguous (B, N, d) output gradient (its address decides vec_g).
 inline ParamsDW make_dw_params(const TubeLayout& L, const int64_t* xs, const void* x, int64_t elem_size,
-                               void* const* dw) {
+                               const void* grad, void* const* dw) {
   ParamsDW p{};
   fill_common(p, L, xs);
+  p.vec_g = weight_vec(L.dim, grad, elem_size);  // rows of d contiguous elements, like a weight row
   for (int i = 0; i < p.n_tubes; ++i) {
     p.dw[i] = dw[i];
     p.vec_x[i] = gather_vec(L.tubes[i], xs, x, elem_size);
@@ -705,8 +758,8 @@ constexpr int dx_smem_bytes() {
 }
 template <typename scalar_t>
 constexpr int dw_smem_bytes() {
-  return (BM * LDA2 + DM * LDB2) * int(sizeof(scalar_t)) > BM * LDC * int(sizeof(float))
-             ? (BM * LDA2 + DM * LDB2) * int(sizeof(scalar_t))
+  return (kDwARows * LDA2 + DM * LDB2) * int(sizeof(scalar_t)) > BM * LDC * int(sizeof(float))
+             ? (kDwARows * LDA2 + DM * LDB2) * int(sizeof(scalar_t))
              : BM * LDC * int(sizeof(float));
 }
 

@@ -30,6 +30,9 @@ CASES = {
     "vec2": ([tv.Tube((2, 2, 6), (2, 3, 6), (0, 1, 0))], (5, 11, 36), 2, 33),
     # H > 32 and W > 64: the dX gather's (32 x 64)-voxel tiles, with partial last tiles on both
     # axes and windows that straddle tile borders (kw = 5 with stride 3)
+    # d = 72: every grad-row access of dW's token-major A tile is 8 (16-bit) or 4 (fp32) channels
+    # wide, with a partial second channel tile (TUBEVIT_TC_DW_VEC = 1 builds)
+    "d72": ([tv.Tube((2, 4, 4), (2, 4, 4), (0, 0, 0))], (6, 16, 24), 3, 72),
     "wide": ([tv.Tube((2, 3, 5), (1, 2, 3), (0, 1, 2)), tv.Tube((1, 4, 4), (2, 4, 4), (1, 0, 1))],
              (3, 37, 70), 2, 20),
 }

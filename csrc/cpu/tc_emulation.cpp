@@ -45,7 +45,8 @@ using WarpAcc = float[2][2][16][16];
 
 // WMMA semantics of mma_2x2 (cuda/tube_tokens_tc.cu) for one warp.
 template <typename scalar_t>
-void mma_2x2(WarpAcc& acc, const scalar_t* As, const scalar_t* Bs, const MmaArgs& m, bool b_col_major) {
+void mma_2x2(WarpAcc& acc, const scalar_t* As, const scalar_t* Bs, const MmaArgs& m, bool b_col_major,
+             bool a_col_major = false) {
   constexpr int depth = MmaDepth<scalar_t>::value;
   for (int a = 0; a < 2; ++a)
     for (int c = 0; c < 2; ++c)
@@ -53,7 +54,8 @@ void mma_2x2(WarpAcc& acc, const scalar_t* As, const scalar_t* Bs, const MmaArgs
         for (int col = 0; col < 16; ++col) {
           float s = acc[a][c][r][col];
           for (int kk = 0; kk < depth; ++kk) {
-            const scalar_t av = As[m.a_off + a * m.a_step + r * m.lda + kk];
+            const scalar_t av = a_col_major ? As[m.a_off + a * m.a_step + kk * m.lda + r]
+                                            : As[m.a_off + a * m.a_step + r * m.lda + kk];
             const scalar_t bv = b_col_major ? Bs[m.b_off + c * m.b_step + col * m.ldb + kk]
                                             : Bs[m.b_off + c * m.b_step + kk * m.ldb + col];
             s += mma_input(av) * mma_input(bv);
@@ -140,13 +142,14 @@ void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const Tube
                          std::vector<at::Tensor>& dws) {
   std::vector<void*> dp;
   for (auto& t : dws) dp.push_back(t.mutable_data_ptr());
-  const ParamsDW p = make_dw_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(), dp.data());
+  const ParamsDW p = make_dw_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(),
+                                    grad.const_data_ptr(), dp.data());
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   for (int64_t bx = 0; bx < p.tiles_before[p.n_tubes]; ++bx) {
     Smem smem(dw_smem_bytes<scalar_t>());
     scalar_t* As = smem.as<scalar_t>();
-    scalar_t* Bs = As + BM * LDA2;
+    scalar_t* Bs = As + kDwARows * LDA2;
     float* Cs = smem.as<float>();
     int64_t row_base[DM], grad_row[DM], koff[BN];
     const DwLoc l = dw_locate(p, bx);
@@ -161,7 +164,7 @@ void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const Tube
       }
       for (int warp = 0; warp < kWarps; ++warp)
         for (int ks = 0; ks < DM; ks += MmaDepth<scalar_t>::value)
-          mma_2x2(acc[warp], As, Bs, dw_mma_args(warp, ks), /*b_col_major=*/false);
+          mma_2x2(acc[warp], As, Bs, dw_mma_args(warp, ks), /*b_col_major=*/false, kDwTokenMajorA);
     }
     store_acc(acc, Cs);
     for (int t = 0; t < kThreads; ++t) dw_epilogue<scalar_t>(p, l, Cs, t);

@@ -62,14 +62,17 @@ struct Mma<float> {
   static constexpr int kK = MmaDepth<float>::value;
 };
 
+// dW's A fragment layout (tc_tiles.h, TUBEVIT_TC_DW_VEC)
+using DwLayoutA = std::conditional<kDwTokenMajorA, wmma::col_major, wmma::row_major>::type;
+
 template <typename scalar_t>
 using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, Mma<scalar_t>::kK, float>;
 
 // One kK-deep step of a warp's 32x32 tile, operands as described by MmaArgs
-// (tc_tiles.h); B's layout is LayoutB. Both kernels below share it.
+// (tc_tiles.h); A's and B's layouts are LayoutA / LayoutB. Both kernels below share it.
 // Staging holds scalar_t (at::Half / at::BFloat16 / float), bit-identical
 // to Mma<scalar_t>::load_t.
-template <typename scalar_t, typename LayoutB>
+template <typename scalar_t, typename LayoutA, typename LayoutB>
 __device__ __forceinline__ void mma_2x2(AccFrag<scalar_t> (&acc)[2][2], const scalar_t* As, const scalar_t* Bs,
                                         const MmaArgs& m) {
   const scalar_t* a = As + m.a_off;
@@ -78,7 +81,7 @@ __device__ __forceinline__ void mma_2x2(AccFrag<scalar_t> (&acc)[2][2], const sc
   using M = Mma<scalar_t>;
   using load_t = typename M::load_t;
   static_assert(sizeof(load_t) == sizeof(scalar_t), "layout-compatible staging types");
-  wmma::fragment<wmma::matrix_a, 16, 16, M::kK, typename M::frag, wmma::row_major> fa[2];
+  wmma::fragment<wmma::matrix_a, 16, 16, M::kK, typename M::frag, LayoutA> fa[2];
   wmma::fragment<wmma::matrix_b, 16, 16, M::kK, typename M::frag, LayoutB> fb[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -151,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < BK; ks += Mma<scalar_t>::kK)
-      mma_2x2<scalar_t, wmma::col_major>(acc, As, Bs, fwd_mma_args(warp, ks));
+      mma_2x2<scalar_t, wmma::row_major, wmma::col_major>(acc, As, Bs, fwd_mma_args(warp, ks));
   }
   __syncthreads();  // staging tiles dead: reuse the bytes for the accumulators
   store_acc<scalar_t>(acc, Cs, warp);
@@ -212,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
     }
 #pragma unroll
     for (int ks = 0; ks < BK; ks += Mma<scalar_t>::kK)
-      mma_2x2<scalar_t, wmma::col_major>(acc, As[cur], Bs[cur], fwd_mma_args(warp, ks));
+      mma_2x2<scalar_t, wmma::row_major, wmma::col_major>(acc, As[cur], Bs[cur], fwd_mma_args(warp, ks));
   }
   __syncthreads();  // every warp done with the staging bytes (no copies pending)
   store_acc<scalar_t>(acc, Cs, warp);
@@ -230,8 +233,8 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
   __shared__ int64_t row_base[DM];  // x offset of each token's first voxel
   __shared__ int64_t grad_row[DM];  // row of grad for each token (-1 past M)
   __shared__ int64_t koff[BN];      // input offset of this block's patch columns (-1 past K)
-  scalar_t* As = reinterpret_cast<scalar_t*>(smem);  // [BM j][LDA2]
-  scalar_t* Bs = As + BM * LDA2;                      // [DM m][LDB2]
+  scalar_t* As = reinterpret_cast<scalar_t*>(smem);  // [BM j][LDA2], or [DM m][LDA2] (TUBEVIT_TC_DW_VEC)
+  scalar_t* Bs = As + kDwARows * LDA2;                // [DM m][LDB2]
   float* Cs = reinterpret_cast<float*>(smem);
   const int tid = threadIdx.x, warp = tid / 32;
   const DwLoc l = dw_locate(p, blockIdx.x);
@@ -250,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < DM; ks += Mma<scalar_t>::kK)
-      mma_2x2<scalar_t, wmma::row_major>(acc, As, Bs, dw_mma_args(warp, ks));
+      mma_2x2<scalar_t, DwLayoutA, wmma::row_major>(acc, As, Bs, dw_mma_args(warp, ks));
   }
   __syncthreads();
   store_acc<scalar_t>(acc, Cs, warp);
@@ -283,7 +286,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < BK; ks += Mma<scalar_t>::kK)
-      mma_2x2<scalar_t, wmma::row_major>(acc, As, Bs, dx_mma_args(warp, ks));
+      mma_2x2<scalar_t, wmma::row_major, wmma::row_major>(acc, As, Bs, dx_mma_args(warp, ks));
   }
   __syncthreads();
   store_acc<scalar_t>(acc, Cs, warp);
@@ -414,7 +417,8 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& 
                  std::vector<at::Tensor>& dws) {
   void* dp[kMaxTubesTC];
   for (size_t i = 0; i < L.tubes.size(); ++i) dp[i] = dws[i].mutable_data_ptr();
-  const ParamsDW p = make_dw_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(), dp);
+  const ParamsDW p = make_dw_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(),
+                                    grad.const_data_ptr(), dp);
   const int64_t tiles = p.tiles_before[p.n_tubes];
   TORCH_CHECK(tiles < (int64_t(1) << 31), "tube_tokens_backward (tensor-core path): too many tiles (", tiles, ")");
   if (tiles == 0) return;
