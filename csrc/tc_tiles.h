@@ -51,11 +51,13 @@ namespace tc {
 #ifndef TUBEVIT_TC_MIN_BLOCKS
 #define TUBEVIT_TC_MIN_BLOCKS 4
 #endif
-// TUBEVIT_TC_STAGES: shared-memory stages of the forward's k-loop. 1 = load,
-// barrier, multiply (as measured in session 5); 2 = the next step's tiles
-// are staged with cp.async (sm_80+) while the tensor cores work on the
-// current ones (written in session 5 after the GPU time was spent: compiled
-// and emulator-covered, NOT YET RUN on a GPU — measure it as a variant).
+// TUBEVIT_TC_STAGES: shared-memory stages of the forward's and dW's reduction
+// loops. 1 = load, barrier, multiply (as measured in session 5); 2 = the next
+// step's tiles are staged with cp.async (sm_80+) while the tensor cores work
+// on the current ones (written in session 5 after the GPU time was spent:
+// compiled, tile code emulator-covered, NOT YET RUN on a GPU — measure it as
+// a variant). dW's copies are asynchronous only with TUBEVIT_TC_DW_VEC = 1
+// for its A tile (the transposing copy stays synchronous).
 #ifndef TUBEVIT_TC_STAGES
 #define TUBEVIT_TC_STAGES 1
 #endif
@@ -437,18 +439,20 @@ TUBEVIT_HD void dw_fill_a_transposed(const ParamsDW& p, const DwLoc& l, const sc
 // TUBEVIT_TC_DW_VEC = 1: As[mm][j] = grad[grad_row[mm], j0 + j], V channels
 // per access (V divides d and j0, grad aligned: a chunk is wholly inside or
 // wholly past the row).
-template <int V, typename scalar_t>
+template <int V, bool ASYNC, typename scalar_t>
 TUBEVIT_HD void dw_fill_a_rows_v(const ParamsDW& p, const DwLoc& l, const scalar_t* grad, const int64_t* grad_row,
                                  int tid, scalar_t* As) {
   constexpr int kChunks = BM / V;
   for (int e = tid; e < DM * kChunks; e += kThreads) {
     const int mm = e / kChunks, j = (e % kChunks) * V;
     const int64_t gr = grad_row[mm], col = l.j0 + j;
-    put_bytes<V * int(sizeof(scalar_t))>(As + mm * LDA2 + j, gr >= 0 && col < p.d ? grad + gr * p.d + col : nullptr);
+    put_bytes<V * int(sizeof(scalar_t)), ASYNC>(As + mm * LDA2 + j,
+                                                gr >= 0 && col < p.d ? grad + gr * p.d + col : nullptr);
   }
 }
 
-template <typename scalar_t>
+// ASYNC (2-stage dW): vector copies as cp.async; the scalar paths stay synchronous.
+template <bool ASYNC = false, typename scalar_t>
 TUBEVIT_HD void dw_fill_a(const ParamsDW& p, const DwLoc& l, const scalar_t* grad, const int64_t* grad_row,
                           int tid, scalar_t* As) {
   if constexpr (!kDwTokenMajorA) {
@@ -456,10 +460,11 @@ TUBEVIT_HD void dw_fill_a(const ParamsDW& p, const DwLoc& l, const scalar_t* gra
   } else {
     const int vec = p.vec_g;
     if constexpr (sizeof(scalar_t) == 2) {
-      if (vec == 8) return dw_fill_a_rows_v<8>(p, l, grad, grad_row, tid, As);
-      if (vec == 2) return dw_fill_a_rows_v<2>(p, l, grad, grad_row, tid, As);
+      if (vec == 8) return dw_fill_a_rows_v<8, ASYNC>(p, l, grad, grad_row, tid, As);
+      if (vec == 2) return dw_fill_a_rows_v<2, ASYNC>(p, l, grad, grad_row, tid, As);
     }
-    if (vec == 4 && 4 * sizeof(scalar_t) <= 16) return dw_fill_a_rows_v<4>(p, l, grad, grad_row, tid, As);
+    if (vec == 4 && 4 * sizeof(scalar_t) <= 16)
+      return dw_fill_a_rows_v<4, ASYNC>(p, l, grad, grad_row, tid, As);
     for (int e = tid; e < DM * BM; e += kThreads) {  // one element per access
       const int mm = e / BM, j = e % BM;
       const int64_t gr = grad_row[mm], col = l.j0 + j;
@@ -469,10 +474,10 @@ TUBEVIT_HD void dw_fill_a(const ParamsDW& p, const DwLoc& l, const scalar_t* gra
 }
 
 // B = P tile: Bs[mm][kk] = x[row_base[mm] + koff[kk]].
-template <typename scalar_t>
+template <bool ASYNC = false, typename scalar_t>
 TUBEVIT_HD void dw_fill_b(const ParamsDW& p, const DwLoc& l, const scalar_t* x, const int64_t* row_base,
                           const int64_t* koff, int tid, scalar_t* Bs) {
-  gather_tile<DM, BN, LDB2>(x, row_base, koff, p.vec_x[l.i], tid, Bs);
+  gather_tile<DM, BN, LDB2, ASYNC>(x, row_base, koff, p.vec_x[l.i], tid, Bs);
 }
 
 TUBEVIT_HD MmaArgs dw_mma_args(int warp, int ks) {
@@ -757,9 +762,9 @@ constexpr int dx_smem_bytes() {
              : BM * LDC * int(sizeof(float));
 }
 template <typename scalar_t>
-constexpr int dw_smem_bytes() {
-  return (kDwARows * LDA2 + DM * LDB2) * int(sizeof(scalar_t)) > BM * LDC * int(sizeof(float))
-             ? (kDwARows * LDA2 + DM * LDB2) * int(sizeof(scalar_t))
+constexpr int dw_smem_bytes(int stages = 1) {
+  return stages * (kDwARows * LDA2 + DM * LDB2) * int(sizeof(scalar_t)) > BM * LDC * int(sizeof(float))
+             ? stages * (kDwARows * LDA2 + DM * LDB2) * int(sizeof(scalar_t))
              : BM * LDC * int(sizeof(float));
 }
 

@@ -262,6 +262,56 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
 #endif
 }
 
+// dW with two shared-memory stages (TUBEVIT_TC_STAGES = 2), the same buffer /
+// barrier order as tube_tokens_tc2_kernel: step s + 1's token rows go to
+// [nxt] before the barrier, its tiles are issued after it, then step s's MMAs.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
+    tube_dw_tc2_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad, const ParamsDW p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char dsmem[];
+  __shared__ int64_t row_base[2][DM];
+  __shared__ int64_t grad_row[2][DM];
+  __shared__ int64_t koff[BN];
+  constexpr int kStage = kDwARows * LDA2 + DM * LDB2;  // elements of one stage
+  scalar_t* As[2] = {reinterpret_cast<scalar_t*>(dsmem), reinterpret_cast<scalar_t*>(dsmem) + kStage};
+  scalar_t* Bs[2] = {As[0] + kDwARows * LDA2, As[1] + kDwARows * LDA2};
+  float* Cs = reinterpret_cast<float*>(dsmem);
+  const int tid = threadIdx.x, warp = tid / 32;
+  const DwLoc l = dw_locate(p, blockIdx.x);
+  const int64_t M = p.B * p.g[l.i].num_tokens;
+  const int64_t steps = (M + DM - 1) / DM;
+  dw_koff(p, l, tid, koff);
+
+  AccFrag<scalar_t> acc[2][2];
+  zero_acc<scalar_t>(acc);
+
+  dw_rows(p, l, 0, tid, row_base[0], grad_row[0]);
+  __syncthreads();  // koff, rows of step 0
+  dw_fill_a<true>(p, l, grad, grad_row[0], tid, As[0]);
+  dw_fill_b<true>(p, l, x, row_base[0], koff, tid, Bs[0]);
+  cp_async_commit();
+  for (int64_t s = 0; s < steps; ++s) {
+    const int cur = static_cast<int>(s & 1), nxt = cur ^ 1;
+    if (s + 1 < steps) dw_rows(p, l, (s + 1) * DM, tid, row_base[nxt], grad_row[nxt]);
+    cp_async_wait_all();
+    __syncthreads();
+    if (s + 1 < steps) {
+      dw_fill_a<true>(p, l, grad, grad_row[nxt], tid, As[nxt]);
+      dw_fill_b<true>(p, l, x, row_base[nxt], koff, tid, Bs[nxt]);
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int ks = 0; ks < DM; ks += Mma<scalar_t>::kK)
+      mma_2x2<scalar_t, DwLayoutA, wmma::row_major>(acc, As[cur], Bs[cur], dw_mma_args(warp, ks));
+  }
+  __syncthreads();
+  store_acc<scalar_t>(acc, Cs, warp);
+  __syncthreads();
+  dw_epilogue<scalar_t>(p, l, Cs, tid);
+#endif
+}
+
 // ---- input gradient, step 1: dP = G W into an fp32 workspace (tc_tiles.h) ----
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -424,8 +474,17 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& 
   if (tiles == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_dw_tc", [&] {
-    tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
+    if (TUBEVIT_TC_STAGES == 2) {  // a plain if: both kernels are always compiled
+      constexpr int bytes = dw_smem_bytes<scalar_t>(2);
+      if (bytes > 48 * 1024)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(tube_dw_tc2_kernel<scalar_t>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      tube_dw_tc2_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, bytes, stream>>>(
+          x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
+    } else {
+      tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
