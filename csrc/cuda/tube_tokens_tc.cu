@@ -118,6 +118,34 @@ __device__ __forceinline__ void store_acc(AccFrag<scalar_t> (&acc)[2][2], float*
       wmma::store_matrix_sync(Cs + acc_offset(warp, a, c), acc[a][c], LDC, wmma::mem_row_major);
 }
 
+// One staged reduction step of each kernel: every kK-deep slice of the tiles.
+template <typename scalar_t>
+__device__ __forceinline__ void fwd_mma_step(AccFrag<scalar_t> (&acc)[2][2], const scalar_t* As, const scalar_t* Bs,
+                                             int warp) {
+#pragma unroll
+  for (int ks = 0; ks < BK; ks += Mma<scalar_t>::kK)
+    mma_2x2<scalar_t, wmma::row_major, wmma::col_major>(acc, As, Bs, fwd_mma_args(warp, ks));
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void dw_mma_step(AccFrag<scalar_t> (&acc)[2][2], const scalar_t* As, const scalar_t* Bs,
+                                            int warp) {
+#pragma unroll
+  for (int ks = 0; ks < DM; ks += Mma<scalar_t>::kK)
+    mma_2x2<scalar_t, DwLayoutA, wmma::row_major>(acc, As, Bs, dw_mma_args(warp, ks));
+}
+
+// After the reduction loop: the accumulators go to the fp32 tile Cs, which
+// aliases the staging bytes (hence the barrier before), then the epilogue.
+template <typename scalar_t, class Epilogue>
+__device__ __forceinline__ void finish_tile(AccFrag<scalar_t> (&acc)[2][2], float* Cs, int warp,
+                                            const Epilogue& epilogue) {
+  __syncthreads();
+  store_acc<scalar_t>(acc, Cs, warp);
+  __syncthreads();
+  epilogue();
+}
+
 // The forward. Tile logic (what each block / thread / warp does) is in
 // tc_tiles.h, shared with the host emulator; here only shared memory, the
 // barriers and the WMMA fragments.
@@ -152,14 +180,9 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
     fwd_fill_a(p, l, x, row_base, koff, tid, As);
     fwd_fill_b(p, l, k0, tid, Bs);
     __syncthreads();
-#pragma unroll
-    for (int ks = 0; ks < BK; ks += Mma<scalar_t>::kK)
-      mma_2x2<scalar_t, wmma::row_major, wmma::col_major>(acc, As, Bs, fwd_mma_args(warp, ks));
+    fwd_mma_step<scalar_t>(acc, As, Bs, warp);
   }
-  __syncthreads();  // staging tiles dead: reuse the bytes for the accumulators
-  store_acc<scalar_t>(acc, Cs, warp);
-  __syncthreads();
-  fwd_epilogue(p, l, Cs, pe, tid, out);
+  finish_tile<scalar_t>(acc, Cs, warp, [&] { fwd_epilogue(p, l, Cs, pe, tid, out); });
 #endif
 }
 
@@ -213,14 +236,10 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
       fwd_fill_b<true>(p, l, (s + 1) * BK, tid, Bs[nxt]);
       cp_async_commit();
     }
-#pragma unroll
-    for (int ks = 0; ks < BK; ks += Mma<scalar_t>::kK)
-      mma_2x2<scalar_t, wmma::row_major, wmma::col_major>(acc, As[cur], Bs[cur], fwd_mma_args(warp, ks));
+    fwd_mma_step<scalar_t>(acc, As[cur], Bs[cur], warp);
   }
-  __syncthreads();  // every warp done with the staging bytes (no copies pending)
-  store_acc<scalar_t>(acc, Cs, warp);
-  __syncthreads();
-  fwd_epilogue(p, l, Cs, pe, tid, out);
+  // no copies pending: the last step issued none
+  finish_tile<scalar_t>(acc, Cs, warp, [&] { fwd_epilogue(p, l, Cs, pe, tid, out); });
 #endif
 }
 
@@ -251,14 +270,9 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
     dw_fill_a(p, l, grad, grad_row, tid, As);
     dw_fill_b(p, l, x, row_base, koff, tid, Bs);
     __syncthreads();
-#pragma unroll
-    for (int ks = 0; ks < DM; ks += Mma<scalar_t>::kK)
-      mma_2x2<scalar_t, DwLayoutA, wmma::row_major>(acc, As, Bs, dw_mma_args(warp, ks));
+    dw_mma_step<scalar_t>(acc, As, Bs, warp);
   }
-  __syncthreads();
-  store_acc<scalar_t>(acc, Cs, warp);
-  __syncthreads();
-  dw_epilogue<scalar_t>(p, l, Cs, tid);
+  finish_tile<scalar_t>(acc, Cs, warp, [&] { dw_epilogue<scalar_t>(p, l, Cs, tid); });
 #endif
 }
 
@@ -301,14 +315,9 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
       dw_fill_b<true>(p, l, x, row_base[nxt], koff, tid, Bs[nxt]);
       cp_async_commit();
     }
-#pragma unroll
-    for (int ks = 0; ks < DM; ks += Mma<scalar_t>::kK)
-      mma_2x2<scalar_t, DwLayoutA, wmma::row_major>(acc, As[cur], Bs[cur], dw_mma_args(warp, ks));
+    dw_mma_step<scalar_t>(acc, As[cur], Bs[cur], warp);
   }
-  __syncthreads();
-  store_acc<scalar_t>(acc, Cs, warp);
-  __syncthreads();
-  dw_epilogue<scalar_t>(p, l, Cs, tid);
+  finish_tile<scalar_t>(acc, Cs, warp, [&] { dw_epilogue<scalar_t>(p, l, Cs, tid); });
 #endif
 }
 
@@ -338,10 +347,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int ks = 0; ks < BK; ks += Mma<scalar_t>::kK)
       mma_2x2<scalar_t, wmma::row_major, wmma::row_major>(acc, As, Bs, dx_mma_args(warp, ks));
   }
-  __syncthreads();
-  store_acc<scalar_t>(acc, Cs, warp);
-  __syncthreads();
-  dx_epilogue(p, l, Cs, tid, dp);
+  finish_tile<scalar_t>(acc, Cs, warp, [&] { dx_epilogue(p, l, Cs, tid, dp); });
 #endif
 }
 
