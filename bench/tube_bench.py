@@ -437,7 +437,7 @@ def main(argv=None):
               "commit": git_commit(), "date": _dt.date.today().isoformat(),
               "threads": torch.get_num_threads(), "peak_tflops": peak, "config": cfg,
               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
-              # which CUDA kernels "fused" used: the opt-in tensor-core ones or the naive ones
+              # which CUDA kernels "fused" used: tensor cores (the default where they apply) or naive (TUBEVIT_CUDA_TC=0)
               "cuda_tensor_core_path": os.environ.get("TUBEVIT_CUDA_TC") != "0",
               "results": rows}
     print(f"\ndevice: {result['device']} | torch {result['torch']} | commit {result['commit']}")

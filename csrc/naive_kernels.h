@@ -1,7 +1,9 @@
 // The correctness-first ("naive") kernels, written once as per-element
 // functors (TUBEVIT_HD: host + device) and driven by a launcher policy:
 //   * cuda/tube_tokens_cuda.cu runs them as grid-stride CUDA kernels — the
-//     CUDA backend of tubevit::tube_tokens today;
+//     CUDA path where the tensor-core kernels do not apply (fp64, fp32 with
+//     TF32 off, pre-sm_80, TUBEVIT_CUDA_TC=0) and the op
+//     tubevit::tube_tokens_naive those kernels are tested against;
 //   * cpu/naive_cpu.cpp runs the very same functors in a host loop as the
 //     op tubevit::tube_tokens_naive, so the index arithmetic of the GPU
 //     kernels is exercised by the CPU test suite on machines with no GPU.
