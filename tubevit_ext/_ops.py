@@ -29,10 +29,7 @@ def _tube_token_counts(x_shape, tubes) -> list:
 
 def _token_count(x_shape, tubes) -> int:
     """N for the flat tube list on an input of shape (B, C, T, H, W)."""
-    total = 0
-    for n in _tube_token_counts(x_shape, tubes):
-        total = total + n
-    return total
+    return sum(_tube_token_counts(x_shape, tubes))
 
 
 def _check_same_device(x, named):

@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
 #endif
 }
 
-// cp.async bookkeeping of the pipelined forward (sm_80+).
+// cp.async bookkeeping of the 2-stage kernels (sm_80+).
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
