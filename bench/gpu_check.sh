@@ -14,7 +14,8 @@
 #   tests-all      the whole suite, CPU tests included (CI covers those too)
 #   profile        optional: torch.profiler kernel tables (bench/gpu_profile.py)
 #   variants       optional: fused bench + kernel table for each build carried
-#                  as .variants/NAME.so (tuning variants, a baseline commit)
+#                  as .variants/NAME.so (tuning variants, a baseline commit);
+#                  VARIANT_TESTS="NAME ..." runs the CUDA tests on those first
 #   ncu            optional: Nsight Compute text report of one bf16 forward + backward
 # A step starts only if the budget still holds its estimate, and runs under
 # `timeout` with what is left, so a killed call still returns its results.
@@ -130,6 +131,11 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         for v in .variants/*.so; do
           name=$(basename "$v" .so)
           cp "$v" "$so"
+          # VARIANT_TESTS="NAME ...": the CUDA suite on those variants first
+          # (~30 s each), for builds whose kernels have not run on a GPU before
+          if [[ " ${VARIANT_TESTS:-} " == *" $name "* ]]; then
+            run_step "variant-$name-tests" 45 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT
+          fi
           run_step "variant-$name" 30 bash -c "\"\$PY\" bench/tube_bench.py --preset gpu-targets --impls fused \
             --json \"\$RES/variant-$name.json\" --plot \"\$LOGS/variant-$name.png\" && \"\$PY\" bench/gpu_profile.py"
           grep -E "^paper" "$LOGS/variant-$name.log" | sed "s/^/$name: /" | tee -a "$SUMMARY"
