@@ -9,8 +9,8 @@
 # one call this way (bench/NOTES.md, "Session 5").
 #
 # Usage: bash bench/prepare_gpu_variants.sh [NAME="DEFINES" ...]
-#   default variants: base="" (the defaults), stages2="TUBEVIT_TC_STAGES=2",
-#   dwvec="TUBEVIT_TC_DW_VEC=1", both="TUBEVIT_TC_STAGES=2 TUBEVIT_TC_DW_VEC=1"
+#   default variants: base="" (the defaults) and session5="TUBEVIT_TC_STAGES=1
+#   TUBEVIT_TC_DW_VEC=0" (the kernels session 5 measured, a baseline)
 # Every variant's tile code is checked by the emulator tests
 # (python_tests/test_tc_emulation.py) before it is kept.
 # Needs .venv-gpu-torch (bash .ci/check_gpu_torch creates it, ~3 min).
@@ -22,7 +22,7 @@ VENV=${GPU_VENV:-.venv-gpu-torch}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-2}
 if [ $# -eq 0 ]; then
-  set -- base= stages2=TUBEVIT_TC_STAGES=2 dwvec=TUBEVIT_TC_DW_VEC=1 "both=TUBEVIT_TC_STAGES=2 TUBEVIT_TC_DW_VEC=1"
+  set -- base= "session5=TUBEVIT_TC_STAGES=1 TUBEVIT_TC_DW_VEC=0"
 fi
 so=tubevit_ext/_C.cpython-312-x86_64-linux-gnu.so
 mkdir -p .variants

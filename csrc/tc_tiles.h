@@ -52,25 +52,26 @@ namespace tc {
 #define TUBEVIT_TC_MIN_BLOCKS 4
 #endif
 // TUBEVIT_TC_STAGES: shared-memory stages of the forward's and dW's reduction
-// loops. 1 = load, barrier, multiply (as measured in session 5); 2 = the next
+// loops. 1 = load, barrier, multiply (session 5's kernels); 2 = the next
 // step's tiles are staged with cp.async (sm_80+) while the tensor cores work
-// on the current ones (written in session 5 after the GPU time was spent:
-// compiled, tile code emulator-covered, NOT YET RUN on a GPU — measure it as
-// a variant). dW's copies are asynchronous only with TUBEVIT_TC_DW_VEC = 1
-// for its A tile (the transposing copy stays synchronous).
-#ifndef TUBEVIT_TC_STAGES
-#define TUBEVIT_TC_STAGES 1
-#endif
-static_assert(TUBEVIT_TC_STAGES == 1 || TUBEVIT_TC_STAGES == 2, "TUBEVIT_TC_STAGES: 1 or 2");
+// on the current ones. dW's copies are asynchronous only with
+// TUBEVIT_TC_DW_VEC = 1 for its A tile (the transposing copy stays synchronous).
 // TUBEVIT_TC_DW_VEC: how dW stages its A tile (G^T, channels j x tokens m).
 // 0 = As[j][m]: a transposing copy, one 2-byte load and a bank-conflicted
-// 2-byte store per element (what session 5 measured; dW was 2.7x slower per
-// FLOP than the forward). 1 = As[m][j], copied along j in 16/8/4-byte chunks
-// (grad rows are contiguous in j) and read by the tensor cores as a
-// column-major A. Written after session 5's device time: emulator-tested,
-// NOT YET RUN on a GPU — measure it as a variant before making it the default.
+// 2-byte store per element (dW was 2.7x slower per FLOP than the forward).
+// 1 = As[m][j], copied along j in 16/8/4-byte chunks (grad rows are
+// contiguous in j) and read by the tensor cores as a column-major A.
+// Both were written in session 5 and first run in session 6 (H200, B = 32,
+// paper tubes, CUDA suite passed on each build; bench/NOTES.md "Session 6"):
+// per call, bf16 forward / forward + dW: (1, 0) 0.83 / 3.04 ms, (2, 0) 0.59 /
+// 2.84, (1, 1) 0.82 / 1.79, (2, 1) 0.58 / 1.27 ms — the default since then
+// (kernels: forward 0.76 -> 0.52 ms, dW 2.08 -> 0.52 ms).
+#ifndef TUBEVIT_TC_STAGES
+#define TUBEVIT_TC_STAGES 2
+#endif
+static_assert(TUBEVIT_TC_STAGES == 1 || TUBEVIT_TC_STAGES == 2, "TUBEVIT_TC_STAGES: 1 or 2");
 #ifndef TUBEVIT_TC_DW_VEC
-#define TUBEVIT_TC_DW_VEC 0
+#define TUBEVIT_TC_DW_VEC 1
 #endif
 constexpr bool kDwTokenMajorA = TUBEVIT_TC_DW_VEC != 0;
 static_assert(TUBEVIT_TC_DEPTH == 32 || TUBEVIT_TC_DEPTH == 64, "TUBEVIT_TC_DEPTH: 32 or 64");

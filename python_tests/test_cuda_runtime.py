@@ -1,8 +1,8 @@
 """CUDA runtime contract of the ops: current stream, CUDA-graph capture, the
-tensor-core switch. GPU only (skipped without one); each runs both with the
-default kernels (tensor cores where they apply) and with TUBEVIT_CUDA_TC=0
-(the naive kernels), in fp32 and bf16 (the tensor-core path covers 16-bit
-dtypes, and fp32 while TF32 is allowed)."""
+path switches and fp32 precision. GPU only (skipped without one); each runs
+on all three CUDA paths: the default (the GEMM path: our gather + cuBLAS),
+TUBEVIT_CUDA_GEMM=0 (the handwritten tensor-core kernels) and
+TUBEVIT_CUDA_TC=0 (the naive kernels), in fp32 and bf16."""
 import pytest
 import torch
 
@@ -14,12 +14,19 @@ TUBES = [tv.Tube((3, 5, 4), (2, 3, 5), (1, 0, 2)), tv.Tube((1, 4, 4), (4, 4, 4))
 SIZE = (9, 21, 19)
 
 
-@pytest.fixture(params=["default", "naive"])
-def cuda_path(request, monkeypatch):
-    if request.param == "naive":
+def _select(monkeypatch, path):
+    """Route the main ops to one CUDA path (see csrc/cuda/tube_tokens_cuda.cu)."""
+    monkeypatch.delenv("TUBEVIT_CUDA_TC", raising=False)
+    monkeypatch.delenv("TUBEVIT_CUDA_GEMM", raising=False)
+    if path == "naive":
         monkeypatch.setenv("TUBEVIT_CUDA_TC", "0")
-    else:
-        monkeypatch.delenv("TUBEVIT_CUDA_TC", raising=False)
+    elif path == "tensor_core":
+        monkeypatch.setenv("TUBEVIT_CUDA_GEMM", "0")
+
+
+@pytest.fixture(params=["default", "tensor_core", "naive"])
+def cuda_path(request, monkeypatch):
+    _select(monkeypatch, request.param)
     return request.param
 
 
@@ -114,9 +121,9 @@ def _fwd_bwd(x, ws, bs, gout, device, dtype):
             + [b.grad.double().cpu() for b in bs])
 
 
-def test_cuda_tf32_follows_cudnn_switch(monkeypatch):
+def test_cuda_tensor_core_path_tf32_follows_cudnn_switch(monkeypatch):
     from conftest import round_to_tf32
-    monkeypatch.delenv("TUBEVIT_CUDA_TC", raising=False)  # the default: tensor cores where allowed
+    _select(monkeypatch, "tensor_core")
     x, ws, bs, gout = _tf32_case()
     oracle = _fwd_bwd(x, ws, bs, gout, "cpu", torch.float64)
     prev = torch.backends.cudnn.allow_tf32
@@ -124,9 +131,9 @@ def test_cuda_tf32_follows_cudnn_switch(monkeypatch):
         # TF32 off: exact fp32, bitwise what the naive kernels (TUBEVIT_CUDA_TC=0) give
         torch.backends.cudnn.allow_tf32 = False
         exact = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
-        monkeypatch.setenv("TUBEVIT_CUDA_TC", "0")
+        _select(monkeypatch, "naive")
         naive = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
-        monkeypatch.delenv("TUBEVIT_CUDA_TC")
+        _select(monkeypatch, "tensor_core")
         for a, b in zip(exact, naive):
             assert torch.equal(a, b)
         # TF32 on: the tensor-core kernels; error budget = twice that of exact
@@ -147,6 +154,68 @@ def test_cuda_tf32_follows_cudnn_switch(monkeypatch):
         assert err <= 2 * (budget - want).abs().max().item() + 1e-4, err
     # and TF32 really was used (the output differs from exact fp32)
     assert not torch.equal(tf32[0], exact[0])
+
+
+def _reference_fwd_bwd(x, ws, bs, gout):
+    """PyTorch's own exact-fp32 CUDA path (Conv3d reference, cuDNN without TF32)."""
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        dev = lambda t: t.to("cuda", torch.float32, copy=True).requires_grad_()
+        xc, wc, bc = dev(x), [dev(w) for w in ws], [dev(b) for b in bs]
+        out = tv.reference.tube_tokens(xc, wc, bc, TUBES)
+        out.backward(gout.to("cuda", torch.float32))
+        return ([out.detach().double().cpu()] + [w.grad.double().cpu() for w in wc] + [xc.grad.double().cpu()]
+                + [b.grad.double().cpu() for b in bc])
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+
+
+def test_cuda_gemm_path_fp32_precision(monkeypatch):
+    # The GEMM path's fp32 GEMMs run at PyTorch's matmul precision (exact by
+    # default, whatever cuDNN's switch says); TF32 only where both
+    # torch.backends.cuda.matmul.allow_tf32 and cudnn.allow_tf32 allow it;
+    # matmul TF32 with convolution TF32 off goes to the exact naive kernels.
+    from conftest import round_to_tf32
+    _select(monkeypatch, "default")
+    x, ws, bs, gout = _tf32_case(seed=2)
+    oracle = _fwd_bwd(x, ws, bs, gout, "cpu", torch.float64)
+    pytorch = _reference_fwd_bwd(x, ws, bs, gout)
+    prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        results = {}
+        for conv_tf32 in (True, False):
+            torch.backends.cudnn.allow_tf32 = conv_tf32
+            results[conv_tf32] = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        tf32 = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
+        torch.backends.cudnn.allow_tf32 = False
+        mixed = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
+        _select(monkeypatch, "naive")
+        naive = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
+    # exact fp32 either way: within twice PyTorch's own exact-fp32 error (+ atol)
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
+    for got, want, ref in zip(results[True], oracle, pytorch):
+        err = (got - want).abs().max().item()
+        assert err <= 2 * (ref - want).abs().max().item() + 1e-5, err
+    # matmul TF32 with conv TF32 off: the exact naive kernels
+    for a, b in zip(mixed, naive):
+        assert torch.equal(a, b)
+    # both allow TF32: used (differs from exact), within the TF32 budget
+    assert not torch.equal(tf32[0], results[True][0])
+    r = lambda t: round_to_tf32(t).double()
+    n = len(TUBES)
+    budgets = ([_fwd_bwd(r(x), [r(w) for w in ws], bs, gout, "cpu", torch.float64)[0]]
+               + _fwd_bwd(r(x), ws, bs, r(gout), "cpu", torch.float64)[1:1 + n]
+               + [_fwd_bwd(x, [r(w) for w in ws], bs, r(gout), "cpu", torch.float64)[1 + n]])
+    for got, want, budget in zip(tf32, oracle, budgets):
+        err = (got - want).abs().max().item()
+        assert err <= 2 * (budget - want).abs().max().item() + 1e-4, err
 
 
 def test_cuda_naive_ops_ignore_tensor_core_switch(monkeypatch):

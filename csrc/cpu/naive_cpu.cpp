@@ -3,22 +3,13 @@
 // CUDA backend launches, so the GPU kernels' index arithmetic is tested on
 // machines without a GPU (python_tests/test_naive_kernels.py). Slow by
 // design; not used by the library itself.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../naive_kernels.h"
+#include "cpu_launcher.h"
 
 namespace tubevit {
 namespace {
-
-struct CpuLauncher {
-  template <class F>
-  static void run(int64_t n, const F& f) {
-    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) f(i);
-    });
-  }
-};
 
 at::Tensor tube_tokens_naive_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                                  at::IntArrayRef tubes, const c10::optional<at::Tensor>& pos_embed) {

@@ -1,11 +1,20 @@
 // CUDA backend of tubevit::tube_tokens and tubevit::tube_tokens_backward
-// (and of tubevit::tube_tokens_naive*). The main ops run the tensor-core
-// implicit-GEMM kernels (tube_tokens_tc.cu) wherever they apply (sm_80+,
-// fp16 / bf16, fp32 while TF32 convolutions are allowed), the bias gradient
-// on its own reduction kernel (bias_grad_cuda.cu), and everything else on the
-// correctness-first kernels of naive_kernels.h, run here as grid-stride
-// kernels (one thread per output element) — also the path the tensor-core
-// kernels are tested against.
+// (and of tubevit::tube_tokens_naive*). Three paths, chosen per call:
+//   * the GEMM path (gemm_path.h, the default where it applies: fp16 / bf16,
+//     and fp32 unless TF32 would break cuDNN's switch, see below): our gather
+//     of each tube's patches, cuBLAS GEMMs through ATen, the position
+//     embedding fused into the copy into the token buffer; backward: the
+//     same gather and cuBLAS for dW and dP, then our deterministic dX gather;
+//   * the handwritten tensor-core implicit-GEMM kernels (tube_tokens_tc.cu;
+//     TUBEVIT_CUDA_GEMM=0, sm_80+, fp16 / bf16, fp32 as TF32 while
+//     torch.backends.cudnn.allow_tf32): one kernel per pass, no workspace
+//     but dP's;
+//   * the correctness-first kernels of naive_kernels.h, run here as
+//     grid-stride kernels (one thread per output element): fp64, anything
+//     the others do not take, TUBEVIT_CUDA_TC=0 — and the op
+//     tubevit::tube_tokens_naive every fast path is tested against.
+// The bias gradient has its own reduction kernel (bias_grad_cuda.cu) on
+// every path but the naive one's own op.
 //
 // Every launch: on the current stream, under a device guard, checked, and
 // skipped when empty (a zero-sized grid is an invalid launch).
@@ -17,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../gemm_path.h"
 #include "../naive_kernels.h"
 #include "bias_grad_cuda.h"
 #include "tube_tokens_tc.h"
@@ -45,30 +55,84 @@ struct CudaLauncher {
   }
 };
 
-// The tensor-core kernels are the default since they passed the CUDA suite
-// and compute-sanitizer on an H200 (session 5, bench/NOTES.md);
 // TUBEVIT_CUDA_TC=0 routes the main ops to the naive kernels (to compare or
-// to rule the fast path out). Read per call so tests can switch it.
-bool tensor_core_enabled() {
-  const char* v = std::getenv("TUBEVIT_CUDA_TC");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+// to rule the fast paths out); TUBEVIT_CUDA_GEMM=0 picks the handwritten
+// tensor-core kernels over the GEMM path. Read per call so tests can switch.
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
+enum class Path { Gemm, TensorCore, Naive };
+
+// The GEMM path's fp32 GEMMs run at PyTorch's matmul precision
+// (torch.backends.cuda.matmul.allow_tf32, off by default: exact fp32, which
+// cuBLAS runs faster than our TF32 kernels). TF32 is used only where both
+// switches allow it; with TF32 matmuls on but TF32 convolutions off the call
+// goes to the exact kernels, as Conv3d would.
+bool gemm_supported(const at::Tensor& x, const TubeLayout& L) {
+  const auto t = x.scalar_type();
+  if (L.tubes.size() > size_t(naive::kMaxTubes)) return false;  // the dX gather's table
+  if (t == at::kHalf) return true;
+  if (t == at::kBFloat16) return at::cuda::getDeviceProperties(x.device().index())->major >= 8;
+  if (t == at::kFloat) return !tc::tf32_matmul_allowed() || tc::tf32_conv_allowed();
+  return false;
+}
+
+Path choose_path(const at::Tensor& x, const TubeLayout& L) {
+  if (env_off("TUBEVIT_CUDA_TC")) return Path::Naive;
+  if (!env_off("TUBEVIT_CUDA_GEMM") && gemm_supported(x, L)) return Path::Gemm;
+  if (tc::supported(x, L)) return Path::TensorCore;
+  return Path::Naive;
 }
 
 at::Tensor tube_tokens_cuda(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                             at::IntArrayRef tubes, const c10::optional<at::Tensor>& pos_embed) {
   const c10::cuda::CUDAGuard guard(x.device());
-  if (tensor_core_enabled()) {
-    const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
-    if (tc::supported(x, L)) {
-      at::Tensor out = at::empty({L.batch, L.num_tokens, L.dim}, x.options());
-      if (out.numel() == 0) return out;
-      at::Tensor pe;
-      if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
-      tc::forward(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, out);
-      return out;
+  const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
+  const Path path = choose_path(x, L);
+  if (path == Path::Naive) return naive::forward<CudaLauncher>(x, weights, biases, tubes, pos_embed);
+  at::Tensor out = at::empty({L.batch, L.num_tokens, L.dim}, x.options());
+  if (out.numel() == 0) return out;
+  at::Tensor pe;
+  if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
+  if (path == Path::Gemm) {
+    gemm::forward<CudaLauncher>(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, out);
+  } else {
+    tc::forward(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, out);
+  }
+  return out;
+}
+
+// The GEMM path's backward: per tube, G_i copied once, dW_i = G_i^T P_i and
+// dP_i = G_i W_i (fp32 result, the workspace the dX gather reads) on cuBLAS.
+void gemm_backward(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
+                   const TubeLayout& L, bool need_dx, bool need_dw, at::Tensor& dx, std::vector<at::Tensor>& dws) {
+  at::Tensor dp;
+  std::vector<int64_t> dp_off;
+  if (need_dx) {
+    int64_t dp_elems = 0;
+    dp_off = tc::dp_offsets(L, &dp_elems);
+    dp = at::empty({dp_elems}, x.options().dtype(at::kFloat));
+  }
+  if (need_dw)
+    for (const auto& wi : w) dws.push_back(at::empty(wi.sizes(), x.options()));
+  for (size_t i = 0; i < L.tubes.size(); ++i) {
+    const TubeGeom& g = L.tubes[i];
+    const int64_t rows = L.batch * g.num_tokens;
+    const at::Tensor g_rows = gemm::tube_grad_rows(grad, L, i);
+    if (need_dw) gemm::grad_weight_tube<CudaLauncher>(x, g_rows, L, i, dws[i]);
+    if (need_dx && rows > 0) {
+      at::Tensor dp_i = dp.narrow(0, dp_off[i], rows * g.patch_size).view({rows, g.patch_size});
+      const at::Tensor w2 = w[i].view({L.dim, g.patch_size});
+      if (x.scalar_type() == at::kFloat) {
+        at::mm_out(dp_i, g_rows, w2);
+      } else {
+        at::mm_out(dp_i, g_rows, w2, at::kFloat);  // half / bf16 operands, fp32 result
+      }
     }
   }
-  return naive::forward<CudaLauncher>(x, weights, biases, tubes, pos_embed);
+  if (need_dx) dx = tc::grad_input_from_dp(x, dp, L);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_tokens_backward_cuda(
@@ -80,7 +144,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
   std::vector<at::Tensor> dbs;
   if (output_mask[2]) dbs = cuda::grad_bias(grad, L);
   if (!output_mask[0] && !output_mask[1]) return {at::empty({0}, x.options()), {}, dbs};
-  if (tensor_core_enabled() && tc::supported(x, L)) {
+  const Path path = choose_path(x, L);
+  if (path == Path::Gemm) {
+    at::Tensor dx = at::empty({0}, x.options());
+    std::vector<at::Tensor> dws;
+    gemm_backward(x, grad, naive::contiguous_all(weights), L, output_mask[0], output_mask[1], dx, dws);
+    return {dx, dws, dbs};
+  }
+  if (path == Path::TensorCore) {
     at::Tensor dx = at::empty({0}, x.options());
     if (output_mask[0]) dx = tc::grad_input(x, grad, naive::contiguous_all(weights), L);
     std::vector<at::Tensor> dws;

@@ -383,6 +383,18 @@ bool tf32_conv_allowed() {
 #endif
 }
 
+// Whether ATen's fp32 cuBLAS GEMMs may use reduced precision (TF32, or BF16
+// under set_float32_matmul_precision("medium")): the question ATen's own
+// fp32 GEMM asks before it picks cuBLAS's math mode.
+bool tf32_matmul_allowed() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  const auto p = at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+  return p == at::Float32Precision::TF32 || p == at::Float32Precision::BF16;
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
+
 bool supported(const at::Tensor& x, const TubeLayout& L) {
   const auto t = x.scalar_type();
   // fp32 only where PyTorch lets convolutions use TF32 (cuDNN's switch,
@@ -466,6 +478,35 @@ at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::ve
   at::Tensor dp = at::empty({dp_elems}, x.options().dtype(at::kFloat));
   TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_dx_tc",
                             [&] { launch_dx<scalar_t>(grad, p, tiles, L, dp, dx); });
+  return dx;
+}
+
+std::vector<int64_t> dp_offsets(const TubeLayout& L, int64_t* dp_elems) {
+  TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubesTC), "dp_offsets: at most ", kMaxTubesTC, " tubes, got ",
+              L.tubes.size());
+  const void* wp[kMaxTubesTC] = {};
+  const ParamsDX p = make_dx_params(L, wp, dp_elems);
+  return std::vector<int64_t>(p.dp_offset, p.dp_offset + p.n_tubes);
+}
+
+at::Tensor grad_input_from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L) {
+  at::Tensor dx = at::empty({L.batch, L.channels, L.size[0], L.size[1], L.size[2]}, x.options());
+  if (dx.numel() == 0) return dx;
+  const void* wp[kMaxTubesTC] = {};  // the gather reads dP and the geometry only
+  int64_t dp_elems = 0;
+  const ParamsDX p = make_dx_params(L, wp, &dp_elems);
+  TORCH_CHECK(dp.scalar_type() == at::kFloat && dp.is_contiguous() && dp.numel() == dp_elems,
+              "grad_input_from_dp: dp must be a contiguous fp32 tensor of ", dp_elems, " elements, got ",
+              dp.scalar_type(), " with ", dp.numel());
+  const int64_t gather_tiles = dx_gather_tiles(L.batch, L.channels, L.size);
+  const int64_t blocks = std::min<int64_t>(gather_tiles, int64_t(1) << 20);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_dx_gather", [&] {
+    tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
+        dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0], L.size[1],
+        L.size[2], gather_tiles);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;
 }
 

@@ -13,6 +13,12 @@
 namespace tubevit {
 namespace tc {
 
+// torch.backends.cudnn.allow_tf32 (the switch PyTorch's convolutions follow).
+bool tf32_conv_allowed();
+// torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision: whether
+// ATen's fp32 GEMMs (the GEMM path's) may run below fp32 precision.
+bool tf32_matmul_allowed();
+
 // Whether the tensor-core kernels handle this call: sm_80+, at most 16 tubes,
 // fp16 / bf16, or fp32 while torch.backends.cudnn.allow_tf32 is on.
 bool supported(const at::Tensor& x, const TubeLayout& L);
@@ -25,6 +31,13 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
 // grad (B, N, d) and w contiguous.
 at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
                       const TubeLayout& L);
+
+// The input gradient's gather on its own, for dP computed elsewhere (the GEMM
+// path, gemm_path.h): dp fp32 contiguous, tube i's (B n_i, K_i) block
+// row-major at element dp_offsets(L)[i], dp_elems elements in all. At most
+// 16 tubes; fp16 / bf16 / fp32 x; no sm_80 requirement (no tensor cores).
+std::vector<int64_t> dp_offsets(const TubeLayout& L, int64_t* dp_elems);
+at::Tensor grad_input_from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L);
 
 // dws[i] (d, C, kt, kh, kw) contiguous, fully overwritten; grad (B, N, d)
 // contiguous; same dtype and device as x (any strides).

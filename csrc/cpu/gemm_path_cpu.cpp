@@ -1,0 +1,43 @@
+// The CUDA backend's GEMM path (gemm_path.h) run on the CPU: the same gather
+// functor in a host loop and the same ATen orchestration (views, GEMMs, the
+// position-embedding placement), registered as the test ops
+// tubevit::tube_tokens_gemm_path (forward) and tube_tokens_gemm_path_dw
+// (weight gradients), checked against the Conv3d reference by
+// python_tests/test_gemm_path.py. Not used by the library itself: the CPU
+// backend proper is tube_tokens_cpu.cpp.
+#include <torch/library.h>
+
+#include "../gemm_path.h"
+#include "cpu_launcher.h"
+
+namespace tubevit {
+namespace {
+
+at::Tensor gemm_path_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::IntArrayRef tubes,
+                         const c10::optional<at::Tensor>& pos_embed) {
+  const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
+  at::Tensor out = at::empty({L.batch, L.num_tokens, L.dim}, x.options());
+  if (out.numel() == 0) return out;
+  at::Tensor pe;
+  if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
+  gemm::forward<CpuLauncher>(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, out);
+  return out;
+}
+
+std::vector<at::Tensor> gemm_path_dw_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                                         at::IntArrayRef tubes) {
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  std::vector<at::Tensor> dws;
+  for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));
+  gemm::grad_weight<CpuLauncher>(x, grad_out.contiguous(), L, dws);
+  return dws;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tubevit, CPU, m) {
+  m.impl("tube_tokens_gemm_path", &gemm_path_cpu);
+  m.impl("tube_tokens_gemm_path_dw", &gemm_path_dw_cpu);
+}
+
+}  // namespace tubevit

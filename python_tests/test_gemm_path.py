@@ -1,0 +1,142 @@
+"""The CUDA backend's GEMM path (csrc/gemm_path.h: our gather, the vendor GEMM, the position
+embedding fused into the placement) run on the CPU as tubevit::tube_tokens_gemm_path{,_dw}: the
+gather functor's index arithmetic (any input strides, every tube shape) and the orchestration's
+views, GEMM operands and token offsets, checked against the fp64 Conv3d reference without a GPU.
+On a GPU the same code runs by default behind tubevit::tube_tokens (the CUDA tests cover it)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tubevit_ext as tv
+from conftest import make_params
+from test_tc_emulation import CASES, make_x
+
+ops = torch.ops.tubevit
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# unit roundoff of each dtype: the GEMM's result is rounded once, the position embedding added
+# and rounded once more; fp32 adds the GEMM's own accumulation error (K <= 1728 terms)
+EPS = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -16}
+
+
+def check_close(got, want, dtype, name):
+    err = (got.double() - want).abs().max().item()
+    tol = 2 * EPS[dtype] * want.abs().max().item() + 1e-5
+    assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+
+
+def oracle_forward(x, ws, bs, pe, tubes):
+    """fp64 reference on the dtype-rounded operands (what the GEMM multiplies)."""
+    return tv.reference.tube_tokens(x.double(), [w.double() for w in ws], [b.double() for b in bs] or None,
+                                    tubes, None if pe is None else pe.double())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
+def test_forward(case, dtype, layout):
+    tubes, size, C, d = CASES[case]
+    g = torch.Generator().manual_seed(11)
+    x = make_x(2, C, size, dtype, layout, g)
+    ws, bs = make_params(tubes, C, d, dtype)
+    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype)
+    flat = tv.flatten_tubes(tubes)
+    for bias, pos in [(bs, pe), ([], None), (bs, None), ([], pe)]:
+        got = ops.tube_tokens_gemm_path(x, ws, bias, flat, pos)
+        want = oracle_forward(x, ws, bias, pos, tubes)
+        assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+        check_close(got, want, dtype, f"{case} out (bias={bool(bias)}, pe={pos is not None})")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+def test_weight_gradient(case, dtype, layout):
+    tubes, size, C, d = CASES[case]
+    g = torch.Generator().manual_seed(12)
+    x = make_x(3, C, size, dtype, layout, g)
+    ws, _ = make_params(tubes, C, d, dtype)
+    gout = torch.randn(3, tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    got = ops.tube_tokens_gemm_path_dw(gout, x, ws, tv.flatten_tubes(tubes))
+    w64 = [w.double().requires_grad_() for w in ws]
+    want = torch.autograd.grad(tv.reference.tube_tokens(x.double(), w64, None, tubes), w64, gout.double())
+    assert len(got) == len(tubes)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == dtype and a.shape == b.shape and a.is_contiguous()
+        check_close(a, b, dtype, f"{case} dW[{i}]")
+
+
+def test_matches_the_cpu_backend_in_fp32():
+    # the same GEMM on the same gathered rows: the CPU backend (tube_tokens_cpu.cpp, MKL) and the
+    # GEMM path's orchestration agree to fp32 accumulation-order noise
+    tubes, size, C, d = CASES["paper"]
+    g = torch.Generator().manual_seed(13)
+    x = make_x(2, C, size, torch.float32, "contiguous", g)
+    ws, bs = make_params(tubes, C, d)
+    pe = tv.sincos_pos_embed(tubes, size, d)
+    flat = tv.flatten_tubes(tubes)
+    a = ops.tube_tokens_gemm_path(x, ws, bs, flat, pe)
+    b = ops.tube_tokens(x, ws, bs, flat, pe)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+def test_a_wrong_gather_is_detected():
+    # the checks can fail: a weight that differs in a single tap changes the result
+    tubes, size, C, d = CASES["mixed"]
+    g = torch.Generator().manual_seed(14)
+    x = make_x(2, C, size, torch.float32, "contiguous", g)
+    ws, bs = make_params(tubes, C, d)
+    got = ops.tube_tokens_gemm_path(x, ws, bs, tv.flatten_tubes(tubes), None)
+    ws_bad = [w.clone() for w in ws]
+    ws_bad[2][:, 0, -1, 0, -1] += 1.0
+    want = oracle_forward(x, ws_bad, bs, None, tubes)
+    with pytest.raises(AssertionError):
+        check_close(got, want, torch.float32, "planted")
+
+
+def test_empty_batch_and_argument_checks():
+    tubes, size, C, d = CASES["mixed"]
+    ws, bs = make_params(tubes, C, d)
+    flat = tv.flatten_tubes(tubes)
+    x0 = torch.randn(0, C, *size)
+    assert ops.tube_tokens_gemm_path(x0, ws, bs, flat, None).shape == (0, tv.num_tokens(tubes, size), d)
+    dws = ops.tube_tokens_gemm_path_dw(torch.randn(0, tv.num_tokens(tubes, size), d), x0, ws, flat)
+    assert all(torch.equal(w, torch.zeros_like(w)) for w in dws)  # an empty sum
+    with pytest.raises(ValueError, match="weights must hold one tensor per tube"):
+        ops.tube_tokens_gemm_path(torch.randn(1, C, *size), ws[:2], [], flat, None)
+
+
+@st.composite
+def _problems(draw):
+    size = (draw(st.integers(1, 9)), draw(st.integers(1, 20)), draw(st.integers(1, 20)))
+    tubes = []
+    for _ in range(draw(st.integers(1, 4))):
+        k, s, o = [], [], []
+        for L in size:
+            ka = draw(st.integers(1, min(L, 6)))
+            k.append(ka)
+            s.append(draw(st.integers(1, 6)))
+            o.append(draw(st.integers(0, L - ka)))
+        tubes.append(tv.Tube(tuple(k), tuple(s), tuple(o)))
+    return dict(size=size, tubes=tubes, C=draw(st.integers(1, 4)), d=draw(st.integers(1, 40)),
+                B=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(DTYPES)),
+                layout=draw(st.sampled_from(["contiguous", "channels_last_3d", "noncontiguous"])),
+                bias=draw(st.booleans()), pe=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_problems())
+def test_fuzz(prob):
+    tubes, size, dtype, d = prob["tubes"], prob["size"], prob["dtype"], prob["d"]
+    g = torch.Generator().manual_seed(prob["seed"])
+    x = make_x(prob["B"], prob["C"], size, dtype, prob["layout"], g)
+    ws, bs = make_params(tubes, prob["C"], d, dtype, seed=prob["seed"])
+    bs = bs if prob["bias"] else []
+    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype) if prob["pe"] else None
+    flat = tv.flatten_tubes(tubes)
+    check_close(ops.tube_tokens_gemm_path(x, ws, bs, flat, pe), oracle_forward(x, ws, bs, pe, tubes), dtype, "out")
+    gout = torch.randn(prob["B"], tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    w64 = [w.double().requires_grad_() for w in ws]
+    want = torch.autograd.grad(tv.reference.tube_tokens(x.double(), w64, None, tubes), w64, gout.double())
+    for i, (a, b) in enumerate(zip(ops.tube_tokens_gemm_path_dw(gout, x, ws, flat), want)):
+        check_close(a, b, dtype, f"dW[{i}]")
