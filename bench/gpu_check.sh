@@ -3,13 +3,16 @@
 # inside a wall-clock budget (the device tool allows 10 min per call and
 # ~15 min of device time per session, machine start included):
 #   build          editable install, no deps (no internet there), this GPU's arch only
-#   tests          CUDA-parametrized tests, default (tensor-core) kernels (-k cuda)
+#   tests          CUDA-parametrized tests, default path (GEMM path) (-k cuda)
+#   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_GEMM=0)
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_TC=0)
-#   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, both paths
+#   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all three paths
 #   bench          --preset gpu-targets without torch.compile (JSON kept)
+#   bench-tc       the fused rows of it on the tensor-core kernels      (TUBEVIT_CUDA_GEMM=0)
+#   bench-small    B = 1 and 4: reference, unfold_gemm, fused on both fast paths
 #   bench-naive    optional: the same on the naive kernels (slow: ~60 ms a forward)
-#   racecheck      compute-sanitizer racecheck, both paths
-#   initcheck      compute-sanitizer initcheck, both paths
+#   racecheck      compute-sanitizer racecheck, all three paths
+#   initcheck      compute-sanitizer initcheck, all three paths
 #   bench-compile  compiled_reference vs reference vs fused (compiling is slow)
 #   tests-all      the whole suite, CPU tests included (CI covers those too)
 #   profile        optional: torch.profiler kernel tables (bench/gpu_profile.py)
@@ -70,8 +73,9 @@ run_step() {
   pack
   return $rc
 }
-sanitize() {  # sanitize TOOL: default (tensor-core) path, then the naive kernels
+sanitize() {  # sanitize TOOL: default (GEMM) path, handwritten tensor-core kernels, naive kernels
   compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_GEMM=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_TC=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
 }
 bench() {  # bench JSON_NAME ARGS...: table into the log, targets into the summary
@@ -106,6 +110,8 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       "$PY" -c "import tubevit_ext as tv; print('cuda kernels built:', tv.cuda_compiled())" 2>&1 | tee -a "$SUMMARY" ;;
     tests)
       run_step tests 60 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+    tests-tc)
+      run_step tests-tc 60 env TUBEVIT_CUDA_GEMM=0 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-naive)
       run_step tests-naive 60 env TUBEVIT_CUDA_TC=0 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     memcheck|racecheck|initcheck)
@@ -113,6 +119,15 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
     bench)
       run_step bench-default 90 bench bench-default.json --impls reference unfold_gemm fused
       grep -E "target|peak|fused" "$LOGS/bench-default.log" | tee -a "$SUMMARY" ;;
+    bench-tc)
+      TUBEVIT_CUDA_GEMM=0 run_step bench-tc 90 bench bench-tc.json --impls fused
+      grep -E "^paper" "$LOGS/bench-tc.log" | sed "s/^/tc: /" | tee -a "$SUMMARY" ;;
+    bench-small)
+      # small batches, where launch counts matter: both fast paths, same run
+      run_step bench-small 60 bench bench-small.json --impls reference unfold_gemm fused --batch 1 4
+      grep -E "^paper" "$LOGS/bench-small.log" | tee -a "$SUMMARY"
+      TUBEVIT_CUDA_GEMM=0 run_step bench-small-tc 40 bench bench-small-tc.json --impls fused --batch 1 4
+      grep -E "^paper" "$LOGS/bench-small-tc.log" | sed "s/^/tc: /" | tee -a "$SUMMARY" ;;
     bench-naive)
       TUBEVIT_CUDA_TC=0 run_step bench-naive 90 bench bench-naive.json --impls reference unfold_gemm fused
       grep -E "target|peak" "$LOGS/bench-naive.log" | tee -a "$SUMMARY" ;;

@@ -1,15 +1,17 @@
 """A small CUDA workload for compute-sanitizer (run by bench/gpu_check.sh):
 forward and backward of every CUDA path on odd shapes, every dtype, several
 layouts, batch 0, and the naive kernels. Exits non-zero on a mismatch.
-By default the tensor-core kernels run (fp16/bf16, and fp32 as TF32); run it
-again with TUBEVIT_CUDA_TC=0 to cover the naive kernels."""
+By default the GEMM path runs (our gather + cuBLAS); run it again with
+TUBEVIT_CUDA_GEMM=0 for the handwritten tensor-core kernels (fp16/bf16, and
+fp32 as TF32) and with TUBEVIT_CUDA_TC=0 for the naive kernels."""
 import os
 
 import torch
 
 import tubevit_ext as tv
 
-# on the tensor-core path (the default), fp32 runs as TF32 (PyTorch's default cudnn.allow_tf32)
+# on the tensor-core path fp32 runs as TF32 (PyTorch's default cudnn.allow_tf32); the GEMM path
+# is exact in fp32 by default, so the TF32 bound holds for it too
 TF32 = os.environ.get("TUBEVIT_CUDA_TC") != "0" and torch.backends.cudnn.allow_tf32
 
 assert torch.cuda.is_available(), "needs a GPU"
