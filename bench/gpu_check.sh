@@ -3,13 +3,17 @@
 # inside a wall-clock budget (the device tool allows 10 min per call and
 # ~15 min of device time per session, machine start included):
 #   build          editable install, no deps (no internet there), this GPU's arch only
-#   tests          CUDA-parametrized tests, default path (GEMM path) (-k cuda)
+#   tests          CUDA-parametrized tests, default paths (by size)   (-k cuda)
+#   tests-gemm     the same on the GEMM path wherever it applies      (TUBEVIT_CUDA_GEMM=1)
 #   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_GEMM=0)
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_TC=0)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all three paths
+#                  (GEMM forced, tensor-core kernels, naive)
 #   bench          --preset gpu-targets without torch.compile (JSON kept)
 #   bench-tc       the fused rows of it on the tensor-core kernels      (TUBEVIT_CUDA_GEMM=0)
 #   bench-small    B = 1 and 4: reference, unfold_gemm, fused on both fast paths
+#   bench-paths    B = 1, 4, 8, 16, 32: reference, unfold_gemm, fused on the GEMM path
+#                  (TUBEVIT_CUDA_GEMM=1), then fused on the tensor-core kernels
 #   bench-naive    optional: the same on the naive kernels (slow: ~60 ms a forward)
 #   racecheck      compute-sanitizer racecheck, all three paths
 #   initcheck      compute-sanitizer initcheck, all three paths
@@ -73,8 +77,8 @@ run_step() {
   pack
   return $rc
 }
-sanitize() {  # sanitize TOOL: default (GEMM) path, handwritten tensor-core kernels, naive kernels
-  compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+sanitize() {  # sanitize TOOL: GEMM path, handwritten tensor-core kernels, naive kernels
+  TUBEVIT_CUDA_GEMM=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_GEMM=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_TC=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
 }
@@ -110,6 +114,8 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       "$PY" -c "import tubevit_ext as tv; print('cuda kernels built:', tv.cuda_compiled())" 2>&1 | tee -a "$SUMMARY" ;;
     tests)
       run_step tests 60 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+    tests-gemm)
+      run_step tests-gemm 60 env TUBEVIT_CUDA_GEMM=1 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-tc)
       run_step tests-tc 60 env TUBEVIT_CUDA_GEMM=0 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-naive)
@@ -128,6 +134,15 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       grep -E "^paper" "$LOGS/bench-small.log" | tee -a "$SUMMARY"
       TUBEVIT_CUDA_GEMM=0 run_step bench-small-tc 40 bench bench-small-tc.json --impls fused --batch 1 4
       grep -E "^paper" "$LOGS/bench-small-tc.log" | sed "s/^/tc: /" | tee -a "$SUMMARY" ;;
+    bench-paths)
+      # both fast paths forced, B = 1 .. 32, same run: where each one wins
+      # (the size thresholds of choose_path in csrc/cuda/tube_tokens_cuda.cu)
+      run_step bench-paths 70 env TUBEVIT_CUDA_GEMM=1 "$PY" bench/tube_bench.py --preset gpu-targets \
+        --impls reference unfold_gemm fused --batch 1 4 8 16 32 --json "$RES/bench-paths-gemm.json" --plot "$LOGS/bench-paths-gemm.png"
+      grep -E "^paper" "$LOGS/bench-paths.log" | tee -a "$SUMMARY"
+      run_step bench-paths-tc 40 env TUBEVIT_CUDA_GEMM=0 "$PY" bench/tube_bench.py --preset gpu-targets \
+        --impls fused --batch 1 4 8 16 32 --json "$RES/bench-paths-tc.json" --plot "$LOGS/bench-paths-tc.png"
+      grep -E "^paper" "$LOGS/bench-paths-tc.log" | sed "s/^/tc: /" | tee -a "$SUMMARY" ;;
     bench-naive)
       TUBEVIT_CUDA_TC=0 run_step bench-naive 90 bench bench-naive.json --impls reference unfold_gemm fused
       grep -E "target|peak" "$LOGS/bench-naive.log" | tee -a "$SUMMARY" ;;

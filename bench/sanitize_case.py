@@ -1,9 +1,9 @@
 """A small CUDA workload for compute-sanitizer (run by bench/gpu_check.sh):
 forward and backward of every CUDA path on odd shapes, every dtype, several
 layouts, batch 0, and the naive kernels. Exits non-zero on a mismatch.
-By default the GEMM path runs (our gather + cuBLAS); run it again with
-TUBEVIT_CUDA_GEMM=0 for the handwritten tensor-core kernels (fp16/bf16, and
-fp32 as TF32) and with TUBEVIT_CUDA_TC=0 for the naive kernels."""
+bench/gpu_check.sh runs it once per CUDA path: TUBEVIT_CUDA_GEMM=1 (the GEMM
+path, our gather + cuBLAS), TUBEVIT_CUDA_GEMM=0 (the handwritten tensor-core
+kernels: fp16/bf16, and fp32 as TF32) and TUBEVIT_CUDA_TC=0 (the naive kernels)."""
 import os
 
 import torch

@@ -80,6 +80,29 @@ def test_matches_the_cpu_backend_in_fp32():
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_misaligned_bias_and_pos_embed(dtype):
+    # the placement pass reads bias and PE V channels at a time only where every pointer is
+    # aligned to V elements: views that start one element in must take the narrower path
+    tubes, size, C, d = CASES["d72"]
+    g = torch.Generator().manual_seed(15)
+    x = make_x(2, C, size, dtype, "contiguous", g)
+    ws, bs = make_params(tubes, C, d, dtype)
+    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype)
+
+    def shifted(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    flat = tv.flatten_tubes(tubes)
+    want = oracle_forward(x, ws, bs, pe, tubes)
+    got = ops.tube_tokens_gemm_path(x, ws, [shifted(b) for b in bs], flat, shifted(pe))
+    check_close(got, want, dtype, "misaligned")
+    assert torch.equal(got, ops.tube_tokens_gemm_path(x, ws, bs, flat, pe))
+
+
 def test_a_wrong_gather_is_detected():
     # the checks can fail: a weight that differs in a single tap changes the result
     tubes, size, C, d = CASES["mixed"]

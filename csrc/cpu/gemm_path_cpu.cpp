@@ -20,7 +20,10 @@ at::Tensor gemm_path_cpu(const at::Tensor& x, at::TensorList weights, at::Tensor
   if (out.numel() == 0) return out;
   at::Tensor pe;
   if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
-  gemm::forward<CpuLauncher>(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, out);
+  gemm::Layout a;
+  TORCH_CHECK(gemm::make_layout(L, &a), "tube_tokens_gemm_path: at most ", gemm::kMaxTubes,
+              " tubes and 32-bit element indices");
+  gemm::forward<CpuLauncher>(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, a, out);
   return out;
 }
 
@@ -29,7 +32,10 @@ std::vector<at::Tensor> gemm_path_dw_cpu(const at::Tensor& grad_out, const at::T
   const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
   std::vector<at::Tensor> dws;
   for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));
-  gemm::grad_weight<CpuLauncher>(x, grad_out.contiguous(), L, dws);
+  gemm::Layout a;
+  TORCH_CHECK(gemm::make_layout(L, &a), "tube_tokens_gemm_path_dw: at most ", gemm::kMaxTubes,
+              " tubes and 32-bit element indices");
+  gemm::grad_weight<CpuLauncher>(x, gemm::grad_rows<CpuLauncher>(grad_out.contiguous(), a), L, a, dws);
   return dws;
 }
 

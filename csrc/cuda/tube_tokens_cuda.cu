@@ -1,14 +1,15 @@
 // CUDA backend of tubevit::tube_tokens and tubevit::tube_tokens_backward
-// (and of tubevit::tube_tokens_naive*). Three paths, chosen per call:
-//   * the GEMM path (gemm_path.h, the default where it applies: fp16 / bf16,
-//     and fp32 unless TF32 would break cuDNN's switch, see below): our gather
-//     of each tube's patches, cuBLAS GEMMs through ATen, the position
-//     embedding fused into the copy into the token buffer; backward: the
-//     same gather and cuBLAS for dW and dP, then our deterministic dX gather;
+// (and of tubevit::tube_tokens_naive*). Three paths, chosen per call
+// (choose_path; forward and backward separately):
+//   * the GEMM path (gemm_path.h): our gather of every tube's patches in one
+//     launch, cuBLAS GEMMs through ATen, one placement launch adding bias and
+//     position embedding; backward: one launch copying the gradient rows out,
+//     the same gather, cuBLAS for dW and dP, then our deterministic dX
+//     gather. Taken for large problems, and wherever the tensor-core kernels
+//     do not apply (fp32 with TF32 convolutions off, where it is exact fp32);
 //   * the handwritten tensor-core implicit-GEMM kernels (tube_tokens_tc.cu;
-//     TUBEVIT_CUDA_GEMM=0, sm_80+, fp16 / bf16, fp32 as TF32 while
-//     torch.backends.cudnn.allow_tf32): one kernel per pass, no workspace
-//     but dP's;
+//     sm_80+, fp16 / bf16, fp32 as TF32 while torch.backends.cudnn.allow_tf32):
+//     one kernel per pass, fastest for small problems (host overhead);
 //   * the correctness-first kernels of naive_kernels.h, run here as
 //     grid-stride kernels (one thread per output element): fp64, anything
 //     the others do not take, TUBEVIT_CUDA_TC=0 — and the op
@@ -56,12 +57,15 @@ struct CudaLauncher {
 };
 
 // TUBEVIT_CUDA_TC=0 routes the main ops to the naive kernels (to compare or
-// to rule the fast paths out); TUBEVIT_CUDA_GEMM=0 picks the handwritten
-// tensor-core kernels over the GEMM path. Read per call so tests can switch.
-bool env_off(const char* name) {
+// to rule the fast paths out). TUBEVIT_CUDA_GEMM picks between the two fast
+// paths: 1 = the GEMM path wherever it applies, 0 = never (the handwritten
+// tensor-core kernels), unset = by problem size (gemm_by_size). Read per call
+// so tests can switch.
+bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, "0") == 0;
+  return v != nullptr && std::strcmp(v, value) == 0;
 }
+bool env_off(const char* name) { return env_is(name, "0"); }
 
 enum class Path { Gemm, TensorCore, Naive };
 
@@ -70,19 +74,40 @@ enum class Path { Gemm, TensorCore, Naive };
 // cuBLAS runs faster than our TF32 kernels). TF32 is used only where both
 // switches allow it; with TF32 matmuls on but TF32 convolutions off the call
 // goes to the exact kernels, as Conv3d would.
-bool gemm_supported(const at::Tensor& x, const TubeLayout& L) {
+bool gemm_supported(const at::Tensor& x, const TubeLayout& L, gemm::Layout* a) {
   const auto t = x.scalar_type();
-  if (L.tubes.size() > size_t(naive::kMaxTubes)) return false;  // the dX gather's table
-  if (t == at::kHalf) return true;
-  if (t == at::kBFloat16) return at::cuda::getDeviceProperties(x.device().index())->major >= 8;
-  if (t == at::kFloat) return !tc::tf32_matmul_allowed() || tc::tf32_conv_allowed();
-  return false;
+  bool ok = false;
+  if (t == at::kHalf) ok = true;
+  if (t == at::kBFloat16) ok = at::cuda::getDeviceProperties(x.device().index())->major >= 8;
+  if (t == at::kFloat) ok = !tc::tf32_matmul_allowed() || tc::tf32_conv_allowed();
+  // at most 16 tubes and 32-bit element indices (gemm::make_layout)
+  return ok && gemm::make_layout(L, a);
 }
 
-Path choose_path(const at::Tensor& x, const TubeLayout& L) {
+// Where both fast paths apply, the GEMM path's extra launches (gather,
+// four GEMMs, placement; host-side cost ~10-30 us each on the H200 machine)
+// only pay off on large problems, where its cuBLAS GEMMs run far faster than
+// our kernels. Thresholds in elements of the (B, N, d) output, forward and
+// backward separately (they are separate ops), from the H200 measurements of
+// session 6 (bench/NOTES.md).
+constexpr int64_t kGemmMinOutputFwd = int64_t(4) << 20;
+constexpr int64_t kGemmMinOutputBwd = int64_t(4) << 20;
+
+bool gemm_by_size(const TubeLayout& L, bool backward) {
+  const int64_t elems = L.batch * L.num_tokens * L.dim;
+  return elems >= (backward ? kGemmMinOutputBwd : kGemmMinOutputFwd);
+}
+
+Path choose_path(const at::Tensor& x, const TubeLayout& L, bool backward, gemm::Layout* a) {
   if (env_off("TUBEVIT_CUDA_TC")) return Path::Naive;
-  if (!env_off("TUBEVIT_CUDA_GEMM") && gemm_supported(x, L)) return Path::Gemm;
-  if (tc::supported(x, L)) return Path::TensorCore;
+  const bool tc_ok = tc::supported(x, L);
+  bool want_gemm = !env_off("TUBEVIT_CUDA_GEMM");
+  if (want_gemm && tc_ok && !env_is("TUBEVIT_CUDA_GEMM", "1")) want_gemm = gemm_by_size(L, backward);
+  if (want_gemm && gemm_supported(x, L, a)) return Path::Gemm;
+  if (tc_ok) return Path::TensorCore;
+  // neither size nor switch matters where the tensor-core kernels do not apply
+  // (pre-sm_80, fp32 without TF32 convolutions): the GEMM path beats naive
+  if (!env_off("TUBEVIT_CUDA_GEMM") && gemm_supported(x, L, a)) return Path::Gemm;
   return Path::Naive;
 }
 
@@ -90,49 +115,50 @@ at::Tensor tube_tokens_cuda(const at::Tensor& x, at::TensorList weights, at::Ten
                             at::IntArrayRef tubes, const c10::optional<at::Tensor>& pos_embed) {
   const c10::cuda::CUDAGuard guard(x.device());
   const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
-  const Path path = choose_path(x, L);
+  gemm::Layout a;
+  const Path path = choose_path(x, L, /*backward=*/false, &a);
   if (path == Path::Naive) return naive::forward<CudaLauncher>(x, weights, biases, tubes, pos_embed);
   at::Tensor out = at::empty({L.batch, L.num_tokens, L.dim}, x.options());
   if (out.numel() == 0) return out;
   at::Tensor pe;
   if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
   if (path == Path::Gemm) {
-    gemm::forward<CudaLauncher>(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, out);
+    gemm::forward<CudaLauncher>(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, a, out);
   } else {
     tc::forward(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, out);
   }
   return out;
 }
 
-// The GEMM path's backward: per tube, G_i copied once, dW_i = G_i^T P_i and
-// dP_i = G_i W_i (fp32 result, the workspace the dX gather reads) on cuBLAS.
+// The GEMM path's backward: G (every tube's rows of grad) copied out in one
+// pass, dW_i = G_i^T P_i and dP_i = G_i W_i (fp32 result, the workspace the
+// dX gather reads) on cuBLAS.
 void gemm_backward(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
-                   const TubeLayout& L, bool need_dx, bool need_dw, at::Tensor& dx, std::vector<at::Tensor>& dws) {
-  at::Tensor dp;
-  std::vector<int64_t> dp_off;
-  if (need_dx) {
-    int64_t dp_elems = 0;
-    dp_off = tc::dp_offsets(L, &dp_elems);
-    dp = at::empty({dp_elems}, x.options().dtype(at::kFloat));
-  }
-  if (need_dw)
+                   const TubeLayout& L, const gemm::Layout& a, bool need_dx, bool need_dw, at::Tensor& dx,
+                   std::vector<at::Tensor>& dws) {
+  const at::Tensor g = gemm::grad_rows<CudaLauncher>(grad, a);
+  if (need_dw) {
     for (const auto& wi : w) dws.push_back(at::empty(wi.sizes(), x.options()));
-  for (size_t i = 0; i < L.tubes.size(); ++i) {
-    const TubeGeom& g = L.tubes[i];
-    const int64_t rows = L.batch * g.num_tokens;
-    const at::Tensor g_rows = gemm::tube_grad_rows(grad, L, i);
-    if (need_dw) gemm::grad_weight_tube<CudaLauncher>(x, g_rows, L, i, dws[i]);
-    if (need_dx && rows > 0) {
-      at::Tensor dp_i = dp.narrow(0, dp_off[i], rows * g.patch_size).view({rows, g.patch_size});
-      const at::Tensor w2 = w[i].view({L.dim, g.patch_size});
-      if (x.scalar_type() == at::kFloat) {
-        at::mm_out(dp_i, g_rows, w2);
-      } else {
-        at::mm_out(dp_i, g_rows, w2, at::kFloat);  // half / bf16 operands, fp32 result
-      }
+    gemm::grad_weight<CudaLauncher>(x, g, L, a, dws);
+  }
+  if (!need_dx) return;
+  int64_t dp_elems = 0;
+  const std::vector<int64_t> dp_off = tc::dp_offsets(L, &dp_elems);
+  at::Tensor dp = at::empty({dp_elems}, x.options().dtype(at::kFloat));
+  for (int i = 0; i < a.n_tubes; ++i) {
+    const TubeGeom& tg = L.tubes[i];
+    const int64_t rows = L.batch * tg.num_tokens;
+    if (rows == 0) continue;
+    at::Tensor dp_i = gemm::block(dp, dp_off[i], rows, tg.patch_size);
+    const at::Tensor g_i = gemm::block(g, a.t[i].y_start, rows, L.dim);
+    const at::Tensor w_i = w[i].view({L.dim, tg.patch_size});
+    if (x.scalar_type() == at::kFloat) {
+      at::mm_out(dp_i, g_i, w_i);
+    } else {
+      at::mm_out(dp_i, g_i, w_i, at::kFloat);  // half / bf16 operands, fp32 result
     }
   }
-  if (need_dx) dx = tc::grad_input_from_dp(x, dp, L);
+  dx = tc::grad_input_from_dp(x, dp, L);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_tokens_backward_cuda(
@@ -144,11 +170,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
   std::vector<at::Tensor> dbs;
   if (output_mask[2]) dbs = cuda::grad_bias(grad, L);
   if (!output_mask[0] && !output_mask[1]) return {at::empty({0}, x.options()), {}, dbs};
-  const Path path = choose_path(x, L);
+  gemm::Layout a;
+  const Path path = choose_path(x, L, /*backward=*/true, &a);
   if (path == Path::Gemm) {
     at::Tensor dx = at::empty({0}, x.options());
     std::vector<at::Tensor> dws;
-    gemm_backward(x, grad, naive::contiguous_all(weights), L, output_mask[0], output_mask[1], dx, dws);
+    gemm_backward(x, grad, naive::contiguous_all(weights), L, a, output_mask[0], output_mask[1], dx, dws);
     return {dx, dws, dbs};
   }
   if (path == Path::TensorCore) {
