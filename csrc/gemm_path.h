@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -209,6 +210,49 @@ TUBEVIT_HD void store_vec(scalar_t* dst, const Vec<scalar_t, V>& r) {
 #endif
 }
 
+// GatherElem with V consecutive patch columns per call (one V-wide store;
+// READ_VEC: one V-wide load too). Index: element / V of the P workspace.
+// Legal when V divides every tube's kw (a V-run never leaves a kw-run, and V
+// divides every K_i and block start); READ_VEC when x's W stride is 1 and
+// the base pointer, the other strides and every run's first voxel
+// (o_w + s_w * iw + w) are multiples of V — gather_vec_width checks both.
+// Written in session 6 after its device time was spent: CPU-tested (the
+// same functor in the host loop), NOT YET RUN on a GPU; opt-in with
+// TUBEVIT_GEMM_GATHER_VEC=1 until it has been (the scalar GatherElem took
+// 134 us of a 0.26 ms bf16 forward at B = 32 on the H200: one thread per
+// 2-byte element is bound by instruction issue, not by bandwidth).
+template <typename scalar_t, int V, bool READ_VEC>
+struct GatherVecElem {
+  const scalar_t* x;
+  naive::Strides5 xs;
+  Layout a;
+  scalar_t* p;
+
+  TUBEVIT_HD void operator()(int64_t ev) const {
+    const int64_t e = ev * V;
+    int i = 0;
+    while (i + 1 < a.n_tubes && e >= a.t[i + 1].p_start) ++i;
+    const TubeIdx& t = a.t[i];
+    uint32_t row, q, q2, c, b, t2, it;
+    const uint32_t k = t.K.divmod(static_cast<uint32_t>(e - t.p_start), &row);
+    const uint32_t w = t.kw.divmod(k, &q);
+    const uint32_t h = t.kh.divmod(q, &q2);
+    const uint32_t da = t.kt.divmod(q2, &c);
+    const uint32_t tok = t.n.divmod(row, &b);
+    const uint32_t iw = t.nw.divmod(tok, &t2);
+    const uint32_t ih = t.nh.divmod(t2, &it);
+    const int64_t off = b * xs.b + c * xs.c + (t.o[0] + t.s[0] * it + da) * xs.t +
+                        (t.o[1] + t.s[1] * ih + h) * xs.h + (t.o[2] + t.s[2] * iw + w) * xs.w;
+    if constexpr (READ_VEC) {
+      store_vec<scalar_t, V>(p + e, load_vec<scalar_t, V>(x + off));
+    } else {
+      Vec<scalar_t, V> r;
+      for (int u = 0; u < V; ++u) r.v[u] = x[off + u * xs.w];
+      store_vec<scalar_t, V>(p + e, r);
+    }
+  }
+};
+
 // Row (b, token) of the (B, N, d) token buffer <-> its row in tube i's
 // block of the Y / G workspace, V channels per call (d % V == 0):
 //   forward  (TO_TOKENS): out[b, token, j] = Y_i[b, tok, j] + bias_i[j] + pe[token, j]
@@ -306,14 +350,58 @@ void place(const Layout& a, const at::Tensor& src, at::Tensor& dst, const std::v
   else run(std::integral_constant<int, 1>());
 }
 
+// TUBEVIT_GEMM_GATHER_VEC=1 selects GatherVecElem where it applies (read per
+// call, so tests can switch; off by default until measured on a GPU).
+inline bool gather_vec_enabled() {
+  const char* v = std::getenv("TUBEVIT_GEMM_GATHER_VEC");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// Widest V (8, 4 or 2 elements, at most 16 bytes) dividing every tube's kw,
+// or 1; *read_vec: whether the V-runs of x can be loaded as one access too.
+template <typename scalar_t>
+int gather_vec_width(const at::Tensor& x, const TubeLayout& L, bool* read_vec) {
+  int v = std::min(8, int(16 / sizeof(scalar_t)));
+  for (; v > 1; v /= 2) {
+    bool ok = true;
+    for (const auto& g : L.tubes) ok = ok && g.k[2] % v == 0;
+    if (ok) break;
+  }
+  bool rv = v > 1 && x.stride(4) == 1 &&
+            reinterpret_cast<uintptr_t>(x.const_data_ptr()) % (v * sizeof(scalar_t)) == 0;
+  for (int ax = 0; ax < 4 && rv; ++ax) rv = x.stride(ax) % v == 0;
+  for (const auto& g : L.tubes) rv = rv && g.o[2] % v == 0 && g.s[2] % v == 0;
+  *read_vec = rv;
+  return v;
+}
+
 // The P workspace (all tubes) in x's dtype, gathered from x (any strides).
 template <class Launcher>
-at::Tensor gather_patches(const at::Tensor& x, const Layout& a) {
+at::Tensor gather_patches(const at::Tensor& x, const TubeLayout& L, const Layout& a) {
   at::Tensor p = at::empty({a.p_elems}, x.options());
   if (a.p_elems == 0) return p;
+  const bool vec = gather_vec_enabled();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tube_tokens_gather", [&] {
-    Launcher::run(a.p_elems, GatherElem<scalar_t>{x.const_data_ptr<scalar_t>(), naive::strides_of(x), a,
-                                                  p.mutable_data_ptr<scalar_t>()});
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* pp = p.mutable_data_ptr<scalar_t>();
+    bool read_vec = false;
+    const int v = vec ? gather_vec_width<scalar_t>(x, L, &read_vec) : 1;
+    auto run = [&](auto width, auto rv) {
+      constexpr int V = decltype(width)::value;
+      constexpr bool R = decltype(rv)::value;
+      Launcher::run(a.p_elems / V, GatherVecElem<scalar_t, V, R>{xp, naive::strides_of(x), a, pp});
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    if (v == 8) {
+      read_vec ? run(std::integral_constant<int, 8>(), T()) : run(std::integral_constant<int, 8>(), F());
+    } else if (v == 4) {
+      read_vec ? run(std::integral_constant<int, 4>(), T()) : run(std::integral_constant<int, 4>(), F());
+    } else if (v == 2) {
+      read_vec ? run(std::integral_constant<int, 2>(), T()) : run(std::integral_constant<int, 2>(), F());
+    } else {
+      Launcher::run(a.p_elems, GatherElem<scalar_t>{xp, naive::strides_of(x), a, pp});
+    }
   });
   return p;
 }
@@ -330,7 +418,7 @@ template <class Launcher>
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
              const at::Tensor& pe, const TubeLayout& L, const Layout& a, at::Tensor& out) {
   const int64_t d = L.dim;
-  const at::Tensor p = gather_patches<Launcher>(x, a);
+  const at::Tensor p = gather_patches<Launcher>(x, L, a);
   // the GEMMs' results, tube after tube; then one placement pass adds bias
   // and PE and writes every row to its place in out
   const at::Tensor y = at::empty({L.batch * L.num_tokens * d}, out.options());
@@ -360,7 +448,7 @@ at::Tensor grad_rows(const at::Tensor& grad, const Layout& a) {
 template <class Launcher>
 void grad_weight(const at::Tensor& x, const at::Tensor& g, const TubeLayout& L, const Layout& a,
                  std::vector<at::Tensor>& dws) {
-  const at::Tensor p = gather_patches<Launcher>(x, a);
+  const at::Tensor p = gather_patches<Launcher>(x, L, a);
   for (int i = 0; i < a.n_tubes; ++i) {
     const TubeGeom& tg = L.tubes[i];
     const int64_t rows = L.batch * tg.num_tokens;

@@ -31,10 +31,21 @@ def oracle_forward(x, ws, bs, pe, tubes):
                                     tubes, None if pe is None else pe.double())
 
 
+@pytest.fixture(params=["scalar", "vec"])
+def gather(request, monkeypatch):
+    """Both gathers of the GEMM path: one element per call (the default) and V-wide runs
+    (TUBEVIT_GEMM_GATHER_VEC=1, GatherVecElem; falls back to the scalar one where V = 1)."""
+    if request.param == "vec":
+        monkeypatch.setenv("TUBEVIT_GEMM_GATHER_VEC", "1")
+    else:
+        monkeypatch.delenv("TUBEVIT_GEMM_GATHER_VEC", raising=False)
+    return request.param
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
-def test_forward(case, dtype, layout):
+def test_forward(case, dtype, layout, gather):
     tubes, size, C, d = CASES[case]
     g = torch.Generator().manual_seed(11)
     x = make_x(2, C, size, dtype, layout, g)
@@ -51,7 +62,7 @@ def test_forward(case, dtype, layout):
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
-def test_weight_gradient(case, dtype, layout):
+def test_weight_gradient(case, dtype, layout, gather):
     tubes, size, C, d = CASES[case]
     g = torch.Generator().manual_seed(12)
     x = make_x(3, C, size, dtype, layout, g)
@@ -64,6 +75,26 @@ def test_weight_gradient(case, dtype, layout):
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == dtype and a.shape == b.shape and a.is_contiguous()
         check_close(a, b, dtype, f"{case} dW[{i}]")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
+def test_vector_gather_is_the_same_copy(case, dtype, layout, monkeypatch):
+    # a gather is a copy: the V-wide one must give bitwise the same tokens and weight gradients
+    tubes, size, C, d = CASES[case]
+    g = torch.Generator().manual_seed(16)
+    x = make_x(2, C, size, dtype, layout, g)
+    ws, bs = make_params(tubes, C, d, dtype)
+    gout = torch.randn(2, tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    flat = tv.flatten_tubes(tubes)
+    runs = []
+    for env in ("0", "1"):
+        monkeypatch.setenv("TUBEVIT_GEMM_GATHER_VEC", env)
+        runs.append([ops.tube_tokens_gemm_path(x, ws, bs, flat, None)]
+                    + list(ops.tube_tokens_gemm_path_dw(gout, x, ws, flat)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_matches_the_cpu_backend_in_fp32():

@@ -84,25 +84,33 @@ bool gemm_supported(const at::Tensor& x, const TubeLayout& L, gemm::Layout* a) {
   return ok && gemm::make_layout(L, a);
 }
 
-// Where both fast paths apply, the GEMM path's extra launches (gather,
-// four GEMMs, placement; host-side cost ~10-30 us each on the H200 machine)
-// only pay off on large problems, where its cuBLAS GEMMs run far faster than
-// our kernels. Thresholds in elements of the (B, N, d) output, forward and
-// backward separately (they are separate ops), from the H200 measurements of
-// session 6 (bench/NOTES.md).
-constexpr int64_t kGemmMinOutputFwd = int64_t(4) << 20;
-constexpr int64_t kGemmMinOutputBwd = int64_t(4) << 20;
+// Where both fast paths apply, the choice is by size, in elements of the
+// (B, N, d) output, forward and backward separately (they are separate ops
+// and share no state). Measured on an H200 (session 6, call 3, paper tubes,
+// T = 32, d = 768, bench/NOTES.md): forward, 16-bit: the tensor-core kernel
+// wins at B = 1 (0.13 vs 0.16 ms), the GEMM path from B = 4 on (0.15 vs 0.16,
+// B = 32: 0.26 vs 0.58 ms); fp32: the GEMM path (exact fp32) is as fast or
+// faster at every B than the TF32 kernel, so it always takes fp32. Backward
+// (weights), 16-bit: the tensor-core kernels win up to B = 16 (0.47 vs 0.87
+// ms; host-side overhead of the GEMM path's extra launches) and tie at B = 32
+// (0.72 vs 0.70); fp32: they win up to B = 16, the GEMM path at B = 32 (0.98
+// vs 1.13 ms).
+constexpr int64_t kGemmMinOutputFwd16 = int64_t(1) << 20;  // B >= 3 for the paper tubes at d = 768
+constexpr int64_t kGemmMinOutputBwd16 = int64_t(16) << 20;  // B >= 41
+constexpr int64_t kGemmMinOutputBwd32 = int64_t(8) << 20;   // B >= 21
 
-bool gemm_by_size(const TubeLayout& L, bool backward) {
+bool gemm_by_size(const at::Tensor& x, const TubeLayout& L, bool backward) {
   const int64_t elems = L.batch * L.num_tokens * L.dim;
-  return elems >= (backward ? kGemmMinOutputBwd : kGemmMinOutputFwd);
+  const bool fp32 = x.scalar_type() == at::kFloat;
+  if (!backward) return fp32 || elems >= kGemmMinOutputFwd16;
+  return elems >= (fp32 ? kGemmMinOutputBwd32 : kGemmMinOutputBwd16);
 }
 
 Path choose_path(const at::Tensor& x, const TubeLayout& L, bool backward, gemm::Layout* a) {
   if (env_off("TUBEVIT_CUDA_TC")) return Path::Naive;
   const bool tc_ok = tc::supported(x, L);
   bool want_gemm = !env_off("TUBEVIT_CUDA_GEMM");
-  if (want_gemm && tc_ok && !env_is("TUBEVIT_CUDA_GEMM", "1")) want_gemm = gemm_by_size(L, backward);
+  if (want_gemm && tc_ok && !env_is("TUBEVIT_CUDA_GEMM", "1")) want_gemm = gemm_by_size(x, L, backward);
   if (want_gemm && gemm_supported(x, L, a)) return Path::Gemm;
   if (tc_ok) return Path::TensorCore;
   // neither size nor switch matters where the tensor-core kernels do not apply
