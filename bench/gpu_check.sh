@@ -5,6 +5,7 @@
 #   build          editable install, no deps (no internet there), this GPU's arch only
 #   tests          CUDA-parametrized tests, default paths (by size)   (-k cuda)
 #   tests-gemm     the same on the GEMM path wherever it applies      (TUBEVIT_CUDA_GEMM=1)
+#   tests-gemm-vec the GEMM path with the V-wide gather  (TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1)
 #   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_GEMM=0)
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_TC=0)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all three paths
@@ -14,6 +15,7 @@
 #   bench-small    B = 1 and 4: reference, unfold_gemm, fused on both fast paths
 #   bench-paths    B = 1, 4, 8, 16, 32: reference, unfold_gemm, fused on the GEMM path
 #                  (TUBEVIT_CUDA_GEMM=1), then fused on the tensor-core kernels
+#   bench-gather   the GEMM path at B = 8, 32 with the scalar and the V-wide gather
 #   bench-naive    optional: the same on the naive kernels (slow: ~60 ms a forward)
 #   racecheck      compute-sanitizer racecheck, all three paths
 #   initcheck      compute-sanitizer initcheck, all three paths
@@ -77,8 +79,9 @@ run_step() {
   pack
   return $rc
 }
-sanitize() {  # sanitize TOOL: GEMM path, handwritten tensor-core kernels, naive kernels
+sanitize() {  # sanitize TOOL: GEMM path (scalar and V-wide gather), tensor-core kernels, naive kernels
   TUBEVIT_CUDA_GEMM=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_GEMM=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_TC=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
 }
@@ -116,6 +119,9 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       run_step tests 60 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-gemm)
       run_step tests-gemm 60 env TUBEVIT_CUDA_GEMM=1 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+    tests-gemm-vec)
+      run_step tests-gemm-vec 60 env TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1 "$PY" -m pytest python_tests -q -k cuda \
+        -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-tc)
       run_step tests-tc 60 env TUBEVIT_CUDA_GEMM=0 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-naive)
@@ -143,6 +149,13 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       run_step bench-paths-tc 40 env TUBEVIT_CUDA_GEMM=0 "$PY" bench/tube_bench.py --preset gpu-targets \
         --impls fused --batch 1 4 8 16 32 --json "$RES/bench-paths-tc.json" --plot "$LOGS/bench-paths-tc.png"
       grep -E "^paper" "$LOGS/bench-paths-tc.log" | sed "s/^/tc: /" | tee -a "$SUMMARY" ;;
+    bench-gather)
+      # the GEMM path with the scalar and the V-wide gather, same run (fused rows only)
+      for g in 0 1; do
+        run_step "bench-gather-$g" 30 env TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=$g "$PY" bench/tube_bench.py \
+          --preset gpu-targets --impls fused --batch 8 32 --json "$RES/bench-gather-$g.json" --plot "$LOGS/bench-gather-$g.png"
+        grep -E "^paper" "$LOGS/bench-gather-$g.log" | sed "s/^/gather_vec=$g: /" | tee -a "$SUMMARY"
+      done ;;
     bench-naive)
       TUBEVIT_CUDA_TC=0 run_step bench-naive 90 bench bench-naive.json --impls reference unfold_gemm fused
       grep -E "target|peak" "$LOGS/bench-naive.log" | tee -a "$SUMMARY" ;;

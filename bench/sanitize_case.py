@@ -16,29 +16,37 @@ TF32 = os.environ.get("TUBEVIT_CUDA_TC") != "0" and torch.backends.cudnn.allow_t
 
 assert torch.cuda.is_available(), "needs a GPU"
 torch.manual_seed(0)
-tubes = [tv.Tube((3, 5, 4), (2, 3, 5), (1, 0, 2)), tv.Tube((1, 4, 4), (4, 4, 4)), tv.Tube((4, 2, 3), (1, 5, 2), (0, 1, 1))]
-flat = tv.flatten_tubes(tubes)
-for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-    for B in (0, 3):
-        for layout in ("contiguous", "channels_last_3d"):
-            x = torch.randn(B, 3, 9, 13, 11, device="cuda", dtype=dtype)
-            if layout == "channels_last_3d":
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            x.requires_grad_()
-            ws = [torch.randn(7, 3, *t.kernel, device="cuda", dtype=dtype, requires_grad=True) for t in tubes]
-            bs = [torch.randn(7, device="cuda", dtype=dtype, requires_grad=True) for _ in tubes]
-            pe = tv.sincos_pos_embed(tubes, (9, 13, 11), 7, dtype=dtype, device="cuda")
-            y = tv.tube_tokens(x, ws, bs, tubes, pe)
-            y.float().square().sum().backward()
-            ref = tv.reference.tube_tokens(x.detach().double(), [w.detach().double() for w in ws],
-                                           [b.detach().double() for b in bs], tubes, pe.double())
-            err = (y.double() - ref).abs().max().item() if y.numel() else 0.0
-            tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
-            if dtype == torch.float32 and TF32:
-                tol = 3e-3  # inputs rounded to TF32 (10-bit mantissa)
-            assert err <= tol * max(1.0, ref.abs().max().item() if ref.numel() else 1.0), (dtype, B, layout, err)
-            yn = torch.ops.tubevit.tube_tokens_naive(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], flat, pe)
-            torch.ops.tubevit.tube_tokens_naive_backward(torch.ones_like(yn), x.detach(), [w.detach() for w in ws], flat,
-                                                         [True, True, True])
+CASES = [
+    # odd sizes, kw = 4 / 4 / 3: every vector width falls back to 1
+    ([tv.Tube((3, 5, 4), (2, 3, 5), (1, 0, 2)), tv.Tube((1, 4, 4), (4, 4, 4)), tv.Tube((4, 2, 3), (1, 5, 2), (0, 1, 1))],
+     (9, 13, 11), 7),
+    # kw = 4 / 8, W = 24, d = 16: the V-wide gather (TUBEVIT_GEMM_GATHER_VEC=1) with aligned vector
+    # reads, and 8-wide placement
+    ([tv.Tube((2, 4, 4), (2, 4, 4)), tv.Tube((1, 2, 8), (2, 3, 8), (0, 1, 0))], (6, 10, 24), 16),
+]
+for tubes, size, d in CASES:
+    flat = tv.flatten_tubes(tubes)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for B in (0, 3):
+            for layout in ("contiguous", "channels_last_3d"):
+                x = torch.randn(B, 3, *size, device="cuda", dtype=dtype)
+                if layout == "channels_last_3d":
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                x.requires_grad_()
+                ws = [torch.randn(d, 3, *t.kernel, device="cuda", dtype=dtype, requires_grad=True) for t in tubes]
+                bs = [torch.randn(d, device="cuda", dtype=dtype, requires_grad=True) for _ in tubes]
+                pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype, device="cuda")
+                y = tv.tube_tokens(x, ws, bs, tubes, pe)
+                y.float().square().sum().backward()
+                ref = tv.reference.tube_tokens(x.detach().double(), [w.detach().double() for w in ws],
+                                               [b.detach().double() for b in bs], tubes, pe.double())
+                err = (y.double() - ref).abs().max().item() if y.numel() else 0.0
+                tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+                if dtype == torch.float32 and TF32:
+                    tol = 3e-3  # inputs rounded to TF32 (10-bit mantissa)
+                assert err <= tol * max(1.0, ref.abs().max().item() if ref.numel() else 1.0), (dtype, B, layout, err)
+                yn = torch.ops.tubevit.tube_tokens_naive(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], flat, pe)
+                torch.ops.tubevit.tube_tokens_naive_backward(torch.ones_like(yn), x.detach(), [w.detach() for w in ws], flat,
+                                                             [True, True, True])
 torch.cuda.synchronize()
 print("sanitize_case: ok")

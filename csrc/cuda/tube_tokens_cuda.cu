@@ -93,10 +93,11 @@ bool gemm_supported(const at::Tensor& x, const TubeLayout& L, gemm::Layout* a) {
 // faster at every B than the TF32 kernel, so it always takes fp32. Backward
 // (weights), 16-bit: the tensor-core kernels win up to B = 16 (0.47 vs 0.87
 // ms; host-side overhead of the GEMM path's extra launches) and tie at B = 32
-// (0.72 vs 0.70); fp32: they win up to B = 16, the GEMM path at B = 32 (0.98
-// vs 1.13 ms).
+// (0.72 vs 0.70: the GEMM path from there on, so that B = 32 runs the
+// configuration measured end to end); fp32: they win up to B = 16, the GEMM
+// path at B = 32 (0.98 vs 1.13 ms).
 constexpr int64_t kGemmMinOutputFwd16 = int64_t(1) << 20;  // B >= 3 for the paper tubes at d = 768
-constexpr int64_t kGemmMinOutputBwd16 = int64_t(16) << 20;  // B >= 41
+constexpr int64_t kGemmMinOutputBwd16 = int64_t(12) << 20;  // B >= 31
 constexpr int64_t kGemmMinOutputBwd32 = int64_t(8) << 20;   // B >= 21
 
 bool gemm_by_size(const at::Tensor& x, const TubeLayout& L, bool backward) {
