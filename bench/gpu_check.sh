@@ -5,7 +5,8 @@
 #   build          editable install, no deps (no internet there), this GPU's arch only
 #   tests          CUDA-parametrized tests, default paths (by size)   (-k cuda)
 #   tests-gemm     the same on the GEMM path wherever it applies      (TUBEVIT_CUDA_GEMM=1)
-#   tests-gemm-vec the GEMM path with the V-wide gather  (TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1)
+#   tests-optin    the GEMM path with its opt-in kernels (TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1
+#                  TUBEVIT_DX_SCATTER=1: V-wide gather, per-tube dX scatter)
 #   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_GEMM=0)
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_TC=0)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all three paths
@@ -16,12 +17,14 @@
 #   bench-paths    B = 1, 4, 8, 16, 32: reference, unfold_gemm, fused on the GEMM path
 #                  (TUBEVIT_CUDA_GEMM=1), then fused on the tensor-core kernels
 #   bench-gather   the GEMM path at B = 8, 32 with the scalar and the V-wide gather
+#   bench-dx       bf16 fwd_bwd_input at B = 32, GEMM path: dX gather vs per-tube scatter
 #   bench-naive    optional: the same on the naive kernels (slow: ~60 ms a forward)
 #   racecheck      compute-sanitizer racecheck, all three paths
 #   initcheck      compute-sanitizer initcheck, all three paths
 #   bench-compile  compiled_reference vs reference vs fused (compiling is slow)
 #   tests-all      the whole suite, CPU tests included (CI covers those too)
 #   profile        optional: torch.profiler kernel tables (bench/gpu_profile.py)
+#   profile-host   optional: host-side op tables at B = 4, GEMM path and tensor-core kernels
 #   variants       optional: fused bench + kernel table for each build carried
 #                  as .variants/NAME.so (tuning variants, a baseline commit);
 #                  VARIANT_TESTS="NAME ..." runs the CUDA tests on those first
@@ -79,9 +82,9 @@ run_step() {
   pack
   return $rc
 }
-sanitize() {  # sanitize TOOL: GEMM path (scalar and V-wide gather), tensor-core kernels, naive kernels
+sanitize() {  # sanitize TOOL: GEMM path (default, and with the opt-in kernels), tensor-core kernels, naive kernels
   TUBEVIT_CUDA_GEMM=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
-  TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_GEMM=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_TC=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
 }
@@ -119,9 +122,9 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       run_step tests 60 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-gemm)
       run_step tests-gemm 60 env TUBEVIT_CUDA_GEMM=1 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
-    tests-gemm-vec)
-      run_step tests-gemm-vec 60 env TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1 "$PY" -m pytest python_tests -q -k cuda \
-        -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+    tests-optin)
+      run_step tests-optin 60 env TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 "$PY" -m pytest \
+        python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-tc)
       run_step tests-tc 60 env TUBEVIT_CUDA_GEMM=0 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-naive)
@@ -155,6 +158,14 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         run_step "bench-gather-$g" 30 env TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=$g "$PY" bench/tube_bench.py \
           --preset gpu-targets --impls fused --batch 8 32 --json "$RES/bench-gather-$g.json" --plot "$LOGS/bench-gather-$g.png"
         grep -E "^paper" "$LOGS/bench-gather-$g.log" | sed "s/^/gather_vec=$g: /" | tee -a "$SUMMARY"
+      done ;;
+    bench-dx)
+      # bf16 forward + backward with the input gradient, GEMM path: the gather vs the per-tube scatter
+      for g in 0 1; do
+        run_step "bench-dx-$g" 30 env TUBEVIT_CUDA_GEMM=1 TUBEVIT_DX_SCATTER=$g "$PY" bench/tube_bench.py \
+          --preset gpu-targets --impls fused --dtypes bfloat16 --modes fwd_bwd_input \
+          --json "$RES/bench-dx-$g.json" --plot "$LOGS/bench-dx-$g.png"
+        grep -E "^paper" "$LOGS/bench-dx-$g.log" | sed "s/^/dx_scatter=$g: /" | tee -a "$SUMMARY"
       done ;;
     bench-naive)
       TUBEVIT_CUDA_TC=0 run_step bench-naive 90 bench bench-naive.json --impls reference unfold_gemm fused
@@ -190,6 +201,11 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
     profile)
       run_step profile 40 bash -c '"$PY" bench/gpu_profile.py && "$PY" bench/gpu_profile.py --input-grad'
       cp "$LOGS/profile.log" "$RES/profile.txt" ;;
+    profile-host)
+      # host-side op tables at B = 4 (where launch overhead decides), both fast paths forced
+      run_step profile-host 50 bash -c 'TUBEVIT_CUDA_GEMM=1 "$PY" bench/gpu_profile.py --host --batch 4 --dtypes bf16 \
+        && TUBEVIT_CUDA_GEMM=0 "$PY" bench/gpu_profile.py --host --batch 4 --dtypes bf16'
+      cp "$LOGS/profile-host.log" "$RES/profile-host.txt" ;;
     ncu)
       # one bf16 forward + backward at B = 32: the tube kernels and the naive
       # ones (grid_stride_kernel); text report (clocks left as they are)

@@ -3,6 +3,7 @@ bench/gpu_check.sh, step `profile`; needs a CUDA GPU).
 
     python bench/gpu_profile.py                 # torch.profiler tables, bf16 and fp32 (TF32)
     python bench/gpu_profile.py --once bf16     # one forward + backward, for ncu to look at
+    python bench/gpu_profile.py --host --batch 4   # host side: self CPU time per op (launch overhead)
 
 Paper tubes, 3x32x224x224, d = 768, B = 32 (the issue-3 target shape) unless
 --batch says otherwise. The input does not require grad (mode fwd_bwd of the
@@ -29,10 +30,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--once", choices=sorted(DTYPES))
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     ap.add_argument("--input-grad", action="store_true", help="the input requires grad too (dX)")
+    ap.add_argument("--host", action="store_true",
+                    help="CPU activity too, sorted by self CPU time: where the host-side time of a step goes")
     a = ap.parse_args()
     torch.manual_seed(0)
-    dtypes = [a.once] if a.once else ["bf16", "fp32"]
+    dtypes = [a.once] if a.once else a.dtypes
     for name in dtypes:
         dt = DTYPES[name]
         m = tv.SparseTubeTokenizer(3, 768).cuda().to(dt)
@@ -45,13 +49,16 @@ def main():
             for _ in range(3):
                 step(m, x, backward)
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if a.host else [])
+            with profile(activities=acts) as prof:
                 for _ in range(5):
                     step(m, x, backward)
                 torch.cuda.synchronize()
             print(f"\n### {name} B={a.batch} {'fwd+bwd' if backward else 'fwd'} "
-                  f"(input grad: {a.input_grad}), 5 steps, TF32 conv: {torch.backends.cudnn.allow_tf32}")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+                  f"(input grad: {a.input_grad}), 5 steps, TF32 conv: {torch.backends.cudnn.allow_tf32}"
+                  f"{', host side' if a.host else ''}")
+            sort = "self_cpu_time_total" if a.host else "cuda_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=25 if a.host else 12, max_name_column_width=60))
 
 
 if __name__ == "__main__":

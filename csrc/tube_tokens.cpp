@@ -195,10 +195,12 @@ TORCH_LIBRARY(tubevit, m) {
   m.def("tube_tokens_tc_emulated_dw(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor[]");
   m.def("tube_tokens_tc_emulated_dx(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor");
   // The CUDA backend's GEMM path (gemm_path.h: gather, GEMM, PE placement)
-  // run on the CPU with ATen's CPU GEMMs: the forward output and the weight
-  // gradients. Test-only, CPU-only, not differentiable.
+  // run on the CPU with ATen's CPU GEMMs: the forward output, the weight
+  // gradients and the input gradient by the per-tube scatter (opt-in on
+  // CUDA). Test-only, CPU-only, not differentiable.
   m.def(
       "tube_tokens_gemm_path(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
       "Tensor? pos_embed) -> Tensor");
   m.def("tube_tokens_gemm_path_dw(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor[]");
+  m.def("tube_tokens_gemm_path_dx(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor");
 }

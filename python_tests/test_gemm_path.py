@@ -78,6 +78,32 @@ def test_weight_gradient(case, dtype, layout, gather):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_input_gradient_by_scatter(case, dtype):
+    # dP in fp32, then every tube's covered voxels add their sum once to dx (one rounding per
+    # tube, like PyTorch's autograd summing per-convolution input gradients): within twice
+    # the unit roundoff per tube of the largest value
+    tubes, size, C, d = CASES[case]
+    g = torch.Generator().manual_seed(17)
+    x = make_x(2, C, size, dtype, "contiguous", g)
+    ws, _ = make_params(tubes, C, d, dtype)
+    gout = torch.randn(2, tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    got = ops.tube_tokens_gemm_path_dx(gout, x, ws, tv.flatten_tubes(tubes))
+    x64 = x.double().requires_grad_()
+    want = torch.autograd.grad(tv.reference.tube_tokens(x64, [w.double() for w in ws], None, tubes), x64,
+                               gout.double())[0]
+    assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+    err = (got.double() - want).abs().max().item()
+    tol = 2 * len(tubes) * EPS[dtype] * want.abs().max().item() + 1e-5
+    assert err <= tol, f"{case} dx: max error {err:.3g} > {tol:.3g}"
+    # voxels no window covers get exactly zero
+    covered = torch.autograd.grad(tv.reference.tube_tokens(x64, [torch.ones_like(w, dtype=torch.float64)
+                                                                 for w in ws], None, tubes),
+                                  x64, torch.ones(gout.shape, dtype=torch.float64))[0] != 0
+    assert torch.equal(got[~covered], torch.zeros_like(got[~covered]))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
 def test_vector_gather_is_the_same_copy(case, dtype, layout, monkeypatch):

@@ -1,8 +1,9 @@
 // The CUDA backend's GEMM path (gemm_path.h) run on the CPU: the same gather
 // functor in a host loop and the same ATen orchestration (views, GEMMs, the
 // position-embedding placement), registered as the test ops
-// tubevit::tube_tokens_gemm_path (forward) and tube_tokens_gemm_path_dw
-// (weight gradients), checked against the Conv3d reference by
+// tubevit::tube_tokens_gemm_path (forward), tube_tokens_gemm_path_dw
+// (weight gradients) and tube_tokens_gemm_path_dx (input gradient by the
+// per-tube scatter), checked against the Conv3d reference by
 // python_tests/test_gemm_path.py. Not used by the library itself: the CPU
 // backend proper is tube_tokens_cpu.cpp.
 #include <torch/library.h>
@@ -39,11 +40,38 @@ std::vector<at::Tensor> gemm_path_dw_cpu(const at::Tensor& grad_out, const at::T
   return dws;
 }
 
+// dP_i = G_i W_i in fp32 (the CUDA path's cuBLAS GEMMs, here ATen's CPU
+// ones on fp32 copies), then the per-tube scatter of gemm_path.h.
+at::Tensor gemm_path_dx_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                            at::IntArrayRef tubes) {
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  gemm::Layout a;
+  TORCH_CHECK(gemm::make_layout(L, &a), "tube_tokens_gemm_path_dx: at most ", gemm::kMaxTubes,
+              " tubes and 32-bit element indices");
+  const at::Tensor g = gemm::grad_rows<CpuLauncher>(grad_out.contiguous(), a);
+  at::Tensor dp = at::empty({a.p_elems}, x.options().dtype(at::kFloat));
+  std::vector<int64_t> dp_off;
+  for (int i = 0; i < a.n_tubes; ++i) {
+    const TubeGeom& tg = L.tubes[i];
+    const int64_t rows = L.batch * tg.num_tokens;
+    dp_off.push_back(a.t[i].p_start);
+    if (rows == 0) continue;
+    at::Tensor dp_i = gemm::block(dp, a.t[i].p_start, rows, tg.patch_size);
+    at::mm_out(dp_i, gemm::block(g, a.t[i].y_start, rows, L.dim).to(at::kFloat),
+               weights[i].reshape({L.dim, tg.patch_size}).to(at::kFloat));
+  }
+  at::Tensor dx;
+  TORCH_CHECK(gemm::grad_input_scatter<CpuLauncher>(dp, dp_off, L, &dx, x.options()),
+              "tube_tokens_gemm_path_dx: covered voxels exceed 32-bit indices");
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tubevit, CPU, m) {
   m.impl("tube_tokens_gemm_path", &gemm_path_cpu);
   m.impl("tube_tokens_gemm_path_dw", &gemm_path_dw_cpu);
+  m.impl("tube_tokens_gemm_path_dx", &gemm_path_dx_cpu);
 }
 
 }  // namespace tubevit

@@ -167,6 +167,8 @@ void gemm_backward(const at::Tensor& x, const at::Tensor& grad, const std::vecto
       at::mm_out(dp_i, g_i, w_i, at::kFloat);  // half / bf16 operands, fp32 result
     }
   }
+  // the per-tube scatter (opt-in until run on a GPU), else the gather
+  if (gemm::dx_scatter_enabled() && gemm::grad_input_scatter<CudaLauncher>(dp, dp_off, L, &dx, x.options())) return;
   dx = tc::grad_input_from_dp(x, dp, L);
 }
 
