@@ -5,8 +5,9 @@
 //     launch, cuBLAS GEMMs through ATen, one placement launch adding bias and
 //     position embedding; backward: one launch copying the gradient rows out,
 //     the same gather, cuBLAS for dW and dP, then our deterministic dX
-//     gather. Taken for large problems, and wherever the tensor-core kernels
-//     do not apply (fp32 with TF32 convolutions off, where it is exact fp32);
+//     gather (or, opt-in, the per-tube scatter). Taken for large problems,
+//     for the fp32 forward at any size (exact fp32 unless TF32 matmuls are
+//     on), and wherever the tensor-core kernels do not apply;
 //   * the handwritten tensor-core implicit-GEMM kernels (tube_tokens_tc.cu;
 //     sm_80+, fp16 / bf16, fp32 as TF32 while torch.backends.cudnn.allow_tf32):
 //     one kernel per pass, fastest for small problems (host overhead);
