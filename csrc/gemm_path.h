@@ -137,6 +137,25 @@ inline bool make_layout(const TubeLayout& L, Layout* out) {
   return true;
 }
 
+// Offset in x (elements) of the voxel that element e of the P workspace
+// (all tubes) copies: the tube whose block holds e, then e's (b, tok) row
+// and (c, kt, kh, kw) column, seven multiply-shift divisions.
+TUBEVIT_HD int64_t gather_source(const Layout& a, const naive::Strides5& xs, int64_t e) {
+  int i = 0;
+  while (i + 1 < a.n_tubes && e >= a.t[i + 1].p_start) ++i;
+  const TubeIdx& t = a.t[i];
+  uint32_t row, q, q2, c, b, t2, it;
+  const uint32_t k = t.K.divmod(static_cast<uint32_t>(e - t.p_start), &row);
+  const uint32_t w = t.kw.divmod(k, &q);
+  const uint32_t h = t.kh.divmod(q, &q2);
+  const uint32_t da = t.kt.divmod(q2, &c);
+  const uint32_t tok = t.n.divmod(row, &b);
+  const uint32_t iw = t.nw.divmod(tok, &t2);
+  const uint32_t ih = t.nh.divmod(t2, &it);
+  return b * xs.b + c * xs.c + (t.o[0] + t.s[0] * it + da) * xs.t + (t.o[1] + t.s[1] * ih + h) * xs.h +
+         (t.o[2] + t.s[2] * iw + w) * xs.w;
+}
+
 // P[e] for every element e of the P workspace (all tubes): one thread per
 // element, so that a warp's stores are contiguous; reads are contiguous
 // along each kw run of x (unit W stride).
@@ -148,19 +167,7 @@ struct GatherElem {
   scalar_t* p;
 
   TUBEVIT_HD void operator()(int64_t e) const {
-    int i = 0;
-    while (i + 1 < a.n_tubes && e >= a.t[i + 1].p_start) ++i;
-    const TubeIdx& t = a.t[i];
-    uint32_t row, q, q2, c, b, t2, it;
-    const uint32_t k = t.K.divmod(static_cast<uint32_t>(e - t.p_start), &row);
-    const uint32_t w = t.kw.divmod(k, &q);
-    const uint32_t h = t.kh.divmod(q, &q2);
-    const uint32_t da = t.kt.divmod(q2, &c);
-    const uint32_t tok = t.n.divmod(row, &b);
-    const uint32_t iw = t.nw.divmod(tok, &t2);
-    const uint32_t ih = t.nh.divmod(t2, &it);
-    const int64_t off = b * xs.b + c * xs.c + (t.o[0] + t.s[0] * it + da) * xs.t +
-                        (t.o[1] + t.s[1] * ih + h) * xs.h + (t.o[2] + t.s[2] * iw + w) * xs.w;
+    const int64_t off = gather_source(a, xs, e);
     p[e] = x[off];
   }
 };
@@ -230,19 +237,7 @@ struct GatherVecElem {
 
   TUBEVIT_HD void operator()(int64_t ev) const {
     const int64_t e = ev * V;
-    int i = 0;
-    while (i + 1 < a.n_tubes && e >= a.t[i + 1].p_start) ++i;
-    const TubeIdx& t = a.t[i];
-    uint32_t row, q, q2, c, b, t2, it;
-    const uint32_t k = t.K.divmod(static_cast<uint32_t>(e - t.p_start), &row);
-    const uint32_t w = t.kw.divmod(k, &q);
-    const uint32_t h = t.kh.divmod(q, &q2);
-    const uint32_t da = t.kt.divmod(q2, &c);
-    const uint32_t tok = t.n.divmod(row, &b);
-    const uint32_t iw = t.nw.divmod(tok, &t2);
-    const uint32_t ih = t.nh.divmod(t2, &it);
-    const int64_t off = b * xs.b + c * xs.c + (t.o[0] + t.s[0] * it + da) * xs.t +
-                        (t.o[1] + t.s[1] * ih + h) * xs.h + (t.o[2] + t.s[2] * iw + w) * xs.w;
+    const int64_t off = gather_source(a, xs, e);
     if constexpr (READ_VEC) {
       store_vec<scalar_t, V>(p + e, load_vec<scalar_t, V>(x + off));
     } else {

@@ -6,11 +6,10 @@ On a GPU the same code runs by default behind tubevit::tube_tokens (the CUDA tes
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import tubevit_ext as tv
 from conftest import make_params
-from test_tc_emulation import CASES, make_x
+from test_tc_emulation import CASES, _tc_problems, make_x
 
 ops = torch.ops.tubevit
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -186,26 +185,8 @@ def test_empty_batch_and_argument_checks():
         ops.tube_tokens_gemm_path(torch.randn(1, C, *size), ws[:2], [], flat, None)
 
 
-@st.composite
-def _problems(draw):
-    size = (draw(st.integers(1, 9)), draw(st.integers(1, 20)), draw(st.integers(1, 20)))
-    tubes = []
-    for _ in range(draw(st.integers(1, 4))):
-        k, s, o = [], [], []
-        for L in size:
-            ka = draw(st.integers(1, min(L, 6)))
-            k.append(ka)
-            s.append(draw(st.integers(1, 6)))
-            o.append(draw(st.integers(0, L - ka)))
-        tubes.append(tv.Tube(tuple(k), tuple(s), tuple(o)))
-    return dict(size=size, tubes=tubes, C=draw(st.integers(1, 4)), d=draw(st.integers(1, 40)),
-                B=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(DTYPES)),
-                layout=draw(st.sampled_from(["contiguous", "channels_last_3d", "noncontiguous"])),
-                bias=draw(st.booleans()), pe=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
-
-
 @settings(max_examples=60, deadline=None)
-@given(_problems())
+@given(_tc_problems())
 def test_fuzz(prob):
     tubes, size, dtype, d = prob["tubes"], prob["size"], prob["dtype"], prob["d"]
     g = torch.Generator().manual_seed(prob["seed"])
