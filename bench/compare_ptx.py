@@ -1,8 +1,9 @@
 """Is the GPU code of the tensor-core kernels still what was tested on a GPU?
 
     python bench/compare_ptx.py BASE_REV [--base-defines "TUBEVIT_TC_MIN_BLOCKS=4"] [--defines "..."]
+    python bench/compare_ptx.py BASE_REV --source csrc/cuda/tube_tokens_cuda.cu   # GEMM path + naive kernels
 
-Compiles csrc/cuda/tube_tokens_tc.cu to PTX (sm_90, the flags torch's
+Compiles csrc/cuda/tube_tokens_tc.cu (or --source) to PTX (sm_90, the flags torch's
 extension build uses) twice: from git revision BASE_REV (a temporary
 worktree) and from the working tree, then compares every kernel entry after
 renaming what carries no meaning (virtual register numbers, labels, .loc
@@ -26,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = "csrc/cuda/tube_tokens_tc.cu"
 
 
-def nvcc_ptx(tree, defines, out):
+def nvcc_ptx(tree, defines, out, source=SOURCE):
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     includes = [os.path.join(tree, "csrc")] + cpp_extension.include_paths(device_type="cuda")
     # the CUDA wheels' headers (cuda_bf16.h etc.), as setup.py adds them
@@ -35,12 +36,26 @@ def nvcc_ptx(tree, defines, out):
     cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-ptx", "-arch=sm_90", "-O3", "-std=c++20",
            "-DTUBEVIT_WITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
            *cpp_extension.COMMON_NVCC_FLAGS, *[f"-D{d}" for d in defines.split()],
-           *[f"-I{i}" for i in includes], os.path.join(tree, SOURCE), "-o", out]
+           *[f"-I{i}" for i in includes], os.path.join(tree, source), "-o", out]
     subprocess.run(cmd, check=True)
 
 
+def _anonymous_namespaces(text):
+    """Replace each mangled anonymous namespace (<len>_GLOBAL__N__<hash>_<file>_cu_<hash>_<n>,
+    whose hashes and counter change with unrelated edits) by 2NS, cutting it by its length prefix."""
+    out, pos = [], 0
+    for m in re.finditer(r"(\d+)_GLOBAL__N__", text):
+        if m.start() < pos:
+            continue
+        n = int(m.group(1))
+        out.append(text[pos:m.start()] + "2NS")
+        pos = m.start(1) + len(m.group(1)) + n
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def kernels(path):
-    text = re.sub(r"_GLOBAL__N__[0-9a-f]+_\d+_tube_tokens_tc_cu_[0-9a-f]+", "NS", open(path).read())
+    text = _anonymous_namespaces(open(path).read())
     out = {}
     for m in re.finditer(r"\.entry (\S+)\(", text):
         body = text[m.start():text.find("\n}\n", m.start())]
@@ -56,15 +71,16 @@ def main():
     ap.add_argument("base")
     ap.add_argument("--base-defines", default="", help="macros for the base build (TUBEVIT_DEFINES syntax)")
     ap.add_argument("--defines", default="", help="macros for the working-tree build")
+    ap.add_argument("--source", default=SOURCE, help="the .cu file to compare (default: %(default)s)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         wt = os.path.join(tmp, "base")
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "-q", "--detach", wt, a.base], check=True)
         try:
-            nvcc_ptx(wt, a.base_defines, os.path.join(tmp, "base.ptx"))
+            nvcc_ptx(wt, a.base_defines, os.path.join(tmp, "base.ptx"), a.source)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", wt], check=True)
-        nvcc_ptx(ROOT, a.defines, os.path.join(tmp, "new.ptx"))
+        nvcc_ptx(ROOT, a.defines, os.path.join(tmp, "new.ptx"), a.source)
         old, new = kernels(os.path.join(tmp, "base.ptx")), kernels(os.path.join(tmp, "new.ptx"))
     same = True
     for name in sorted(old):

@@ -172,49 +172,44 @@ struct GatherElem {
   }
 };
 
-// V contiguous elements as one access where legal (device: one 16/8/4-byte
-// load or store; host: memcpy).
+// V contiguous elements, aligned for one access of their size (callers keep
+// V * sizeof(scalar_t) <= 16).
 template <typename scalar_t, int V>
-struct Vec {
+struct alignas(V * sizeof(scalar_t)) Vec {
   scalar_t v[V];
 };
+
+// V elements from src to dst: one 16-, 8- or 4-byte access on the GPU (both
+// sides aligned to that size: callers check, see vec_width and
+// gather_vec_width), element by element for other sizes; memcpy on the host.
+template <typename scalar_t, int V>
+TUBEVIT_HD void copy_run(scalar_t* dst, const scalar_t* src) {
+#if defined(__CUDA_ARCH__)
+  constexpr int kBytes = V * int(sizeof(scalar_t));
+  if constexpr (kBytes == 16) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+  } else if constexpr (kBytes == 8) {
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
+  } else if constexpr (kBytes == 4) {
+    *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(src);
+  } else {
+    for (int u = 0; u < V; ++u) dst[u] = src[u];
+  }
+#else
+  std::memcpy(dst, src, V * sizeof(scalar_t));
+#endif
+}
 
 template <typename scalar_t, int V>
 TUBEVIT_HD Vec<scalar_t, V> load_vec(const scalar_t* src) {
   Vec<scalar_t, V> r;
-#if defined(__CUDA_ARCH__)
-  constexpr int kBytes = V * int(sizeof(scalar_t));
-  if constexpr (kBytes == 16) {
-    *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(src);
-  } else if constexpr (kBytes == 8) {
-    *reinterpret_cast<uint2*>(r.v) = *reinterpret_cast<const uint2*>(src);
-  } else if constexpr (kBytes == 4) {
-    *reinterpret_cast<unsigned*>(r.v) = *reinterpret_cast<const unsigned*>(src);
-  } else {
-    for (int u = 0; u < V; ++u) r.v[u] = src[u];
-  }
-#else
-  std::memcpy(r.v, src, sizeof(r.v));
-#endif
+  copy_run<scalar_t, V>(r.v, src);
   return r;
 }
 
 template <typename scalar_t, int V>
 TUBEVIT_HD void store_vec(scalar_t* dst, const Vec<scalar_t, V>& r) {
-#if defined(__CUDA_ARCH__)
-  constexpr int kBytes = V * int(sizeof(scalar_t));
-  if constexpr (kBytes == 16) {
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(r.v);
-  } else if constexpr (kBytes == 8) {
-    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(r.v);
-  } else if constexpr (kBytes == 4) {
-    *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(r.v);
-  } else {
-    for (int u = 0; u < V; ++u) dst[u] = r.v[u];
-  }
-#else
-  std::memcpy(dst, r.v, sizeof(r.v));
-#endif
+  copy_run<scalar_t, V>(dst, r.v);
 }
 
 // GatherElem with V consecutive patch columns per call (one V-wide store;
