@@ -14,8 +14,8 @@
 #   bench          --preset gpu-targets without torch.compile (JSON kept)
 #   bench-tc       the fused rows of it on the tensor-core kernels      (TUBEVIT_CUDA_GEMM=0)
 #   bench-small    B = 1 and 4: reference, unfold_gemm, fused on both fast paths
-#   bench-paths    B = 1, 4, 8, 16, 32: reference, unfold_gemm, fused on the GEMM path
-#                  (TUBEVIT_CUDA_GEMM=1), then fused on the tensor-core kernels
+#   bench-paths    B = 1, 4, 8, 16, 32: reference, unfold_gemm, fused (default choice),
+#                  fused_gemm and fused_tc (each path forced), interleaved in one run
 #   bench-gather   the GEMM path at B = 8, 32 with the scalar and the V-wide gather
 #   bench-dx       bf16 fwd_bwd_input at B = 32, GEMM path: dX gather vs per-tube scatter
 #   bench-naive    optional: the same on the naive kernels (slow: ~60 ms a forward)
@@ -144,14 +144,12 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       TUBEVIT_CUDA_GEMM=0 run_step bench-small-tc 40 bench bench-small-tc.json --impls fused --batch 1 4
       grep -E "^paper" "$LOGS/bench-small-tc.log" | sed "s/^/tc: /" | tee -a "$SUMMARY" ;;
     bench-paths)
-      # both fast paths forced, B = 1 .. 32, same run: where each one wins
+      # both fast paths forced and the default choice, B = 1 .. 32, one process, interleaved
       # (the size thresholds of choose_path in csrc/cuda/tube_tokens_cuda.cu)
-      run_step bench-paths 70 env TUBEVIT_CUDA_GEMM=1 "$PY" bench/tube_bench.py --preset gpu-targets \
-        --impls reference unfold_gemm fused --batch 1 4 8 16 32 --json "$RES/bench-paths-gemm.json" --plot "$LOGS/bench-paths-gemm.png"
-      grep -E "^paper" "$LOGS/bench-paths.log" | tee -a "$SUMMARY"
-      run_step bench-paths-tc 40 env TUBEVIT_CUDA_GEMM=0 "$PY" bench/tube_bench.py --preset gpu-targets \
-        --impls fused --batch 1 4 8 16 32 --json "$RES/bench-paths-tc.json" --plot "$LOGS/bench-paths-tc.png"
-      grep -E "^paper" "$LOGS/bench-paths-tc.log" | sed "s/^/tc: /" | tee -a "$SUMMARY" ;;
+      run_step bench-paths 100 "$PY" bench/tube_bench.py --preset gpu-targets \
+        --impls reference unfold_gemm fused fused_gemm fused_tc --batch 1 4 8 16 32 --rounds 2 \
+        --json "$RES/bench-paths.json" --plot "$LOGS/bench-paths.png"
+      grep -E "^paper" "$LOGS/bench-paths.log" | tee -a "$SUMMARY" ;;
     bench-gather)
       # the GEMM path with the scalar and the V-wide gather, same run (fused rows only)
       for g in 0 1; do

@@ -4,7 +4,9 @@ Implementations (all compute the same (B, N, d) tokens, bias and PE included):
   reference           per-tube nn.Conv3d (cuDNN / oneDNN) + flatten + cat + PE add
   unfold_gemm         per-tube strided unfold view -> patch copy -> one F.linear per tube + cat + PE add
   compiled_reference  torch.compile(reference)
-  fused               tubevit_ext.SparseTubeTokenizer
+  fused               tubevit_ext.SparseTubeTokenizer (on CUDA: the path the library picks by size)
+  fused_gemm          the same with TUBEVIT_CUDA_GEMM=1 (CUDA only, opt-in: the GEMM path forced)
+  fused_tc            the same with TUBEVIT_CUDA_GEMM=0 (CUDA only, opt-in: the tensor-core kernels)
 
 Modes: fwd; fwd_bwd (weights and bias require grad, input does not);
 fwd_bwd_input (input requires grad too).
@@ -49,7 +51,11 @@ TUBE_SETS = {
 }
 # compiled_reference last in each configuration: torch.compile leaves compile
 # workers behind that would otherwise share the CPU with the next timings.
-IMPLS = ["reference", "unfold_gemm", "fused", "compiled_reference"]
+IMPLS = ["reference", "unfold_gemm", "fused", "fused_gemm", "fused_tc", "compiled_reference"]
+DEFAULT_IMPLS = ["reference", "unfold_gemm", "fused", "compiled_reference"]
+# the fused module with one CUDA path forced: the environment the op reads per
+# call, set for the whole step (forward and backward)
+PATH_ENV = {"fused_gemm": {"TUBEVIT_CUDA_GEMM": "1"}, "fused_tc": {"TUBEVIT_CUDA_GEMM": "0"}}
 MODES = ["fwd", "fwd_bwd", "fwd_bwd_input"]
 
 
@@ -80,6 +86,10 @@ class UnfoldGemm(torch.nn.Module):
 
 def build(impl, fused, ref):
     if impl == "fused":
+        return fused
+    if impl in PATH_ENV:
+        if next(fused.parameters()).device.type != "cuda":
+            raise RuntimeError(f"{impl} selects a CUDA path: CUDA only")
         return fused
     if impl == "reference":
         return ref
@@ -142,9 +152,34 @@ def matmul_peak(device, dtype, n=8192):
     return 2.0 * n ** 3 / t / 1e12
 
 
-def make_step(model, mode):
+class pinned_env:
+    """Environment variables set inside (for the fused_gemm / fused_tc variants), restored after."""
+
+    def __init__(self, env):
+        self.env = env or {}
+
+    def __enter__(self):
+        self.prev = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.prev.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def make_step(model, mode, env=None):
     params = list(model.parameters()) if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule) \
         else list(model._orig_mod.parameters())
+    if env:
+        inner = make_step(model, mode)
+
+        def pinned(x):
+            with pinned_env(env):
+                return inner(x)
+        return pinned
 
     def step(x):
         if mode == "fwd":
@@ -191,7 +226,7 @@ def run_config(args, device, dtype, batch, frames, dim, tubes_name, mode, impls,
             row["cudnn_benchmark"] = bench_flag
         rows.append(row)
         try:
-            with cudnn_benchmark(bench_flag):
+            with cudnn_benchmark(bench_flag), pinned_env(PATH_ENV.get(impl)):
                 model = build(impl, fused, ref)
                 with torch.no_grad():
                     got = model(inputs[0]).float()
@@ -203,7 +238,7 @@ def run_config(args, device, dtype, batch, frames, dim, tubes_name, mode, impls,
             if not row["agrees"]:
                 print(f"WARNING: {impl} disagrees with the reference: max_abs_err {row['max_abs_err']:.3g}",
                       file=sys.stderr)
-            timed.append((row, make_step(model, mode), bench_flag, []))
+            timed.append((row, make_step(model, mode, PATH_ENV.get(impl)), bench_flag, []))
         except Exception as e:  # e.g. compile unavailable: recorded, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     for r in range(args.rounds):
@@ -372,15 +407,15 @@ def check_targets(rows, device):
 PRESETS = {
     # the shared CPU VM drifts: three interleaved rounds (see run_config)
     "cpu-targets": dict(device="cpu", dtypes=["float32"], batch=[4], frames=[32], dim=[768], tubes=["paper"],
-                        modes=["fwd", "fwd_bwd"], impls=IMPLS, rounds=3),
+                        modes=["fwd", "fwd_bwd"], impls=DEFAULT_IMPLS, rounds=3),
     "cpu-sweep": dict(device="cpu", dtypes=["float32", "bfloat16"], batch=[1, 2, 4], frames=[32, 64],
                       dim=[384, 768, 1024], tubes=["paper", "tubelet2"], modes=MODES,
                       impls=["reference", "unfold_gemm", "fused"], rounds=2),
     "gpu-targets": dict(device="cuda", dtypes=["bfloat16", "float32"], batch=[32], frames=[32], dim=[768],
-                        tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=IMPLS),
+                        tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=DEFAULT_IMPLS),
     "gpu-sweep": dict(device="cuda", dtypes=["bfloat16", "float16", "float32"], batch=[8, 16, 32, 64],
                       frames=[32, 64], dim=[384, 768, 1024], tubes=["paper", "tubelet2"], modes=MODES,
-                      impls=IMPLS),
+                      impls=DEFAULT_IMPLS),
 }
 
 
@@ -406,7 +441,7 @@ def main(argv=None):
 
     cfg = dict(PRESETS.get(args.preset, {}))
     defaults = dict(device="cuda" if torch.cuda.is_available() else "cpu", dtypes=["float32"], batch=[4],
-                    frames=[32], dim=[768], tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=IMPLS, rounds=1)
+                    frames=[32], dim=[768], tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=DEFAULT_IMPLS, rounds=1)
     for k, v in defaults.items():
         if getattr(args, k, None) is not None:
             cfg[k] = getattr(args, k)

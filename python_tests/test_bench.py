@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 
+import torch
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,3 +36,31 @@ def test_harness_json_format(tmp_path, capsys):
         assert row["agrees"], row
         assert row["samples"] == 4  # 2 interleaved rounds x 2 repeats
     assert "targets" in capsys.readouterr().out
+
+
+def test_cuda_path_variants_pin_the_environment(tmp_path, monkeypatch):
+    # fused_gemm / fused_tc time the fused module with TUBEVIT_CUDA_GEMM pinned for the whole
+    # step and restore the caller's value after; off CUDA they are recorded as skipped
+    bench = _bench()
+    seen = []
+    with bench.pinned_env({"TUBEVIT_CUDA_GEMM": "1"}):
+        seen.append(os.environ.get("TUBEVIT_CUDA_GEMM"))
+    seen.append(os.environ.get("TUBEVIT_CUDA_GEMM"))
+    assert seen == ["1", None]
+    monkeypatch.setenv("TUBEVIT_CUDA_GEMM", "0")
+
+    class ReadsEnv(torch.nn.Module):
+        def forward(self, x):
+            return os.environ["TUBEVIT_CUDA_GEMM"]
+
+    step = bench.make_step(ReadsEnv(), "fwd", {"TUBEVIT_CUDA_GEMM": "1"})
+    assert step(None) == "1" and os.environ["TUBEVIT_CUDA_GEMM"] == "0"
+    out = tmp_path / "r.json"
+    bench.main(["--device", "cpu", "--batch", "1", "--frames", "20", "--dim", "12", "--size", "32", "40",
+                "--tubes", "paper", "--modes", "fwd", "--impls", "reference", "fused", "fused_gemm", "fused_tc",
+                "--dtypes", "float32", "--warmup", "1", "--repeats", "1", "--json", str(out),
+                "--plot", str(tmp_path / "p.png")])
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert "median_ms" in rows["fused"]
+    for impl in ("fused_gemm", "fused_tc"):
+        assert "CUDA only" in rows[impl]["error"] and "median_ms" not in rows[impl]
