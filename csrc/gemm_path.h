@@ -4,7 +4,8 @@
 // bias and position embedding while writing every tube's rows to their place
 // in the (B, N, d) token buffer. The backward mirrors it: one launch copies
 // every tube's rows of the output gradient out, the same gather, cuBLAS for
-// dW and for dP (then the dX gather of tube_tokens_tc.cu).
+// dW and for dP, then the dX gather of tube_tokens_tc.cu (or, opt-in, the
+// per-tube scatter at the end of this file).
 //
 // Why a vendor GEMM: on an H200 (session 5, bench/NOTES.md) the handwritten
 // implicit-GEMM kernels reached 35-50 TFLOP/s in bf16 while unfold + cuBLAS
@@ -23,7 +24,7 @@
 // Everything here except the launches is device-agnostic ATen code,
 // templated on a Launcher (see naive_kernels.h), so cpu/gemm_path_cpu.cpp
 // runs the very same orchestration and functors on the CPU as the test ops
-// tubevit::tube_tokens_gemm_path{,_dw} (python_tests/test_gemm_path.py).
+// tubevit::tube_tokens_gemm_path{,_dw,_dx} (python_tests/test_gemm_path.py).
 //
 // Workspaces (all row-major, contiguous, tubes concatenated in order):
 //   P    tube i's (B * n_i, K_i) block at element B * pk_before_i, where
