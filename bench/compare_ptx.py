@@ -7,7 +7,7 @@ Compiles csrc/cuda/tube_tokens_tc.cu (or --source) to PTX (sm_90, the flags torc
 extension build uses) twice: from git revision BASE_REV (a temporary
 worktree) and from the working tree, then compares every kernel entry after
 renaming what carries no meaning (virtual register numbers, labels, .loc
-lines, comments, the anonymous-namespace hash). Prints one line per kernel:
+lines, comments, local-depot numbers, the anonymous-namespace hash). Prints one line per kernel:
 IDENTICAL or how many lines differ. Session 5 used it to show that refactors
 made after the GPU runs left the verified default kernels unchanged
 (bench/NOTES.md). Needs nvcc (CUDA_HOME) and a CUDA build of torch; no GPU.
@@ -61,6 +61,7 @@ def kernels(path):
         body = text[m.start():text.find("\n}\n", m.start())]
         body = re.sub(r"%(r|rd|f|fd|p|rs|h|hh)\d+", r"%\1", body)
         body = re.sub(r"\$L__BB\d+_\d+", "L", body)
+        body = re.sub(r"__local_depot\d+", "__local_depot", body)  # numbered in file order
         body = re.sub(r"//[^\n]*", "", body)
         out[m.group(1)] = [line for line in body.splitlines() if line.strip() and not line.strip().startswith(".loc")]
     return out

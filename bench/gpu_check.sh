@@ -6,7 +6,8 @@
 #   tests          CUDA-parametrized tests, default paths (by size)   (-k cuda)
 #   tests-gemm     the same on the GEMM path wherever it applies      (TUBEVIT_CUDA_GEMM=1)
 #   tests-optin    the GEMM path with its opt-in kernels (TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1
-#                  TUBEVIT_DX_SCATTER=1: V-wide gather, per-tube dX scatter)
+#                  TUBEVIT_DX_SCATTER=1: V-wide gather, per-tube dX scatter), then the tensor-core
+#                  path with the scatter (TUBEVIT_CUDA_GEMM=0 TUBEVIT_DX_SCATTER=1)
 #   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_GEMM=0)
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_TC=0)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all three paths
@@ -17,7 +18,7 @@
 #   bench-paths    B = 1, 4, 8, 16, 32: reference, unfold_gemm, fused (default choice),
 #                  fused_gemm and fused_tc (each path forced), interleaved in one run
 #   bench-gather   the GEMM path at B = 8, 32 with the scalar and the V-wide gather
-#   bench-dx       bf16 fwd_bwd_input at B = 32, GEMM path: dX gather vs per-tube scatter
+#   bench-dx       bf16 fwd_bwd_input at B = 32, both fast paths: dX gather vs per-tube scatter
 #   bench-naive    optional: the same on the naive kernels (slow: ~60 ms a forward)
 #   racecheck      compute-sanitizer racecheck, all three paths
 #   initcheck      compute-sanitizer initcheck, all three paths
@@ -86,6 +87,7 @@ sanitize() {  # sanitize TOOL: GEMM path (default, and with the opt-in kernels),
   TUBEVIT_CUDA_GEMM=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_GEMM=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_GEMM=0 TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_TC=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
 }
 bench() {  # bench JSON_NAME ARGS...: table into the log, targets into the summary
@@ -124,6 +126,8 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       run_step tests-gemm 60 env TUBEVIT_CUDA_GEMM=1 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-optin)
       run_step tests-optin 60 env TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 "$PY" -m pytest \
+        python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT
+      run_step tests-optin-tc 60 env TUBEVIT_CUDA_GEMM=0 TUBEVIT_DX_SCATTER=1 "$PY" -m pytest \
         python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-tc)
       run_step tests-tc 60 env TUBEVIT_CUDA_GEMM=0 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
@@ -158,10 +162,11 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         grep -E "^paper" "$LOGS/bench-gather-$g.log" | sed "s/^/gather_vec=$g: /" | tee -a "$SUMMARY"
       done ;;
     bench-dx)
-      # bf16 forward + backward with the input gradient, GEMM path: the gather vs the per-tube scatter
+      # bf16 forward + backward with the input gradient, both fast paths (fused_gemm, fused_tc):
+      # the dX gather vs the per-tube scatter
       for g in 0 1; do
-        run_step "bench-dx-$g" 30 env TUBEVIT_CUDA_GEMM=1 TUBEVIT_DX_SCATTER=$g "$PY" bench/tube_bench.py \
-          --preset gpu-targets --impls fused --dtypes bfloat16 --modes fwd_bwd_input \
+        run_step "bench-dx-$g" 30 env TUBEVIT_DX_SCATTER=$g "$PY" bench/tube_bench.py \
+          --preset gpu-targets --impls fused_gemm fused_tc --dtypes bfloat16 --modes fwd_bwd_input \
           --json "$RES/bench-dx-$g.json" --plot "$LOGS/bench-dx-$g.png"
         grep -E "^paper" "$LOGS/bench-dx-$g.log" | sed "s/^/dx_scatter=$g: /" | tee -a "$SUMMARY"
       done ;;

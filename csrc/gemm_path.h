@@ -465,7 +465,8 @@ void grad_weight(const at::Tensor& x, const at::Tensor& g, const TubeLayout& L, 
 // of tube_tokens_tc.cu visits every voxel for every tube (2.0 ms at B = 32
 // on the H200, the largest kernel of a step with input gradients). Written
 // in session 6 without a GPU: CPU-tested (tube_tokens_gemm_path_dx), opt-in
-// with TUBEVIT_DX_SCATTER=1 on the GEMM path.
+// with TUBEVIT_DX_SCATTER=1 on both fast paths (the tensor-core path computes
+// dP on tensor cores first, tc::grad_dp).
 inline bool dx_scatter_enabled() {
   const char* v = std::getenv("TUBEVIT_DX_SCATTER");
   return v != nullptr && std::strcmp(v, "1") == 0;

@@ -192,7 +192,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
   }
   if (path == Path::TensorCore) {
     at::Tensor dx = at::empty({0}, x.options());
-    if (output_mask[0]) dx = tc::grad_input(x, grad, naive::contiguous_all(weights), L);
+    if (output_mask[0]) {
+      const auto w = naive::contiguous_all(weights);
+      if (gemm::dx_scatter_enabled()) {  // opt-in until run on a GPU: dP on tensor cores, then the scatter
+        int64_t dp_elems = 0;
+        const std::vector<int64_t> dp_off = tc::dp_offsets(L, &dp_elems);
+        const at::Tensor dp = tc::grad_dp(x, grad, w, L);
+        if (!gemm::grad_input_scatter<CudaLauncher>(dp, dp_off, L, &dx, x.options()))
+          dx = tc::grad_input_from_dp(x, dp, L);
+      } else {
+        dx = tc::grad_input(x, grad, w, L);
+      }
+    }
     std::vector<at::Tensor> dws;
     if (output_mask[1]) {
       for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));

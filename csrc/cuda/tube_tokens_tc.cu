@@ -481,6 +481,25 @@ at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::ve
   return dx;
 }
 
+at::Tensor grad_dp(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
+                   const TubeLayout& L) {
+  const void* wp[kMaxTubesTC];
+  for (size_t i = 0; i < L.tubes.size(); ++i) wp[i] = w[i].const_data_ptr();
+  int64_t dp_elems = 0;
+  const ParamsDX p = make_dx_params(L, wp, &dp_elems);
+  const int64_t tiles = p.tiles_before[p.n_tubes];
+  TORCH_CHECK(tiles < (int64_t(1) << 31), "tube_tokens_backward (tensor-core path): too many tiles (", tiles, ")");
+  at::Tensor dp = at::empty({dp_elems}, x.options().dtype(at::kFloat));
+  if (tiles == 0) return dp;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_dp_tc", [&] {
+    tube_dp_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<float>(), p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dp;
+}
+
 std::vector<int64_t> dp_offsets(const TubeLayout& L, int64_t* dp_elems) {
   TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubesTC), "dp_offsets: at most ", kMaxTubesTC, " tubes, got ",
               L.tubes.size());

@@ -37,6 +37,11 @@ at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::ve
 // row-major at element dp_offsets(L)[i], dp_elems elements in all. At most
 // 16 tubes; fp16 / bf16 / fp32 x; no sm_80 requirement (no tensor cores).
 std::vector<int64_t> dp_offsets(const TubeLayout& L, int64_t* dp_elems);
+// dP = G W for every tube on tensor cores (the first of grad_input's two
+// launches), fp32, laid out as dp_offsets says; for the opt-in per-tube dX
+// scatter (gemm_path.h). grad (B, N, d) and w contiguous.
+at::Tensor grad_dp(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
+                   const TubeLayout& L);
 at::Tensor grad_input_from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L);
 
 // dws[i] (d, C, kt, kh, kw) contiguous, fully overwritten; grad (B, N, d)
