@@ -441,44 +441,11 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace tc
-}  // namespace tubevit
-
-namespace tubevit {
-namespace tc {
-
-namespace {
-// The two launches of the input gradient, on the current stream, checked.
-template <typename scalar_t>
-void launch_dx(const at::Tensor& grad, const ParamsDX& p, int64_t tiles, const TubeLayout& L, at::Tensor& dp,
-               at::Tensor& dx) {
-  auto stream = at::cuda::getCurrentCUDAStream();
-  tube_dp_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-      grad.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<float>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t gather_tiles = dx_gather_tiles(L.batch, L.channels, L.size);
-  const int64_t blocks = std::min<int64_t>(gather_tiles, int64_t(1) << 20);
-  tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
-      dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0], L.size[1], L.size[2],
-      gather_tiles);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-}  // namespace
-
+// Two launches: dP = G W on tensor cores, then every voxel gathers the dP
+// entries covering it.
 at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
                       const TubeLayout& L) {
-  at::Tensor dx = at::empty({L.batch, L.channels, L.size[0], L.size[1], L.size[2]}, x.options());
-  if (dx.numel() == 0) return dx;
-  const void* wp[kMaxTubesTC];
-  for (size_t i = 0; i < L.tubes.size(); ++i) wp[i] = w[i].const_data_ptr();
-  int64_t dp_elems = 0;
-  const ParamsDX p = make_dx_params(L, wp, &dp_elems);
-  const int64_t tiles = p.tiles_before[p.n_tubes];
-  TORCH_CHECK(tiles < (int64_t(1) << 31), "tube_tokens_backward (tensor-core path): too many tiles (", tiles, ")");
-  at::Tensor dp = at::empty({dp_elems}, x.options().dtype(at::kFloat));
-  TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_dx_tc",
-                            [&] { launch_dx<scalar_t>(grad, p, tiles, L, dp, dx); });
-  return dx;
+  return grad_input_from_dp(x, grad_dp(x, grad, w, L), L);
 }
 
 at::Tensor grad_dp(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
