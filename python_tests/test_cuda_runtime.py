@@ -246,3 +246,38 @@ def test_cuda_naive_ops_ignore_tensor_core_switch(monkeypatch):
     on = run()
     for a, b in zip(off, on):
         assert torch.equal(a, b)
+
+
+def test_cuda_default_path_follows_problem_size(monkeypatch):
+    # choose_path (csrc/cuda/tube_tokens_cuda.cu): with no switch set, 16-bit calls take the
+    # tensor-core kernels below 2^20 output elements (forward) / 12 * 2^20 (backward) and the
+    # GEMM path from there on; the fp32 forward takes the GEMM path at any size. Each default
+    # result must be bitwise the forced path's (both paths are deterministic) and the two
+    # paths must differ, so the comparison can tell them apart.
+    tubes = [tv.Tube((1, 8, 8), (1, 8, 8))]  # (8, 64, 64): 512 tokens; d = 512: 2^18 per sample
+    d = 512
+
+    def run(B, path, dtype, backward):
+        _select(monkeypatch, path)
+        g = torch.Generator().manual_seed(B)
+        x = torch.randn(B, 3, 8, 64, 64, generator=g).to("cuda", dtype)
+        w = (torch.randn(d, 3, 1, 8, 8, generator=g) * 0.1).to("cuda", dtype).requires_grad_()
+        gout = torch.randn(B, 512, d, generator=g).to("cuda", dtype)
+        out = tv.tube_tokens(x, [w], None, tubes)
+        if not backward:
+            return out.detach()
+        out.backward(gout)  # the weight gradient depends on the backward op's path only
+        return w.grad
+
+    cases = [(2, torch.bfloat16, False, "tensor_core"), (4, torch.bfloat16, False, "gemm"),
+             (8, torch.bfloat16, True, "tensor_core"), (48, torch.bfloat16, True, "gemm"),
+             (1, torch.float32, False, "gemm")]
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True  # the tensor-core kernels take fp32 (as TF32) only then
+    try:
+        for B, dtype, backward, want in cases:
+            got = {p: run(B, p, dtype, backward) for p in ("default", "gemm", "tensor_core")}
+            assert not torch.equal(got["gemm"], got["tensor_core"]), (B, dtype, backward)
+            assert torch.equal(got["default"], got[want]), (B, dtype, backward, want)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
