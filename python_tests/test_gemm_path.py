@@ -9,7 +9,7 @@ from hypothesis import given, settings
 
 import tubevit_ext as tv
 from conftest import make_params
-from test_tc_emulation import CASES, _tc_problems, make_x
+from test_tc_emulation import CASES, _tc_problems, fuzz_inputs, make_x
 
 ops = torch.ops.tubevit
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -30,6 +30,22 @@ def oracle_forward(x, ws, bs, pe, tubes):
                                     tubes, None if pe is None else pe.double())
 
 
+def oracle_weight_grads(x, ws, gout, tubes):
+    w64 = [w.double().requires_grad_() for w in ws]
+    return torch.autograd.grad(tv.reference.tube_tokens(x.double(), w64, None, tubes), w64, gout.double())
+
+
+def problem(case, dtype, seed, layout="contiguous", B=2):
+    """One of test_tc_emulation's fixed cases: tubes, size, d, x (B, C, T, H, W) in `layout`,
+    weights, biases, the position embedding and an output gradient, all in `dtype`."""
+    tubes, size, C, d = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    x = make_x(B, C, size, dtype, layout, g)
+    ws, bs = make_params(tubes, C, d, dtype)
+    gout = torch.randn(B, tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    return tubes, size, d, x, ws, bs, tv.sincos_pos_embed(tubes, size, d, dtype=dtype), gout
+
+
 @pytest.fixture(params=["scalar", "vec"])
 def gather(request, monkeypatch):
     """Both gathers of the GEMM path: one element per call (the default) and V-wide runs
@@ -45,11 +61,7 @@ def gather(request, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
 def test_forward(case, dtype, layout, gather):
-    tubes, size, C, d = CASES[case]
-    g = torch.Generator().manual_seed(11)
-    x = make_x(2, C, size, dtype, layout, g)
-    ws, bs = make_params(tubes, C, d, dtype)
-    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype)
+    tubes, size, d, x, ws, bs, pe, _ = problem(case, dtype, 11, layout)
     flat = tv.flatten_tubes(tubes)
     for bias, pos in [(bs, pe), ([], None), (bs, None), ([], pe)]:
         got = ops.tube_tokens_gemm_path(x, ws, bias, flat, pos)
@@ -62,14 +74,9 @@ def test_forward(case, dtype, layout, gather):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
 def test_weight_gradient(case, dtype, layout, gather):
-    tubes, size, C, d = CASES[case]
-    g = torch.Generator().manual_seed(12)
-    x = make_x(3, C, size, dtype, layout, g)
-    ws, _ = make_params(tubes, C, d, dtype)
-    gout = torch.randn(3, tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    tubes, size, d, x, ws, _, _, gout = problem(case, dtype, 12, layout, B=3)
     got = ops.tube_tokens_gemm_path_dw(gout, x, ws, tv.flatten_tubes(tubes))
-    w64 = [w.double().requires_grad_() for w in ws]
-    want = torch.autograd.grad(tv.reference.tube_tokens(x.double(), w64, None, tubes), w64, gout.double())
+    want = oracle_weight_grads(x, ws, gout, tubes)
     assert len(got) == len(tubes)
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == dtype and a.shape == b.shape and a.is_contiguous()
@@ -82,11 +89,7 @@ def test_input_gradient_by_scatter(case, dtype):
     # dP in fp32, then every tube's covered voxels add their sum once to dx (one rounding per
     # tube, like PyTorch's autograd summing per-convolution input gradients): within twice
     # the unit roundoff per tube of the largest value
-    tubes, size, C, d = CASES[case]
-    g = torch.Generator().manual_seed(17)
-    x = make_x(2, C, size, dtype, "contiguous", g)
-    ws, _ = make_params(tubes, C, d, dtype)
-    gout = torch.randn(2, tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    tubes, size, d, x, ws, _, _, gout = problem(case, dtype, 17)
     got = ops.tube_tokens_gemm_path_dx(gout, x, ws, tv.flatten_tubes(tubes))
     x64 = x.double().requires_grad_()
     want = torch.autograd.grad(tv.reference.tube_tokens(x64, [w.double() for w in ws], None, tubes), x64,
@@ -107,11 +110,7 @@ def test_input_gradient_by_scatter(case, dtype):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
 def test_vector_gather_is_the_same_copy(case, dtype, layout, monkeypatch):
     # a gather is a copy: the V-wide one must give bitwise the same tokens and weight gradients
-    tubes, size, C, d = CASES[case]
-    g = torch.Generator().manual_seed(16)
-    x = make_x(2, C, size, dtype, layout, g)
-    ws, bs = make_params(tubes, C, d, dtype)
-    gout = torch.randn(2, tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    tubes, size, d, x, ws, bs, _, gout = problem(case, dtype, 16, layout)
     flat = tv.flatten_tubes(tubes)
     runs = []
     for env in ("0", "1"):
@@ -125,11 +124,7 @@ def test_vector_gather_is_the_same_copy(case, dtype, layout, monkeypatch):
 def test_matches_the_cpu_backend_in_fp32():
     # the same GEMM on the same gathered rows: the CPU backend (tube_tokens_cpu.cpp, MKL) and the
     # GEMM path's orchestration agree to fp32 accumulation-order noise
-    tubes, size, C, d = CASES["paper"]
-    g = torch.Generator().manual_seed(13)
-    x = make_x(2, C, size, torch.float32, "contiguous", g)
-    ws, bs = make_params(tubes, C, d)
-    pe = tv.sincos_pos_embed(tubes, size, d)
+    tubes, size, d, x, ws, bs, pe, _ = problem("paper", torch.float32, 13)
     flat = tv.flatten_tubes(tubes)
     a = ops.tube_tokens_gemm_path(x, ws, bs, flat, pe)
     b = ops.tube_tokens(x, ws, bs, flat, pe)
@@ -140,11 +135,7 @@ def test_matches_the_cpu_backend_in_fp32():
 def test_misaligned_bias_and_pos_embed(dtype):
     # the placement pass reads bias and PE V channels at a time only where every pointer is
     # aligned to V elements: views that start one element in must take the narrower path
-    tubes, size, C, d = CASES["d72"]
-    g = torch.Generator().manual_seed(15)
-    x = make_x(2, C, size, dtype, "contiguous", g)
-    ws, bs = make_params(tubes, C, d, dtype)
-    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype)
+    tubes, size, d, x, ws, bs, pe, _ = problem("d72", dtype, 15)
 
     def shifted(t):
         buf = torch.empty(t.numel() + 1, dtype=t.dtype)
@@ -161,10 +152,7 @@ def test_misaligned_bias_and_pos_embed(dtype):
 
 def test_a_wrong_gather_is_detected():
     # the checks can fail: a weight that differs in a single tap changes the result
-    tubes, size, C, d = CASES["mixed"]
-    g = torch.Generator().manual_seed(14)
-    x = make_x(2, C, size, torch.float32, "contiguous", g)
-    ws, bs = make_params(tubes, C, d)
+    tubes, size, d, x, ws, bs, _, _ = problem("mixed", torch.float32, 14)
     got = ops.tube_tokens_gemm_path(x, ws, bs, tv.flatten_tubes(tubes), None)
     ws_bad = [w.clone() for w in ws]
     ws_bad[2][:, 0, -1, 0, -1] += 1.0
@@ -188,16 +176,9 @@ def test_empty_batch_and_argument_checks():
 @settings(max_examples=60, deadline=None)
 @given(_tc_problems())
 def test_fuzz(prob):
-    tubes, size, dtype, d = prob["tubes"], prob["size"], prob["dtype"], prob["d"]
-    g = torch.Generator().manual_seed(prob["seed"])
-    x = make_x(prob["B"], prob["C"], size, dtype, prob["layout"], g)
-    ws, bs = make_params(tubes, prob["C"], d, dtype, seed=prob["seed"])
-    bs = bs if prob["bias"] else []
-    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype) if prob["pe"] else None
-    flat = tv.flatten_tubes(tubes)
+    tubes, dtype = prob["tubes"], prob["dtype"]
+    x, ws, bs, pe, flat, gout = fuzz_inputs(prob)
     check_close(ops.tube_tokens_gemm_path(x, ws, bs, flat, pe), oracle_forward(x, ws, bs, pe, tubes), dtype, "out")
-    gout = torch.randn(prob["B"], tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
-    w64 = [w.double().requires_grad_() for w in ws]
-    want = torch.autograd.grad(tv.reference.tube_tokens(x.double(), w64, None, tubes), w64, gout.double())
+    want = oracle_weight_grads(x, ws, gout, tubes)
     for i, (a, b) in enumerate(zip(ops.tube_tokens_gemm_path_dw(gout, x, ws, flat), want)):
         check_close(a, b, dtype, f"dW[{i}]")

@@ -175,22 +175,28 @@ def _tc_problems(draw):
                 bias=draw(st.booleans()), pe=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
 
 
-@settings(max_examples=60, deadline=None)
-@given(_tc_problems())
-def test_fuzz_forward_and_weight_gradient(prob):
-    # single partial tiles, K < 32, d < 64, n < 64, widths 1: the edges the fixed cases skip
+def fuzz_inputs(prob):
+    """A drawn problem's tensors: x, weights, biases ([] when drawn off), the position embedding
+    (None when drawn off), the flat tube list and the output gradient, in the drawn dtype."""
     tubes, size, dtype, d = prob["tubes"], prob["size"], prob["dtype"], prob["d"]
     g = torch.Generator().manual_seed(prob["seed"])
     x = make_x(prob["B"], prob["C"], size, dtype, prob["layout"], g)
     ws, bs = make_params(tubes, prob["C"], d, dtype, seed=prob["seed"])
-    bs = bs if prob["bias"] else []
     pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype) if prob["pe"] else None
-    flat = tv.flatten_tubes(tubes)
+    gout = torch.randn(prob["B"], tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    return x, ws, bs if prob["bias"] else [], pe, tv.flatten_tubes(tubes), gout
+
+
+@settings(max_examples=60, deadline=None)
+@given(_tc_problems())
+def test_fuzz_forward_and_weight_gradient(prob):
+    # single partial tiles, K < 32, d < 64, n < 64, widths 1: the edges the fixed cases skip
+    tubes, dtype = prob["tubes"], prob["dtype"]
+    x, ws, bs, pe, flat, gout = fuzz_inputs(prob)
     out = ops.tube_tokens_tc_emulated(x, ws, bs, flat, pe)
     want = tv.reference.tube_tokens(as_mma_input(x, dtype), [as_mma_input(w, dtype) for w in ws],
                                     [b.double() for b in bs] or None, tubes, None if pe is None else pe.double())
     check_close(out, want, dtype, "out")
-    gout = torch.randn(prob["B"], tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
     dws = ops.tube_tokens_tc_emulated_dw(gout, x, ws, flat)
     w64 = [w.double().requires_grad_() for w in ws]
     ref = torch.autograd.grad(tv.reference.tube_tokens(as_mma_input(x, dtype), w64, None, tubes), w64,

@@ -109,31 +109,29 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t blocks = fwd_blocks(p);
   for (int64_t bx = 0; bx < blocks; ++bx) {
-    {
-      Smem smem(fwd_smem_bytes<scalar_t>());
-      scalar_t* As = smem.as<scalar_t>();
-      scalar_t* Bs = As + BM * LDS;
-      float* Cs = smem.as<float>();
-      int64_t row_base[BM], koff[BK];
-      const FwdLoc l = fwd_locate(p, bx);
-      for (int t = 0; t < kThreads; ++t) fwd_row_base(p, l, t, row_base);
-      std::vector<FwdCols> cols;  // per-thread registers
-      for (int t = 0; t < kThreads; ++t) cols.push_back(fwd_cols_init(p, l, t));
-      WarpAcc acc[kWarps] = {};
-      for (int64_t k0 = 0; k0 < p.g[l.i].patch_size; k0 += BK) {
-        for (int t = 0; t < kThreads; ++t) fwd_koff(p, l, cols[t], t, koff);
-        for (int t = 0; t < kThreads; ++t) {
-          fwd_fill_a(p, l, xp, row_base, koff, t, As);
-          fwd_fill_b(p, l, k0, t, Bs);
-        }
-        for (int warp = 0; warp < kWarps; ++warp)
-          for (int ks = 0; ks < BK; ks += MmaDepth<scalar_t>::value)
-            mma_2x2(acc[warp], As, Bs, fwd_mma_args(warp, ks), /*b_col_major=*/true);
+    Smem smem(fwd_smem_bytes<scalar_t>());
+    scalar_t* As = smem.as<scalar_t>();
+    scalar_t* Bs = As + BM * LDS;
+    float* Cs = smem.as<float>();
+    int64_t row_base[BM], koff[BK];
+    const FwdLoc l = fwd_locate(p, bx);
+    for (int t = 0; t < kThreads; ++t) fwd_row_base(p, l, t, row_base);
+    std::vector<FwdCols> cols;  // per-thread registers
+    for (int t = 0; t < kThreads; ++t) cols.push_back(fwd_cols_init(p, l, t));
+    WarpAcc acc[kWarps] = {};
+    for (int64_t k0 = 0; k0 < p.g[l.i].patch_size; k0 += BK) {
+      for (int t = 0; t < kThreads; ++t) fwd_koff(p, l, cols[t], t, koff);
+      for (int t = 0; t < kThreads; ++t) {
+        fwd_fill_a(p, l, xp, row_base, koff, t, As);
+        fwd_fill_b(p, l, k0, t, Bs);
       }
-      store_acc(acc, Cs);
-      for (int t = 0; t < kThreads; ++t) fwd_epilogue(p, l, Cs, pep, t, op);
-      smem.check();
+      for (int warp = 0; warp < kWarps; ++warp)
+        for (int ks = 0; ks < BK; ks += MmaDepth<scalar_t>::value)
+          mma_2x2(acc[warp], As, Bs, fwd_mma_args(warp, ks), /*b_col_major=*/true);
     }
+    store_acc(acc, Cs);
+    for (int t = 0; t < kThreads; ++t) fwd_epilogue(p, l, Cs, pep, t, op);
+    smem.check();
   }
 }
 
