@@ -103,7 +103,10 @@ setup(
     packages=find_packages(include=["tubevit_ext", "tubevit_ext.*"]),
     python_requires=">=3.9",
     install_requires=["torch", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # onnx: tubevit_ext.export.to_onnx (torch.onnx's dynamo exporter needs onnx + onnxscript);
+    # test: also onnxruntime, to run the exported file in the ONNX test.
+    extras_require={"onnx": ["onnx", "onnxscript"],
+                    "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -14,10 +14,10 @@ def _blocks():
 
 
 def test_readme_has_examples():
-    assert len(_blocks()) >= 2
+    assert len(_blocks()) >= 3
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1, 2])
 def test_readme_example_runs(index):
     code = _blocks()[index]
     if "image_vit_state_dict" in code:

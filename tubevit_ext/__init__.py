@@ -14,6 +14,7 @@ from .geometry import (IMAGE_TUBE, PAPER_TUBES, Tube, as_tubes, flatten_tubes, n
 from .pos_embed import sincos_pos_embed
 from .tokenizer import SparseTubeTokenizer, TubeProjection
 from . import reference  # noqa: E402,F401
+from . import export  # noqa: E402,F401  (torch.export / ONNX helpers)
 
 __version__ = "0.1.0"
 
@@ -39,5 +40,5 @@ def empty_patch_cache() -> None:
 __all__ = [
     "Tube", "PAPER_TUBES", "IMAGE_TUBE", "as_tubes", "flatten_tubes", "token_grid", "num_tokens",
     "token_offsets", "sincos_pos_embed", "tube_tokens", "SparseTubeTokenizer", "TubeProjection",
-    "reference", "cuda_compiled", "patch_cache_bytes", "empty_patch_cache",
+    "reference", "export", "cuda_compiled", "patch_cache_bytes", "empty_patch_cache",
 ]

@@ -66,8 +66,9 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
             (B, n_i, C*kt*kh*kw, dtype of x) from the forward so that the
             weight gradient does not gather them from x again: ~5 % faster
             training steps for ~1.4x the token output's memory (paper tubes).
-            None (default): save when x is on the CPU, grad mode is on and a
-            weight requires grad; False: never (recompute in backward).
+            None (default): save when x is on the CPU, grad mode is on, a
+            weight requires grad and torch.export is not tracing; False:
+            never (recompute in backward).
             Results are bitwise the same either way, except bf16 weight/bias
             gradients on CPUs with native bf16 GEMMs when the batch spans
             several chunks (with saved patches: one GEMM, rounded once; without:
@@ -102,7 +103,11 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
         x, weights, biases = cast(x), [cast(w) for w in weights], [cast(b) for b in biases]
         pos_embed = None if pos_embed is None else cast(pos_embed)
     if save_patches is None:
-        save_patches = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+        # Not while torch.export traces: an exported program is usually run
+        # for inference, maybe on another device (the patch-saving op has a
+        # CPU kernel only); its backward still works, gathering again.
+        save_patches = (torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+                        and not torch.compiler.is_exporting())
     if save_patches and x.device.type == "cpu":
         return torch.ops.tubevit.tube_tokens_with_patches(x, weights, biases, flatten_tubes(tubes), pos_embed)[0]
     return torch.ops.tubevit.tube_tokens(x, weights, biases, flatten_tubes(tubes), pos_embed)

@@ -36,11 +36,14 @@ class PackedLayout:
     """How samples sit in a packed (total_tokens, d) buffer.
 
     groups: (count, tokens per sample) per slab, in buffer order.
-    order:  order[j] = index (in the caller's list) of the j-th sample in the buffer.
+    order:  order[j] = index (in the caller's list) of the j-th sample in the buffer;
+            None when the buffer holds the samples in the caller's order (the
+            same-shape forward: no tuple of B entries, so B can stay symbolic
+            under torch.export / torch.compile(dynamic=True)).
     """
 
     groups: Tuple[Tuple[int, int], ...]
-    order: Tuple[int, ...]
+    order: Optional[Tuple[int, ...]] = None
 
     @property
     def total_tokens(self) -> int:
@@ -187,7 +190,7 @@ class TubeViT(nn.Module):
         head = self._check_head(head)
         tokens = self.tokenizer(x)  # (B, N, d)
         B, N, d = tokens.shape
-        layout = PackedLayout(((B, N),), tuple(range(B)))
+        layout = PackedLayout(((B, N),))
         return self.heads[head](self._encode(tokens.reshape(B * N, d), layout))
 
     def pack(self, samples: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, PackedLayout]:
