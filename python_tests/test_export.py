@@ -98,36 +98,75 @@ def test_model_exports_with_dynamic_batch(device, video):
     ep = tvx.export(model, (x,), {"head": head}, dynamic_batch=True)
     portable = tvx.export(model, (x,), {"head": head}, dynamic_batch=True, portable=True)
     assert _tubevit_ops(portable.graph_module) == []
-    x3 = torch.randn(3, *shape, device=device)
-    with torch.no_grad():
-        ref = model(x3, head=head)
-        torch.testing.assert_close(ep.module()(x3, head=head), ref, rtol=0, atol=0)
-        torch.testing.assert_close(portable.module()(x3, head=head), ref, rtol=1e-4, atol=1e-5)
+    for b in (1, 3):
+        xb = torch.randn(b, *shape, device=device)
+        with torch.no_grad():
+            ref = model(xb, head=head)
+            torch.testing.assert_close(ep.module()(xb, head=head), ref, rtol=0, atol=0)
+            torch.testing.assert_close(portable.module()(xb, head=head), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("video", [True, False], ids=["video", "image"])
+def test_model_exports_with_dynamic_size(device, video):
+    """Frames and frame size symbolic: token count and position embedding
+    are computed in the program (paper tubes: 539 tokens at 32x224x224,
+    1176 at 64 frames), and the range constraints are where the tubes fit."""
+    model = _small_model(device)
+    head = "video" if video else "image"
+    x = torch.randn(2, 3, 32, 64, 64, device=device) if video else torch.randn(2, 3, 64, 64, device=device)
+    ep = tvx.export(model, (x,), {"head": head}, dynamic_batch=True, dynamic_size=True)
+    portable = tvx.export(model, (x,), {"head": head}, dynamic_batch=True, dynamic_size=True, portable=True)
+    sizes = [(32, 224, 224), (64, 224, 224), (20, 48, 80), (40, 28, 28)] if video else [(224, 224), (48, 96), (16, 32)]
+    for i, size in enumerate(sizes):
+        xs = torch.randn(1 + i % 3, 3, *size, device=device)
+        with torch.no_grad():
+            ref = model(xs, head=head)
+            torch.testing.assert_close(ep.module()(xs, head=head), ref, rtol=0, atol=0)
+            torch.testing.assert_close(portable.module()(xs, head=head), ref, rtol=1e-4, atol=1e-5)
+    # the smallest input every paper tube fits: T >= 4 + 16 (tube 1), H, W >= 16 + 12 (tube 2)
+    # (the batch's lower bound is at most 2, so it sorts first)
+    mins = sorted(int(r.lower) for r in ep.range_constraints.values())
+    assert mins[1:] == ([20, 28, 28] if video else [16, 16])
+    too_small = torch.randn(1, 3, 19, 48, 48, device=device) if video else torch.randn(1, 3, 15, 48, device=device)
+    with pytest.raises(Exception):
+        ep.module()(too_small, head=head)
+
+
+def test_tokenizer_dynamic_size_token_counts():
+    tok = tv.SparseTubeTokenizer(3, 12).eval()
+    ep = tvx.export(tok, (torch.randn(1, 3, 32, 224, 224),), dynamic_size=True)
+    for size, n in [((32, 224, 224), 539), ((64, 224, 224), 1176)]:
+        xs = torch.randn(1, 3, *size)
+        out = ep.module()(xs)
+        assert out.shape == (1, n, 12) == (1, tv.num_tokens(tv.PAPER_TUBES, size), 12)
+        assert torch.equal(out, tok(xs))
 
 
 def test_export_argument_errors():
     tok = tv.SparseTubeTokenizer(3, 12, tubes=SMALL_TUBES)
     x = torch.randn(1, 3, 12, 20, 28)
-    with pytest.raises(ValueError, match="dynamic_batch=True or dynamic_shapes"):
+    with pytest.raises(ValueError, match="dynamic_batch/dynamic_size or dynamic_shapes"):
         tvx.export(tok, (x,), dynamic_batch=True, dynamic_shapes=({0: torch.export.Dim("b")},))
+    with pytest.raises(ValueError, match="need a \\(B, C, ...\\) tensor"):
+        tvx.export(tok, (x[0, 0, 0],), dynamic_size=True)
 
 
 def test_onnx_runtime_matches_eager(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    model = _small_model("cpu")
-    x = torch.randn(2, 3, 20, 48, 48)
-    path = str(tmp_path / "tubevit.onnx")
-    prog = tvx.to_onnx(model, (x,), path, {"head": "video"}, dynamic_batch=True)
-    assert prog is not None
     import onnx
+    model = _small_model("cpu")
+    x = torch.randn(2, 3, 32, 64, 64)
+    path = str(tmp_path / "tubevit.onnx")
+    prog = tvx.to_onnx(model, (x,), path, {"head": "video"}, dynamic_batch=True, dynamic_size=True)
+    assert prog is not None
     graph = onnx.load(path).graph
-    op_types = {n.op_type for n in graph.node}
-    assert "Conv" in op_types and not any("tubevit" in (n.domain or "") for n in graph.node)
+    assert "Conv" in {n.op_type for n in graph.node}
+    assert not any("tubevit" in (n.domain or "") + n.op_type for n in graph.node)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    for b in (1, 3):
-        xb = torch.randn(b, 3, 20, 48, 48)
+    for shape in [(1, 3, 32, 224, 224), (2, 3, 64, 224, 224), (3, 3, 20, 48, 80)]:
+        xb = torch.randn(*shape)
         (out,) = sess.run(None, {sess.get_inputs()[0].name: xb.numpy()})
         with torch.no_grad():
             ref = model(xb, head="video")

@@ -73,33 +73,59 @@ def decompositions(base: Optional[Dict[Any, Callable]] = None) -> Dict[Any, Call
 
 
 def export(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
-           dynamic_batch: bool = False, portable: bool = False,
+           dynamic_batch: bool = False, dynamic_size: bool = False, portable: bool = False,
            **export_kwargs) -> torch.export.ExportedProgram:
     """``torch.export.export`` with the options a tokenizer/TubeViT needs.
 
     Args:
         model, args, kwargs: as for ``torch.export.export`` (``x`` is the
             first positional argument, (B, C, T, H, W) or (B, C, H, W)).
-        dynamic_batch: make dim 0 of the first argument dynamic (frames and
-            frame size stay as traced: the token count and the position
-            embedding depend on them).
+        dynamic_batch: make dim 0 of the first argument dynamic.
+        dynamic_size: make its frame count and frame size dynamic too (dims
+            2.. of a (B, C, T, H, W) video or a (B, C, H, W) image): token
+            count and position embedding are then computed in the program
+            from the input's shape. The program accepts every size at
+            which each tube yields at least one token (its range
+            constraints say so); a TubeViT program also checks at run time
+            that a sample has more than one token.
         portable: rewrite the ``tubevit::`` ops as ATen ops (see
             :func:`decompositions`), for runtimes without this package.
         export_kwargs: passed on (e.g. ``dynamic_shapes``, ``strict``).
     """
-    if dynamic_batch:
+    if dynamic_batch or dynamic_size:
         if "dynamic_shapes" in export_kwargs:
-            raise ValueError("pass either dynamic_batch=True or dynamic_shapes, not both")
+            raise ValueError("pass either dynamic_batch/dynamic_size or dynamic_shapes, not both")
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            raise ValueError("dynamic_batch/dynamic_size need a (B, C, ...) tensor as the first argument, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        dims = ([0] if dynamic_batch else []) + (list(range(2, x.dim())) if dynamic_size else [])
         # By name: every argument passed needs an entry (None = static).
         names = list(inspect.signature(model.forward).parameters)[:len(args)] + list(kwargs or {})
-        export_kwargs["dynamic_shapes"] = {n: ({0: torch.export.Dim("batch")} if i == 0 else None)
+        export_kwargs["dynamic_shapes"] = {n: ({a: torch.export.Dim.DYNAMIC for a in dims} if i == 0 else None)
                                            for i, n in enumerate(names)}
-    ep = torch.export.export(model, tuple(args), kwargs, **export_kwargs)
-    return ep.run_decompositions(decompositions(base={})) if portable else ep
+    # Size-oblivious tracing: without it, every "is this size 1?" question
+    # that shape propagation asks (contiguity, broadcasting) is answered for
+    # the example input and kept as a guard, so an example with one token on
+    # some tube axis (the paper's 1x16x16 tube at 32 frames) would pin that
+    # axis, and a 1-token image would be refused. The answers for sizes >= 2
+    # hold for size 1 in the ops used here (tested at both).
+    with _size_oblivious():
+        ep = torch.export.export(model, tuple(args), kwargs, **export_kwargs)
+        return ep.run_decompositions(decompositions(base={})) if portable else ep
+
+
+def _size_oblivious():
+    try:
+        import torch.fx.experimental._config as fx_config
+        return fx_config.patch(backed_size_oblivious=True)
+    except (ImportError, AttributeError, KeyError):  # older torch: trace with its defaults
+        import contextlib
+        return contextlib.nullcontext()
 
 
 def to_onnx(model: torch.nn.Module, args: tuple, f: Optional[str] = None, kwargs: Optional[dict] = None, *,
-            dynamic_batch: bool = False, **onnx_kwargs):
+            dynamic_batch: bool = False, dynamic_size: bool = False, **onnx_kwargs):
     """Export ``model`` to ONNX.
 
     The ``tubevit::`` ops become ONNX ``Slice``/``Conv``/``Reshape``/
@@ -108,8 +134,9 @@ def to_onnx(model: torch.nn.Module, args: tuple, f: Optional[str] = None, kwargs
     (``onnx_kwargs`` are passed on, e.g. ``opset_version``). Needs the
     optional packages ``onnx`` and ``onnxscript``. Returns the
     ``torch.onnx.ONNXProgram``; also writes it to ``f`` when given.
+    ``dynamic_batch`` / ``dynamic_size``: as for :func:`export`.
     """
-    ep = export(model, args, kwargs, dynamic_batch=dynamic_batch, portable=True)
+    ep = export(model, args, kwargs, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, portable=True)
     prog = torch.onnx.export(ep, dynamo=True, **onnx_kwargs)
     if f is not None:
         prog.save(f)

@@ -42,11 +42,17 @@ def _axis_block(pos: torch.Tensor, m: int) -> torch.Tensor:
 
 def tube_centres(tube: Tube, input_size: Sequence[int], device=None) -> torch.Tensor:
     """(n_tokens, 3) centre voxel (t, h, w) of every token of ``tube``, row-major."""
-    grid = token_grid(tube, input_size)
-    axes = [axis_centre(torch.arange(n, device=device), k, s, o)
-            for n, k, s, o in zip(grid, tube.kernel, tube.stride, tube.offset)]
-    t, h, w = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack([t.reshape(-1), h.reshape(-1), w.reshape(-1)], dim=1)
+    nt, nh, nw = token_grid(tube, input_size)
+    # Row-major grid indices from the token index by integer division, not
+    # meshgrid + reshape: under torch.export with symbolic frames a reshape
+    # of a possibly size-1 axis adds a guard that pins the frame count.
+    # (q - r * n instead of %: ONNX export has no remainder by a symbolic int.)
+    j = torch.arange(nt * nh * nw, device=device)
+    q = j // nw
+    t = q // nh
+    idx = (t, q - t * nh, j - q * nw)
+    return torch.stack([axis_centre(i, k, s, o) for i, k, s, o in zip(idx, tube.kernel, tube.stride, tube.offset)],
+                       dim=1)
 
 
 def sincos_from_positions(pos: torch.Tensor, dim: int) -> torch.Tensor:
