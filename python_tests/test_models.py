@@ -267,6 +267,49 @@ def test_image_to_video_scaling_starts_as_the_image_model():
     assert not torch.allclose(m(x), before)
 
 
+def _saved_bytes_and_grads(m, x):
+    """(output, gradients of x and trainable parameters, bytes autograd saved in the forward)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = m(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *[p for p in m.parameters() if p.requires_grad]])
+    return out, grads, sum(saved)
+
+
+@pytest.mark.parametrize("scaling", [False, True], ids=["plain", "image_to_video_scaling"])
+def test_grad_checkpointing_same_gradients_less_saved_memory(scaling):
+    x = torch.randn(2, 3, 32, 64, 64, requires_grad=True)
+    per_depth = {}
+    for depth in (2, 4):
+        m = _small(num_classes=3, depth=depth)
+        if scaling:
+            m.enable_image_to_video_scaling(1)
+            with torch.no_grad():
+                m.blocks[1].gate_alpha.fill_(0.3)
+        out0, g0, bytes0 = _saved_bytes_and_grads(m, x)
+        m.set_grad_checkpointing()
+        out1, g1, bytes1 = _saved_bytes_and_grads(m, x)
+        torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+        assert len(g1) == len(g0)
+        for a, b in zip(g1, g0):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), out0, rtol=0, atol=0)
+        per_depth[depth] = (bytes0, bytes1)
+        m.set_grad_checkpointing(False)
+        assert m.grad_checkpointing is False
+    # what two more blocks add to the saved activations: everything they
+    # compute without checkpointing, only their inputs with it
+    plain = per_depth[4][0] - per_depth[2][0]
+    ckpt = per_depth[4][1] - per_depth[2][1]
+    assert plain > 0 and ckpt < plain / 4, (ckpt, plain)
+
+
 # ---------------------------------------------------------------- compile and autocast
 def test_compile_whole_model():
     torch._dynamo.reset()
