@@ -185,3 +185,31 @@ def test_aot_inductor_package_runs_the_op(tmp_path):
     runner = torch._inductor.aoti_load_package(path)
     with torch.no_grad():
         torch.testing.assert_close(runner(x), tok(x), rtol=0, atol=0)
+
+
+# The decompositions are plain functions of the op's arguments: fuzz them against the op itself
+# (fp64, so both sides are exact to rounding), tubes with and without overlapping windows.
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from test_fuzz import problems  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_fuzz_decompositions_equal_the_ops(p):
+    g = torch.Generator().manual_seed(p["seed"])
+    x = torch.randn(p["B"], p["C"], *p["size"], generator=g, dtype=torch.float64)
+    ws = [torch.randn(p["d"], p["C"], *t.kernel, generator=g, dtype=torch.float64) for t in p["tubes"]]
+    bs = [torch.randn(p["d"], generator=g, dtype=torch.float64) for _ in p["tubes"]] if p["bias"] else []
+    flat = tv.flatten_tubes(p["tubes"])
+    pe = tv.sincos_pos_embed(p["tubes"], p["size"], p["d"], dtype=torch.float64) if p["pe"] else None
+    decomp = tvx.decompositions(base={})
+    out = decomp[torch.ops.tubevit.tube_tokens.default](x, ws, bs, flat, pe)
+    torch.testing.assert_close(out, torch.ops.tubevit.tube_tokens(x, ws, bs, flat, pe), rtol=1e-12, atol=1e-12)
+    out2, patches = decomp[torch.ops.tubevit.tube_tokens_with_patches.default](x, ws, bs, flat, pe)
+    ref2, ref_patches = torch.ops.tubevit.tube_tokens_with_patches(x, ws, bs, flat, pe)
+    torch.testing.assert_close(out2, ref2, rtol=1e-12, atol=1e-12)
+    assert len(patches) == len(ref_patches) == len(p["tubes"])
+    for a, b in zip(patches, ref_patches):
+        assert a.shape == b.shape and torch.equal(a, b)

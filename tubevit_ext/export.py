@@ -47,7 +47,7 @@ def _patches_aten(x: torch.Tensor, tube: Tube) -> torch.Tensor:
     u = x[:, :, ot:, oh:, ow:].unfold(2, kt, st).unfold(3, kh, sh).unfold(4, kw, sw)
     # (B, C, nt, nh, nw, kt, kh, kw) -> (B, nt, nh, nw, C, kt, kh, kw)
     u = u.permute(0, 2, 3, 4, 1, 5, 6, 7)
-    return u.reshape(x.shape[0], u.shape[1] * u.shape[2] * u.shape[3], -1)
+    return u.reshape(x.shape[0], u.shape[1] * u.shape[2] * u.shape[3], x.shape[1] * kt * kh * kw)
 
 
 def _tube_tokens_with_patches_aten(x, weights, biases, tubes, pos_embed=None):
