@@ -193,6 +193,49 @@ def test_patch_buffers_are_recycled(monkeypatch):
     assert tv.patch_cache_bytes() == 0  # limit 0: freed blocks go back to the system
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_gradient_comes_from_the_pool_and_is_an_ordinary_tensor(monkeypatch, tmp_path, dtype):
+    """The CPU input gradient (as large as the video) is a pool block: freed,
+    it is reused by the next backward instead of fresh pages; handed to the
+    user, it behaves like any tensor (resize, numpy, share_memory_, save)."""
+    monkeypatch.delenv("TUBEVIT_CPU_PATCH_CACHE_MB", raising=False)
+    torch.manual_seed(0)
+    m = tv.SparseTubeTokenizer(2, 5, TUBES).to(dtype)
+    x = torch.randn(2, 2, *SIZE, dtype=dtype, requires_grad=True)
+    ref_m = tv.reference.SparseTubeTokenizer(2, 5, TUBES).double()
+    ref_m.load_state_dict(m.state_dict())
+    ref = x.detach().double().requires_grad_()
+    ref_m(ref).square().sum().backward()
+
+    m(x).square().sum().backward()
+    first = x.grad
+    assert first.shape == x.shape and first.dtype == dtype and first.is_contiguous()
+    torch.testing.assert_close(first.double(), ref.grad, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    ptr, value = first.data_ptr(), first.clone()
+    held = tv.patch_cache_bytes()
+    x.grad = None
+    del first  # back to the pool ...
+    assert tv.patch_cache_bytes() - held >= x.numel() * x.element_size()
+    m(x).square().sum().backward()
+    assert x.grad.data_ptr() == ptr  # ... and reused, with the same result
+    assert torch.equal(x.grad, value)
+    # while a gradient is held, the next one gets other memory
+    kept = x.grad
+    x.grad = None
+    m(x).square().sum().backward()
+    assert x.grad.data_ptr() != kept.data_ptr() and torch.equal(x.grad, kept)
+
+    g = x.grad.detach()
+    torch.save(g, tmp_path / "g.pt")
+    assert torch.equal(torch.load(tmp_path / "g.pt"), g)
+    g.resize_(g.numel() * 2)  # storage is resizable: a bigger pool block, contents kept
+    assert torch.equal(g[:value.numel()].view_as(value), value)
+    assert torch.equal(torch.from_numpy(kept.float().numpy()), kept.float())
+    h = kept.share_memory_()
+    assert h.is_shared() and torch.equal(h, value)
+
+
 @pytest.mark.parametrize("bias,pe", [(True, True), (True, False), (False, True), (False, False)])
 def test_bf16_epilogue_rounds_like_torch(bias, pe):
     # A 1x1x1 tube with one channel and unit weights makes the GEMM an exact

@@ -1,15 +1,20 @@
-// Recycled CPU memory for the patch matrices tube_tokens_with_patches saves
-// for the backward.
+// Recycled CPU memory for the large buffers of the CPU kernels: the patch
+// matrices tube_tokens_with_patches saves for the backward, the whole-batch
+// gradient rows of the 16-bit backward, and the input gradient.
 //
-// Why: those buffers are a few MB per tube, allocated every forward and freed
-// when autograd releases the graph. glibc serves blocks that size with
-// mmap/munmap or trims them back to the OS, so each step paid fresh page
-// faults on ~1.4x the token output (and, depending on the allocator's
-// adaptive thresholds, run-to-run swings of several ms per step were measured
-// on the dev VM; bench/NOTES.md). The pool keeps freed blocks and hands them
-// out again. Only internal buffers come from it (these, and the whole-batch
-// gradient rows of the 16-bit backward), never tensors a user receives (pool
-// tensors' storage cannot be resized).
+// Why: those buffers are megabytes (the input gradient of a 4 x 3 x 32 x
+// 224 x 224 clip is 77 MB), allocated every step and freed when autograd
+// or the optimiser lets go of them. glibc serves blocks that size with
+// mmap/munmap or trims them back to the OS, so every step paid fresh page
+// faults on all of it: ~0.85 us per 4 KiB page on the dev VM, i.e. 16-17 ms
+// for `torch.zeros` of that input gradient against 1.7 ms for zeroing
+// recycled memory; and, depending on glibc's adaptive thresholds, run-to-run
+// swings of several ms per step (bench/NOTES.md). The pool keeps freed blocks
+// and hands them out again.
+//
+// Tensors from it are ordinary tensors: their storage is resizable, with
+// this pool as its allocator (a resize takes a new block from the pool and
+// returns the old one), so they may be handed to users.
 #pragma once
 
 #include <ATen/core/Tensor.h>

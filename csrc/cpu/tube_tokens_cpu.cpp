@@ -386,9 +386,12 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
   const auto v = input_view<scalar_t>(x);
   const at::Tensor grad = grad_out.to(gemm_dtype).contiguous();  // (B, N, d)
   const gemm_t* grad_ptr = grad.const_data_ptr<gemm_t>();
+  // The input gradient (and its fp32 accumulator for 16-bit inputs) comes
+  // from the pool: as large as the video, fresh pages every step cost ~10x
+  // the zero fill itself (patch_pool.h).
+  const std::vector<int64_t> x_sizes{L.batch, L.channels, L.size[0], L.size[1], L.size[2]};
   at::Tensor dx_acc;
-  if (need_dx) dx_acc = at::zeros({L.batch, L.channels, L.size[0], L.size[1], L.size[2]},
-                                  x.options().dtype(acc_dtype));
+  if (need_dx) dx_acc = pooled_empty(x_sizes, x.options().dtype(acc_dtype)).zero_();
   for (size_t i = 0; i < L.tubes.size(); ++i) {
     const TubeGeom& g = L.tubes[i];
     const int64_t n = g.num_tokens, K = g.patch_size;
@@ -474,7 +477,14 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
     if (need_dw) dws.push_back(dw_acc.view(weights[i].sizes()).to(x.scalar_type()));
     if (need_db) dbs.push_back(db_acc.to(x.scalar_type()));
   }
-  if (need_dx) dx = dx_acc.to(x.scalar_type());
+  if (need_dx) {
+    if (dx_acc.scalar_type() == x.scalar_type()) {
+      dx = dx_acc;
+    } else {
+      dx = pooled_empty(x_sizes, x.options());
+      dx.copy_(dx_acc);
+    }
+  }
 }
 
 // Whether bf16 GEMMs run natively (oneDNN with AVX512-BF16 / AMX). Without
