@@ -106,10 +106,11 @@ def export(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None, *
                                            for i, n in enumerate(names)}
     # Size-oblivious tracing: without it, every "is this size 1?" question
     # that shape propagation asks (contiguity, broadcasting) is answered for
-    # the example input and kept as a guard, so an example with one token on
-    # some tube axis (the paper's 1x16x16 tube at 32 frames) would pin that
-    # axis, and a 1-token image would be refused. The answers for sizes >= 2
-    # hold for size 1 in the ops used here (tested at both).
+    # the example input and kept as a guard, so an example with one position
+    # on some tube axis (the paper's 1x16x16 tube at 32 frames) would pin the
+    # frame count to the example's, and one with two would refuse 32 frames.
+    # The answers for sizes >= 2 hold for size 1 in the ops used here (tested
+    # at both: python_tests/test_export.py).
     with _size_oblivious():
         ep = torch.export.export(model, tuple(args), kwargs, **export_kwargs)
         return ep.run_decompositions(decompositions(base={})) if portable else ep
