@@ -141,3 +141,196 @@ def _setup_backward_context(ctx, inputs, output):
 
 torch.library.register_autograd("tubevit::tube_tokens_backward", _double_backward,
                                 setup_context=_setup_backward_context)
+
+
+# ---------------------------------------------------------------- vmap
+# torch.func.vmap (and grad/vjp/jacrev, which run the backward op under
+# vmap) over the three ops. The vmapped dimension of x alone folds into the
+# batch: one call over V*B samples, the case of vmap over inputs and of
+# per-sample gradients' forward. Anything else (batched weights, biases,
+# position embeddings, gradients, or weight gradients, which must stay
+# separate per slice) runs the op once per slice and stacks: correct for
+# every combination, as fast as a Python loop over the slices.
+
+def _slice(t, dim, v):
+    return t if dim is None else t.select(dim, v)
+
+
+def _slice_arg(arg, dims, v):
+    """Slice v of one op argument: a Tensor (dims: int or None), a Tensor[]
+    (dims: one int or None per element) or a non-tensor (dims None)."""
+    if dims is None:
+        return arg
+    if isinstance(dims, int):
+        return arg.select(dims, v)
+    return [_slice(a, d, v) for a, d in zip(arg, dims)]
+
+
+def _stack_outputs(results):
+    first = results[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(results), 0
+    if isinstance(first, (list, tuple)) and all(isinstance(r, torch.Tensor) for r in first):
+        return [torch.stack(parts) for parts in zip(*results)], [0] * len(first)
+    outs, dims = zip(*(_stack_outputs([r[i] for r in results]) for i in range(len(first))))
+    return tuple(outs), tuple(dims)
+
+
+def _vmap_by_slices(op, info, in_dims, args):
+    if info.batch_size == 0:
+        raise ValueError(f"{op}: vmap over a dimension of size 0 is not supported")
+    results = [op(*[_slice_arg(a, d, v) for a, d in zip(args, in_dims)]) for v in range(info.batch_size)]
+    return _stack_outputs(results)
+
+
+def _only_x_batched(in_dims):
+    x_dim, w_dims, b_dims, _, pe_dim = in_dims
+    return x_dim is not None and pe_dim is None and all(d is None for d in list(w_dims) + list(b_dims))
+
+
+def _fold(x, x_dim):
+    xb = x.movedim(x_dim, 0)
+    return xb.reshape(xb.shape[0] * xb.shape[1], *xb.shape[2:]), xb.shape[0]
+
+
+def _unfold(t, V):
+    return t.reshape(V, t.shape[0] // V if V else 0, *t.shape[1:])
+
+
+@torch.library.register_vmap("tubevit::tube_tokens")
+def _tube_tokens_vmap(info, in_dims, x, weights, biases, tubes, pos_embed):
+    args = (x, weights, biases, tubes, pos_embed)
+    if not _only_x_batched(in_dims):
+        return _vmap_by_slices(torch.ops.tubevit.tube_tokens, info, in_dims, args)
+    xf, V = _fold(x, in_dims[0])
+    return _unfold(torch.ops.tubevit.tube_tokens(xf, weights, biases, tubes, pos_embed), V), 0
+
+
+@torch.library.register_vmap("tubevit::tube_tokens_with_patches")
+def _tube_tokens_with_patches_vmap(info, in_dims, x, weights, biases, tubes, pos_embed):
+    args = (x, weights, biases, tubes, pos_embed)
+    if not _only_x_batched(in_dims):
+        return _vmap_by_slices(torch.ops.tubevit.tube_tokens_with_patches, info, in_dims, args)
+    xf, V = _fold(x, in_dims[0])
+    out, patches = torch.ops.tubevit.tube_tokens_with_patches(xf, weights, biases, tubes, pos_embed)
+    return (_unfold(out, V), [_unfold(p, V) for p in patches]), (0, [0] * len(patches))
+
+
+@torch.library.register_vmap("tubevit::tube_tokens_backward")
+def _tube_tokens_backward_vmap(info, in_dims, grad_out, x, weights, patches, tubes, output_mask):
+    args = (grad_out, x, weights, patches, tubes, output_mask)
+    g_dim, x_dim, w_dims, p_dims, _, _ = in_dims
+    # Input gradient only, gradient and x batched alike, nothing else: the
+    # samples of all slices are independent, so one call over V*B of them.
+    if (g_dim is not None and x_dim is not None and all(d is None for d in w_dims)
+            and not output_mask[1] and not output_mask[2]):
+        gf, V = _fold(grad_out, g_dim)
+        xf, _ = _fold(x, x_dim)
+        dx, dws, dbs = torch.ops.tubevit.tube_tokens_backward(gf, xf, weights, [], tubes, output_mask)
+        return (_unfold(dx, V), dws, dbs), (0, [], [])
+    return _vmap_by_slices(torch.ops.tubevit.tube_tokens_backward, info, in_dims, args)
+
+
+# ---------------------------------------------------------------- torch.func
+class _Static:
+    """A non-tensor argument of the Functions below, held as one pytree leaf:
+    torch.func flattens a plain list of ints/bools into leaves of its own and
+    then miscounts the tangents of a Function with tuple outputs."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = list(value)
+
+
+class TubeTokensFunction(torch.autograd.Function):
+    """tube_tokens' autograd for torch.func transforms (grad, vjp, jacrev, and
+    vmap over them). torch.func only accepts autograd.Functions written with a
+    separate ``setup_context``; the Function that ``register_autograd``
+    generates for the dispatcher op is not, so tubevit_ext.tube_tokens routes
+    here while a transform is active. Same backward op, same gradients; vmap
+    of forward and backward goes through the ops' vmap rules above.
+
+    Arguments are flat for autograd: ``apply(x, pos_embed, _Static(tubes),
+    n_weights, has_bias, *weights, *biases)``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, pos_embed, tubes, n_weights, has_bias, *params):
+        weights = list(params[:n_weights])
+        biases = list(params[n_weights:]) if has_bias else []
+        return torch.ops.tubevit.tube_tokens(x, weights, biases, tubes.value, pos_embed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, tubes, n_weights, has_bias, *params = inputs
+        ctx.save_for_backward(x, *params[:n_weights])
+        ctx.save_for_forward(x, *params[:n_weights])
+        ctx.tubes, ctx.n_weights, ctx.has_bias = tubes.value, n_weights, has_bias
+
+    @staticmethod
+    def jvp(ctx, x_t, pe_t, _tubes_t, _n_t, _has_bias_t, *params_t):
+        """Forward mode (jvp, jacfwd): the op is linear in x for fixed
+        weights and affine in (weights, biases, pos_embed) for fixed x, so the
+        tangent is op(x_t; W) + op(x; W_t, b_t, pe_t) — two calls of the op."""
+        x, *weights = ctx.saved_tensors
+        n = ctx.n_weights
+        w_t, b_t = params_t[:n], params_t[n:]
+        out_t = None
+        if x_t is not None:
+            out_t = torch.ops.tubevit.tube_tokens(x_t, weights, [], ctx.tubes, None)
+        if any(t is not None for t in w_t) or any(t is not None for t in b_t) or pe_t is not None:
+            ws = [torch.zeros_like(w) if t is None else t for w, t in zip(weights, w_t)]
+            bs = ([torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if t is None else t
+                   for w, t in zip(weights, b_t)] if any(t is not None for t in b_t) else [])
+            term = torch.ops.tubevit.tube_tokens(x, ws, bs, ctx.tubes, pe_t)
+            out_t = term if out_t is None else out_t + term
+        return out_t
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        n = ctx.n_weights
+        need = ctx.needs_input_grad
+        need_x, need_pe = need[0], need[1]
+        need_w = any(need[5:5 + n])
+        need_b = ctx.has_bias and any(need[5 + n:])
+        dx, dws, dbs = None, [None] * n, [None] * (n if ctx.has_bias else 0)
+        if need_x or need_w or need_b:
+            out = TubeTokensBackwardFunction.apply(grad, x, _Static(ctx.tubes), _Static([bool(need_x), need_w, need_b]),
+                                                   *weights)
+            dx = out[0] if need_x else None
+            dws = list(out[1:1 + n]) if need_w else dws
+            dbs = list(out[1 + n if need_w else 1:]) if need_b else dbs
+        return (dx, grad.sum(0) if need_pe else None, None, None, None, *dws, *dbs)
+
+
+class TubeTokensBackwardFunction(torch.autograd.Function):
+    """The backward op under torch.func, as a Function of its own so that a
+    second derivative (grad of grad, hessians) raises instead of the
+    transform calling the op's dispatcher autograd, which torch.func rejects.
+    ``apply(grad, x, _Static(tubes), _Static(output_mask), *weights)`` -> (dx, *dws, *dbs), each
+    group present only where output_mask asks for it (dx: an empty tensor
+    when not asked for)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, x, tubes, output_mask, *weights):
+        dx, dws, dbs = torch.ops.tubevit.tube_tokens_backward(grad, x, list(weights), [], tubes.value,
+                                                              output_mask.value)
+        return (dx, *dws, *dbs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _double_backward(ctx, *grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):  # forward-over-reverse (hessian, jacfwd of jacrev)
+        _double_backward(ctx, *tangents)

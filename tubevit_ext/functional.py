@@ -102,6 +102,12 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
         cast = lambda t: t.to(dt) if t.is_floating_point() and t.dtype != dt else t
         x, weights, biases = cast(x), [cast(w) for w in weights], [cast(b) for b in biases]
         pos_embed = None if pos_embed is None else cast(pos_embed)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vmap, jacrev, ...): the setup_context-style
+        # Function they require (see _ops.TubeTokensFunction); no saved patches.
+        from ._ops import TubeTokensFunction, _Static
+        return TubeTokensFunction.apply(x, pos_embed, _Static(flatten_tubes(tubes)), len(weights), bool(biases),
+                                        *weights, *biases)
     if save_patches is None:
         # Not while torch.export traces: an exported program is usually run
         # for inference, maybe on another device (the patch-saving op has a
