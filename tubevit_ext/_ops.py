@@ -299,8 +299,8 @@ class TubeTokensFunction(torch.autograd.Function):
         need_b = ctx.has_bias and any(need[5 + n:])
         dx, dws, dbs = None, [None] * n, [None] * (n if ctx.has_bias else 0)
         if need_x or need_w or need_b:
-            out = TubeTokensBackwardFunction.apply(grad, x, _Static(ctx.tubes), _Static([bool(need_x), need_w, need_b]),
-                                                   *weights)
+            mask = _Static([bool(need_x), need_w, need_b])
+            out = TubeTokensBackwardFunction.apply(grad, x, _Static(ctx.tubes), mask, *weights)
             dx = out[0] if need_x else None
             dws = list(out[1:1 + n]) if need_w else dws
             dbs = list(out[1 + n if need_w else 1:]) if need_b else dbs
@@ -311,9 +311,9 @@ class TubeTokensBackwardFunction(torch.autograd.Function):
     """The backward op under torch.func, as a Function of its own so that a
     second derivative (grad of grad, hessians) raises instead of the
     transform calling the op's dispatcher autograd, which torch.func rejects.
-    ``apply(grad, x, _Static(tubes), _Static(output_mask), *weights)`` -> (dx, *dws, *dbs), each
-    group present only where output_mask asks for it (dx: an empty tensor
-    when not asked for)."""
+    ``apply(grad, x, _Static(tubes), _Static(output_mask), *weights)`` ->
+    (dx, *dws, *dbs), each group present only where output_mask asks for it
+    (dx: an empty tensor when not asked for)."""
 
     generate_vmap_rule = True
 
