@@ -105,7 +105,7 @@ def test_vmap_of_the_patch_saving_op():
             assert torch.equal(a[v], c) and torch.equal(b[v], c)
 
 
-def test_func_grad_with_live_parameters_and_second_order_raises():
+def test_func_grad_with_live_parameters():
     torch.manual_seed(0)
     tok = tv.SparseTubeTokenizer(C, D, TUBES).double()
     x = torch.randn(2, C, *SIZE, dtype=torch.float64)
@@ -114,11 +114,31 @@ def test_func_grad_with_live_parameters_and_second_order_raises():
     tok(x).square().sum().backward()
     for k, p in tok.named_parameters():
         torch.testing.assert_close(g[k], p.grad, rtol=0, atol=0)
-    f = lambda xx: tv.tube_tokens(xx, [p.detach() for p in tok.parameters()][::2], None, TUBES).square().sum()
-    with pytest.raises(RuntimeError, match="does not support double backward"):
-        grad(lambda xx: grad(f)(xx).sum())(x)
-    with pytest.raises(RuntimeError, match="does not support double backward"):
-        torch.func.hessian(f)(x[:1])
+
+
+def test_second_order_transforms_match_the_reference(device):
+    """hessian (forward over reverse: the backward Function's jvp), grad of
+    grad and a mixed jacobian (its backward), in x and in the weights."""
+    tubes = [tv.Tube((2, 2, 2), (1, 2, 3)), tv.Tube((1, 3, 3), (2, 2, 2), (1, 0, 1))]
+    x = torch.randn(1, C, 4, 5, 6, dtype=torch.float64, device=device)
+    ws = [torch.randn(3, C, *t.kernel, dtype=torch.float64, device=device) for t in tubes]
+    bs = [torch.randn(3, dtype=torch.float64, device=device) for _ in tubes]
+    f = {impl: (lambda xx, w0, impl=impl: impl(xx, [w0, ws[1]], bs, tubes).pow(3).sum())
+         for impl in (tv.tube_tokens, tv.reference.tube_tokens)}
+    got, ref = f[tv.tube_tokens], f[tv.reference.tube_tokens]
+    torch.testing.assert_close(torch.func.hessian(got, argnums=0)(x, ws[0]),
+                               torch.func.hessian(ref, argnums=0)(x, ws[0]))
+    torch.testing.assert_close(torch.func.hessian(got, argnums=1)(x, ws[0]),
+                               torch.func.hessian(ref, argnums=1)(x, ws[0]))
+    gg = lambda fn: grad(lambda xx: grad(fn)(xx, ws[0]).square().sum())(x)
+    torch.testing.assert_close(gg(got), gg(ref))
+    mixed = lambda fn: jacrev(lambda w0: grad(fn)(x, w0))(ws[0])
+    torch.testing.assert_close(mixed(got), mixed(ref))
+    # forward over reverse across arguments: the W tangent of dx, the x tangent of dW
+    fwd_w = lambda fn: torch.func.jacfwd(lambda w0: grad(fn)(x, w0))(ws[0])
+    torch.testing.assert_close(fwd_w(got), fwd_w(ref))
+    fwd_x = lambda fn: torch.func.jacfwd(lambda xx: grad(fn, argnums=1)(xx, ws[0]))(x)
+    torch.testing.assert_close(fwd_x(got), fwd_x(ref))
 
 
 def test_forward_mode_jvp_and_jacfwd(device):

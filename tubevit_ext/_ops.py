@@ -129,17 +129,72 @@ torch.library.register_autograd("tubevit::tube_tokens_with_patches", _backward,
                                 setup_context=_setup_context_with_patches)
 
 
-def _double_backward(ctx, *grads):
-    raise RuntimeError(
-        "tubevit::tube_tokens does not support double backward (higher-order gradients); "
-        "compute second derivatives with tubevit_ext.reference.tube_tokens instead")
+# ---------------------------------------------------------------- double backward
+# The backward op computes, per tube i (P_i(x): the patch matrix, G_i: the
+# tube's rows of grad_out):
+#   dx = Bx(G, W)  = col2im of G_i W_i      (linear in G, linear in W)
+#   dW = Bw(G, x)  = G_i^T P_i(x)           (linear in G, linear in x)
+#   db = Bb(G)     = column sums of G_i     (linear in G)
+# so with cotangents u (of dx), V (of dW), c (of db) its vector-Jacobian
+# product is made of the two ops themselves:
+#   grad_G = F(u; W) + F(x; V, c)     (F = tube_tokens without bias/PE unless given)
+#   grad_x = Bx(G, V)
+#   grad_W = Bw(G, u)
+# Each is again differentiable, so any order works (gradient penalties such
+# as R1 / WGAN-GP, and hessians under torch.func).
+
+def _filled(tensors, like):
+    """Gradients for a list, zeros where absent; None when all are absent."""
+    if tensors is None or all(t is None for t in tensors):
+        return None
+    return [torch.zeros_like(w) if t is None else t for t, w in zip(tensors, like)]
+
+
+def _backward_vjp(F, B, tubes, G, x, weights, u, V, c, need_g, need_x, need_w):
+    """(grad_G, grad_x, grad_W list or None) from the formulas above.
+    F(x, ws, bs, tubes) -> tokens, B(G, x, ws, tubes, mask) -> (dx, dws, dbs)."""
+    V = _filled(V, weights)
+    c = _filled(c, [w[:, 0, 0, 0, 0] for w in weights])
+    gG = gx = gW = None
+    if need_g:
+        if u is not None:
+            gG = F(u, weights, [], tubes)
+        if V is not None or c is not None:
+            term = F(x, V if V is not None else [torch.zeros_like(w) for w in weights], c or [], tubes)
+            gG = term if gG is None else gG + term
+    if need_x and V is not None:
+        gx = B(G, x, V, tubes, [True, False, False])[0]
+    if need_w and u is not None:
+        gW = list(B(G, u, weights, tubes, [False, True, False])[1])
+    return gG, gx, gW
+
+
+def _op_forward(x, weights, biases, tubes):
+    return torch.ops.tubevit.tube_tokens(x, weights, biases, tubes, None)
+
+
+def _op_backward(G, x, weights, tubes, mask):
+    return torch.ops.tubevit.tube_tokens_backward(G, x, weights, [], tubes, mask)
 
 
 def _setup_backward_context(ctx, inputs, output):
-    pass
+    grad_out, x, weights, patches, tubes, output_mask = inputs
+    ctx.save_for_backward(grad_out, x, *weights)
+    ctx.tubes, ctx.mask, ctx.n_patches = list(tubes), list(output_mask), len(patches)
+    ctx.set_materialize_grads(False)
 
 
-torch.library.register_autograd("tubevit::tube_tokens_backward", _double_backward,
+def _backward_of_backward(ctx, gdx, gdws, gdbs):
+    G, x, *weights = ctx.saved_tensors
+    need_g, need_x, need_ws = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    u = gdx if ctx.mask[0] else None
+    gG, gx, gW = _backward_vjp(_op_forward, _op_backward, ctx.tubes, G, x, weights, u,
+                               gdws if ctx.mask[1] else None, gdbs if ctx.mask[2] else None,
+                               need_g, need_x, any(need_ws))
+    return gG, gx, (gW if gW is not None else [None] * len(weights)), [None] * ctx.n_patches, None, None
+
+
+torch.library.register_autograd("tubevit::tube_tokens_backward", _backward_of_backward,
                                 setup_context=_setup_backward_context)
 
 
@@ -308,9 +363,11 @@ class TubeTokensFunction(torch.autograd.Function):
 
 
 class TubeTokensBackwardFunction(torch.autograd.Function):
-    """The backward op under torch.func, as a Function of its own so that a
-    second derivative (grad of grad, hessians) raises instead of the
-    transform calling the op's dispatcher autograd, which torch.func rejects.
+    """The backward op under torch.func, as a Function of its own: torch.func
+    cannot use the op's dispatcher autograd (see TubeTokensFunction), and
+    second derivatives (grad of grad, hessians) need this one's backward and
+    jvp, which are the formulas of _backward_vjp built from the two
+    Functions again.
     ``apply(grad, x, _Static(tubes), _Static(output_mask), *weights)`` ->
     (dx, *dws, *dbs), each group present only where output_mask asks for it
     (dx: an empty tensor when not asked for)."""
@@ -325,12 +382,51 @@ class TubeTokensBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        grad, x, tubes, output_mask, *weights = inputs
+        ctx.save_for_backward(grad, x, *weights)
+        ctx.save_for_forward(grad, x, *weights)
+        ctx.tubes, ctx.mask = tubes.value, output_mask.value
 
     @staticmethod
-    def backward(ctx, *grads):
-        _double_backward(ctx, *grads)
+    def backward(ctx, gdx, *g):
+        G, x, *weights = ctx.saved_tensors
+        n, mask = len(weights), ctx.mask
+        gdws = list(g[:n]) if mask[1] else None
+        gdbs = list(g[n if mask[1] else 0:]) if mask[2] else None
+        need = ctx.needs_input_grad
+        gG, gx, gW = _backward_vjp(_func_forward, _func_backward, ctx.tubes, G, x, weights,
+                                   gdx if mask[0] else None, gdws, gdbs, need[0], need[1], any(need[4:]))
+        return (gG, gx, None, None, *(gW if gW is not None else [None] * n))
 
     @staticmethod
-    def jvp(ctx, *tangents):  # forward-over-reverse (hessian, jacfwd of jacrev)
-        _double_backward(ctx, *tangents)
+    def jvp(ctx, G_t, x_t, _tubes_t, _mask_t, *w_t):
+        """Tangents of (dx, dW, db): dx is bilinear in (G, W), dW in (G, x),
+        db linear in G, so each is one or two calls of this Function."""
+        G, x, *weights = ctx.saved_tensors
+        mask, tubes = ctx.mask, ctx.tubes
+        dx_t = torch.zeros(x.shape if mask[0] else (0,), dtype=x.dtype, device=x.device)
+        dws_t = [torch.zeros_like(w) for w in weights] if mask[1] else []
+        dbs_t = [w.new_zeros(w.shape[0]) for w in weights] if mask[2] else []
+        if G_t is not None:
+            a, b, c = _func_backward(G_t, x, weights, tubes, mask)
+            dx_t = dx_t + a if mask[0] else dx_t
+            dws_t = [s + t for s, t in zip(dws_t, b)]
+            dbs_t = [s + t for s, t in zip(dbs_t, c)]
+        w_t = _filled(list(w_t), weights)
+        if mask[0] and w_t is not None:
+            dx_t = dx_t + _func_backward(G, x, w_t, tubes, [True, False, False])[0]
+        if mask[1] and x_t is not None:
+            dws_t = [s + t for s, t in zip(dws_t, _func_backward(G, x_t, weights, tubes, [False, True, False])[1])]
+        return (dx_t, *dws_t, *dbs_t)
+
+
+def _func_forward(x, weights, biases, tubes):
+    return TubeTokensFunction.apply(x, None, _Static(tubes), len(weights), bool(biases), *weights, *biases)
+
+
+def _func_backward(G, x, weights, tubes, mask):
+    """TubeTokensBackwardFunction with the op's (dx, dws, dbs) result shape."""
+    out = TubeTokensBackwardFunction.apply(G, x, _Static(tubes), _Static(mask), *weights)
+    n = len(weights)
+    dws = list(out[1:1 + n]) if mask[1] else []
+    return out[0], dws, list(out[1 + len(dws):])

@@ -76,7 +76,8 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
             gather on the fly and ignore it.
 
     Returns a contiguous (B, N, d) tensor of x's dtype. Differentiable in x,
-    weights, biases and pos_embed (first order only).
+    weights, biases and pos_embed, to any order, and under torch.func
+    (vmap, grad, jvp, jacrev/jacfwd, hessian).
 
     Under ``torch.autocast`` the op follows PyTorch's policy for convolutions:
     floating inputs are cast to the autocast dtype (e.g. bf16), so the output
