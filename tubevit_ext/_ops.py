@@ -252,23 +252,22 @@ def _unfold(t, V):
     return t.reshape(V, t.shape[0] // V if V else 0, *t.shape[1:])
 
 
-@torch.library.register_vmap("tubevit::tube_tokens")
-def _tube_tokens_vmap(info, in_dims, x, weights, biases, tubes, pos_embed):
-    args = (x, weights, biases, tubes, pos_embed)
-    if not _only_x_batched(in_dims):
-        return _vmap_by_slices(torch.ops.tubevit.tube_tokens, info, in_dims, args)
-    xf, V = _fold(x, in_dims[0])
-    return _unfold(torch.ops.tubevit.tube_tokens(xf, weights, biases, tubes, pos_embed), V), 0
+def _forward_vmap_rule(op, unfold_result):
+    """vmap rule of a forward op; unfold_result(result, V) -> (batched result, out_dims)."""
+    def rule(info, in_dims, x, weights, biases, tubes, pos_embed):
+        args = (x, weights, biases, tubes, pos_embed)
+        if not _only_x_batched(in_dims):
+            return _vmap_by_slices(op, info, in_dims, args)
+        xf, V = _fold(x, in_dims[0])
+        return unfold_result(op(xf, weights, biases, tubes, pos_embed), V)
+    return rule
 
 
-@torch.library.register_vmap("tubevit::tube_tokens_with_patches")
-def _tube_tokens_with_patches_vmap(info, in_dims, x, weights, biases, tubes, pos_embed):
-    args = (x, weights, biases, tubes, pos_embed)
-    if not _only_x_batched(in_dims):
-        return _vmap_by_slices(torch.ops.tubevit.tube_tokens_with_patches, info, in_dims, args)
-    xf, V = _fold(x, in_dims[0])
-    out, patches = torch.ops.tubevit.tube_tokens_with_patches(xf, weights, biases, tubes, pos_embed)
-    return (_unfold(out, V), [_unfold(p, V) for p in patches]), (0, [0] * len(patches))
+torch.library.register_vmap("tubevit::tube_tokens", _forward_vmap_rule(
+    torch.ops.tubevit.tube_tokens, lambda out, V: (_unfold(out, V), 0)))
+torch.library.register_vmap("tubevit::tube_tokens_with_patches", _forward_vmap_rule(
+    torch.ops.tubevit.tube_tokens_with_patches,
+    lambda res, V: ((_unfold(res[0], V), [_unfold(p, V) for p in res[1]]), (0, [0] * len(res[1])))))
 
 
 @torch.library.register_vmap("tubevit::tube_tokens_backward")
