@@ -99,3 +99,34 @@ def test_fuzz_against_reference(device, p):
         err, ref_err = max_err(fused[k].cpu(), oracle[k]), max_err(same[k].cpu(), oracle[k])
         assert err <= 2 * ref_err + ATOL[dtype] * _scale(oracle[k]), \
             f"{k}: err {err:.3g}, reference-path err {ref_err:.3g} ({p})"
+
+
+def _second_derivatives(fn, p, device):
+    """Gradients, w.r.t. every input and the output cotangent, of a random
+    linear functional of the first derivatives (create_graph): exercises
+    every term of the backward op's own backward."""
+    x, ws, bs, pe, gout, leaves = _inputs(p, torch.float64, device)
+    gout.requires_grad_()
+    out = fn(x, ws, bs, p["tubes"], pe)
+    inputs = list(leaves.values())
+    firsts = torch.autograd.grad(out, inputs, gout, create_graph=True, allow_unused=True)
+    g = torch.Generator().manual_seed(p["seed"] + 1)
+    terms = [(f * torch.randn(f.shape, generator=g, dtype=f.dtype).to(device)).sum()
+             for f in firsts if f is not None and f.requires_grad]
+    if not terms:
+        return None
+    seconds = torch.autograd.grad(sum(terms), inputs + [gout], allow_unused=True)
+    return [torch.zeros_like(t) if s is None else s for s, t in zip(seconds, inputs + [gout])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=problems())
+def test_fuzz_second_derivatives_against_reference(device, p):
+    p = dict(p, dtype=torch.float64, grads=(True, True, True, True))
+    fused = _second_derivatives(tv.tube_tokens, p, device)
+    oracle = _second_derivatives(tv.reference.tube_tokens, p, device)
+    assert (fused is None) == (oracle is None)
+    for a, b in zip(fused or [], oracle or []):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * _scale(b))
