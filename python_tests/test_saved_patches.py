@@ -179,10 +179,11 @@ def test_patch_buffers_are_recycled(monkeypatch):
     x = torch.randn(2, 2, *SIZE)
     tv.empty_patch_cache()
     assert tv.patch_cache_bytes() == 0
-    m(x).sum().backward()  # graph freed: the three patch buffers go to the pool
+    m(x).sum().backward()  # graph freed: the three patch buffers and the tokens go to the pool
     held = tv.patch_cache_bytes()
-    per_step = sum(4 * p.numel() for p in ops.tube_tokens_with_patches(x, [p.weight for p in m.projs], [],
-                                                                       tv.flatten_tubes(TUBES), None)[1])
+    tokens, patches = ops.tube_tokens_with_patches(x, [p.weight for p in m.projs], [], tv.flatten_tubes(TUBES), None)
+    per_step = 4 * tokens.numel() + sum(4 * p.numel() for p in patches)
+    del tokens, patches
     assert held == per_step
     m(x).sum().backward()  # reuses them: nothing new is cached
     assert tv.patch_cache_bytes() == held
@@ -234,6 +235,22 @@ def test_input_gradient_comes_from_the_pool_and_is_an_ordinary_tensor(monkeypatc
     assert torch.equal(torch.from_numpy(kept.float().numpy()), kept.float())
     h = kept.share_memory_()
     assert h.is_shared() and torch.equal(h, value)
+
+
+def test_token_output_comes_from_the_pool(monkeypatch):
+    monkeypatch.delenv("TUBEVIT_CPU_PATCH_CACHE_MB", raising=False)
+    m = tv.SparseTubeTokenizer(2, 5, TUBES).eval()
+    x = torch.randn(2, 2, *SIZE)
+    with torch.no_grad():
+        first = m(x)
+        ptr, value = first.data_ptr(), first.clone()
+        held = tv.patch_cache_bytes()
+        del first  # back to the pool ...
+        assert tv.patch_cache_bytes() - held >= value.numel() * value.element_size()
+        again = m(x)
+    assert again.data_ptr() == ptr and torch.equal(again, value)  # ... and reused
+    again.resize_(again.numel() * 3)  # an ordinary, resizable tensor
+    assert torch.equal(again[:value.numel()].view_as(value), value)
 
 
 @pytest.mark.parametrize("bias,pe", [(True, True), (True, False), (False, True), (False, False)])

@@ -25,9 +25,10 @@ def cuda_compiled() -> bool:
 
 
 def patch_cache_bytes() -> int:
-    """Bytes of CPU patch buffers (saved for backward by CPU training steps,
-    see ``tube_tokens(save_patches=...)``) kept for reuse after they were
-    freed; at most TUBEVIT_CPU_PATCH_CACHE_MB MiB (default 256)."""
+    """Bytes of freed CPU buffers kept for reuse: token outputs, input
+    gradients and the patch matrices CPU training saves for backward (see
+    ``tube_tokens(save_patches=...)``); at most TUBEVIT_CPU_PATCH_CACHE_MB MiB
+    (default 256)."""
     return _C._patch_cache_bytes()
 
 
