@@ -167,8 +167,8 @@ class TubeViT(nn.Module):
         keeping them (``torch.utils.checkpoint``, non-reentrant; timm's name
         for the switch). A block then keeps only its input for backward
         (tested: what a block saves falls ~17x at d = 48, 2 clips),
-        for one extra block forward per step: what makes ViT-L/H at 64
-        frames (1176 tokens per clip) fit for training."""
+        for one extra block forward per step: the usual trade for training
+        ViT-L/H at 64 frames (1176 tokens per clip) in less memory."""
         self.grad_checkpointing = bool(enable)
 
     # ---------------------------------------------------------------- scaling
