@@ -61,3 +61,10 @@ def test_tube_normalisation():
         tv.as_tubes([])
     with pytest.raises(TypeError):
         tv.Tube.make((1, 2), 1)
+
+
+def test_unflatten_tubes_inverts_flatten():
+    tubes = tv.PAPER_TUBES + (tv.Tube((2, 3, 4), (5, 6, 7), (1, 0, 2)),)
+    assert tv.geometry.unflatten_tubes(tv.flatten_tubes(tubes)) == tubes
+    with pytest.raises(ValueError, match="9 ints per tube, got 10"):
+        tv.geometry.unflatten_tubes(list(range(10)))

@@ -104,6 +104,19 @@ def _setup_context_with_patches(ctx, inputs, output):
     ctx.n_patches = len(patches)
 
 
+def _token_grads(B, grad, x, weights, n_biases, need_x, need_w, need_b, need_pe):
+    """(dx, dws, dbs, d_pos_embed) for the tokens' gradient, None where not
+    needed (lists of None for weights / biases). B(grad, x, weights, mask) ->
+    (dx, dws, dbs) is the backward op, as the caller has to call it."""
+    dx, dws, dbs = None, [None] * len(weights), [None] * n_biases
+    if need_x or need_w or need_b:
+        dx_, dws_, dbs_ = B(grad, x, weights, [bool(need_x), bool(need_w), bool(need_b)])
+        dx = dx_ if need_x else None
+        dws = list(dws_) if need_w else dws
+        dbs = list(dbs_) if need_b else dbs
+    return dx, dws, dbs, (grad.sum(0) if need_pe else None)
+
+
 def _backward(ctx, grad, *unused_patch_grads):
     saved = ctx.saved_tensors
     x = saved[0]
@@ -112,16 +125,13 @@ def _backward(ctx, grad, *unused_patch_grads):
     # For list arguments needs_input_grad holds one bool per element.
     need_x, need_ws, need_bs, _, need_pe = ctx.needs_input_grad
     need_w, need_b = any(need_ws), ctx.has_bias and any(need_bs)
-    dx, dws, dbs = None, [None] * len(weights), [None] * len(need_bs)
     if grad is None:  # no gradient reached the tokens (grads are not materialised)
-        return dx, dws, dbs, None, None
-    if need_x or need_w or need_b:
-        dx, dws_, dbs_ = torch.ops.tubevit.tube_tokens_backward(
-            grad, x, weights, patches if need_w else [], ctx.tubes, [bool(need_x), need_w, need_b])
-        dx = dx if need_x else None
-        dws = list(dws_) if need_w else dws
-        dbs = list(dbs_) if need_b else dbs
-    return dx, dws, dbs, None, (grad.sum(0) if need_pe else None)
+        return None, [None] * len(weights), [None] * len(need_bs), None, None
+    dx, dws, dbs, dpe = _token_grads(
+        lambda g, x_, w, mask: torch.ops.tubevit.tube_tokens_backward(g, x_, w, patches if mask[1] else [],
+                                                                       ctx.tubes, mask),
+        grad, x, weights, len(need_bs), need_x, need_w, need_b, need_pe)
+    return dx, dws, dbs, None, dpe
 
 
 torch.library.register_autograd("tubevit::tube_tokens", _backward, setup_context=_setup_context)
@@ -150,27 +160,32 @@ def _filled(tensors, like):
     return [torch.zeros_like(w) if t is None else t for t, w in zip(tensors, like)]
 
 
+def _tokens_tangent(F, tubes, x, weights, x_t, w_t, b_t, pe_t=None):
+    """F(x_t; W) + F(x; W_t, b_t, pe_t), absent terms left out (None if all
+    are): the tokens' change along (x_t, W_t, b_t, pe_t), F being bilinear in
+    (x, W) and affine in (b, pe). Both the forward's jvp and grad_G above.
+    F(x, ws, bs, tubes, pe) -> tokens; w_t / b_t: lists with None entries."""
+    out = F(x_t, weights, [], tubes, None) if x_t is not None else None
+    w_t = _filled(w_t, weights)
+    b_t = _filled(b_t, [w[:, 0, 0, 0, 0] for w in weights])
+    if w_t is not None or b_t is not None or pe_t is not None:
+        term = F(x, w_t if w_t is not None else [torch.zeros_like(w) for w in weights], b_t or [], tubes, pe_t)
+        out = term if out is None else out + term
+    return out
+
+
 def _backward_vjp(F, B, tubes, G, x, weights, u, V, c, need_g, need_x, need_w):
     """(grad_G, grad_x, grad_W list or None) from the formulas above.
-    F(x, ws, bs, tubes) -> tokens, B(G, x, ws, tubes, mask) -> (dx, dws, dbs)."""
+    F as for _tokens_tangent, B(G, x, ws, tubes, mask) -> (dx, dws, dbs)."""
+    gG = _tokens_tangent(F, tubes, x, weights, u, V, c) if need_g else None
     V = _filled(V, weights)
-    c = _filled(c, [w[:, 0, 0, 0, 0] for w in weights])
-    gG = gx = gW = None
-    if need_g:
-        if u is not None:
-            gG = F(u, weights, [], tubes)
-        if V is not None or c is not None:
-            term = F(x, V if V is not None else [torch.zeros_like(w) for w in weights], c or [], tubes)
-            gG = term if gG is None else gG + term
-    if need_x and V is not None:
-        gx = B(G, x, V, tubes, [True, False, False])[0]
-    if need_w and u is not None:
-        gW = list(B(G, u, weights, tubes, [False, True, False])[1])
+    gx = B(G, x, V, tubes, [True, False, False])[0] if need_x and V is not None else None
+    gW = list(B(G, u, weights, tubes, [False, True, False])[1]) if need_w and u is not None else None
     return gG, gx, gW
 
 
-def _op_forward(x, weights, biases, tubes):
-    return torch.ops.tubevit.tube_tokens(x, weights, biases, tubes, None)
+def _op_forward(x, weights, biases, tubes, pos_embed):
+    return torch.ops.tubevit.tube_tokens(x, weights, biases, tubes, pos_embed)
 
 
 def _op_backward(G, x, weights, tubes, mask):
@@ -326,39 +341,21 @@ class TubeTokensFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_t, pe_t, _tubes_t, _n_t, _has_bias_t, *params_t):
-        """Forward mode (jvp, jacfwd): the op is linear in x for fixed
-        weights and affine in (weights, biases, pos_embed) for fixed x, so the
-        tangent is op(x_t; W) + op(x; W_t, b_t, pe_t) — two calls of the op."""
+        """Forward mode (jvp, jacfwd): two calls of the op (_tokens_tangent)."""
         x, *weights = ctx.saved_tensors
         n = ctx.n_weights
-        w_t, b_t = params_t[:n], params_t[n:]
-        out_t = None
-        if x_t is not None:
-            out_t = torch.ops.tubevit.tube_tokens(x_t, weights, [], ctx.tubes, None)
-        if any(t is not None for t in w_t) or any(t is not None for t in b_t) or pe_t is not None:
-            ws = [torch.zeros_like(w) if t is None else t for w, t in zip(weights, w_t)]
-            bs = ([torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if t is None else t
-                   for w, t in zip(weights, b_t)] if any(t is not None for t in b_t) else [])
-            term = torch.ops.tubevit.tube_tokens(x, ws, bs, ctx.tubes, pe_t)
-            out_t = term if out_t is None else out_t + term
-        return out_t
+        return _tokens_tangent(_op_forward, ctx.tubes, x, weights, x_t, list(params_t[:n]), list(params_t[n:]),
+                               pe_t)
 
     @staticmethod
     def backward(ctx, grad):
         x, *weights = ctx.saved_tensors
         n = ctx.n_weights
         need = ctx.needs_input_grad
-        need_x, need_pe = need[0], need[1]
-        need_w = any(need[5:5 + n])
-        need_b = ctx.has_bias and any(need[5 + n:])
-        dx, dws, dbs = None, [None] * n, [None] * (n if ctx.has_bias else 0)
-        if need_x or need_w or need_b:
-            mask = _Static([bool(need_x), need_w, need_b])
-            out = TubeTokensBackwardFunction.apply(grad, x, _Static(ctx.tubes), mask, *weights)
-            dx = out[0] if need_x else None
-            dws = list(out[1:1 + n]) if need_w else dws
-            dbs = list(out[1 + n if need_w else 1:]) if need_b else dbs
-        return (dx, grad.sum(0) if need_pe else None, None, None, None, *dws, *dbs)
+        dx, dws, dbs, dpe = _token_grads(
+            lambda g, x_, w, mask: _func_backward(g, x_, w, ctx.tubes, mask), grad, x, weights,
+            n if ctx.has_bias else 0, need[0], any(need[5:5 + n]), ctx.has_bias and any(need[5 + n:]), need[1])
+        return (dx, dpe, None, None, None, *dws, *dbs)
 
 
 class TubeTokensBackwardFunction(torch.autograd.Function):
@@ -419,8 +416,8 @@ class TubeTokensBackwardFunction(torch.autograd.Function):
         return (dx_t, *dws_t, *dbs_t)
 
 
-def _func_forward(x, weights, biases, tubes):
-    return TubeTokensFunction.apply(x, None, _Static(tubes), len(weights), bool(biases), *weights, *biases)
+def _func_forward(x, weights, biases, tubes, pos_embed):
+    return TubeTokensFunction.apply(x, pos_embed, _Static(tubes), len(weights), bool(biases), *weights, *biases)
 
 
 def _func_backward(G, x, weights, tubes, mask):

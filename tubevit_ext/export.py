@@ -20,24 +20,17 @@ reference costs in that runtime; the point is that the model exports at all.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
 from . import reference
-from .geometry import Tube
-
-_KT = 9  # ints per tube in the flat `tubes` argument of the ops
-
-
-def _unflatten(tubes: Sequence[int]) -> list:
-    return [Tube(tuple(tubes[i:i + 3]), tuple(tubes[i + 3:i + 6]), tuple(tubes[i + 6:i + 9]))
-            for i in range(0, len(tubes), _KT)]
+from .geometry import Tube, unflatten_tubes
 
 
 def _tube_tokens_aten(x, weights, biases, tubes, pos_embed=None):
     """tubevit::tube_tokens as ATen ops (the reference construction)."""
-    return reference.tube_tokens(x, list(weights), list(biases), _unflatten(tubes), pos_embed)
+    return reference.tube_tokens(x, list(weights), list(biases), unflatten_tubes(tubes), pos_embed)
 
 
 def _patches_aten(x: torch.Tensor, tube: Tube) -> torch.Tensor:
@@ -53,7 +46,7 @@ def _patches_aten(x: torch.Tensor, tube: Tube) -> torch.Tensor:
 def _tube_tokens_with_patches_aten(x, weights, biases, tubes, pos_embed=None):
     """tubevit::tube_tokens_with_patches as ATen ops."""
     return (_tube_tokens_aten(x, weights, biases, tubes, pos_embed),
-            [_patches_aten(x, t) for t in _unflatten(tubes)])
+            [_patches_aten(x, t) for t in unflatten_tubes(tubes)])
 
 
 def decompositions(base: Optional[Dict[Any, Callable]] = None) -> Dict[Any, Callable]:

@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._ops import _func_forward
 from .geometry import Tube, as_tubes, flatten_tubes
 
 
@@ -105,10 +106,8 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
         pos_embed = None if pos_embed is None else cast(pos_embed)
     if torch._C._are_functorch_transforms_active():
         # torch.func (grad, vmap, jacrev, ...): the setup_context-style
-        # Function they require (see _ops.TubeTokensFunction); no saved patches.
-        from ._ops import TubeTokensFunction, _Static
-        return TubeTokensFunction.apply(x, pos_embed, _Static(flatten_tubes(tubes)), len(weights), bool(biases),
-                                        *weights, *biases)
+        # Function it requires (_ops.TubeTokensFunction); no saved patches.
+        return _func_forward(x, weights, biases, flatten_tubes(tubes), pos_embed)
     if save_patches is None:
         # Not while torch.export traces: an exported program is usually run
         # for inference, maybe on another device (the patch-saving op has a

@@ -141,3 +141,11 @@ def token_offsets(tubes: Sequence[Tube], input_size: Sequence[int]) -> list:
 def flatten_tubes(tubes: Sequence[Tube]) -> list:
     """The ``int[] tubes`` argument of the dispatcher ops (9 ints per tube)."""
     return [v for t in as_tubes(tubes) for v in t.flat()]
+
+
+def unflatten_tubes(flat: Sequence[int]) -> Tuple[Tube, ...]:
+    """The inverse of flatten_tubes: Tube records from the ops' ``int[] tubes``."""
+    if len(flat) % 9:
+        raise ValueError(f"tubes must hold 9 ints per tube, got {len(flat)}")
+    return tuple(Tube(tuple(flat[i:i + 3]), tuple(flat[i + 3:i + 6]), tuple(flat[i + 6:i + 9]))
+                 for i in range(0, len(flat), 9))

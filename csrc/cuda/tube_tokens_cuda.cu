@@ -140,6 +140,19 @@ at::Tensor tube_tokens_cuda(const at::Tensor& x, at::TensorList weights, at::Ten
   return out;
 }
 
+// The input gradient from dP (fp32, tube i's block at tc::dp_offsets(L)[i],
+// computed by cuBLAS or on tensor cores): the per-tube scatter where opted in
+// and it applies (not yet run on a GPU), else the gather of tube_tokens_tc.cu.
+at::Tensor grad_input_from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L) {
+  if (gemm::dx_scatter_enabled()) {
+    int64_t dp_elems = 0;
+    const std::vector<int64_t> dp_off = tc::dp_offsets(L, &dp_elems);
+    at::Tensor dx;
+    if (gemm::grad_input_scatter<CudaLauncher>(dp, dp_off, L, &dx, x.options())) return dx;
+  }
+  return tc::grad_input_from_dp(x, dp, L);
+}
+
 // The GEMM path's backward: G (every tube's rows of grad) copied out in one
 // pass, dW_i = G_i^T P_i and dP_i = G_i W_i (fp32 result, the workspace the
 // dX gather reads) on cuBLAS.
@@ -168,9 +181,7 @@ void gemm_backward(const at::Tensor& x, const at::Tensor& grad, const std::vecto
       at::mm_out(dp_i, g_i, w_i, at::kFloat);  // half / bf16 operands, fp32 result
     }
   }
-  // the per-tube scatter (opt-in until run on a GPU), else the gather
-  if (gemm::dx_scatter_enabled() && gemm::grad_input_scatter<CudaLauncher>(dp, dp_off, L, &dx, x.options())) return;
-  dx = tc::grad_input_from_dp(x, dp, L);
+  dx = grad_input_from_dp(x, dp, L);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_tokens_backward_cuda(
@@ -192,18 +203,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
   }
   if (path == Path::TensorCore) {
     at::Tensor dx = at::empty({0}, x.options());
-    if (output_mask[0]) {
-      const auto w = naive::contiguous_all(weights);
-      if (gemm::dx_scatter_enabled()) {  // opt-in until run on a GPU: dP on tensor cores, then the scatter
-        int64_t dp_elems = 0;
-        const std::vector<int64_t> dp_off = tc::dp_offsets(L, &dp_elems);
-        const at::Tensor dp = tc::grad_dp(x, grad, w, L);
-        if (!gemm::grad_input_scatter<CudaLauncher>(dp, dp_off, L, &dx, x.options()))
-          dx = tc::grad_input_from_dp(x, dp, L);
-      } else {
-        dx = tc::grad_input(x, grad, w, L);
-      }
-    }
+    // dP on tensor cores, then the scatter or the gather
+    if (output_mask[0]) dx = grad_input_from_dp(x, tc::grad_dp(x, grad, naive::contiguous_all(weights), L), L);
     std::vector<at::Tensor> dws;
     if (output_mask[1]) {
       for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));

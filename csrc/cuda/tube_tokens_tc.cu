@@ -441,13 +441,6 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Two launches: dP = G W on tensor cores, then every voxel gathers the dP
-// entries covering it.
-at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
-                      const TubeLayout& L) {
-  return grad_input_from_dp(x, grad_dp(x, grad, w, L), L);
-}
-
 at::Tensor grad_dp(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
                    const TubeLayout& L) {
   const void* wp[kMaxTubesTC];

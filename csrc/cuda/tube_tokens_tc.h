@@ -26,22 +26,17 @@ bool supported(const at::Tensor& x, const TubeLayout& L);
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
              const at::Tensor& pe, const TubeLayout& L, at::Tensor& out);
 
-// The input gradient (B, C, T, H, W) contiguous, dtype of x: dP = G W per
-// tube on tensor cores (fp32 workspace), then a deterministic gather.
-// grad (B, N, d) and w contiguous.
-at::Tensor grad_input(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
-                      const TubeLayout& L);
-
-// The input gradient's gather on its own, for dP computed elsewhere (the GEMM
-// path, gemm_path.h): dp fp32 contiguous, tube i's (B n_i, K_i) block
-// row-major at element dp_offsets(L)[i], dp_elems elements in all. At most
-// 16 tubes; fp16 / bf16 / fp32 x; no sm_80 requirement (no tensor cores).
-std::vector<int64_t> dp_offsets(const TubeLayout& L, int64_t* dp_elems);
-// dP = G W for every tube on tensor cores (the first of grad_input's two
-// launches), fp32, laid out as dp_offsets says; for the opt-in per-tube dX
-// scatter (gemm_path.h). grad (B, N, d) and w contiguous.
+// The input gradient in two steps. grad_dp: dP = G W for every tube on
+// tensor cores, fp32; grad (B, N, d) and w contiguous. dp_offsets: where
+// tube i's (B n_i, K_i) block of dP starts (row-major), dp_elems elements in
+// all. grad_input_from_dp: the input gradient (B, C, T, H, W) contiguous,
+// dtype of x, every voxel gathering the dP entries that cover it
+// (deterministic), for dP from grad_dp or from cuBLAS (the GEMM path); at
+// most 16 tubes, fp16 / bf16 / fp32 x, no sm_80 requirement (no tensor
+// cores). The opt-in per-tube scatter (gemm_path.h) also reads this dP.
 at::Tensor grad_dp(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
                    const TubeLayout& L);
+std::vector<int64_t> dp_offsets(const TubeLayout& L, int64_t* dp_elems);
 at::Tensor grad_input_from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L);
 
 // dws[i] (d, C, kt, kh, kw) contiguous, fully overwritten; grad (B, N, d)
