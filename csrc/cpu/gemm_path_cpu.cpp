@@ -14,6 +14,14 @@
 namespace tubevit {
 namespace {
 
+// The GEMM path's layout, or an error where the CUDA backend would take
+// another path (too many tubes, indices beyond 32 bits).
+gemm::Layout checked_layout(const TubeLayout& L, const char* op) {
+  gemm::Layout a;
+  TORCH_CHECK(gemm::make_layout(L, &a), op, ": at most ", gemm::kMaxTubes, " tubes and 32-bit element indices");
+  return a;
+}
+
 at::Tensor gemm_path_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::IntArrayRef tubes,
                          const c10::optional<at::Tensor>& pos_embed) {
   const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
@@ -21,9 +29,7 @@ at::Tensor gemm_path_cpu(const at::Tensor& x, at::TensorList weights, at::Tensor
   if (out.numel() == 0) return out;
   at::Tensor pe;
   if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
-  gemm::Layout a;
-  TORCH_CHECK(gemm::make_layout(L, &a), "tube_tokens_gemm_path: at most ", gemm::kMaxTubes,
-              " tubes and 32-bit element indices");
+  const gemm::Layout a = checked_layout(L, "tube_tokens_gemm_path");
   gemm::forward<CpuLauncher>(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, a, out);
   return out;
 }
@@ -33,9 +39,7 @@ std::vector<at::Tensor> gemm_path_dw_cpu(const at::Tensor& grad_out, const at::T
   const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
   std::vector<at::Tensor> dws;
   for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));
-  gemm::Layout a;
-  TORCH_CHECK(gemm::make_layout(L, &a), "tube_tokens_gemm_path_dw: at most ", gemm::kMaxTubes,
-              " tubes and 32-bit element indices");
+  const gemm::Layout a = checked_layout(L, "tube_tokens_gemm_path_dw");
   gemm::grad_weight<CpuLauncher>(x, gemm::grad_rows<CpuLauncher>(grad_out.contiguous(), a), L, a, dws);
   return dws;
 }
@@ -45,9 +49,7 @@ std::vector<at::Tensor> gemm_path_dw_cpu(const at::Tensor& grad_out, const at::T
 at::Tensor gemm_path_dx_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
                             at::IntArrayRef tubes) {
   const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
-  gemm::Layout a;
-  TORCH_CHECK(gemm::make_layout(L, &a), "tube_tokens_gemm_path_dx: at most ", gemm::kMaxTubes,
-              " tubes and 32-bit element indices");
+  const gemm::Layout a = checked_layout(L, "tube_tokens_gemm_path_dx");
   const at::Tensor g = gemm::grad_rows<CpuLauncher>(grad_out.contiguous(), a);
   at::Tensor dp = at::empty({a.p_elems}, x.options().dtype(at::kFloat));
   std::vector<int64_t> dp_off;
