@@ -11,8 +11,11 @@ Environment:
   CUDA_HOME               CUDA toolkit root; /usr/local/cuda is tried when unset
                           (a wrapper `nvcc` on PATH makes torch guess wrong)
   TUBEVIT_DEBUG=1         -O0 -g host code, -G device code
+  TUBEVIT_TESTING_OPS=0   leave out the test-only ops (csrc/testing/, the
+                          torch.ops.tubevit_testing namespace the test suite
+                          needs); default 1
   TUBEVIT_DEFINES         extra macros for every compiler, e.g. the tensor-core
-                          kernels' tuning knobs (csrc/tc_tiles.h):
+                          kernels' tuning knobs (csrc/kernels/tc_tiles.h):
                           "TUBEVIT_TC_DEPTH=32 TUBEVIT_TC_MIN_BLOCKS=4"
 
 Install with `pip install --no-build-isolation .` (or `-e .`): the extension
@@ -67,7 +70,8 @@ def pip_cuda_includes():
 
 def extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    testing = os.environ.get("TUBEVIT_TESTING_OPS", "1") != "0"
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + (rel("csrc/testing/*.cpp") if testing else [])
     debug = os.environ.get("TUBEVIT_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # at::parallel_for is inlined into this library; without -fopenmp its
@@ -75,7 +79,7 @@ def extensions():
     # Linking -fopenmp records a dependency on libgomp.so.1, the SONAME of
     # the runtime torch ships and has already loaded, so one runtime is used.
     cxx += ["-fopenmp"]
-    macros = []
+    macros = [("TUBEVIT_WITH_TESTING_OPS", None)] if testing else []
     for d in os.environ.get("TUBEVIT_DEFINES", "").split():
         name, _, value = d.partition("=")
         macros.append((name, value or None))
@@ -84,7 +88,7 @@ def extensions():
     extra = {"cxx": cxx}
     if want_cuda():
         ext = cpp_extension.CUDAExtension
-        sources += rel("csrc/cuda/*.cu")
+        sources += rel("csrc/cuda/*.cu") + (rel("csrc/testing/*.cu") if testing else [])
         macros.append(("TUBEVIT_WITH_CUDA", None))
         includes += pip_cuda_includes()
         extra["nvcc"] = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"])

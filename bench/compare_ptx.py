@@ -1,16 +1,19 @@
-"""Is the GPU code of the tensor-core kernels still what was tested on a GPU?
+"""Is the GPU code of the kernels still what was tested on a GPU?
 
-    python bench/compare_ptx.py BASE_REV [--base-defines "TUBEVIT_TC_MIN_BLOCKS=4"] [--defines "..."]
-    python bench/compare_ptx.py BASE_REV --source csrc/cuda/tube_tokens_cuda.cu   # GEMM path + naive kernels
+    python bench/compare_ptx.py BASE_REV [--base-defines "..."] [--defines "..."]
+    python bench/compare_ptx.py BASE_REV --source csrc/cuda/tube_tokens_tc.cu   # one file
 
-Compiles csrc/cuda/tube_tokens_tc.cu (or --source) to PTX (sm_90, the flags torch's
-extension build uses) twice: from git revision BASE_REV (a temporary
+Compiles every .cu file under csrc/ (or --source) to PTX (sm_90, the flags
+torch's extension build uses) twice: from git revision BASE_REV (a temporary
 worktree) and from the working tree, then compares every kernel entry after
 renaming what carries no meaning (virtual register numbers, labels, .loc
-lines, comments, local-depot numbers, the anonymous-namespace hash). Prints one line per kernel:
-IDENTICAL or how many lines differ. Session 5 used it to show that refactors
-made after the GPU runs left the verified default kernels unchanged
-(bench/NOTES.md). Needs nvcc (CUDA_HOME) and a CUDA build of torch; no GPU.
+lines, comments, local-depot numbers, the anonymous-namespace hash, the
+kernel's own mangled name inside its body). Kernels are matched by their
+demangled name with namespaces removed, so a kernel that moved to another
+file or namespace is still compared with itself. Prints one line per
+kernel: IDENTICAL or how many lines differ; exit status 1 when any differs
+or is missing. bench/RESULTS.md names the tree whose kernels last ran on a
+GPU. Needs nvcc (CUDA_HOME), c++filt and a CUDA build of torch; no GPU.
 """
 import argparse
 import difflib
@@ -24,10 +27,14 @@ import tempfile
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = "csrc/cuda/tube_tokens_tc.cu"
 
 
-def nvcc_ptx(tree, defines, out, source=SOURCE):
+def sources(tree):
+    return sorted(os.path.relpath(p, tree) for p in glob.glob(os.path.join(tree, "csrc", "**", "*.cu"),
+                                                              recursive=True))
+
+
+def nvcc_ptx(tree, defines, out, source):
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     includes = [os.path.join(tree, "csrc")] + cpp_extension.include_paths(device_type="cuda")
     # the CUDA wheels' headers (cuda_bf16.h etc.), as setup.py adds them
@@ -54,16 +61,34 @@ def _anonymous_namespaces(text):
     return "".join(out)
 
 
+def _key(mangled):
+    """The kernel's demangled name without namespaces: stable across moves between files/namespaces."""
+    name = subprocess.run(["c++filt"], input=mangled, capture_output=True, text=True, check=True).stdout.strip()
+    name = name.replace("(anonymous namespace)::", "")
+    return re.sub(r"\b(?:\w+::)+", "", name)
+
+
 def kernels(path):
     text = _anonymous_namespaces(open(path).read())
     out = {}
     for m in re.finditer(r"\.entry (\S+)\(", text):
         body = text[m.start():text.find("\n}\n", m.start())]
+        body = body.replace(m.group(1)[2:], "KERNEL")  # parameter and static shared-memory names
         body = re.sub(r"%(r|rd|f|fd|p|rs|h|hh)\d+", r"%\1", body)
         body = re.sub(r"\$L__BB\d+_\d+", "L", body)
         body = re.sub(r"__local_depot\d+", "__local_depot", body)  # numbered in file order
         body = re.sub(r"//[^\n]*", "", body)
-        out[m.group(1)] = [line for line in body.splitlines() if line.strip() and not line.strip().startswith(".loc")]
+        out[_key(m.group(1))] = [line for line in body.splitlines()
+                                 if line.strip() and not line.strip().startswith(".loc")]
+    return out
+
+
+def all_kernels(tree, defines, tmp, tag, only):
+    out = {}
+    for i, src in enumerate([only] if only else sources(tree)):
+        ptx = os.path.join(tmp, f"{tag}{i}.ptx")
+        nvcc_ptx(tree, defines, ptx, src)
+        out.update(kernels(ptx))
     return out
 
 
@@ -72,21 +97,19 @@ def main():
     ap.add_argument("base")
     ap.add_argument("--base-defines", default="", help="macros for the base build (TUBEVIT_DEFINES syntax)")
     ap.add_argument("--defines", default="", help="macros for the working-tree build")
-    ap.add_argument("--source", default=SOURCE, help="the .cu file to compare (default: %(default)s)")
+    ap.add_argument("--source", default=None, help="one .cu file to compare (default: every .cu under csrc/)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         wt = os.path.join(tmp, "base")
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "-q", "--detach", wt, a.base], check=True)
         try:
-            nvcc_ptx(wt, a.base_defines, os.path.join(tmp, "base.ptx"), a.source)
+            old = all_kernels(wt, a.base_defines, tmp, "base", a.source)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", wt], check=True)
-        nvcc_ptx(ROOT, a.defines, os.path.join(tmp, "new.ptx"), a.source)
-        old, new = kernels(os.path.join(tmp, "base.ptx")), kernels(os.path.join(tmp, "new.ptx"))
+        new = all_kernels(ROOT, a.defines, tmp, "new", a.source)
     same = True
     for name in sorted(old):
-        m = re.search(r"(tube_\w*?kernel)I(\w+?)E", name)
-        tag = f"{m.group(1)}<{m.group(2)}>" if m else name
+        tag = name
         if name not in new:
             print(f"{tag}: not in the working tree")
             same = False

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Everything a GPU session needs, in ONE device call, most valuable first,
-# inside a wall-clock budget (the device tool allows 10 min per call and
-# ~15 min of device time per session, machine start included):
+# Every GPU check in ONE run of the device machine, most valuable first,
+# inside a wall-clock budget (the device tool allows 10 min per command and
+# 15 min of device time in all, machine start included):
 #   build          editable install, no deps (no internet there), this GPU's arch only
 #   tests          CUDA-parametrized tests, default paths (by size)   (-k cuda)
-#   tests-gemm     the same on the GEMM path wherever it applies      (TUBEVIT_CUDA_GEMM=1)
-#   tests-optin    the GEMM path with its opt-in kernels (TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1
+#   tests-gemm     the same on the GEMM path wherever it applies      (TUBEVIT_CUDA_PATH=gemm)
+#   tests-optin    the GEMM path with its opt-in kernels (TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1
 #                  TUBEVIT_DX_SCATTER=1: V-wide gather, per-tube dX scatter), then the tensor-core
-#                  path with the scatter (TUBEVIT_CUDA_GEMM=0 TUBEVIT_DX_SCATTER=1)
-#   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_GEMM=0)
-#   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_TC=0)
+#                  path with the scatter (TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1)
+#   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
+#   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_PATH=naive)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all three paths
 #                  (GEMM forced, tensor-core kernels, naive)
 #   bench          --preset gpu-targets without torch.compile (JSON kept)
-#   bench-tc       the fused rows of it on the tensor-core kernels      (TUBEVIT_CUDA_GEMM=0)
+#   bench-tc       the fused rows of it on the tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
 #   bench-small    B = 1 and 4: reference, unfold_gemm, fused on both fast paths
 #   bench-paths    B = 1, 4, 8, 16, 32: reference, unfold_gemm, fused (default choice),
 #                  fused_gemm and fused_tc (each path forced), interleaved in one run
@@ -38,7 +38,7 @@
 #   bench-naive.json, bench-compile.json, profile.txt, ncu.txt, logs.tar.gz (every
 #   log, refreshed after each step).
 # Usage (device tool):  TUBEVIT_COMMIT=<short sha> bash bench/gpu_check.sh   with timeout_s=600
-#   (the device's copy of .git is the session start's, so name the commit run)
+#   (the device's copy of .git may be older than the tree it runs, so name the commit)
 #   BUDGET_S=540 (default)  STEPS="build tests bench"  PY=python3
 # A build carried from the CPU machine (tubevit_ext/_C.cpython-312-*.so made by
 # .ci/check_gpu_torch against the same Python 3.12 + torch 2.11.0, name it in
@@ -84,11 +84,11 @@ run_step() {
   return $rc
 }
 sanitize() {  # sanitize TOOL: GEMM path (default, and with the opt-in kernels), tensor-core kernels, naive kernels
-  TUBEVIT_CUDA_GEMM=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
-  TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
-  TUBEVIT_CUDA_GEMM=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
-  TUBEVIT_CUDA_GEMM=0 TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
-  TUBEVIT_CUDA_TC=0 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
+  TUBEVIT_CUDA_PATH=gemm compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_PATH=tc compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_PATH=naive compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
 }
 bench() {  # bench JSON_NAME ARGS...: table into the log, targets into the summary
   local json=$1; shift
@@ -111,7 +111,8 @@ assert tv.cuda_compiled()
 t = [tv.Tube((2, 3, 3), (2, 2, 2))]
 x = torch.randn(1, 3, 5, 7, 7, device='cuda'); w = [torch.randn(4, 3, 2, 3, 3, device='cuda')]
 b = [torch.randn(4, device='cuda')]
-y = torch.ops.tubevit.tube_tokens_naive(x, w, b, tv.flatten_tubes(t), None)
+import tubevit_ext.testing
+y = torch.ops.tubevit_testing.tube_tokens_naive(x, w, b, tv.flatten_tubes(t), None)
 r = tv.reference.tube_tokens(x.double(), [w[0].double()], [b[0].double()], t, None)
 assert (y.double() - r).abs().max().item() < 1e-4
 print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -q "carried build works"; then
@@ -123,29 +124,29 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
     tests)
       run_step tests 60 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-gemm)
-      run_step tests-gemm 60 env TUBEVIT_CUDA_GEMM=1 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+      run_step tests-gemm 60 env TUBEVIT_CUDA_PATH=gemm "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-optin)
-      run_step tests-optin 60 env TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 "$PY" -m pytest \
+      run_step tests-optin 60 env TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 "$PY" -m pytest \
         python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT
-      run_step tests-optin-tc 60 env TUBEVIT_CUDA_GEMM=0 TUBEVIT_DX_SCATTER=1 "$PY" -m pytest \
+      run_step tests-optin-tc 60 env TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 "$PY" -m pytest \
         python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-tc)
-      run_step tests-tc 60 env TUBEVIT_CUDA_GEMM=0 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+      run_step tests-tc 60 env TUBEVIT_CUDA_PATH=tc "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-naive)
-      run_step tests-naive 60 env TUBEVIT_CUDA_TC=0 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+      run_step tests-naive 60 env TUBEVIT_CUDA_PATH=naive "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     memcheck|racecheck|initcheck)
       run_step "$step" 60 sanitize "$step" ;;
     bench)
       run_step bench-default 90 bench bench-default.json --impls reference unfold_gemm fused
       grep -E "target|peak|fused" "$LOGS/bench-default.log" | tee -a "$SUMMARY" ;;
     bench-tc)
-      TUBEVIT_CUDA_GEMM=0 run_step bench-tc 90 bench bench-tc.json --impls fused
+      TUBEVIT_CUDA_PATH=tc run_step bench-tc 90 bench bench-tc.json --impls fused
       grep -E "^paper" "$LOGS/bench-tc.log" | sed "s/^/tc: /" | tee -a "$SUMMARY" ;;
     bench-small)
       # small batches, where launch counts matter: both fast paths, same run
       run_step bench-small 60 bench bench-small.json --impls reference unfold_gemm fused --batch 1 4
       grep -E "^paper" "$LOGS/bench-small.log" | tee -a "$SUMMARY"
-      TUBEVIT_CUDA_GEMM=0 run_step bench-small-tc 40 bench bench-small-tc.json --impls fused --batch 1 4
+      TUBEVIT_CUDA_PATH=tc run_step bench-small-tc 40 bench bench-small-tc.json --impls fused --batch 1 4
       grep -E "^paper" "$LOGS/bench-small-tc.log" | sed "s/^/tc: /" | tee -a "$SUMMARY" ;;
     bench-paths)
       # both fast paths forced and the default choice, B = 1 .. 32, one process, interleaved
@@ -157,7 +158,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
     bench-gather)
       # the GEMM path with the scalar and the V-wide gather, same run (fused rows only)
       for g in 0 1; do
-        run_step "bench-gather-$g" 30 env TUBEVIT_CUDA_GEMM=1 TUBEVIT_GEMM_GATHER_VEC=$g "$PY" bench/tube_bench.py \
+        run_step "bench-gather-$g" 30 env TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=$g "$PY" bench/tube_bench.py \
           --preset gpu-targets --impls fused --batch 8 32 --json "$RES/bench-gather-$g.json" --plot "$LOGS/bench-gather-$g.png"
         grep -E "^paper" "$LOGS/bench-gather-$g.log" | sed "s/^/gather_vec=$g: /" | tee -a "$SUMMARY"
       done ;;
@@ -171,7 +172,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         grep -E "^paper" "$LOGS/bench-dx-$g.log" | sed "s/^/dx_scatter=$g: /" | tee -a "$SUMMARY"
       done ;;
     bench-naive)
-      TUBEVIT_CUDA_TC=0 run_step bench-naive 90 bench bench-naive.json --impls reference unfold_gemm fused
+      TUBEVIT_CUDA_PATH=naive run_step bench-naive 90 bench bench-naive.json --impls reference unfold_gemm fused
       grep -E "target|peak" "$LOGS/bench-naive.log" | tee -a "$SUMMARY" ;;
     bench-compile)
       run_step bench-compile 150 bench bench-compile.json --impls reference fused compiled_reference --modes fwd
@@ -206,8 +207,8 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       cp "$LOGS/profile.log" "$RES/profile.txt" ;;
     profile-host)
       # host-side op tables at B = 4 (where launch overhead decides), both fast paths forced
-      run_step profile-host 50 bash -c 'TUBEVIT_CUDA_GEMM=1 "$PY" bench/gpu_profile.py --host --batch 4 --dtypes bf16 \
-        && TUBEVIT_CUDA_GEMM=0 "$PY" bench/gpu_profile.py --host --batch 4 --dtypes bf16'
+      run_step profile-host 50 bash -c 'TUBEVIT_CUDA_PATH=gemm "$PY" bench/gpu_profile.py --host --batch 4 --dtypes bf16 \
+        && TUBEVIT_CUDA_PATH=tc "$PY" bench/gpu_profile.py --host --batch 4 --dtypes bf16'
       cp "$LOGS/profile-host.log" "$RES/profile-host.txt" ;;
     ncu)
       # one bf16 forward + backward at B = 32: the tube kernels and the naive

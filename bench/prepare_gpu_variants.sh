@@ -4,13 +4,13 @@
 #   tubevit_ext/_C.cpython-312-*.so   the default build, for the GPU machine's
 #                                     Python 3.12 + torch 2.11.0 (.venv-gpu-torch)
 #   .variants/NAME.so                 the same tree built with other tuning knobs
-#                                     (csrc/tc_tiles.h), stripped (~3 MB each)
-# then prints the device call. Session 5 measured four builds side by side in
-# one call this way (bench/NOTES.md, "Session 5").
+#                                     (csrc/kernels/tc_tiles.h), stripped (~3 MB each)
+# then prints the device call; gpu_check.sh's `variants` step times them side
+# by side on one card.
 #
 # Usage: bash bench/prepare_gpu_variants.sh [NAME="DEFINES" ...]
-#   default variants: base="" (the defaults) and session5="TUBEVIT_TC_STAGES=1
-#   TUBEVIT_TC_DW_VEC=0" (the kernels session 5 measured, a baseline)
+#   default variants: base="" (the defaults) and single-stage="TUBEVIT_TC_STAGES=1
+#   TUBEVIT_TC_DW_VEC=0" (the single-stage kernels with the transposing dW copy, a baseline)
 # Every variant's tile code is checked by the emulator tests
 # (python_tests/test_tc_emulation.py) before it is kept.
 # Needs .venv-gpu-torch (bash .ci/check_gpu_torch creates it, ~3 min).
@@ -22,7 +22,7 @@ VENV=${GPU_VENV:-.venv-gpu-torch}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-2}
 if [ $# -eq 0 ]; then
-  set -- base= "session5=TUBEVIT_TC_STAGES=1 TUBEVIT_TC_DW_VEC=0"
+  set -- base= "single-stage=TUBEVIT_TC_STAGES=1 TUBEVIT_TC_DW_VEC=0"
 fi
 so=tubevit_ext/_C.cpython-312-x86_64-linux-gnu.so
 mkdir -p .variants

@@ -1,18 +1,19 @@
 """A small CUDA workload for compute-sanitizer (run by bench/gpu_check.sh):
 forward and backward of every CUDA path on odd shapes, every dtype, several
 layouts, batch 0, and the naive kernels. Exits non-zero on a mismatch.
-bench/gpu_check.sh runs it once per CUDA path: TUBEVIT_CUDA_GEMM=1 (the GEMM
-path, our gather + cuBLAS), TUBEVIT_CUDA_GEMM=0 (the handwritten tensor-core
-kernels: fp16/bf16, and fp32 as TF32) and TUBEVIT_CUDA_TC=0 (the naive kernels)."""
+bench/gpu_check.sh runs it once per CUDA path: TUBEVIT_CUDA_PATH=gemm (the GEMM
+path, our gather + cuBLAS), TUBEVIT_CUDA_PATH=tc (the handwritten tensor-core
+kernels: fp16/bf16, and fp32 as TF32) and TUBEVIT_CUDA_PATH=naive (the naive kernels)."""
 import os
 
 import torch
 
 import tubevit_ext as tv
+from tubevit_ext.testing import ops as testing_ops
 
 # on the tensor-core path fp32 runs as TF32 (PyTorch's default cudnn.allow_tf32); the GEMM path
 # is exact in fp32 by default, so the TF32 bound holds for it too
-TF32 = os.environ.get("TUBEVIT_CUDA_TC") != "0" and torch.backends.cudnn.allow_tf32
+TF32 = os.environ.get("TUBEVIT_CUDA_PATH") != "naive" and torch.backends.cudnn.allow_tf32
 
 assert torch.cuda.is_available(), "needs a GPU"
 torch.manual_seed(0)
@@ -45,8 +46,8 @@ for tubes, size, d in CASES:
                 if dtype == torch.float32 and TF32:
                     tol = 3e-3  # inputs rounded to TF32 (10-bit mantissa)
                 assert err <= tol * max(1.0, ref.abs().max().item() if ref.numel() else 1.0), (dtype, B, layout, err)
-                yn = torch.ops.tubevit.tube_tokens_naive(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], flat, pe)
-                torch.ops.tubevit.tube_tokens_naive_backward(torch.ones_like(yn), x.detach(), [w.detach() for w in ws], flat,
+                yn = testing_ops.tube_tokens_naive(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], flat, pe)
+                testing_ops.tube_tokens_naive_backward(torch.ones_like(yn), x.detach(), [w.detach() for w in ws], flat,
                                                              [True, True, True])
 torch.cuda.synchronize()
 print("sanitize_case: ok")

@@ -5,8 +5,8 @@ Implementations (all compute the same (B, N, d) tokens, bias and PE included):
   unfold_gemm         per-tube strided unfold view -> patch copy -> one F.linear per tube + cat + PE add
   compiled_reference  torch.compile(reference)
   fused               tubevit_ext.SparseTubeTokenizer (on CUDA: the path the library picks by size)
-  fused_gemm          the same with TUBEVIT_CUDA_GEMM=1 (CUDA only, opt-in: the GEMM path forced)
-  fused_tc            the same with TUBEVIT_CUDA_GEMM=0 (CUDA only, opt-in: the tensor-core kernels)
+  fused_gemm          the same with TUBEVIT_CUDA_PATH=gemm (CUDA only, opt-in: the GEMM path forced)
+  fused_tc            the same with TUBEVIT_CUDA_PATH=tc (CUDA only, opt-in: the tensor-core kernels)
 
 Modes: fwd; fwd_bwd (weights and bias require grad, input does not);
 fwd_bwd_input (input requires grad too).
@@ -55,7 +55,7 @@ IMPLS = ["reference", "unfold_gemm", "fused", "fused_gemm", "fused_tc", "compile
 DEFAULT_IMPLS = ["reference", "unfold_gemm", "fused", "compiled_reference"]
 # the fused module with one CUDA path forced: the environment the op reads per
 # call, set for the whole step (forward and backward)
-PATH_ENV = {"fused_gemm": {"TUBEVIT_CUDA_GEMM": "1"}, "fused_tc": {"TUBEVIT_CUDA_GEMM": "0"}}
+PATH_ENV = {"fused_gemm": {"TUBEVIT_CUDA_PATH": "gemm"}, "fused_tc": {"TUBEVIT_CUDA_PATH": "tc"}}
 MODES = ["fwd", "fwd_bwd", "fwd_bwd_input"]
 
 
@@ -161,6 +161,7 @@ class pinned_env:
     def __enter__(self):
         self.prev = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
+        tv.reload_options()
 
     def __exit__(self, *exc):
         for k, v in self.prev.items():
@@ -168,6 +169,7 @@ class pinned_env:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        tv.reload_options()
 
 
 def make_step(model, mode, env=None):
@@ -472,8 +474,8 @@ def main(argv=None):
               "commit": git_commit(), "date": _dt.date.today().isoformat(),
               "threads": torch.get_num_threads(), "peak_tflops": peak, "config": cfg,
               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
-              # which CUDA kernels "fused" used: tensor cores (the default where they apply) or naive (TUBEVIT_CUDA_TC=0)
-              "cuda_tensor_core_path": os.environ.get("TUBEVIT_CUDA_TC") != "0",
+              # the CUDA path "fused" was told to take (csrc/options.h): auto, gemm, tc or naive
+              "cuda_path": os.environ.get("TUBEVIT_CUDA_PATH", "auto"),
               "results": rows}
     print(f"\ndevice: {result['device']} | torch {result['torch']} | commit {result['commit']}")
     if peak:

@@ -11,6 +11,7 @@
 #include "tube_geometry.h"
 #include "tube_tokens.h"
 #include "cpu/patch_pool.h"
+#include "options.h"
 
 namespace {
 
@@ -28,6 +29,14 @@ std::vector<int64_t> token_layout(const std::vector<int64_t>& tubes, int64_t T,
   return out;
 }
 
+bool testing_ops_compiled() {
+#ifdef TUBEVIT_WITH_TESTING_OPS
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool cuda_compiled() {
 #ifdef TUBEVIT_WITH_CUDA
   return true;
@@ -43,6 +52,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("_token_layout", &token_layout,
         "per tube (nt, nh, nw, token_offset), flattened, from the C++ geometry");
   m.def("_cuda_compiled", &cuda_compiled, "whether the CUDA kernels were built in");
+  m.def("_testing_ops_compiled", &testing_ops_compiled,
+        "whether the test-only ops (torch.ops.tubevit_testing) were built in");
+  m.def("_reload_options", &tubevit::reload_options,
+        "read the TUBEVIT_* switches of csrc/options.h from the environment again");
   m.def("_patch_cache_bytes", &tubevit::patch_pool_cached_bytes,
         "bytes of freed CPU patch buffers kept for reuse");
   m.def("_empty_patch_cache", &tubevit::patch_pool_empty,

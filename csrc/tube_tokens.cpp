@@ -151,9 +151,11 @@ void check_patches(at::TensorList patches, const at::Tensor& x, const TubeLayout
 
 }  // namespace tubevit
 
-// The schemas. Backends: cpu/tube_tokens_cpu.cpp, cuda/tube_tokens_cuda.cu.
-// Fake (meta) kernels and autograd are registered from Python
-// (tubevit_ext/_ops.py) so that they share tubevit_ext/geometry.py.
+// The schemas of the ops users call. Backends: cpu/tube_tokens_cpu.cpp,
+// cuda/tube_tokens_cuda.cu. Fake (meta) kernels and autograd are registered
+// from Python (tubevit_ext/_ops.py) so that they share
+// tubevit_ext/geometry.py. Test-only ops live in the tubevit_testing
+// namespace (testing/testing_ops.cpp).
 TORCH_LIBRARY(tubevit, m) {
   // x (B,C,T,H,W); weights[i] (d,C,kt,kh,kw); biases [] or [(d,)]*n;
   // tubes: 9 ints per tube; pos_embed (N,d) or None -> tokens (B,N,d).
@@ -176,31 +178,4 @@ TORCH_LIBRARY(tubevit, m) {
   m.def(
       "tube_tokens_with_patches(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
       "Tensor? pos_embed) -> (Tensor, Tensor[])");
-  // The same contract, always computed by the per-element kernels of
-  // naive_kernels.h (on CPU: the CUDA kernels' code run in a host loop).
-  // For testing the GPU kernels' logic; not differentiable.
-  m.def(
-      "tube_tokens_naive(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
-      "Tensor? pos_embed) -> Tensor");
-  m.def(
-      "tube_tokens_naive_backward(Tensor grad_out, Tensor x, Tensor[] weights, "
-      "int[] tubes, bool[3] output_mask) -> (Tensor, Tensor[], Tensor[])");
-  // The tensor-core kernels' tile code (tc_tiles.h) run on the CPU with an
-  // emulated MMA (cpu/tc_emulation.cpp): the forward output and the weight
-  // and input gradients those kernels compute, for fp16, bf16 and fp32-as-TF32.
-  // Test-only, CPU-only, not differentiable.
-  m.def(
-      "tube_tokens_tc_emulated(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
-      "Tensor? pos_embed) -> Tensor");
-  m.def("tube_tokens_tc_emulated_dw(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor[]");
-  m.def("tube_tokens_tc_emulated_dx(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor");
-  // The CUDA backend's GEMM path (gemm_path.h: gather, GEMM, PE placement)
-  // run on the CPU with ATen's CPU GEMMs: the forward output, the weight
-  // gradients and the input gradient by the per-tube scatter (opt-in on
-  // CUDA). Test-only, CPU-only, not differentiable.
-  m.def(
-      "tube_tokens_gemm_path(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
-      "Tensor? pos_embed) -> Tensor");
-  m.def("tube_tokens_gemm_path_dw(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor[]");
-  m.def("tube_tokens_gemm_path_dx(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor");
 }

@@ -22,6 +22,24 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _reread_switches():
+    """The library reads its TUBEVIT_* switches once (csrc/options.h); after a test that
+    changed one (monkeypatch undoes the variable after this fixture's setup, before its
+    teardown), the next test starts from the environment again."""
+    yield
+    tv.reload_options()
+
+
+def set_switch(monkeypatch, name, value):
+    """Sets one of the library's switches (value None: unsets it) and has it read again."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    tv.reload_options()
+
+
 def random_tubes(rng: random.Random, n_tubes: int, size=None, max_kernel=6):
     """Random tube list that fits ``size`` (T, H, W): kernel < stride,
     kernel > stride (overlapping windows) and non-zero offsets all occur."""

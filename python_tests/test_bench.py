@@ -39,22 +39,22 @@ def test_harness_json_format(tmp_path, capsys):
 
 
 def test_cuda_path_variants_pin_the_environment(tmp_path, monkeypatch):
-    # fused_gemm / fused_tc time the fused module with TUBEVIT_CUDA_GEMM pinned for the whole
+    # fused_gemm / fused_tc time the fused module with TUBEVIT_CUDA_PATH pinned for the whole
     # step and restore the caller's value after; off CUDA they are recorded as skipped
     bench = _bench()
     seen = []
-    with bench.pinned_env({"TUBEVIT_CUDA_GEMM": "1"}):
-        seen.append(os.environ.get("TUBEVIT_CUDA_GEMM"))
-    seen.append(os.environ.get("TUBEVIT_CUDA_GEMM"))
-    assert seen == ["1", None]
-    monkeypatch.setenv("TUBEVIT_CUDA_GEMM", "0")
+    with bench.pinned_env({"TUBEVIT_CUDA_PATH": "gemm"}):
+        seen.append(os.environ.get("TUBEVIT_CUDA_PATH"))
+    seen.append(os.environ.get("TUBEVIT_CUDA_PATH"))
+    assert seen == ["gemm", None]
+    monkeypatch.setenv("TUBEVIT_CUDA_PATH", "tc")
 
     class ReadsEnv(torch.nn.Module):
         def forward(self, x):
-            return os.environ["TUBEVIT_CUDA_GEMM"]
+            return os.environ["TUBEVIT_CUDA_PATH"]
 
-    step = bench.make_step(ReadsEnv(), "fwd", {"TUBEVIT_CUDA_GEMM": "1"})
-    assert step(None) == "1" and os.environ["TUBEVIT_CUDA_GEMM"] == "0"
+    step = bench.make_step(ReadsEnv(), "fwd", {"TUBEVIT_CUDA_PATH": "gemm"})
+    assert step(None) == "gemm" and os.environ["TUBEVIT_CUDA_PATH"] == "tc"
     out = tmp_path / "r.json"
     bench.main(["--device", "cpu", "--batch", "1", "--frames", "20", "--dim", "12", "--size", "32", "40",
                 "--tubes", "paper", "--modes", "fwd", "--impls", "reference", "fused", "fused_gemm", "fused_tc",

@@ -1,13 +1,15 @@
 """CUDA runtime contract of the ops: current stream, CUDA-graph capture, the
 path switches and fp32 precision. GPU only (skipped without one); each runs
-on every CUDA path: the default (chosen by problem size), TUBEVIT_CUDA_GEMM=1
-(the GEMM path: our gather + cuBLAS), TUBEVIT_CUDA_GEMM=0 (the handwritten
-tensor-core kernels) and TUBEVIT_CUDA_TC=0 (the naive kernels), in fp32 and
+on every CUDA path: the default (chosen by problem size), TUBEVIT_CUDA_PATH=gemm
+(the GEMM path: our gather + cuBLAS), TUBEVIT_CUDA_PATH=tc (the handwritten
+tensor-core kernels) and TUBEVIT_CUDA_PATH=naive (the naive kernels), in fp32 and
 bf16."""
 import pytest
 import torch
 
 import tubevit_ext as tv
+from conftest import set_switch
+from tubevit_ext.testing import ops as testing_ops
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and tv.cuda_compiled()),
                                 reason="needs a CUDA GPU and a CUDA build")
@@ -16,15 +18,9 @@ SIZE = (9, 21, 19)
 
 
 def _select(monkeypatch, path):
-    """Route the main ops to one CUDA path (see csrc/cuda/tube_tokens_cuda.cu)."""
-    monkeypatch.delenv("TUBEVIT_CUDA_TC", raising=False)
-    monkeypatch.delenv("TUBEVIT_CUDA_GEMM", raising=False)
-    if path == "naive":
-        monkeypatch.setenv("TUBEVIT_CUDA_TC", "0")
-    elif path == "tensor_core":
-        monkeypatch.setenv("TUBEVIT_CUDA_GEMM", "0")
-    elif path == "gemm":
-        monkeypatch.setenv("TUBEVIT_CUDA_GEMM", "1")
+    """Route the main ops to one CUDA path (TUBEVIT_CUDA_PATH, csrc/options.h)."""
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH",
+               {"default": None, "gemm": "gemm", "tensor_core": "tc", "naive": "naive"}[path])
 
 
 @pytest.fixture(params=["default", "gemm", "tensor_core", "naive"])
@@ -131,7 +127,7 @@ def test_cuda_tensor_core_path_tf32_follows_cudnn_switch(monkeypatch):
     oracle = _fwd_bwd(x, ws, bs, gout, "cpu", torch.float64)
     prev = torch.backends.cudnn.allow_tf32
     try:
-        # TF32 off: exact fp32, bitwise what the naive kernels (TUBEVIT_CUDA_TC=0) give
+        # TF32 off: exact fp32, bitwise what the naive kernels (TUBEVIT_CUDA_PATH=naive) give
         torch.backends.cudnn.allow_tf32 = False
         exact = _fwd_bwd(x, ws, bs, gout, "cuda", torch.float32)
         _select(monkeypatch, "naive")
@@ -225,8 +221,8 @@ def test_cuda_gemm_path_fp32_precision(monkeypatch):
 
 
 def test_cuda_naive_ops_ignore_tensor_core_switch(monkeypatch):
-    # tube_tokens_naive{,_backward} are the reference the tensor-core path is
-    # checked against, so TUBEVIT_CUDA_TC must not reroute them: bitwise the
+    # tube_tokens_naive{,_backward} are the reference the fast paths are
+    # checked against, so TUBEVIT_CUDA_PATH must not reroute them: bitwise the
     # same results with the switch off and on (the tensor-core kernels round
     # differently in bf16, so a rerouted op would not be).
     x, ws, bs, gout = _tf32_case(seed=1)
@@ -235,14 +231,14 @@ def test_cuda_naive_ops_ignore_tensor_core_switch(monkeypatch):
     args = (cast(x), [cast(w) for w in ws], [cast(b) for b in bs])
 
     def run():
-        out = torch.ops.tubevit.tube_tokens_naive(*args, flat, None)
-        dx, dws, dbs = torch.ops.tubevit.tube_tokens_naive_backward(cast(gout), args[0], args[1], flat,
+        out = testing_ops.tube_tokens_naive(*args, flat, None)
+        dx, dws, dbs = testing_ops.tube_tokens_naive_backward(cast(gout), args[0], args[1], flat,
                                                                      [True, True, True])
         return [out, dx, *dws, *dbs]
 
-    monkeypatch.setenv("TUBEVIT_CUDA_TC", "0")
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "naive")
     off = run()
-    monkeypatch.delenv("TUBEVIT_CUDA_TC")
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "tc")
     on = run()
     for a, b in zip(off, on):
         assert torch.equal(a, b)

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 
 import tubevit_ext as tv
-from conftest import make_params
+from conftest import make_params, set_switch
 from test_tc_emulation import CASES, _tc_problems, fuzz_inputs, make_x
 
-ops = torch.ops.tubevit
+from tubevit_ext.testing import ops
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # unit roundoff of each dtype: the GEMM's result is rounded once, the position embedding added
 # and rounded once more; fp32 adds the GEMM's own accumulation error (K <= 1728 terms)
@@ -50,10 +50,7 @@ def problem(case, dtype, seed, layout="contiguous", B=2):
 def gather(request, monkeypatch):
     """Both gathers of the GEMM path: one element per call (the default) and V-wide runs
     (TUBEVIT_GEMM_GATHER_VEC=1, GatherVecElem; falls back to the scalar one where V = 1)."""
-    if request.param == "vec":
-        monkeypatch.setenv("TUBEVIT_GEMM_GATHER_VEC", "1")
-    else:
-        monkeypatch.delenv("TUBEVIT_GEMM_GATHER_VEC", raising=False)
+    set_switch(monkeypatch, "TUBEVIT_GEMM_GATHER_VEC", "1" if request.param == "vec" else None)
     return request.param
 
 
@@ -114,7 +111,7 @@ def test_vector_gather_is_the_same_copy(case, dtype, layout, monkeypatch):
     flat = tv.flatten_tubes(tubes)
     runs = []
     for env in ("0", "1"):
-        monkeypatch.setenv("TUBEVIT_GEMM_GATHER_VEC", env)
+        set_switch(monkeypatch, "TUBEVIT_GEMM_GATHER_VEC", env)
         runs.append([ops.tube_tokens_gemm_path(x, ws, bs, flat, None)]
                     + list(ops.tube_tokens_gemm_path_dw(gout, x, ws, flat)))
     for a, b in zip(*runs):
@@ -127,7 +124,7 @@ def test_matches_the_cpu_backend_in_fp32():
     tubes, size, d, x, ws, bs, pe, _ = problem("paper", torch.float32, 13)
     flat = tv.flatten_tubes(tubes)
     a = ops.tube_tokens_gemm_path(x, ws, bs, flat, pe)
-    b = ops.tube_tokens(x, ws, bs, flat, pe)
+    b = torch.ops.tubevit.tube_tokens(x, ws, bs, flat, pe)
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 

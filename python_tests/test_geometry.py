@@ -59,8 +59,17 @@ def test_tube_normalisation():
     assert tv.as_tubes([((1, 16, 16), (32, 16, 16))]) == (tv.IMAGE_TUBE,)
     with pytest.raises(ValueError, match="at least one tube"):
         tv.as_tubes([])
-    with pytest.raises(TypeError):
-        tv.Tube.make((1, 2), 1)
+    with pytest.raises(TypeError, match=r"stride must be an int or a \(T, H, W\) triple of ints"):
+        tv.Tube.make(1, (1.5, 2, 2))
+
+
+@pytest.mark.parametrize("make", [lambda: tv.Tube((16, 16), (16, 16)), lambda: tv.Tube.make((1, 2), 1),
+                                  lambda: tv.SparseTubeTokenizer(3, 8, tubes=[((16, 16), (16, 16))]),
+                                  lambda: tv.num_tokens([((16, 16), (16, 16))], (8, 32, 32))])
+def test_two_dimensional_tube_is_rejected_where_it_is_made(make):
+    # a (kh, kw) pair is not silently accepted only to fail later with an IndexError
+    with pytest.raises(ValueError, match=r"kernel must be an int or a \(T, H, W\) triple of ints, got 2 values"):
+        make()
 
 
 def test_unflatten_tubes_inverts_flatten():

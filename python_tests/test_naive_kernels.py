@@ -10,7 +10,7 @@ import torch
 import tubevit_ext as tv
 from conftest import make_params, max_err, random_tubes
 
-ops = torch.ops.tubevit
+from tubevit_ext.testing import ops
 
 
 def _case(seed):

@@ -11,6 +11,8 @@ import torch
 import tubevit_ext as tv
 from conftest import make_params
 
+from tubevit_ext.testing import ops as testing_ops
+
 ops = torch.ops.tubevit
 TUBES = tv.PAPER_TUBES
 SIZE = (20, 28, 28)
@@ -76,7 +78,7 @@ def test_bad_input_raw_ops(device, op, name):
     x, ws, bs, pe = _args(device)
     x, ws, bs, pe, flat = mutate(x, ws, bs, pe, tv.flatten_tubes(TUBES))
     with pytest.raises(exc, match=msg):
-        getattr(ops, op)(x, ws, bs, flat, pe)
+        getattr(ops if op == "tube_tokens" else testing_ops, op)(x, ws, bs, flat, pe)
 
 
 def test_bad_input_backward_op(device):
@@ -120,7 +122,7 @@ def test_bad_calls_never_crash_the_process():
     """Each bad call runs in a child process: a segfault or abort would show
     as a non-zero exit instead of a Python exception."""
     code = textwrap.dedent("""
-        import torch, tubevit_ext as tv
+        import torch, tubevit_ext as tv, tubevit_ext.testing
         ops = torch.ops.tubevit
         x = torch.randn(1, 2, 9, 10, 11)
         w = [torch.randn(3, 2, 2, 2, 2)]
@@ -133,7 +135,7 @@ def test_bad_calls_never_crash_the_process():
             lambda: ops.tube_tokens(x, [torch.randn(3, 2, 2, 2)], [], [2, 2, 2, 1, 1, 1, 0, 0, 0], None),
             lambda: ops.tube_tokens(x, w, [], [2, 2, 2, 1, 1, 1, 0, 0, 0], torch.randn(0)),
             lambda: ops.tube_tokens_backward(torch.randn(1), x, w, [], [2, 2, 2, 1, 1, 1, 0, 0, 0], [True] * 3),
-            lambda: ops.tube_tokens_naive_backward(torch.randn(1, 2, 3), x, w, [2, 2, 2, 1, 1, 1, 0, 0, 0], [True] * 3),
+            lambda: torch.ops.tubevit_testing.tube_tokens_naive_backward(torch.randn(1, 2, 3), x, w, [2, 2, 2, 1, 1, 1, 0, 0, 0], [True] * 3),
             lambda: ops.tube_tokens(x[..., :0], w, [], [2, 2, 2, 1, 1, 1, 0, 0, 0], None),
             lambda: ops.tube_tokens(torch.randn(1, 2, 9, 10, 11).as_strided((1, 2, 9, 10, 11), (0, 0, 0, 0, 0)), w, [],
                                     [2, 2, 2, 1, 1, 1, 0, 0, 0], None),
@@ -189,7 +191,7 @@ def test_64bit_indexing_cheap_path():
     tube = tv.Tube((1, 16, 16), (1, 2 ** 15, 2 ** 15), (1, H - 16, W - 16))
     w = torch.randn(4, 1, 1, 16, 16, dtype=torch.bfloat16)
     want = torch.nn.functional.conv3d(corner.float(), w.float()).flatten(2).transpose(1, 2)
-    for op in (ops.tube_tokens, ops.tube_tokens_naive):
+    for op in (ops.tube_tokens, testing_ops.tube_tokens_naive):
         got = op(x, [w], [], tube.flat(), None)
         assert got.shape == (1, 1, 4)
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
@@ -276,3 +278,35 @@ def test_model_bad_input():
         m(torch.randn(1, 3, 4, 32, 32))
     with pytest.raises(ValueError, match="divisible by heads"):
         TubeViT(dim=10, depth=1, heads=4, mlp_dim=8)
+
+
+def test_multi_head_model_needs_a_head_name():
+    from tubevit_ext.models import TubeViT
+    m = TubeViT(dim=24, depth=1, heads=2, mlp_dim=48, num_classes={"a": 2, "b": 3})
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"this model has 2 heads \['a', 'b'\]: pass head=<name>"):
+        m(x)
+    with pytest.raises(ValueError, match=r"pass head=<name>"):
+        m.forward_mixed([x[0]], [None])
+    assert m(x, head="b").shape == (1, 3)
+    one = TubeViT(dim=24, depth=1, heads=2, mlp_dim=48, num_classes=4)
+    assert one(x).shape == (1, 4)  # a single head needs no name
+
+
+def test_no_token_message_is_the_same_on_every_path():
+    # the functional op (C++ checks), the module (Python position embedding first) and the
+    # model's tokenizer name the tube and the size in the same words
+    from tubevit_ext.models import TubeViT
+    x = torch.randn(1, 3, 15, 28, 28)
+    ws = [torch.randn(8, 3, *t.kernel) for t in tv.PAPER_TUBES]
+    msgs = []
+    for call in (lambda: tv.tube_tokens(x, ws, None, tv.PAPER_TUBES),
+                 lambda: tv.SparseTubeTokenizer(3, 12)(x),
+                 lambda: TubeViT(dim=12, depth=1, heads=2, mlp_dim=24, num_classes=2)(x),
+                 lambda: tv.num_tokens(tv.PAPER_TUBES, (15, 28, 28))):
+        with pytest.raises(ValueError) as e:
+            call()
+        msgs.append(str(e.value).splitlines()[0])
+    want = ("tube 1 (kernel=(16, 4, 4), stride=(6, 32, 32), offset=(4, 8, 8)) yields no tokens for input "
+            "size (T, H, W) = (15, 28, 28): offset + kernel exceeds the input on some axis")
+    assert msgs == [want] * 4, msgs

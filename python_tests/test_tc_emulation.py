@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import tubevit_ext as tv
 from conftest import make_params
 
-ops = torch.ops.tubevit
+from tubevit_ext.testing import ops
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # output rounding of each dtype (fp32: the TF32 operand rounding is applied to the oracle's inputs)
 EPS = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -20}

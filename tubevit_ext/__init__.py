@@ -24,6 +24,15 @@ def cuda_compiled() -> bool:
     return _C._cuda_compiled()
 
 
+def reload_options() -> None:
+    """Read the library's environment switches again (``TUBEVIT_CUDA_PATH``,
+    ``TUBEVIT_GEMM_GATHER_VEC``, ``TUBEVIT_DX_SCATTER``; csrc/options.h). They
+    are read once, at the first op call; call this after changing one in-process
+    (tests, benchmarks), not while ops run on other threads. Raises ValueError
+    for a value the switch does not know."""
+    _C._reload_options()
+
+
 def patch_cache_bytes() -> int:
     """Bytes of freed CPU buffers kept for reuse: token outputs, input
     gradients and the patch matrices CPU training saves for backward (see
@@ -41,5 +50,5 @@ def empty_patch_cache() -> None:
 __all__ = [
     "Tube", "PAPER_TUBES", "IMAGE_TUBE", "as_tubes", "flatten_tubes", "token_grid", "num_tokens",
     "token_offsets", "sincos_pos_embed", "tube_tokens", "SparseTubeTokenizer", "TubeProjection",
-    "reference", "export", "cuda_compiled", "patch_cache_bytes", "empty_patch_cache",
+    "reference", "export", "cuda_compiled", "reload_options", "patch_cache_bytes", "empty_patch_cache",
 ]

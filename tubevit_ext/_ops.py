@@ -9,27 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .geometry import axis_positions
-
-_KT = 9  # ints per tube in the flat `tubes` argument
-
-
-def _tube_token_counts(x_shape, tubes) -> list:
-    """n_i of every tube in the flat tube list on an input of shape (B, C, T, H, W)."""
-    size = x_shape[2:]
-    counts = []
-    for i in range(0, len(tubes), _KT):
-        k, s, o = tubes[i:i + 3], tubes[i + 3:i + 6], tubes[i + 6:i + 9]
-        n = 1
-        for a in range(3):
-            n = n * axis_positions(size[a], k[a], s[a], o[a])
-        counts.append(n)
-    return counts
-
-
-def _token_count(x_shape, tubes) -> int:
-    """N for the flat tube list on an input of shape (B, C, T, H, W)."""
-    return sum(_tube_token_counts(x_shape, tubes))
+from .geometry import TUBE_INTS, tube_token_counts
 
 
 def _check_same_device(x, named):
@@ -41,15 +21,14 @@ def _check_same_device(x, named):
                      lambda: f"{name} must be on the device of x ({x.device}), got {t.device}")
 
 
-@torch.library.register_fake("tubevit::tube_tokens_naive")
 @torch.library.register_fake("tubevit::tube_tokens")
 def _tube_tokens_fake(x, weights, biases, tubes, pos_embed):
     torch._check(x.dim() == 5, lambda: f"x must be 5-D (B, C, T, H, W), got {x.dim()}-D")
-    torch._check(len(weights) * _KT == len(tubes), lambda: "weights must hold one tensor per tube")
+    torch._check(len(weights) * TUBE_INTS == len(tubes), lambda: "weights must hold one tensor per tube")
     _check_same_device(x, [(f"weights[{i}]", w) for i, w in enumerate(weights)]
                        + [(f"biases[{i}]", b) for i, b in enumerate(biases)]
                        + ([("pos_embed", pos_embed)] if pos_embed is not None else []))
-    n = _token_count(x.shape, tubes)
+    n = sum(tube_token_counts(tubes, x.shape[2:]))
     return x.new_empty((x.shape[0], n, weights[0].shape[0]))
 
 
@@ -58,15 +37,10 @@ def _tube_tokens_with_patches_fake(x, weights, biases, tubes, pos_embed):
     out = _tube_tokens_fake(x, weights, biases, tubes, pos_embed)
     B, C = x.shape[0], x.shape[1]
     patches = []
-    for i, n in enumerate(_tube_token_counts(x.shape, tubes)):
-        k = tubes[i * _KT:i * _KT + 3]
+    for i, n in enumerate(tube_token_counts(tubes, x.shape[2:])):
+        k = tubes[i * TUBE_INTS:i * TUBE_INTS + 3]
         patches.append(x.new_empty((B, n, C * k[0] * k[1] * k[2])))
     return out, patches
-
-
-@torch.library.register_fake("tubevit::tube_tokens_naive_backward")
-def _tube_tokens_naive_backward_fake(grad_out, x, weights, tubes, output_mask):
-    return _tube_tokens_backward_fake(grad_out, x, weights, [], tubes, output_mask)
 
 
 @torch.library.register_fake("tubevit::tube_tokens_backward")

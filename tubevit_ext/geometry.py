@@ -15,35 +15,56 @@ from typing import Iterable, NamedTuple, Sequence, Tuple
 
 Triple = Tuple[int, int, int]
 
+#: Ints per tube in the ops' flat ``int[] tubes`` argument: kt kh kw st sh sw ot oh ow
+#: (``kTubeInts`` in csrc/tube_geometry.h).
+TUBE_INTS = 9
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
 
 def _triple(value, name: str) -> Triple:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value):
         return (value, value, value)
     try:
         items = tuple(value)
     except TypeError:
         raise TypeError(f"{name} must be an int or a (T, H, W) triple of ints, got {value!r}") from None
-    if len(items) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+    if not all(_is_int(v) for v in items):
         raise TypeError(f"{name} must be an int or a (T, H, W) triple of ints, got {value!r}")
+    if len(items) != 3:
+        raise ValueError(f"{name} must be an int or a (T, H, W) triple of ints, got {len(items)} "
+                         f"values {value!r}")
     return items  # type: ignore[return-value]
 
 
-class Tube(NamedTuple):
-    """One sparse tube: a strided Conv3d kernel, all triples in (T, H, W) order.
-
-    ``Tube((8, 8, 8), (16, 32, 32), (0, 0, 0))``. Immutable and hashable.
-    """
-
+class _TubeFields(NamedTuple):
     kernel: Triple
     stride: Triple
-    offset: Triple = (0, 0, 0)
+    offset: Triple
+
+
+class Tube(_TubeFields):
+    """One sparse tube: a strided Conv3d kernel, all triples in (T, H, W) order.
+
+    ``Tube((8, 8, 8), (16, 32, 32), (0, 0, 0))``; an int stands for the same
+    value on all three axes. Validated on construction (kernel and stride
+    >= 1, offset >= 0; a pair or a non-int raises, naming the argument).
+    Immutable and hashable.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, kernel, stride, offset=(0, 0, 0)):
+        t = super().__new__(cls, _triple(kernel, "kernel"), _triple(stride, "stride"), _triple(offset, "offset"))
+        t.validate()
+        return t
 
     @classmethod
     def make(cls, kernel, stride, offset=(0, 0, 0)) -> "Tube":
-        """Builds and validates a tube; ints are expanded to triples."""
-        t = cls(_triple(kernel, "kernel"), _triple(stride, "stride"), _triple(offset, "offset"))
-        t.validate()
-        return t
+        """The same as ``Tube(kernel, stride, offset)``."""
+        return cls(kernel, stride, offset)
 
     def validate(self) -> None:
         for name, vals, lo in (("kernel", self.kernel, 1), ("stride", self.stride, 1), ("offset", self.offset, 0)):
@@ -51,7 +72,7 @@ class Tube(NamedTuple):
                 raise ValueError(f"{self!r}: every {name} entry must be >= {lo}, got {tuple(vals)}")
 
     def flat(self) -> list:
-        """The 9 ints the ops take per tube: kt kh kw st sh sw ot oh ow."""
+        """The TUBE_INTS ints the ops take per tube: kt kh kw st sh sw ot oh ow."""
         return [*self.kernel, *self.stride, *self.offset]
 
     def __repr__(self) -> str:
@@ -110,16 +131,21 @@ def token_grid(tube: Tube, input_size: Sequence[int]) -> Triple:
     )
 
 
-def tube_token_counts(tubes: Sequence[Tube], input_size: Sequence[int]) -> list:
-    """Tokens per tube; raises ValueError naming the tube if one yields none."""
+def tube_token_counts(tubes, input_size: Sequence[int]) -> list:
+    """Tokens per tube on a (T, H, W) input: ``tubes`` is a sequence of Tube
+    records or the ops' flat int list. Sizes may be symbolic (fake kernels);
+    with concrete sizes a tube that yields no tokens raises ValueError in the
+    C++ ops' words."""
+    if len(tubes) and _is_int(tubes[0]):
+        tubes = unflatten_tubes(tubes)
     counts = []
     for i, tube in enumerate(tubes):
         nt, nh, nw = token_grid(tube, input_size)
         n = nt * nh * nw
         if isinstance(n, int) and n <= 0:
             raise ValueError(
-                f"tube {i} {tube!r} yields no tokens for input size (T, H, W) = {tuple(input_size)}: "
-                "offset + kernel exceeds the input on some axis")
+                f"{tube_description(i, tube)} yields no tokens for input size (T, H, W) = "
+                f"{tuple(input_size)}: offset + kernel exceeds the input on some axis")
         counts.append(n)
     return counts
 
@@ -138,14 +164,19 @@ def token_offsets(tubes: Sequence[Tube], input_size: Sequence[int]) -> list:
     return offsets
 
 
+def tube_description(i: int, tube: Tube) -> str:
+    """How error messages name tube i: the words of the C++ checks (csrc/tube_tokens.cpp)."""
+    return f"tube {i} (kernel={tuple(tube.kernel)}, stride={tuple(tube.stride)}, offset={tuple(tube.offset)})"
+
+
 def flatten_tubes(tubes: Sequence[Tube]) -> list:
-    """The ``int[] tubes`` argument of the dispatcher ops (9 ints per tube)."""
+    """The ``int[] tubes`` argument of the dispatcher ops (TUBE_INTS ints per tube)."""
     return [v for t in as_tubes(tubes) for v in t.flat()]
 
 
 def unflatten_tubes(flat: Sequence[int]) -> Tuple[Tube, ...]:
     """The inverse of flatten_tubes: Tube records from the ops' ``int[] tubes``."""
-    if len(flat) % 9:
-        raise ValueError(f"tubes must hold 9 ints per tube, got {len(flat)}")
+    if len(flat) % TUBE_INTS:
+        raise ValueError(f"tubes must hold {TUBE_INTS} ints per tube, got {len(flat)}")
     return tuple(Tube(tuple(flat[i:i + 3]), tuple(flat[i + 3:i + 6]), tuple(flat[i + 6:i + 9]))
-                 for i in range(0, len(flat), 9))
+                 for i in range(0, len(flat), TUBE_INTS))

@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../kernels/common.h"
 #include "../tube_tokens.h"
 #include "patch_pool.h"
 
@@ -93,20 +94,19 @@ int64_t batch_chunk(const TubeGeom& g, int64_t batch, size_t elem_size, int64_t 
 template <typename scalar_t>
 struct InputView {
   const scalar_t* data;
-  int64_t sB, sC, sT, sH, sW;
+  Strides5 s;
 };
 
 template <typename scalar_t>
 InputView<scalar_t> input_view(const at::Tensor& x) {
-  return {x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
-          x.stride(3), x.stride(4)};
+  return {x.const_data_ptr<scalar_t>(), strides_of(x)};
 }
 
 // Pointer to the first voxel read by token `tok` of tube `g` in sample b.
 template <typename scalar_t>
 const scalar_t* token_origin(const InputView<scalar_t>& v, const TubeGeom& g,
                              int64_t b, int64_t tok) {
-  return v.data + b * v.sB + token_origin_offset(g, tok, v.sT, v.sH, v.sW);
+  return v.data + b * v.s.b + token_origin_offset(g, tok, v.s.t, v.s.h, v.s.w);
 }
 
 // Input offset (elements) of every patch row (c, kt, kh) relative to the
@@ -118,7 +118,7 @@ std::vector<int64_t> patch_row_offsets(const InputView<scalar_t>& v, const TubeG
   off.reserve(channels * g.k[0] * g.k[1]);
   for (int64_t c = 0; c < channels; ++c)
     for (int64_t a = 0; a < g.k[0]; ++a)
-      for (int64_t h = 0; h < g.k[1]; ++h) off.push_back(c * v.sC + a * v.sT + h * v.sH);
+      for (int64_t h = 0; h < g.k[1]; ++h) off.push_back(c * v.s.c + a * v.s.t + h * v.s.h);
   return off;
 }
 
@@ -128,7 +128,7 @@ std::vector<int64_t> patch_row_offsets(const InputView<scalar_t>& v, const TubeG
 template <int KW, typename scalar_t, typename acc_t>
 void gather_rows(const InputView<scalar_t>& v, const TubeGeom& g, const int64_t* row_off,
                  int64_t rows, int64_t b0, int64_t nb, acc_t* dst) {
-  const int64_t n = g.num_tokens, K = g.patch_size, kw = g.k[2], sW = v.sW;
+  const int64_t n = g.num_tokens, K = g.patch_size, kw = g.k[2], sW = v.s.w;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
   at::parallel_for(0, nb * n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -164,7 +164,7 @@ void gather_patches(const InputView<scalar_t>& v, const TubeGeom& g,
                     int64_t channels, int64_t b0, int64_t nb, acc_t* dst) {
   const std::vector<int64_t> off = patch_row_offsets(v, g, channels);
   const int64_t rows = static_cast<int64_t>(off.size());
-  const int64_t kw = v.sW == 1 ? g.k[2] : 0;
+  const int64_t kw = v.s.w == 1 ? g.k[2] : 0;
 #define TUBEVIT_GATHER_CASE(KW) \
   case KW:                      \
     return gather_rows<KW, scalar_t, acc_t>(v, g, off.data(), rows, b0, nb, dst);

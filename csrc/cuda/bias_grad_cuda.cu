@@ -4,8 +4,8 @@
 // Why a kernel of its own: the per-element functor of naive_kernels.h gives
 // each (tube, channel) one thread that walks all B x n_i rows, i.e. only
 // n_tubes x d threads: on an H200 that was 12 blocks and 2.3 ms for the
-// paper tubes at B = 32, d = 768 (ncu, session 5), more than the whole
-// tensor-core forward. Here the rows of each tube are split into chunks of
+// paper tubes at B = 32, d = 768 (ncu), more than the whole tensor-core
+// forward; this reduction takes 0.025 ms (bench/DESIGN.md). Here the rows of each tube are split into chunks of
 // kRows:
 //   pass 1: a block of (32 channels x 8 row lanes) per (tube, chunk, channel
 //           block); each thread sums every 8th row of the chunk, the 8 lanes
@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../kernels/common.h"
 #include "bias_grad_cuda.h"
 
 namespace tubevit {
@@ -32,7 +33,6 @@ namespace {
 constexpr int kLanes = 8;   // row lanes per block
 constexpr int kCols = 32;   // channels per block (one warp: coalesced rows)
 constexpr int kRows = 256;  // rows per chunk
-constexpr int kMaxTubes = 16;
 
 struct BiasParams {
   int64_t token_offset[kMaxTubes];  // first row of tube i in the N axis

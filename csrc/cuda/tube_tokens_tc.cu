@@ -14,12 +14,12 @@
 //                   and stores straight into the (B, N, d) output at the
 //                   tube's row offset.
 //
-// STATUS: the default CUDA path since session 5, when these kernels first ran
-// (H200): CUDA test suite and compute-sanitizer memcheck / racecheck /
-// initcheck clean. Their tile logic (tc_tiles.h) is also tested on the CPU
-// through the host emulator (cpu/tc_emulation.cpp,
-// python_tests/test_tc_emulation.py). TUBEVIT_CUDA_TC=0 switches them off.
-// Speed: far from the issue-3 targets yet; bench/NOTES.md has the numbers.
+// The dP kernel of the input gradient (G_i W_i for every tube) uses the same
+// tiles; the dX step that reads dP is cuda/grad_input_cuda.cu. All of them
+// pass the CUDA test suite and compute-sanitizer memcheck / racecheck /
+// initcheck on an H200; their tile logic (kernels/tc_tiles.h) also runs on
+// the CPU through the host emulator (testing/tc_emulation.cpp,
+// python_tests/test_tc_emulation.py). Speed: bench/RESULTS.md.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -28,7 +28,7 @@
 #include <mma.h>
 #include <torch/version.h>
 
-#include "../tc_tiles.h"
+#include "../kernels/tc_tiles.h"
 #include "tube_tokens_tc.h"
 
 namespace tubevit {
@@ -351,23 +351,6 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-// ---- input gradient, step 2: every voxel gathers the dP entries covering it ----
-// One block per (b, c, t, GH x GW) tile (tc_tiles.h), grid-stride over tiles.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kGatherThreads)
-    tube_dx_gather_kernel(const float* __restrict__ dp, scalar_t* __restrict__ dx, const ParamsDX p, int64_t C,
-                          int64_t T, int64_t H, int64_t W, int64_t tiles) {
-  __shared__ DxGatherTables tb;
-  const int64_t size[3] = {T, H, W};
-  for (int64_t blk = blockIdx.x; blk < tiles; blk += gridDim.x) {
-    const DxTile tl = dx_gather_tile(C, size, blk);
-    __syncthreads();  // previous tile's tables consumed
-    dx_gather_fill_tables(p, tl, threadIdx.x, tb);
-    __syncthreads();
-    dx_gather_voxels<scalar_t>(p, dp, C, size, tl, threadIdx.x, tb, dx);
-  }
-}
-
 }  // namespace
 
 // torch.backends.cudnn.allow_tf32 (conv). Since PyTorch 2.9 the flag is per
@@ -401,15 +384,15 @@ bool supported(const at::Tensor& x, const TubeLayout& L) {
   // torch.backends.cudnn.allow_tf32, on by default); else exact fp32 kernels.
   const bool tf32 = t == at::kFloat && tf32_conv_allowed();
   if (t != at::kHalf && t != at::kBFloat16 && !tf32) return false;
-  if (L.tubes.size() > size_t(kMaxTubesTC)) return false;
+  if (L.tubes.size() > size_t(kMaxTubes)) return false;
   const auto* prop = at::cuda::getDeviceProperties(x.device().index());
   return prop->major >= 8;
 }
 
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
              const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
-  const void* wp[kMaxTubesTC];
-  const void* bp[kMaxTubesTC];
+  const void* wp[kMaxTubes];
+  const void* bp[kMaxTubes];
   for (size_t i = 0; i < L.tubes.size(); ++i) {
     wp[i] = w[i].const_data_ptr();
     bp[i] = bias.empty() ? nullptr : bias[i].const_data_ptr();
@@ -443,7 +426,7 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
 
 at::Tensor grad_dp(const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& w,
                    const TubeLayout& L) {
-  const void* wp[kMaxTubesTC];
+  const void* wp[kMaxTubes];
   for (size_t i = 0; i < L.tubes.size(); ++i) wp[i] = w[i].const_data_ptr();
   int64_t dp_elems = 0;
   const ParamsDX p = make_dx_params(L, wp, &dp_elems);
@@ -460,38 +443,9 @@ at::Tensor grad_dp(const at::Tensor& x, const at::Tensor& grad, const std::vecto
   return dp;
 }
 
-std::vector<int64_t> dp_offsets(const TubeLayout& L, int64_t* dp_elems) {
-  TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubesTC), "dp_offsets: at most ", kMaxTubesTC, " tubes, got ",
-              L.tubes.size());
-  const void* wp[kMaxTubesTC] = {};
-  const ParamsDX p = make_dx_params(L, wp, dp_elems);
-  return std::vector<int64_t>(p.dp_offset, p.dp_offset + p.n_tubes);
-}
-
-at::Tensor grad_input_from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L) {
-  at::Tensor dx = at::empty({L.batch, L.channels, L.size[0], L.size[1], L.size[2]}, x.options());
-  if (dx.numel() == 0) return dx;
-  const void* wp[kMaxTubesTC] = {};  // the gather reads dP and the geometry only
-  int64_t dp_elems = 0;
-  const ParamsDX p = make_dx_params(L, wp, &dp_elems);
-  TORCH_CHECK(dp.scalar_type() == at::kFloat && dp.is_contiguous() && dp.numel() == dp_elems,
-              "grad_input_from_dp: dp must be a contiguous fp32 tensor of ", dp_elems, " elements, got ",
-              dp.scalar_type(), " with ", dp.numel());
-  const int64_t gather_tiles = dx_gather_tiles(L.batch, L.channels, L.size);
-  const int64_t blocks = std::min<int64_t>(gather_tiles, int64_t(1) << 20);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_dx_gather", [&] {
-    tube_dx_gather_kernel<scalar_t><<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
-        dp.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(), p, L.channels, L.size[0], L.size[1],
-        L.size[2], gather_tiles);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return dx;
-}
-
 void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& L,
                  std::vector<at::Tensor>& dws) {
-  void* dp[kMaxTubesTC];
+  void* dp[kMaxTubes];
   for (size_t i = 0; i < L.tubes.size(); ++i) dp[i] = dws[i].mutable_data_ptr();
   const ParamsDW p = make_dw_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(),
                                     grad.const_data_ptr(), dp);

@@ -195,6 +195,8 @@ class TubeViT(nn.Module):
 
     def _check_head(self, head: Optional[str]) -> str:
         if head is None:
+            if len(self.heads) > 1:  # no silent choice between datasets' heads
+                raise ValueError(f"this model has {len(self.heads)} heads {list(self.heads)}: pass head=<name>")
             return next(iter(self.heads))
         if head not in self.heads:
             raise ValueError(f"unknown head {head!r}; heads are {list(self.heads)}")

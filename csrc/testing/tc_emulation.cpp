@@ -1,7 +1,8 @@
 // Host emulator of the tensor-core kernels (cuda/tube_tokens_tc.cu), as the
-// test-only ops tubevit::tube_tokens_tc_emulated{,_dw}.
+// test-only ops tubevit_testing::tube_tokens_tc_emulated{,_dw,_dx}; the dX
+// step runs the gather of kernels/grad_input.h the same way.
 //
-// It runs the kernels' tile functions from tc_tiles.h (the same code the GPU
+// It runs the kernels' tile functions from kernels/tc_tiles.h (the same code the GPU
 // compiles) block by block, thread by thread between the points where the
 // kernels hold a barrier, with an MMA written from WMMA's documented
 // semantics (row-/column-major 16 x depth x 16 blocks, fp32 accumulation;
@@ -17,14 +18,16 @@
 #include <limits>
 #include <vector>
 
-#include "../naive_kernels.h"
-#include "../tc_tiles.h"
+#include "../kernels/naive_kernels.h"
+#include "../kernels/grad_input.h"
+#include "../kernels/tc_tiles.h"
 #include "../tube_tokens.h"
 
 namespace tubevit {
 namespace {
 
 using namespace tc;
+using namespace dx;
 
 // What an MMA multiplies: the staged value, fp32 inputs as TF32.
 template <typename scalar_t>
@@ -90,8 +93,8 @@ struct Smem {
 };
 
 void check_emulable(const TubeLayout& L) {
-  TORCH_CHECK_VALUE(L.tubes.size() <= size_t(kMaxTubesTC), "the tensor-core kernels take at most ",
-                    kMaxTubesTC, " tubes, got ", L.tubes.size());
+  TORCH_CHECK_VALUE(L.tubes.size() <= size_t(kMaxTubes), "the tensor-core kernels take at most ",
+                    kMaxTubes, " tubes, got ", L.tubes.size());
 }
 
 template <typename scalar_t>
@@ -209,7 +212,7 @@ void emulate_grad_input(const at::Tensor& grad, const std::vector<at::Tensor>& w
   for (int64_t blk = 0; blk < tiles; ++blk) {
     const DxTile tl = dx_gather_tile(L.channels, L.size, blk);
     // poison: a range the fill skipped reads as empty, i.e. a missing term
-    for (int i = 0; i < kMaxTubesTC; ++i) {
+    for (int i = 0; i < kMaxTubes; ++i) {
       tb.t[i][0] = 1, tb.t[i][1] = 0;
       for (auto& r : tb.h[i]) r[0] = 1, r[1] = 0;
       for (auto& r : tb.w[i]) r[0] = 1, r[1] = 0;
@@ -227,8 +230,8 @@ at::Tensor tc_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::Tens
   if (out.numel() == 0) return out;
   at::Tensor pe;
   if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
-  const auto w = naive::contiguous_all(weights);
-  const auto b = naive::contiguous_all(biases);
+  const auto w = contiguous_all(weights);
+  const auto b = contiguous_all(biases);
   TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_tokens_tc_emulated",
                             [&] { emulate_forward<scalar_t>(x, w, b, pe, L, out); });
   return out;
@@ -252,7 +255,7 @@ at::Tensor tc_emulated_dx_cpu(const at::Tensor& grad_out, const at::Tensor& x, a
   check_emulable(L);
   at::Tensor dx = at::empty({L.batch, L.channels, L.size[0], L.size[1], L.size[2]}, x.options());
   if (dx.numel() == 0) return dx;
-  const auto w = naive::contiguous_all(weights);
+  const auto w = contiguous_all(weights);
   const at::Tensor grad = grad_out.contiguous();
   TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_tokens_tc_emulated_dx",
                             [&] { emulate_grad_input<scalar_t>(grad, w, L, dx); });
@@ -261,7 +264,7 @@ at::Tensor tc_emulated_dx_cpu(const at::Tensor& grad_out, const at::Tensor& x, a
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tubevit, CPU, m) {
+TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) {
   m.impl("tube_tokens_tc_emulated", &tc_emulated_cpu);
   m.impl("tube_tokens_tc_emulated_dw", &tc_emulated_dw_cpu);
   m.impl("tube_tokens_tc_emulated_dx", &tc_emulated_dx_cpu);

@@ -28,6 +28,7 @@
 
 #include <ATen/Dispatch.h>
 
+#include "common.h"
 #include "tube_geometry.h"
 #include "tube_tokens.h"
 
@@ -83,7 +84,6 @@ constexpr int DM = TUBEVIT_TC_DEPTH;  // dW: tokens per reduction step
 constexpr int LDA2 = (kDwTokenMajorA ? BM : DM) + 8;  // dW: As[m][j] or As[j][m]
 constexpr int kDwARows = kDwTokenMajorA ? DM : BM;     // dW: rows of As
 constexpr int LDB2 = BN + 8;  // dW: Bs[m][k]
-constexpr int kMaxTubesTC = 16;
 
 // Depth of one MMA: 16 for fp16/bf16 (WMMA 16x16x16), 8 for fp32 as TF32
 // (WMMA 16x16x8).
@@ -97,35 +97,26 @@ struct MmaDepth<float> {
 };
 
 struct Params {
-  TubeGeom g[kMaxTubesTC];
-  const void* w[kMaxTubesTC];             // (d, K) row-major, scalar_t
-  const void* bias[kMaxTubesTC];          // (d,) or nullptr
-  int vec_x[kMaxTubesTC];                 // elements per patch-gather access (gather_vec)
-  int vec_w[kMaxTubesTC];                 // elements per weight-tile access (weight_vec)
-  int64_t tiles_before[kMaxTubesTC + 1];  // prefix over tubes of B * ceil(n_i / BM)
+  TubeGeom g[kMaxTubes];
+  const void* w[kMaxTubes];             // (d, K) row-major, scalar_t
+  const void* bias[kMaxTubes];          // (d,) or nullptr
+  int vec_x[kMaxTubes];                 // elements per patch-gather access (gather_vec)
+  int vec_w[kMaxTubes];                 // elements per weight-tile access (weight_vec)
+  int64_t tiles_before[kMaxTubes + 1];  // prefix over tubes of B * ceil(n_i / BM)
   int n_tubes;
   int64_t B, N, d;
-  int64_t sB, sC, sT, sH, sW;  // x strides (elements)
+  Strides5 xs;  // x strides (elements)
 };
 
 struct ParamsDW {
-  TubeGeom g[kMaxTubesTC];
-  void* dw[kMaxTubesTC];                  // (d, K) row-major, scalar_t
-  int vec_x[kMaxTubesTC];                 // elements per patch-gather access (gather_vec)
+  TubeGeom g[kMaxTubes];
+  void* dw[kMaxTubes];                  // (d, K) row-major, scalar_t
+  int vec_x[kMaxTubes];                 // elements per patch-gather access (gather_vec)
   int vec_g;                              // elements per grad-row access (TUBEVIT_TC_DW_VEC = 1)
-  int64_t tiles_before[kMaxTubesTC + 1];  // prefix of ceil(d/BM) * ceil(K_i/BN)
+  int64_t tiles_before[kMaxTubes + 1];  // prefix of ceil(d/BM) * ceil(K_i/BN)
   int n_tubes;
   int64_t B, N, d;
-  int64_t sB, sC, sT, sH, sW;
-};
-
-struct ParamsDX {
-  TubeGeom g[kMaxTubesTC];
-  const void* w[kMaxTubesTC];             // (d, K) row-major, scalar_t
-  int64_t dp_offset[kMaxTubesTC];         // first element of tube i's (B n_i x K_i) block of dP
-  int64_t tiles_before[kMaxTubesTC + 1];  // prefix of ceil(B n_i / BM) * ceil(K_i / BN)
-  int n_tubes;
-  int64_t B, N, d;
+  Strides5 xs;
 };
 
 // One warp's MMA step: acc[a][c] += A(a) * B(c), A(a) = the 16 x depth block
@@ -205,13 +196,10 @@ TUBEVIT_HD void gather_tile(const scalar_t* x, const int64_t* row_base, const in
 
 // The dtypes the tensor-core kernels take (fp32 as TF32); the kernels'
 // launchers and the emulator dispatch through this one list.
-#define TUBEVIT_DISPATCH_TC_TYPES(TYPE, NAME, ...)                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__))
+#define TUBEVIT_DISPATCH_TC_TYPES TUBEVIT_DISPATCH_HALF_BF16_FLOAT
 
 // Every grid here is a prefix sum over tubes of their tile counts: the tube
-// that owns `tile`, by a linear scan (at most kMaxTubesTC entries).
+// that owns `tile`, by a linear scan (at most kMaxTubes entries).
 TUBEVIT_HD int tube_of_tile(const int64_t* tiles_before, int n_tubes, int64_t tile) {
   int i = 0;
   while (i + 1 < n_tubes && tile >= tiles_before[i + 1]) ++i;
@@ -261,7 +249,7 @@ TUBEVIT_HD void fwd_row_base(const Params& p, const FwdLoc& l, int tid, int64_t*
   const TubeGeom& g = p.g[l.i];
   for (int r = tid; r < BM; r += kThreads) {
     const int64_t tok = l.m0 + r;
-    row_base[r] = tok < g.num_tokens ? l.b * p.sB + token_origin_offset(g, tok, p.sT, p.sH, p.sW) : -1;
+    row_base[r] = tok < g.num_tokens ? l.b * p.xs.b + token_origin_offset(g, tok, p.xs.t, p.xs.h, p.xs.w) : -1;
   }
 }
 
@@ -293,7 +281,7 @@ TUBEVIT_HD void fwd_koff(const Params& p, const FwdLoc& l, FwdCols& cols, int ti
   if (tid >= BK) return;
   const TubeGeom& g = p.g[l.i];
   ColCursor& c = cols.cur;
-  koff[tid] = cols.k < g.patch_size ? c.c * p.sC + c.kt * p.sT + c.kh * p.sH + c.kw * p.sW : -1;
+  koff[tid] = cols.k < g.patch_size ? c.c * p.xs.c + c.kt * p.xs.t + c.kh * p.xs.h + c.kw * p.xs.w : -1;
   // Every digit of cur and step is below its radix, so one carry per digit.
   cols.k += BK;
   c.kw += cols.step.kw;
@@ -403,7 +391,7 @@ TUBEVIT_HD void dw_koff(const ParamsDW& p, const DwLoc& l, int tid, int64_t* kof
   const TubeGeom& g = p.g[l.i];
   for (int kk = tid; kk < BN; kk += kThreads) {
     const int64_t k = l.c0 + kk;
-    koff[kk] = k < g.patch_size ? patch_column_offset(g, k, p.sC, p.sT, p.sH, p.sW) : -1;
+    koff[kk] = k < g.patch_size ? patch_column_offset(g, k, p.xs.c, p.xs.t, p.xs.h, p.xs.w) : -1;
   }
 }
 
@@ -417,7 +405,7 @@ TUBEVIT_HD void dw_rows(const ParamsDW& p, const DwLoc& l, int64_t m0, int tid, 
     const int64_t m = m0 + r;
     if (m < M) {
       const int64_t b = m / n, tok = m % n;
-      row_base[r] = b * p.sB + token_origin_offset(g, tok, p.sT, p.sH, p.sW);
+      row_base[r] = b * p.xs.b + token_origin_offset(g, tok, p.xs.t, p.xs.h, p.xs.w);
       grad_row[r] = b * p.N + g.token_offset + tok;
     } else {
       row_base[r] = -1;
@@ -501,13 +489,11 @@ TUBEVIT_HD void dw_epilogue(const ParamsDW& p, const DwLoc& l, const float* Cs, 
   }
 }
 
-// ----------------------------------------------------- input gradient (dX)
-// Two steps, both deterministic: (1) dP_i (M_i x K_i) = G_i (M_i x d) * W_i
-// (d x K_i), M_i = B * n_i, on tensor cores into an fp32 workspace (one
-// launch, tiles of (tube, BM tokens, BN patch columns), reduction over d in
-// steps of BK); (2) every input voxel sums the dP entries of the tokens whose
-// windows cover it (gather form: no atomics, overlapping tubes and windows
-// need no ordering between threads).
+// ------------------------------------------------- input gradient, dP step
+// dP_i (M_i x K_i) = G_i (M_i x d) * W_i (d x K_i), M_i = B * n_i, on tensor
+// cores into the fp32 dP workspace (kernels/common.h: ParamsDX), one launch,
+// tiles of (tube, BM tokens, BN patch columns), reduction over d in steps of
+// BK. The dX step that reads dP is kernels/grad_input.h.
 struct DxLoc {
   int i;
   int64_t m0, c0;  // first token (of the B * n_i), first patch column
@@ -568,93 +554,6 @@ TUBEVIT_HD void dx_epilogue(const ParamsDX& p, const DxLoc& l, const float* Cs, 
   }
 }
 
-// Step (2): dx in tiles of one (b, c, t) and GH x GW voxels (h, w), one
-// block each (kGatherThreads threads). Why tiles: a per-voxel gather that
-// finds its covering tokens with 64-bit divisions spent 8 ms at B = 32 on an
-// H200 (ncu, session 5: compute-bound on the index math, ~29 divisions per
-// voxel). Here the covering token ranges along t (per block) and along h and
-// w (per tile row / column) are computed once per block into shared memory;
-// a voxel then reads its ranges and sums the dP entries with multiply-adds.
-// Ranges are [lo, hi] token indices along one axis, empty when lo > hi.
-constexpr int GH = 32, GW = 64, kGatherThreads = 256;
-
-struct DxGatherTables {
-  int64_t t[kMaxTubesTC][2];
-  int64_t h[kMaxTubesTC][GH][2];
-  int64_t w[kMaxTubesTC][GW][2];
-};
-
-// Tile `blk` of the grid: (b, c, t) plane index and the tile's first (h, w).
-struct DxTile {
-  int64_t b, c, t, h0, w0;
-};
-
-TUBEVIT_HD int64_t dx_gather_tiles(int64_t B, int64_t C, const int64_t* size) {
-  return B * C * size[0] * ((size[1] + GH - 1) / GH) * ((size[2] + GW - 1) / GW);
-}
-
-TUBEVIT_HD DxTile dx_gather_tile(int64_t C, const int64_t* size, int64_t blk) {
-  const int64_t th = (size[1] + GH - 1) / GH, tw = (size[2] + GW - 1) / GW;
-  DxTile tl;
-  tl.w0 = (blk % tw) * GW;
-  blk /= tw;
-  tl.h0 = (blk % th) * GH;
-  blk /= th;
-  tl.t = blk % size[0];
-  blk /= size[0];
-  tl.c = blk % C;
-  tl.b = blk / C;
-  return tl;
-}
-
-// Thread tid's share of the tables (before the barrier).
-TUBEVIT_HD void dx_gather_fill_tables(const ParamsDX& p, const DxTile& tl, int tid, DxGatherTables& tb) {
-  const int n = p.n_tubes;
-  for (int e = tid; e < n * (1 + GH + GW); e += kGatherThreads) {
-    const int i = e / (1 + GH + GW), r = e % (1 + GH + GW);
-    const TubeGeom& g = p.g[i];
-    if (r == 0) {
-      axis_covering(tl.t, g.k[0], g.s[0], g.o[0], g.n[0], &tb.t[i][0], &tb.t[i][1]);
-    } else if (r <= GH) {
-      axis_covering(tl.h0 + r - 1, g.k[1], g.s[1], g.o[1], g.n[1], &tb.h[i][r - 1][0], &tb.h[i][r - 1][1]);
-    } else {
-      const int q = r - 1 - GH;
-      axis_covering(tl.w0 + q, g.k[2], g.s[2], g.o[2], g.n[2], &tb.w[i][q][0], &tb.w[i][q][1]);
-    }
-  }
-}
-
-// Thread tid's voxels of the tile (after the barrier): column w0 + tid % GW,
-// rows h0 + tid / GW + k * (kGatherThreads / GW). dx contiguous (B, C, T, H, W).
-template <typename scalar_t>
-TUBEVIT_HD void dx_gather_voxels(const ParamsDX& p, const float* dp, int64_t C, const int64_t* size,
-                                 const DxTile& tl, int tid, const DxGatherTables& tb, scalar_t* dx) {
-  const int64_t T = size[0], H = size[1], W = size[2];
-  const int q = tid % GW;
-  const int64_t w = tl.w0 + q;
-  if (w >= W) return;
-  for (int r = tid / GW; r < GH && tl.h0 + r < H; r += kGatherThreads / GW) {
-    const int64_t h = tl.h0 + r;
-    float acc = 0.0f;
-    for (int i = 0; i < p.n_tubes; ++i) {
-      const TubeGeom& g = p.g[i];
-      const int64_t t0 = tb.t[i][0], t1 = tb.t[i][1], h0 = tb.h[i][r][0], h1 = tb.h[i][r][1];
-      const int64_t w0 = tb.w[i][q][0], w1 = tb.w[i][q][1];
-      if (t0 > t1 || h0 > h1 || w0 > w1) continue;
-      const float* dpi = dp + p.dp_offset[i] + tl.b * g.num_tokens * g.patch_size;
-      for (int64_t it = t0; it <= t1; ++it)
-        for (int64_t ih = h0; ih <= h1; ++ih) {
-          const int64_t tok_row = (it * g.n[1] + ih) * g.n[2];
-          const int64_t k_row = ((tl.c * g.k[0] + (tl.t - g.o[0] - g.s[0] * it)) * g.k[1] +
-                                 (h - g.o[1] - g.s[1] * ih)) * g.k[2];
-          for (int64_t iw = w0; iw <= w1; ++iw)
-            acc += dpi[(tok_row + iw) * g.patch_size + k_row + (w - g.o[2] - g.s[2] * iw)];
-        }
-    }
-    dx[(((tl.b * C + tl.c) * T + tl.t) * H + h) * W + w] = static_cast<scalar_t>(acc);
-  }
-}
-
 // ------------------------------------------------------------- host side
 // Widest access (elements, at most 16 bytes) for gathering tube g's patches
 // from x: the kw-runs must be unit-stride and start at multiples of V for
@@ -679,7 +578,7 @@ inline int weight_vec(int64_t K, const void* w, int64_t elem_size) {
   return 1;
 }
 
-// Parameter blocks for layout L (at most kMaxTubesTC tubes); xs = x's five
+// Parameter blocks for layout L (at most kMaxTubes tubes); xs = x's five
 // strides in elements. The grid is (fwd_token_tiles, ceil(d / BN)) for the
 // forward and (dw_tiles) for dW.
 template <typename P>
@@ -688,11 +587,7 @@ inline void fill_common(P& p, const TubeLayout& L, const int64_t* xs) {
   p.B = L.batch;
   p.N = L.num_tokens;
   p.d = L.dim;
-  p.sB = xs[0];
-  p.sC = xs[1];
-  p.sT = xs[2];
-  p.sH = xs[3];
-  p.sW = xs[4];
+  p.xs = {xs[0], xs[1], xs[2], xs[3], xs[4]};
   p.tiles_before[0] = 0;
   for (int i = 0; i < p.n_tubes; ++i) p.g[i] = L.tubes[i];
 }
@@ -726,25 +621,16 @@ inline ParamsDW make_dw_params(const TubeLayout& L, const int64_t* xs, const voi
   return p;
 }
 
-// dp_elems receives the workspace size (elements of fp32) for dP.
+// The dP kernel's parameters: the dP layout (kernels/common.h) plus its
+// grid; dp_elems receives the workspace size (elements of fp32).
 inline ParamsDX make_dx_params(const TubeLayout& L, const void* const* w, int64_t* dp_elems) {
-  ParamsDX p{};
-  p.n_tubes = static_cast<int>(L.tubes.size());
-  p.B = L.batch;
-  p.N = L.num_tokens;
-  p.d = L.dim;
+  ParamsDX p = make_dp_layout(L, w, dp_elems);
   p.tiles_before[0] = 0;
-  int64_t off = 0;
   for (int i = 0; i < p.n_tubes; ++i) {
     const TubeGeom& g = L.tubes[i];
-    p.g[i] = g;
-    p.w[i] = w[i];
-    p.dp_offset[i] = off;
-    off += L.batch * g.num_tokens * g.patch_size;
     p.tiles_before[i + 1] =
         p.tiles_before[i] + ((L.batch * g.num_tokens + BM - 1) / BM) * ((g.patch_size + BN - 1) / BN);
   }
-  *dp_elems = off;
   return p;
 }
 

@@ -1,12 +1,14 @@
 // The correctness-first ("naive") kernels, written once as per-element
 // functors (TUBEVIT_HD: host + device) and driven by a launcher policy:
-//   * cuda/tube_tokens_cuda.cu runs them as grid-stride CUDA kernels — the
-//     CUDA path where the tensor-core kernels do not apply (fp64, fp32 with
-//     TF32 off, pre-sm_80, TUBEVIT_CUDA_TC=0) and the op
-//     tubevit::tube_tokens_naive those kernels are tested against;
-//   * cpu/naive_cpu.cpp runs the very same functors in a host loop as the
-//     op tubevit::tube_tokens_naive, so the index arithmetic of the GPU
-//     kernels is exercised by the CPU test suite on machines with no GPU.
+//   * cuda/tube_tokens_cuda.cu runs them as grid-stride CUDA kernels (the
+//     launcher of cuda/cuda_launcher.cuh) — the CUDA path where neither fast
+//     path applies (fp64, fp32 with TF32 convolutions off but TF32 matmuls
+//     on, TUBEVIT_CUDA_PATH=naive); testing/naive_cuda.cu registers them as
+//     the op tubevit_testing::tube_tokens_naive the fast paths are tested
+//     against;
+//   * testing/naive_cpu.cpp runs the very same functors in a host loop as
+//     the same test op, so the index arithmetic of the GPU kernels is
+//     exercised by the CPU test suite on machines with no GPU.
 //
 // One thread (or loop iteration) per output element, no atomics: results are
 // deterministic. Accumulation (NaiveAcc): fp32 for half/bf16, fp64 for fp32
@@ -28,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
 #include "tube_tokens.h"
 
 namespace tubevit {
@@ -39,8 +42,6 @@ using NaiveAcc = typename std::conditional<std::is_same<scalar_t, float>::value,
 
 // Tube geometry and weight pointers passed by value (CUDA kernel parameter
 // space, < 4 KiB for kMaxTubes = 16).
-constexpr int kMaxTubes = 16;
-
 template <typename scalar_t>
 struct TubeArgs {
   TubeGeom g[kMaxTubes];
@@ -56,11 +57,6 @@ template <typename scalar_t>
 struct GradPtrs {
   scalar_t* dw[kMaxTubes];  // (d, K) per tube
   scalar_t* db[kMaxTubes];  // (d,) per tube
-};
-
-// Input strides in elements: any layout is read in place.
-struct Strides5 {
-  int64_t b, c, t, h, w;
 };
 
 TUBEVIT_HD int find_tube_by_token(const TubeGeom* g, int n_tubes, int64_t token) {
@@ -207,17 +203,6 @@ TubeArgs<scalar_t> make_args(const TubeLayout& L, const std::vector<at::Tensor>&
     a.w_offset[i + 1] = a.w_offset[i] + L.dim * L.tubes[i].patch_size;
   }
   return a;
-}
-
-inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-inline Strides5 strides_of(const at::Tensor& x) {
-  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
 }
 
 // Launcher: a type with `template <class F> static void run(int64_t n, const F& f)`

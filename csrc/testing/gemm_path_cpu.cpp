@@ -1,14 +1,15 @@
-// The CUDA backend's GEMM path (gemm_path.h) run on the CPU: the same gather
+// The CUDA backend's GEMM path (kernels/gemm_path.h) run on the CPU: the same gather
 // functor in a host loop and the same ATen orchestration (views, GEMMs, the
 // position-embedding placement), registered as the test ops
-// tubevit::tube_tokens_gemm_path (forward), tube_tokens_gemm_path_dw
+// tubevit_testing::tube_tokens_gemm_path (forward), tube_tokens_gemm_path_dw
 // (weight gradients) and tube_tokens_gemm_path_dx (input gradient by the
 // per-tube scatter), checked against the Conv3d reference by
 // python_tests/test_gemm_path.py. Not used by the library itself: the CPU
 // backend proper is tube_tokens_cpu.cpp.
 #include <torch/library.h>
 
-#include "../gemm_path.h"
+#include "../kernels/gemm_path.h"
+#include "../kernels/grad_input.h"
 #include "cpu_launcher.h"
 
 namespace tubevit {
@@ -18,7 +19,7 @@ namespace {
 // another path (too many tubes, indices beyond 32 bits).
 gemm::Layout checked_layout(const TubeLayout& L, const char* op) {
   gemm::Layout a;
-  TORCH_CHECK(gemm::make_layout(L, &a), op, ": at most ", gemm::kMaxTubes, " tubes and 32-bit element indices");
+  TORCH_CHECK(gemm::make_layout(L, &a), op, ": at most ", kMaxTubes, " tubes and 32-bit element indices");
   return a;
 }
 
@@ -30,7 +31,7 @@ at::Tensor gemm_path_cpu(const at::Tensor& x, at::TensorList weights, at::Tensor
   at::Tensor pe;
   if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
   const gemm::Layout a = checked_layout(L, "tube_tokens_gemm_path");
-  gemm::forward<CpuLauncher>(x, naive::contiguous_all(weights), naive::contiguous_all(biases), pe, L, a, out);
+  gemm::forward<CpuLauncher>(x, contiguous_all(weights), contiguous_all(biases), pe, L, a, out);
   return out;
 }
 
@@ -45,7 +46,7 @@ std::vector<at::Tensor> gemm_path_dw_cpu(const at::Tensor& grad_out, const at::T
 }
 
 // dP_i = G_i W_i in fp32 (the CUDA path's cuBLAS GEMMs, here ATen's CPU
-// ones on fp32 copies), then the per-tube scatter of gemm_path.h.
+// ones on fp32 copies), then the per-tube scatter of kernels/grad_input.h.
 at::Tensor gemm_path_dx_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
                             at::IntArrayRef tubes) {
   const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
@@ -63,14 +64,14 @@ at::Tensor gemm_path_dx_cpu(const at::Tensor& grad_out, const at::Tensor& x, at:
                weights[i].reshape({L.dim, tg.patch_size}).to(at::kFloat));
   }
   at::Tensor dx;
-  TORCH_CHECK(gemm::grad_input_scatter<CpuLauncher>(dp, dp_off, L, &dx, x.options()),
+  TORCH_CHECK(dx::grad_input_scatter<CpuLauncher>(dp, dp_off, L, &dx, x.options()),
               "tube_tokens_gemm_path_dx: covered voxels exceed 32-bit indices");
   return dx;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tubevit, CPU, m) {
+TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) {
   m.impl("tube_tokens_gemm_path", &gemm_path_cpu);
   m.impl("tube_tokens_gemm_path_dw", &gemm_path_dw_cpu);
   m.impl("tube_tokens_gemm_path_dx", &gemm_path_dx_cpu);

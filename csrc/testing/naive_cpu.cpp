@@ -1,11 +1,11 @@
-// CPU launcher for the per-element kernels of naive_kernels.h, registered as
-// tubevit::tube_tokens_naive{,_backward}. These run the exact functors the
+// CPU launcher for the per-element kernels of kernels/naive_kernels.h,
+// registered as tubevit_testing::tube_tokens_naive{,_backward}. These run the exact functors the
 // CUDA backend launches, so the GPU kernels' index arithmetic is tested on
 // machines without a GPU (python_tests/test_naive_kernels.py). Slow by
 // design; not used by the library itself.
 #include <torch/library.h>
 
-#include "../naive_kernels.h"
+#include "../kernels/naive_kernels.h"
 #include "cpu_launcher.h"
 
 namespace tubevit {
@@ -24,7 +24,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tubevit, CPU, m) {
+TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) {
   m.impl("tube_tokens_naive", &tube_tokens_naive_cpu);
   m.impl("tube_tokens_naive_backward", &tube_tokens_naive_backward_cpu);
 }

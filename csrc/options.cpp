@@ -1,0 +1,49 @@
+#include "options.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+namespace tubevit {
+namespace {
+
+Options g_options;
+std::once_flag g_once;
+
+bool read_flag(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return false;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "0" || s == "1", name, " must be 0 or 1, got '", s, "'");
+  return s == "1";
+}
+
+Options read_env() {
+  Options o;
+  const char* p = std::getenv("TUBEVIT_CUDA_PATH");
+  const std::string path = p == nullptr ? "" : p;
+  if (path.empty() || path == "auto") o.cuda_path = CudaPath::Auto;
+  else if (path == "gemm") o.cuda_path = CudaPath::Gemm;
+  else if (path == "tc") o.cuda_path = CudaPath::TensorCore;
+  else if (path == "naive") o.cuda_path = CudaPath::Naive;
+  else TORCH_CHECK_VALUE(false, "TUBEVIT_CUDA_PATH must be one of auto, gemm, tc, naive; got '", path, "'");
+  o.gemm_gather_vec = read_flag("TUBEVIT_GEMM_GATHER_VEC");
+  o.dx_scatter = read_flag("TUBEVIT_DX_SCATTER");
+  return o;
+}
+
+}  // namespace
+
+const Options& options() {
+  std::call_once(g_once, [] { g_options = read_env(); });
+  return g_options;
+}
+
+void reload_options() {
+  options();  // the first read, if it has not happened
+  g_options = read_env();
+}
+
+}  // namespace tubevit

@@ -1,0 +1,37 @@
+// Runtime switches of the library, read from the environment once (on first
+// use) and kept in one struct. The only place they are documented besides
+// the README's "Switches" section.
+//
+//   TUBEVIT_CUDA_PATH        auto (default) | gemm | tc | naive: which CUDA
+//                            path the ops take (cuda/tube_tokens_cuda.cu,
+//                            choose_path). auto picks by problem size; a
+//                            forced path that does not apply to a call falls
+//                            back as choose_path documents.
+//   TUBEVIT_GEMM_GATHER_VEC  1: the GEMM path gathers V patch columns per
+//                            thread (gemm::GatherVecElem). Default 0.
+//   TUBEVIT_DX_SCATTER       1: the input gradient by per-tube scatter
+//                            (dx::DxScatterElem) instead of the gather, on
+//                            both fast CUDA paths. Default 0.
+//
+// tubevit_ext.reload_options() (python) / reload_options() (C++) reads them
+// again, for tests and benchmarks that change them in-process; it must not
+// run while ops run on other threads.
+#pragma once
+
+namespace tubevit {
+
+enum class CudaPath { Auto, Gemm, TensorCore, Naive };
+
+struct Options {
+  CudaPath cuda_path = CudaPath::Auto;
+  bool gemm_gather_vec = false;
+  bool dx_scatter = false;
+};
+
+// The switches as read from the environment (first call) or by the last
+// reload_options(). Raises ValueError naming the variable for a value it
+// does not know.
+const Options& options();
+void reload_options();
+
+}  // namespace tubevit
