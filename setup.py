@@ -14,6 +14,11 @@ Environment:
   TUBEVIT_TESTING_OPS=0   leave out the test-only ops (csrc/testing/, the
                           torch.ops.tubevit_testing namespace the test suite
                           needs); default 1
+  TUBEVIT_PREBUILT=1      package only, no extension build: for an editable
+                          install next to an extension already built in place
+                          (`python setup.py build_ext --inplace`, which keeps
+                          its objects in build/ and recompiles only what
+                          changed; .ci/setup_env does this)
   TUBEVIT_DEFINES         extra macros for every compiler, e.g. the tensor-core
                           kernels' tuning knobs (csrc/kernels/tc_tiles.h):
                           "TUBEVIT_TC_DEPTH=32 TUBEVIT_TC_MIN_BLOCKS=4"
@@ -111,7 +116,7 @@ setup(
     # test: also onnxruntime, to run the exported file in the ONNX test.
     extras_require={"onnx": ["onnx", "onnxscript"],
                     "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime"]},
-    ext_modules=extensions(),
+    ext_modules=[] if os.environ.get("TUBEVIT_PREBUILT") == "1" else extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

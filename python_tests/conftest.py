@@ -64,6 +64,34 @@ def make_params(tubes, C, d, dtype=torch.float32, device="cpu", bias=True, seed=
     return ws, bs
 
 
+# ---- tolerances: every numeric bound of the suite comes from these tables ----
+
+#: Unit roundoff of each dtype: a value rounded once to it is within UNIT_ROUNDOFF * |value|.
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24,
+                 torch.float64: 2.0 ** -53}
+#: fp32 results of a BLAS GEMM (cuBLAS, MKL) against fp64 on the same operands: their summation order
+#: over K <= 1728 terms adds this much relative error (the GEMM-path tests).
+FP32_BLAS_REL = 2.0 ** -16
+#: fp32 results of the tensor-core kernels' emulation against fp64 on the same TF32-rounded operands:
+#: fp32 accumulation in MMA-depth steps.
+FP32_TC_REL = 2.0 ** -20
+#: The project's rule for the fused op against the fp64 oracle:
+#: err <= 2 * err(PyTorch's own same-dtype path) + ATOL[dtype] (flash-attention's test rule).
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+#: The same rule in the property-based fuzz, whose ATOL is scaled by the oracle's magnitude and whose
+#: problems (random widths, channels, up to 8 tubes) are drawn to find the worst case.
+ATOL_FUZZ = {torch.float64: 1e-9, torch.float32: 5e-5, torch.bfloat16: 5e-2}
+
+
+def check_rounded(got, want, dtype, name, fp32_rel):
+    """got (any dtype) against the fp64 result on the same rounded operands: within two roundings of
+    the output's dtype (fp32: fp32_rel, the accumulation order's error) of max|want|, plus 1e-5."""
+    err = (got.double() - want).abs().max().item()
+    rel = fp32_rel if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
+    tol = 2 * rel * want.abs().max().item() + 1e-5
+    assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+
+
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

@@ -9,12 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tubevit_ext as tv
-from conftest import make_params
+from conftest import FP32_TC_REL, check_rounded, make_params
 
 from tubevit_ext.testing import ops
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-# output rounding of each dtype (fp32: the TF32 operand rounding is applied to the oracle's inputs)
-EPS = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -20}
 
 CASES = {
     # many tokens (M tiles), K = 54 (two K steps, partial), d = 70 (two channel tiles, partial)
@@ -61,9 +59,7 @@ def make_x(B, C, size, dtype, layout, g):
 
 
 def check_close(got, want, dtype, name):
-    err = (got.double() - want).abs().max().item()
-    tol = 2 * EPS[dtype] * want.abs().max().item() + 1e-5
-    assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+    check_rounded(got, want, dtype, name, FP32_TC_REL)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -7,10 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tubevit_ext as tv
-from conftest import make_params, max_err, random_tubes
-
-# err(fused vs fp64 oracle) <= 2 * err(PyTorch's same-dtype reference path) + ATOL
-ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+from conftest import ATOL, make_params, max_err, random_tubes
 
 
 def run(fn, x, ws, bs, tubes, pe, gout):

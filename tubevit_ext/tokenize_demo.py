@@ -1,5 +1,5 @@
-"""Main job: tokenize a synthetic video batch with the fused op and the
-Conv3d reference; print token count, max difference and time of each.
+"""Tokenize a synthetic video batch with the fused op and the Conv3d
+reference; print token count, max difference and time of each.
 
     python -m tubevit_ext.tokenize_demo [--batch 2] [--frames 32] [--size 224 224] [--dim 768]
                                [--device cpu|cuda] [--dtype float32|bfloat16|float16]
