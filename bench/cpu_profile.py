@@ -1,4 +1,4 @@
-"""CPU breakdowns behind bench/NOTES.md (the harness, tube_bench.py, gives the comparisons).
+"""CPU breakdowns behind bench/DESIGN.md (the harness, tube_bench.py, gives the comparisons).
 
     python bench/cpu_profile.py ops                   # op-level: forward with/without saving patches,
                                                       # backward with gathered vs saved patches, db only
@@ -27,7 +27,7 @@ import time
 if "--glibc-keep" in sys.argv:
     # Before torch allocates anything: mmap threshold 1 GiB, trim threshold
     # 2 GiB, so freed blocks stay in the heap and are reused without new
-    # page faults (bench/NOTES.md, session 4: how much of the fwd_bwd margin
+    # page faults (bench/DESIGN.md, "What bounds it": how much of the fwd_bwd margin
     # is page faults).
     _libc = ctypes.CDLL("libc.so.6")
     assert _libc.mallopt(-3, 1 << 30) == 1  # M_MMAP_THRESHOLD
@@ -50,7 +50,7 @@ def median_ms(fn, inputs, repeats):
 
 
 def split(m, xs, repeats):
-    """Where a training step's time goes, fused vs unfold_gemm (bench/NOTES.md, session 4)."""
+    """Where a training step's time goes, fused vs unfold_gemm (bench/DESIGN.md, "What bounds it")."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tube_bench import UnfoldGemm
 

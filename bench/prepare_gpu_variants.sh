@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds, on the CPU machine, what a GPU session carries to the device tool
+# Builds, on the CPU machine, what a run of bench/gpu_check.sh carries to the GPU machine
 # (no device time is spent compiling there):
 #   tubevit_ext/_C.cpython-312-*.so   the default build, for the GPU machine's
 #                                     Python 3.12 + torch 2.11.0 (.venv-gpu-torch)

@@ -16,8 +16,8 @@ repeats, median; CUDA events on GPU, perf_counter on CPU; inputs rotated over se
 buffers so no implementation runs on cache-hot data. On GPU the card's dense matmul rate per
 dtype is measured in the same run and every result reports its achieved TFLOP/s.
 
-    python bench/tube_bench.py --preset cpu-targets          # the CPU targets of issue 4
-    python bench/tube_bench.py --preset gpu-targets          # the GPU targets of issue 3
+    python bench/tube_bench.py --preset cpu-targets          # paper tubes, B = 4, CPU (bench/RESULTS.md)
+    python bench/tube_bench.py --preset gpu-targets          # paper tubes, B = 32, GPU (bench/RESULTS.md)
     python bench/tube_bench.py --device cpu --batch 1 2 4 --frames 32 --dim 384 768 --modes fwd
 Outputs: table on stdout, JSON (--json), PNG plot (--plot; needs matplotlib, skipped otherwise).
 """
@@ -286,9 +286,9 @@ def dtype_name(dt):
 
 
 def git_commit():
-    # The device tool's copy of the tree carries the .git of the session's
-    # start, not the commit being run (seen in session 5): the caller can name
-    # the commit (bench/gpu_check.sh passes TUBEVIT_COMMIT through).
+    # The device machine's copy of the tree may carry an older .git than the
+    # tree being run: the caller can name the commit (bench/gpu_check.sh
+    # passes TUBEVIT_COMMIT through).
     if os.environ.get("TUBEVIT_COMMIT"):
         return os.environ["TUBEVIT_COMMIT"]
     try:
@@ -423,22 +423,32 @@ PRESETS = {
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("--device")
-    p.add_argument("--dtypes", nargs="+")
-    p.add_argument("--batch", nargs="+", type=int)
-    p.add_argument("--frames", nargs="+", type=int)
-    p.add_argument("--dim", nargs="+", type=int)
-    p.add_argument("--tubes", nargs="+", choices=sorted(TUBE_SETS))
-    p.add_argument("--modes", nargs="+", choices=MODES)
-    p.add_argument("--impls", nargs="+", choices=IMPLS)
-    p.add_argument("--size", nargs=2, type=int, default=(224, 224), metavar=("H", "W"))
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per implementation and round")
-    p.add_argument("--rounds", type=int, help="interleaved timing rounds (default: preset's, else 1)")
-    p.add_argument("--rotate", type=int, default=3, help="fresh input buffers rotated between calls")
+    presets = "; ".join(f"{k}: " + ", ".join(f"{a}={v}" for a, v in c.items()) for k, c in PRESETS.items())
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a named configuration; explicit options below override its fields (" + presets + ")")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtypes", nargs="+", help="float32, bfloat16, float16, float64 (default: float32)")
+    p.add_argument("--batch", nargs="+", type=int, help="batch sizes B (default: 4)")
+    p.add_argument("--frames", nargs="+", type=int, help="frame counts T (default: 32)")
+    p.add_argument("--dim", nargs="+", type=int, help="token widths d (default: 768)")
+    p.add_argument("--tubes", nargs="+", choices=sorted(TUBE_SETS),
+                   help="tube sets: paper (the four tubes of the paper), tubelet2 (2x16x16 + 8x32x32) "
+                        "(default: paper)")
+    p.add_argument("--modes", nargs="+", choices=MODES,
+                   help="fwd, fwd_bwd (weights and bias require grad), fwd_bwd_input (x too) "
+                        "(default: fwd fwd_bwd)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS,
+                   help="implementations, see above (default: " + " ".join(DEFAULT_IMPLS) + ")")
+    p.add_argument("--size", nargs=2, type=int, default=(224, 224), metavar=("H", "W"),
+                   help="frame size (default: 224 224)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per implementation and round (default: 10)")
+    p.add_argument("--rounds", type=int,
+                   help="interleaved timing rounds, A B C A B C ... (default: the preset's, else 1)")
+    p.add_argument("--rotate", type=int, default=3,
+                   help="fresh input buffers rotated between calls, so none is cache-hot (default: 3)")
     p.add_argument("--json", help="write results here (default: bench/out/<device>-<date>.json)")
-    p.add_argument("--plot", help="write a PNG plot here (default: next to the JSON)")
+    p.add_argument("--plot", help="write a PNG plot here, needs matplotlib (default: next to the JSON)")
     args = p.parse_args(argv)
 
     cfg = dict(PRESETS.get(args.preset, {}))

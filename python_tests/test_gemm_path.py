@@ -1,4 +1,4 @@
-"""The CUDA backend's GEMM path (csrc/gemm_path.h: our gather, the vendor GEMM, the position
+"""The CUDA backend's GEMM path (csrc/kernels/gemm_path.h: our gather, the vendor GEMM, the position
 embedding fused into the placement) run on the CPU as tubevit::tube_tokens_gemm_path{,_dw}: the
 gather functor's index arithmetic (any input strides, every tube shape) and the orchestration's
 views, GEMM operands and token offsets, checked against the fp64 Conv3d reference without a GPU.

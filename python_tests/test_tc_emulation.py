@@ -1,5 +1,5 @@
 """The tensor-core kernels' tile code, run on the CPU (tubevit::tube_tokens_tc_emulated{,_dw,_dx},
-see csrc/tc_tiles.h and csrc/cpu/tc_emulation.cpp): block/thread/warp index arithmetic, strides,
+see csrc/kernels/tc_tiles.h and csrc/testing/tc_emulation.cpp): block/thread/warp index arithmetic, strides,
 leading dimensions and boundary masks of the forward, weight- and input-gradient kernels, checked against
 the fp64 reference without a GPU. Shapes are chosen so that every tile axis has several tiles and
 a partial last one (tokens > 64, d > 64, K > 32 / 64, batch > 1)."""

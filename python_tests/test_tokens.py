@@ -65,7 +65,7 @@ def check_case(device, tubes, size, C, d, B, bias=True, use_pe=True, dtype=torch
     same_dtype_ref = run(tv.reference.tube_tokens, xr, wr, br, tubes, pr, cast(gout64, dtype, device))
     if not all(torch.isfinite(t).all() for t in [same_dtype_ref[0], *same_dtype_ref[1].values()]):
         # PyTorch's bf16 CPU conv3d intermittently returns NaN on strided
-        # slices (torch 2.14.1, see bench/NOTES.md); budget then = fp32
+        # slices (torch 2.14.1, see bench/DESIGN.md); budget then = fp32
         # arithmetic on the same rounded inputs, rounded back to dtype.
         up = lambda t: None if t is None else leaf(t.detach().float(), t.requires_grad)
         r = run(tv.reference.tube_tokens, up(xr), [up(w) for w in wr], None if br is None else [up(b) for b in br],

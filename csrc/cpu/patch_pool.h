@@ -10,7 +10,7 @@
 // faults on all of it: ~0.85 us per 4 KiB page on the dev VM, i.e. 16-17 ms
 // for `torch.zeros` of that input gradient against 1.7 ms for zeroing
 // recycled memory; and, depending on glibc's adaptive thresholds, run-to-run
-// swings of several ms per step (bench/NOTES.md). Above 32 MiB (glibc's
+// swings of several ms per step (bench/DESIGN.md). Above 32 MiB (glibc's
 // largest mmap threshold) every such block is fresh pages: the token output
 // at B = 32, d = 768 (53 MB) cost ~9 % of the forward. The pool keeps freed
 // blocks and hands them out again.

@@ -14,7 +14,7 @@
 // of a batch chunk in one GEMM, takes db from the same contiguous gradient rows,
 // and scatters dP = G W back into dx in parallel over (b, c) planes, which
 // never overlap, so accumulation of overlapping tubes is race-free and
-// deterministic. bench/NOTES.md has the measurements behind these choices.
+// deterministic. bench/DESIGN.md has the measurements behind these choices.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -407,7 +407,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
     // the whole batch. Chunk by chunk, every partial dW would come back
     // rounded to 16 bits and be converted and added in fp32 — a d x K pass
     // per chunk that made bf16 training up to 1.6x slower than unfold_gemm
-    // for big tubes (8x32x32, K = 24576; bench/NOTES.md) — while the single
+    // for big tubes (8x32x32, K = 24576; bench/DESIGN.md) — while the single
     // GEMM accumulates in fp32 inside oneDNN and rounds once. The saved
     // patches bound nothing here; the gradient rows (and dP) of the whole
     // batch then live in pooled temporaries rather than in the thread-local

@@ -1,7 +1,7 @@
 // Bias gradient of tubevit::tube_tokens on CUDA: db_i[j] = sum over the
 // B x n_i rows of tube i of grad[b, off_i + tok, j].
 //
-// Why a kernel of its own: the per-element functor of naive_kernels.h gives
+// Why a kernel of its own: the per-element functor of kernels/naive_kernels.h gives
 // each (tube, channel) one thread that walks all B x n_i rows, i.e. only
 // n_tubes x d threads: on an H200 that was 12 blocks and 2.3 ms for the
 // paper tubes at B = 32, d = 768 (ncu), more than the whole tensor-core

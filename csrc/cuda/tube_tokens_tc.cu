@@ -62,14 +62,14 @@ struct Mma<float> {
   static constexpr int kK = MmaDepth<float>::value;
 };
 
-// dW's A fragment layout (tc_tiles.h, TUBEVIT_TC_DW_VEC)
+// dW's A fragment layout (kernels/tc_tiles.h, TUBEVIT_TC_DW_VEC)
 using DwLayoutA = std::conditional<kDwTokenMajorA, wmma::col_major, wmma::row_major>::type;
 
 template <typename scalar_t>
 using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, Mma<scalar_t>::kK, float>;
 
 // One kK-deep step of a warp's 32x32 tile, operands as described by MmaArgs
-// (tc_tiles.h); A's and B's layouts are LayoutA / LayoutB. Both kernels below share it.
+// (kernels/tc_tiles.h); A's and B's layouts are LayoutA / LayoutB. Both kernels below share it.
 // Staging holds scalar_t (at::Half / at::BFloat16 / float), bit-identical
 // to Mma<scalar_t>::load_t.
 template <typename scalar_t, typename LayoutA, typename LayoutB>
@@ -147,7 +147,7 @@ __device__ __forceinline__ void finish_tile(AccFrag<scalar_t> (&acc)[2][2], floa
 }
 
 // The forward. Tile logic (what each block / thread / warp does) is in
-// tc_tiles.h, shared with the host emulator; here only shared memory, the
+// kernels/tc_tiles.h, shared with the host emulator; here only shared memory, the
 // barriers and the WMMA fragments.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
 #endif
 }
 
-// ---- weight gradient: dW_i = G_i^T P_i (see tc_tiles.h) ----
+// ---- weight gradient: dW_i = G_i^T P_i (see kernels/tc_tiles.h) ----
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
     tube_dw_tc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad, const ParamsDW p) {
@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
 #endif
 }
 
-// ---- input gradient, step 1: dP = G W into an fp32 workspace (tc_tiles.h) ----
+// ---- input gradient, step 1: dP = G W into an fp32 workspace (kernels/tc_tiles.h) ----
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     tube_dp_tc_kernel(const scalar_t* __restrict__ grad, float* __restrict__ dp, const ParamsDX p) {

@@ -1,7 +1,8 @@
 // Tile logic of the tensor-core kernels (cuda/tube_tokens_tc.cu), written
-// once for the GPU and for a host emulator (cpu/tc_emulation.cpp).
+// once for the GPU and for a host emulator (testing/tc_emulation.cpp).
 //
-// Why: no GPU has run those kernels yet. Everything in them except the WMMA
+// Why: so that the CPU test suite checks the kernels' index arithmetic on
+// every change, with or without a GPU. Everything in them except the WMMA
 // fragment calls and the barriers is a function of (block, thread) defined
 // here: which tube / sample / tokens / channels a block owns, which input
 // voxel, weight or gradient element each thread stages into which shared-
@@ -38,11 +39,11 @@ namespace tc {
 // Tuning knobs, overridable at build time (setup.py: TUBEVIT_DEFINES); the
 // host emulator is compiled with the same values, so the tests cover them.
 // TUBEVIT_TC_DEPTH: the reduction depth of one staged step (BK, and DM for
-// dW), 32 or 64. It was 32 until the first GPU run (session 5): a step was
-// then 8 MMAs per warp against two or three barriers and a global-load
-// latency. TUBEVIT_TC_MIN_BLOCKS: blocks per SM the compiler must fit
-// (__launch_bounds__ of the forward and dW kernels; 1 = no register cap).
-// Measured on an H200 (session 5, bench/NOTES.md), per call at B = 32, bf16
+// dW), 32 or 64 (at 32 a step is 8 MMAs per warp against two or three
+// barriers and a global-load latency). TUBEVIT_TC_MIN_BLOCKS: blocks per SM
+// the compiler must fit (__launch_bounds__ of the forward and dW kernels;
+// 1 = no register cap). Measured on an H200 (single-stage kernels, the
+// transposing dW copy; bench/DESIGN.md), kernel time per call at B = 32, bf16
 // forward / dW: depth 32 uncapped 0.93 / 3.05 ms, depth 64 uncapped 1.18 /
 // 3.14 ms (168 / 166 registers: 3 blocks per SM), depth 64 with 4 blocks per
 // SM (128 registers) 0.76 / 2.08 ms — the default.
@@ -53,7 +54,7 @@ namespace tc {
 #define TUBEVIT_TC_MIN_BLOCKS 4
 #endif
 // TUBEVIT_TC_STAGES: shared-memory stages of the forward's and dW's reduction
-// loops. 1 = load, barrier, multiply (session 5's kernels); 2 = the next
+// loops. 1 = load, barrier, multiply; 2 = the next
 // step's tiles are staged with cp.async (sm_80+) while the tensor cores work
 // on the current ones. dW's copies are asynchronous only with
 // TUBEVIT_TC_DW_VEC = 1 for its A tile (the transposing copy stays synchronous).
@@ -62,11 +63,11 @@ namespace tc {
 // 2-byte store per element (dW was 2.7x slower per FLOP than the forward).
 // 1 = As[m][j], copied along j in 16/8/4-byte chunks (grad rows are
 // contiguous in j) and read by the tensor cores as a column-major A.
-// Both were written in session 5 and first run in session 6 (H200, B = 32,
-// paper tubes, CUDA suite passed on each build; bench/NOTES.md "Session 6"):
-// per call, bf16 forward / forward + dW: (1, 0) 0.83 / 3.04 ms, (2, 0) 0.59 /
-// 2.84, (1, 1) 0.82 / 1.79, (2, 1) 0.58 / 1.27 ms — the default since then
-// (kernels: forward 0.76 -> 0.52 ms, dW 2.08 -> 0.52 ms).
+// Measured on an H200 (B = 32, paper tubes, the CUDA suite passing on each
+// build; bench/DESIGN.md), (STAGES, DW_VEC) per call, bf16 forward /
+// forward + dW: (1, 0) 0.83 / 3.04 ms, (2, 0) 0.59 / 2.84, (1, 1) 0.82 /
+// 1.79, (2, 1) 0.58 / 1.27 ms — the default (kernels: forward 0.76 -> 0.52
+// ms, dW 2.08 -> 0.52 ms).
 #ifndef TUBEVIT_TC_STAGES
 #define TUBEVIT_TC_STAGES 2
 #endif
@@ -230,7 +231,7 @@ struct FwdLoc {
 // dimension, channel tile fastest: the blocks that gather the same patches
 // run together, so the input is read from DRAM about once rather than once
 // per channel tile (token tile fastest made ncu show 1.3 TB/s of DRAM
-// traffic, ~4x the input, on an H200 in session 5).
+// traffic, ~4x the input, on an H200).
 TUBEVIT_HD int64_t fwd_blocks(const Params& p) {
   return p.tiles_before[p.n_tubes] * ((p.d + BN - 1) / BN);
 }

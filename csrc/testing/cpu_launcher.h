@@ -1,5 +1,5 @@
 // The host launcher for the per-element functors written for the GPU
-// (naive_kernels.h, gemm_path.h): f(i) for every i in [0, n), in parallel
+// (kernels/naive_kernels.h, kernels/gemm_path.h, kernels/grad_input.h): f(i) for every i in [0, n), in parallel
 // over ATen's intra-op threads. Lets the CPU test suite run the CUDA
 // kernels' index arithmetic on machines without a GPU.
 #pragma once
