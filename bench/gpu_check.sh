@@ -190,7 +190,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
           name=$(basename "$v" .so)
           cp "$v" "$so"
           # VARIANT_TESTS="NAME ...": the CUDA suite on those variants first
-          # (~30 s each), for builds whose kernels have not run on a GPU before
+          # (~30 s each), for builds whose kernels no GPU has checked
           if [[ " ${VARIANT_TESTS:-} " == *" $name "* ]]; then
             run_step "variant-$name-tests" 45 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT
           fi

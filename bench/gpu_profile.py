@@ -5,7 +5,7 @@ bench/gpu_check.sh, step `profile`; needs a CUDA GPU).
     python bench/gpu_profile.py --once bf16     # one forward + backward, for ncu to look at
     python bench/gpu_profile.py --host --batch 4   # host side: self CPU time per op (launch overhead)
 
-Paper tubes, 3x32x224x224, d = 768, B = 32 (the issue-3 target shape) unless
+Paper tubes, 3x32x224x224, d = 768, B = 32 (the shape of bench/RESULTS.md) unless
 --batch says otherwise. The input does not require grad (mode fwd_bwd of the
 benchmark): the backward is dW + db.
 """

@@ -144,7 +144,7 @@ def test_bad_calls_never_crash_the_process():
         for i, c in enumerate(calls):
             try:
                 c()
-                print("call", i, "returned")
+                print("bad call", i, "returned")
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 caught += 1
         print("done", caught)
@@ -154,7 +154,7 @@ def test_bad_calls_never_crash_the_process():
     # valid: a huge stride (one position per axis) and a stride-0 input (read
     # in place); every other call must raise
     returned = [line for line in r.stdout.splitlines() if line.endswith("returned")]
-    assert returned == ["call 1 returned", "call 10 returned"] and "done 9" in r.stdout, r.stdout
+    assert returned == ["bad call 1 returned", "bad call 10 returned"] and "done 9" in r.stdout, r.stdout
 
 
 # ---------------------------------------------------------------- numerics

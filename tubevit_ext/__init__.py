@@ -12,7 +12,7 @@ from .functional import tube_tokens
 from .geometry import (IMAGE_TUBE, PAPER_TUBES, Tube, as_tubes, flatten_tubes, num_tokens,
                        token_grid, token_offsets)
 from .pos_embed import sincos_pos_embed
-from .tokenizer import SparseTubeTokenizer, TubeProjection
+from .modules import SparseTubeTokenizer, TubeProjection
 from . import reference  # noqa: E402,F401
 from . import export  # noqa: E402,F401  (torch.export / ONNX helpers)
 

@@ -1,4 +1,6 @@
-"""SparseTubeTokenizer: the drop-in nn.Module around the fused op."""
+"""The op-level nn.Modules: SparseTubeTokenizer (the drop-in module around the fused op) and
+TubeProjection (its parameters); the model-level tokenizer with the paper's variants is
+tubevit_ext/models/tube_tokenizer.py."""
 from __future__ import annotations
 
 import math

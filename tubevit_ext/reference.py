@@ -14,7 +14,7 @@ from torch import nn
 
 from .geometry import PAPER_TUBES, Tube, as_tubes
 from .pos_embed import sincos_pos_embed
-from .tokenizer import PosEmbedCache
+from .modules import PosEmbedCache
 
 
 def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],

@@ -1,6 +1,6 @@
 """TubeViT models built on the fused tube tokenizer."""
 from .convert import inflate_kernel, load_image_vit
-from .tokenizer import PAPER_SPACE_TO_DEPTH, TubeTokenizer, pack_space_to_depth
+from .tube_tokenizer import PAPER_SPACE_TO_DEPTH, TubeTokenizer, pack_space_to_depth
 from .tubevit import (PRESETS, SIZES, AttentionPool, Block, PackedLayout, TubeViT, tubevit_b, tubevit_h,
                       tubevit_l, tubevit_s, tubevit_ti)
 

@@ -35,7 +35,7 @@ from torch import nn
 from ..functional import tube_tokens
 from ..geometry import PAPER_TUBES, Tube, as_tubes, token_grid, tube_token_counts
 from ..pos_embed import sincos_from_positions, tube_centres
-from ..tokenizer import PosEmbedCache, TubeProjection
+from ..modules import PosEmbedCache, TubeProjection
 
 #: Table 12 of the paper: 2x temporal space-to-depth on the 8x8x8 tube, 4x
 #: spatial (2x2) on the 16x4x4 tube.

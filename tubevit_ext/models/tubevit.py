@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..geometry import PAPER_TUBES
-from .tokenizer import PAPER_SPACE_TO_DEPTH, TubeTokenizer
+from .tube_tokenizer import PAPER_SPACE_TO_DEPTH, TubeTokenizer
 
 
 @dataclass(frozen=True)
