@@ -48,9 +48,11 @@ def test_tube_that_does_not_fit_is_named():
         _C._token_layout(tv.flatten_tubes([big]), 8, 9, 9)
 
 
-@pytest.mark.parametrize("bad", [((0, 1, 1), (1, 1, 1)), ((1, 1, 1), (1, 0, 1)), ((1, 1, 1), (1, 1, 1), (0, -1, 0))])
-def test_bad_tube_parameters(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad,msg", [(((0, 1, 1), (1, 1, 1)), r"every kernel entry must be >= 1, got \(0, 1, 1\)"),
+                                     (((1, 1, 1), (1, 0, 1)), r"every stride entry must be >= 1, got \(1, 0, 1\)"),
+                                     (((1, 1, 1), (1, 1, 1), (0, -1, 0)), r"every offset entry must be >= 0, got \(0, -1, 0\)")])
+def test_bad_tube_parameters(bad, msg):
+    with pytest.raises(ValueError, match=msg):
         tv.Tube.make(*bad)
 
 

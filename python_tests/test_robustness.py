@@ -310,3 +310,16 @@ def test_no_token_message_is_the_same_on_every_path():
     want = ("tube 1 (kernel=(16, 4, 4), stride=(6, 32, 32), offset=(4, 8, 8)) yields no tokens for input "
             "size (T, H, W) = (15, 28, 28): offset + kernel exceeds the input on some axis")
     assert msgs == [want] * 4, msgs
+
+
+def test_functional_bias_count_and_empty_vmap_are_named():
+    tubes = [tv.Tube((2, 4, 4), (2, 4, 4))]
+    x = torch.randn(2, 3, 4, 8, 8)
+    ws = [torch.randn(5, 3, 2, 4, 4)]
+    with pytest.raises(ValueError, match=r"biases must be None or hold one tensor per tube \(1\), got 2"):
+        tv.tube_tokens(x, ws, [torch.randn(5), torch.randn(5)], tubes)
+    # vmap over weights loops over slices: a size-0 vmapped dimension has none to stack
+    with pytest.raises(ValueError, match=r"tubevit.tube_tokens: vmap over a dimension of size 0 is not supported"):
+        torch.func.vmap(lambda w: tv.tube_tokens(x, [w], None, tubes))(torch.randn(0, 5, 3, 2, 4, 4))
+    # a size-0 vmapped x folds into the batch: an empty result of the right shape
+    assert torch.func.vmap(lambda xi: tv.tube_tokens(xi, ws, None, tubes))(torch.randn(0, 2, 3, 4, 8, 8)).shape == (0, 2, 8, 5)

@@ -233,12 +233,14 @@ def _only_x_batched(in_dims):
 
 
 def _fold(x, x_dim):
+    """x with its vmapped dim x_dim folded into the batch; returns it and (V, B) to unfold with
+    (both kept: with V = 0 or B = 0 the folded size cannot tell them apart)."""
     xb = x.movedim(x_dim, 0)
-    return xb.reshape(xb.shape[0] * xb.shape[1], *xb.shape[2:]), xb.shape[0]
+    return xb.reshape(xb.shape[0] * xb.shape[1], *xb.shape[2:]), tuple(xb.shape[:2])
 
 
-def _unfold(t, V):
-    return t.reshape(V, t.shape[0] // V if V else 0, *t.shape[1:])
+def _unfold(t, vb):
+    return t.reshape(*vb, *t.shape[1:])
 
 
 def _forward_vmap_rule(op, unfold_result):

@@ -10,9 +10,9 @@ chance on held-out data.
 
     python -m tubevit_ext.demo [--steps 1200] [--dim 96] [--depth 3] [--seed 0] [--device cpu|cuda]
 
-The defaults reach ~98-100 % on both heads in about 1-2 minutes of training on
-a 2-core CPU; far fewer steps leave the motion head near chance (it needs the
-tubes to see motion, which takes longer to learn than colour).
+The defaults reach 98-100 % on both heads in about 35-70 s of training on a
+quiet 2-core CPU; far fewer steps leave the motion head near chance (it needs
+the tubes to see motion, which takes longer to learn than colour).
 """
 from __future__ import annotations
 

@@ -55,6 +55,8 @@ def load_image_vit(model: TubeViT, state_dict: Dict[str, torch.Tensor], fmt: str
 
     fmt: "torchvision" (vit_b_16 & co), "timm" (vit_base_patch16_224 & co) or "auto".
     """
+    if fmt not in ("auto", "torchvision", "timm"):
+        raise ValueError(f"fmt must be 'auto', 'torchvision' or 'timm', got {fmt!r}")
     if fmt == "auto":
         fmt = "torchvision" if "conv_proj.weight" in state_dict else "timm" if "patch_embed.proj.weight" in state_dict else None
         if fmt is None:

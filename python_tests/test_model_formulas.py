@@ -1,0 +1,278 @@
+"""The model layer's formulas pinned one by one, independently of the code paths they live in:
+the image-to-video gate, kernel inflation (non-square, shrinking and growing), image-ViT
+state_dict mapping key by key (hand-built torchvision and timm layouts, no packages needed),
+joint batches against per-sample forwards, fake kernels against the real ops. Each test says
+which planted bug it catches; python_tests/mutants.py plants them."""
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tubevit_ext as tv
+from conftest import random_tubes
+from tubevit_ext.models import PackedLayout, TubeViT, inflate_kernel, load_image_vit
+
+SMALL = dict(dim=24, depth=2, heads=2, mlp_dim=48)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return TubeViT(**{**SMALL, "num_classes": 3, **kw}).double()
+
+
+# ---------------------------------------------------------------- image-to-video gate (paper §3.6)
+def test_gate_adds_tanh_alpha_times_the_tube_tokens():
+    # z_s = MLP(LN(y_s)) + y_s + tanh(alpha) * z_0: with z_0 != the block's input and alpha where
+    # tanh(alpha) != alpha, the block's output moves by exactly tanh(alpha) * z_0
+    # (catches alpha * z0, and adding the block input instead of z0)
+    m = _model()
+    m.enable_image_to_video_scaling(1)
+    blk = m.blocks[1]
+    with torch.no_grad():
+        blk.gate_alpha.fill_(0.9)
+    layout = PackedLayout(((2, 5),), (0, 1))
+    x, z0 = torch.randn(10, 24, dtype=torch.float64), torch.randn(10, 24, dtype=torch.float64)
+    with torch.no_grad():
+        delta = blk(x, layout, z0) - blk(x, layout, None)
+    torch.testing.assert_close(delta, math.tanh(0.9) * z0, rtol=1e-12, atol=1e-12)
+
+
+def test_gated_block_receives_the_tokenizer_output():
+    # _encode hands block `layer` the tube tokens z_0 (the tokenizer's output), not its own input
+    m = _model(depth=3)
+    m.enable_image_to_video_scaling(2)
+    with torch.no_grad():
+        m.blocks[2].gate_alpha.fill_(0.5)
+    seen = {}
+    m.blocks[2].register_forward_pre_hook(lambda mod, args: seen.update(x=args[0], z=args[2]))
+    video = torch.randn(2, 3, 32, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        m(video)
+        tokens = m.tokenizer(video).reshape(-1, 24)
+    torch.testing.assert_close(seen["z"], tokens, rtol=0, atol=0)
+    assert not torch.allclose(seen["x"], tokens)  # the block's input differs: the test can tell them apart
+
+
+def test_scaling_layer_out_of_range_is_named():
+    m = _model()
+    for layer in (-1, 2):
+        with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got " + str(layer)):
+            m.enable_image_to_video_scaling(layer)
+
+
+# ---------------------------------------------------------------- kernel inflation
+def _expected_inflation(w2d, kernel):
+    """The documented formula, written out: resize (area when shrinking, bilinear when growing),
+    scale by (ph * pw) / (kh * kw), repeat over kt and divide by kt."""
+    kt, kh, kw = kernel
+    ph, pw = w2d.shape[-2:]
+    mode = dict(mode="area") if kh <= ph and kw <= pw else dict(mode="bilinear", align_corners=False)
+    w = F.interpolate(w2d, size=(kh, kw), **mode) * (ph * pw) / (kh * kw)
+    return torch.stack([w / kt] * kt, dim=2)
+
+
+@pytest.mark.parametrize("kernel", [(2, 8, 4), (3, 4, 16), (1, 20, 24), (2, 32, 12), (4, 12, 12)],
+                         ids=["shrink-nonsquare", "shrink-wide", "grow-nonsquare", "grow-tall", "shrink-12"])
+def test_inflation_formula_nonsquare_and_growing(kernel):
+    torch.manual_seed(1)
+    w2d = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    w = inflate_kernel(w2d, kernel)
+    assert w.shape == (6, 3, *kernel)
+    torch.testing.assert_close(w, _expected_inflation(w2d, kernel), rtol=1e-12, atol=1e-12)
+    # and what the formula is for: a constant-colour clip gives (about) the patch's response.
+    # Area shrinking by integer factors keeps it exactly, bilinear growth on both axes to within
+    # a few % (a kernel growing on one axis and shrinking on the other is pinned by the formula only)
+    exact = 16 % kernel[1] == 0 and 16 % kernel[2] == 0
+    if not exact and not (kernel[1] >= 16 and kernel[2] >= 16):
+        return
+    colour = torch.randn(3, dtype=torch.float64)
+    ref = (w2d * colour[None, :, None, None]).sum((1, 2, 3))
+    got = (w * colour[None, :, None, None, None]).sum((1, 2, 3, 4))
+    tol = 1e-12 if exact else 0.08 * ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= tol, (got, ref)
+
+
+# ---------------------------------------------------------------- image-ViT state_dicts, key by key
+def _torchvision_sd(dim=24, depth=2, mlp=48, classes=5, g=None):
+    sd = {"class_token": torch.randn(1, 1, dim), "encoder.pos_embedding": torch.randn(1, 5, dim),
+          "conv_proj.weight": torch.randn(dim, 3, 16, 16), "conv_proj.bias": torch.randn(dim),
+          "encoder.ln.weight": torch.randn(dim), "encoder.ln.bias": torch.randn(dim),
+          "heads.head.weight": torch.randn(classes, dim), "heads.head.bias": torch.randn(classes)}
+    for i in range(depth):
+        p = f"encoder.layers.encoder_layer_{i}."
+        sd.update({p + "ln_1.weight": torch.randn(dim), p + "ln_1.bias": torch.randn(dim),
+                   p + "self_attention.in_proj_weight": torch.randn(3 * dim, dim),
+                   p + "self_attention.in_proj_bias": torch.randn(3 * dim),
+                   p + "self_attention.out_proj.weight": torch.randn(dim, dim),
+                   p + "self_attention.out_proj.bias": torch.randn(dim),
+                   p + "ln_2.weight": torch.randn(dim), p + "ln_2.bias": torch.randn(dim),
+                   p + "mlp.0.weight": torch.randn(mlp, dim), p + "mlp.0.bias": torch.randn(mlp),
+                   p + "mlp.3.weight": torch.randn(dim, mlp), p + "mlp.3.bias": torch.randn(dim)})
+    return sd
+
+
+# ours <- torchvision suffix, per block
+_TV_BLOCK = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
+             "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
+             "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
+# ours <- timm suffix, per block
+_TIMM_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn.qkv.weight": "attn.qkv.weight", "attn.qkv.bias": "attn.qkv.bias",
+               "attn.proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+
+
+def _timm_sd(dim=24, depth=2, mlp=48, classes=5):
+    tv_sd = _torchvision_sd(dim, depth, mlp, classes)
+    sd = {"cls_token": tv_sd["class_token"], "pos_embed": tv_sd["encoder.pos_embedding"],
+          "patch_embed.proj.weight": tv_sd["conv_proj.weight"], "patch_embed.proj.bias": tv_sd["conv_proj.bias"],
+          "norm.weight": tv_sd["encoder.ln.weight"], "norm.bias": tv_sd["encoder.ln.bias"],
+          "head.weight": tv_sd["heads.head.weight"], "head.bias": tv_sd["heads.head.bias"]}
+    for i in range(depth):
+        for ours, theirs_tv in _TV_BLOCK.items():
+            theirs = _TIMM_BLOCK[ours]
+            for suffix in ([""] if ours.endswith(("weight", "bias")) else [".weight", ".bias"]):
+                sd[f"blocks.{i}.{theirs}{suffix}"] = tv_sd[f"encoder.layers.encoder_layer_{i}.{theirs_tv}{suffix}"]
+    return sd
+
+
+@pytest.mark.parametrize("fmt", ["torchvision", "timm"])
+def test_image_vit_mapping_key_by_key(fmt):
+    # every parameter of every block lands in the right place (catches e.g. ln_1 <-> ln_2),
+    # the final norm, the image tube's kernel exactly, the 3D tubes inflated from it; the
+    # class token, the learned position embedding and the head are returned as unused
+    torch.manual_seed(0)
+    sd = _torchvision_sd() if fmt == "torchvision" else _timm_sd()
+    m = TubeViT(**SMALL, num_classes=3)
+    unused = load_image_vit(m, sd)
+    own = m.state_dict()
+    names = _TV_BLOCK if fmt == "torchvision" else _TIMM_BLOCK
+    prefix = (lambda i: f"encoder.layers.encoder_layer_{i}.") if fmt == "torchvision" else (lambda i: f"blocks.{i}.")
+    for i in range(2):
+        for ours, theirs in names.items():
+            for suffix in ([""] if ours.endswith(("weight", "bias")) else [".weight", ".bias"]):
+                torch.testing.assert_close(own[f"blocks.{i}.{ours}{suffix}"], sd[prefix(i) + theirs + suffix],
+                                           rtol=0, atol=0, msg=f"blocks.{i}.{ours}{suffix}")
+    final = "encoder.ln." if fmt == "torchvision" else "norm."
+    torch.testing.assert_close(own["norm.weight"], sd[final + "weight"], rtol=0, atol=0)
+    torch.testing.assert_close(own["norm.bias"], sd[final + "bias"], rtol=0, atol=0)
+    patch = "conv_proj." if fmt == "torchvision" else "patch_embed.proj."
+    tok = m.tokenizer
+    img = tok.image_tube
+    torch.testing.assert_close(own[f"tokenizer.projs.{img}.weight"][:, :, 0], sd[patch + "weight"], rtol=0, atol=0)
+    for i, t in enumerate(tok.tubes):
+        torch.testing.assert_close(own[f"tokenizer.projs.{i}.weight"], inflate_kernel(sd[patch + "weight"], t.kernel))
+        torch.testing.assert_close(own[f"tokenizer.projs.{i}.bias"], sd[patch + "bias"], rtol=0, atol=0)
+    want_unused = ({"class_token", "encoder.pos_embedding", "heads.head.weight", "heads.head.bias"}
+                   if fmt == "torchvision" else {"cls_token", "pos_embed", "head.weight", "head.bias"})
+    assert set(unused) == want_unused
+
+
+def test_image_vit_errors_are_named():
+    m = TubeViT(**SMALL, num_classes=3)
+    with pytest.raises(ValueError, match=r"cannot tell the state_dict format: no conv_proj.weight \(torchvision\) "
+                                         r"or patch_embed.proj.weight \(timm\)"):
+        load_image_vit(m, {"vit.embeddings.patch_embeddings.projection.weight": torch.randn(24, 3, 16, 16)})
+    with pytest.raises(ValueError, match=r"fmt must be 'auto', 'torchvision' or 'timm', got 'keras'"):
+        load_image_vit(m, _torchvision_sd(), fmt="keras")
+    wide = _torchvision_sd(dim=32)
+    with pytest.raises(ValueError, match=r"encoder.ln.weight has shape \(32,\) but norm.weight has \(24,\)"):
+        load_image_vit(m, wide)
+    deep = TubeViT(**{**SMALL, "depth": 3}, num_classes=3)
+    with pytest.raises(ValueError, match=r"the state_dict has no weights for \['blocks\.2\."):
+        load_image_vit(deep, _torchvision_sd(depth=2))
+
+
+# ---------------------------------------------------------------- joint batches vs each sample alone
+def _mixed():
+    g = torch.Generator().manual_seed(3)
+    shapes = [(3, 32, 64, 64), (3, 64, 64), (3, 20, 48, 56), (3, 32, 64, 64), (3, 48, 40), (3, 64, 64)]
+    return [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def test_joint_loss_equals_each_sample_alone():
+    # logits and per-head losses against per-sample forwards (not against forward_mixed, which
+    # shares the packing code): catches outputs returned in packing order instead of input order
+    m = _model(num_classes={"video": 5, "image": 3})
+    samples = _mixed()
+    heads = ["video", "image", "video", "video", "image", "image"]
+    labels = [1, 2, 4, 0, 1, 0]
+    alone = [m(s[None], head=h)[0] for s, h in zip(samples, heads)]
+    for got, want in zip(m.forward_mixed(samples, heads), alone):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    total, per = m.joint_loss(samples, heads, labels, weights={"image": 0.25})
+    want = {h: F.cross_entropy(torch.stack([alone[i] for i in range(6) if heads[i] == h]),
+                               torch.tensor([labels[i] for i in range(6) if heads[i] == h])) for h in ("video", "image")}
+    torch.testing.assert_close(per["video"], want["video"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(per["image"], want["image"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(total, want["video"] + 0.25 * want["image"], rtol=1e-9, atol=1e-9)
+    # and the gradient of the joint loss is the gradient of the per-sample losses
+    params = [m.tokenizer.projs[0].weight, m.blocks[0].attn.qkv.weight, m.heads["image"].weight]
+    g_joint = torch.autograd.grad(total, params)
+    g_alone = torch.autograd.grad(want["video"] + 0.25 * want["image"], params)
+    for a, b in zip(g_joint, g_alone):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_joint_batch_errors_are_named():
+    m = _model(num_classes={"video": 5, "image": 3})
+    with pytest.raises(ValueError, match="samples must not be empty"):
+        m.pack([])
+    with pytest.raises(ValueError, match="samples, heads and labels must have the same length"):
+        m.joint_loss(_mixed()[:2], ["video", "image"], [1])
+    with pytest.raises(ValueError, match=r"num_classes must name at least one head"):
+        TubeViT(**SMALL, num_classes={})
+
+
+# ---------------------------------------------------------------- fake kernels vs the real ops
+@pytest.mark.parametrize("seed", range(4))
+def test_fake_kernels_give_the_real_shapes(seed):
+    # torch.compile and torch.export trust the fake kernels for shapes: every output of every op
+    # must match the real op's shape and dtype (catches e.g. a wrong token width or count)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    rng = random.Random(seed)
+    size = (rng.randint(4, 12), rng.randint(6, 20), rng.randint(6, 20))
+    tubes = random_tubes(rng, rng.randint(1, 4), size)
+    flat = tv.flatten_tubes(tubes)
+    d, C, B = rng.choice([5, 8, 13]), rng.randint(1, 3), rng.randint(1, 3)
+    x = torch.randn(B, C, *size)
+    ws = [torch.randn(d, C, *t.kernel) for t in tubes]
+    bs = [torch.randn(d) for _ in tubes]
+    pe = torch.randn(tv.num_tokens(tubes, size), d)
+    real_out = torch.ops.tubevit.tube_tokens(x, ws, bs, flat, pe)
+    real_wp = torch.ops.tubevit.tube_tokens_with_patches(x, ws, bs, flat, pe)
+    g = torch.randn_like(real_out)
+    real_bwd = torch.ops.tubevit.tube_tokens_backward(g, x, ws, [], flat, [True, True, True])
+    with FakeTensorMode() as mode:
+        fx, fws, fbs, fpe, fg = (mode.from_tensor(t) for t in (x, ws[0], bs[0], pe, g))
+        fws = [mode.from_tensor(w) for w in ws]
+        fbs = [mode.from_tensor(b) for b in bs]
+        fake_out = torch.ops.tubevit.tube_tokens(fx, fws, fbs, flat, fpe)
+        fake_wp = torch.ops.tubevit.tube_tokens_with_patches(fx, fws, fbs, flat, fpe)
+        fake_bwd = torch.ops.tubevit.tube_tokens_backward(fg, fx, fws, [], flat, [True, True, True])
+
+    def flat_outputs(r):
+        out = []
+        for item in (r if isinstance(r, (tuple, list)) else [r]):
+            out += list(item) if isinstance(item, (tuple, list)) else [item]
+        return out
+
+    for real, fake in ((real_out, fake_out), (real_wp, fake_wp), (real_bwd, fake_bwd)):
+        r, f = flat_outputs(real), flat_outputs(fake)
+        assert len(r) == len(f)
+        for a, b in zip(r, f):
+            assert (tuple(a.shape), a.dtype) == (tuple(b.shape), b.dtype)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(kernels="trilinear"), r"kernels must be 'per_tube' or 'interpolated', got 'trilinear'"),
+    (dict(space_to_depth={7: (2, 1, 1)}), r"space_to_depth tube index 7 out of range for 4 tubes"),
+    (dict(space_to_depth={0: (0, 1, 1)}), r"space_to_depth\[0\] must be three factors >= 1, got \(0, 1, 1\)"),
+    (dict(space_to_depth={0: (2, 2, 1)}, dim=30), r"space_to_depth\[0\]: dim=30 is not divisible by S=4"),
+    (dict(space_to_depth={0: (3, 1, 1)}), r"space_to_depth\[0\]: stride \(16, 32, 32\) not divisible by \(3, 1, 1\)"),
+    (dict(space_to_depth={0: (2, 1, 1)}, kernels="interpolated"),
+     r"space_to_depth needs kernels='per_tube' \(its tubes have d/S channels\)"),
+])
+def test_tube_variant_errors_are_named(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TubeViT(**{**SMALL, **kw})
