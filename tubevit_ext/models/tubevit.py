@@ -202,8 +202,17 @@ class TubeViT(nn.Module):
             raise ValueError(f"unknown head {head!r}; heads are {list(self.heads)}")
         return head
 
-    def forward(self, x: torch.Tensor, head: Optional[str] = None) -> torch.Tensor:
-        """Same-shape batch (B, C, T, H, W) or (B, C, H, W) -> logits (B, classes)."""
+    def forward(self, x, head=None):
+        """Same-shape batch (B, C, T, H, W) or (B, C, H, W) -> logits (B, classes) of ``head``.
+
+        A list of single samples of any shapes (videos (C, T, H, W), images (C, H, W)) -> a list
+        of logits, one per sample, ``head`` one name for all or one per sample: the joint batch
+        of forward_mixed, through the module's own call (so wrappers such as
+        DistributedDataParallel see it; ``losses_by_head`` turns the logits into joint_loss's
+        losses). ``head`` may be omitted only when the model has one head."""
+        if isinstance(x, (list, tuple)):
+            heads = list(head) if isinstance(head, (list, tuple)) else [head] * len(x)
+            return self.forward_mixed(x, heads)
         head = self._check_head(head)
         tokens = self.tokenizer(x)  # (B, N, d)
         B, N, d = tokens.shape
@@ -253,15 +262,24 @@ class TubeViT(nn.Module):
         """
         if not (len(samples) == len(heads) == len(labels)):
             raise ValueError("samples, heads and labels must have the same length")
-        feats = self.forward_features(samples)
-        labels = torch.as_tensor(labels, device=feats.device)
-        total, per_head = 0.0, {}
-        for name in dict.fromkeys(heads):
-            idx = torch.tensor([i for i, h in enumerate(heads) if h == name], device=feats.device)
-            loss = F.cross_entropy(self.heads[self._check_head(name)](feats[idx]), labels[idx])
-            per_head[name] = loss
-            total = total + (weights or {}).get(name, 1.0) * loss
-        return total, per_head
+        return losses_by_head(self(list(samples), head=list(heads)), heads, labels, weights)
+
+
+def losses_by_head(logits: Sequence[torch.Tensor], heads: Sequence[str], labels: Sequence[int],
+                   weights: Optional[Dict[str, float]] = None):
+    """(total, {head: loss}) from per-sample logits (a joint forward's list): each head's loss is
+    the cross-entropy mean over its samples, the total their weighted sum (weights default 1)."""
+    if not (len(logits) == len(heads) == len(labels)):
+        raise ValueError("logits, heads and labels must have the same length")
+    device = logits[0].device
+    labels = torch.as_tensor(list(labels), device=device)
+    total, per_head = 0.0, {}
+    for name in dict.fromkeys(heads):
+        idx = [i for i, h in enumerate(heads) if h == name]
+        loss = F.cross_entropy(torch.stack([logits[i] for i in idx]), labels[idx])
+        per_head[name] = loss
+        total = total + (weights or {}).get(name, 1.0) * loss
+    return total, per_head
 
 
 # Paper Table 11 (B, L, H) and the usual ViT-Ti/S widths.
