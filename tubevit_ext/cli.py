@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from fractions import Fraction
-from typing import List, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,10 +29,9 @@ class VideoDecodeError(ValueError):
 
 def _av():
     try:
-        import av  # noqa: F401
+        import av
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError("reading video files needs PyAV: pip install av (or pip install tubevit_ext[video])") from None
-    import av
     return av
 
 
