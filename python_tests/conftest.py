@@ -88,10 +88,6 @@ def reference_rule_bound(ref_err, oracle, dtype):
     """The bound of the project's rule for a result whose oracle is ``oracle`` (fp64)."""
     scale = oracle.abs().max().item() if oracle.numel() else 0.0
     return 2 * ref_err + ATOL_ULPS[dtype] * UNIT_ROUNDOFF[dtype] * scale
-#: The same rule in the property-based fuzz, whose ATOL is scaled by the oracle's magnitude and whose
-#: problems (random widths, channels, up to 8 tubes) are drawn to find the worst case.
-ATOL_FUZZ = {torch.float64: 1e-9, torch.float32: 5e-5, torch.bfloat16: 5e-2}
-
 
 def check_rounded(got, want, dtype, name, fp32_rel):
     """got (any dtype) against the fp64 result on the same rounded operands: within two roundings of
