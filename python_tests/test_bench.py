@@ -64,3 +64,14 @@ def test_cuda_path_variants_pin_the_environment(tmp_path, monkeypatch):
     assert "median_ms" in rows["fused"]
     for impl in ("fused_gemm", "fused_tc"):
         assert "CUDA only" in rows[impl]["error"] and "median_ms" not in rows[impl]
+
+
+def test_host_overhead_benchmark_rows(tmp_path):
+    spec = importlib.util.spec_from_file_location("host_overhead", os.path.join(ROOT, "bench", "host_overhead.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "h.json"
+    rows = mod.main(["--calls", "20", "--rounds", "1", "--json", str(out)])
+    assert [r["row"] for r in rows] == ["forward, no_grad", "forward, parameters require grad", "forward + backward"]
+    assert all(r["tokenizer_us"] > 0 and r["linear_us"] > 0 for r in rows)
+    assert json.load(open(out))["rows"][0]["ratio"] == rows[0]["ratio"]

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._ops import _func_forward
-from .geometry import Tube, as_tubes, flatten_tubes
+from .geometry import Tube, as_tubes
 
 
 def _autocast_device_types() -> frozenset:
@@ -98,6 +98,14 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
         raise ValueError(f"weights must hold one tensor per tube ({len(tubes)}), got {len(weights)}")
     if biases and len(biases) != len(tubes):
         raise ValueError(f"biases must be None or hold one tensor per tube ({len(tubes)}), got {len(biases)}")
+    return tube_tokens_flat(x, weights, biases, [v for t in tubes for v in t.flat()], pos_embed, save_patches)
+
+
+def tube_tokens_flat(x, weights, biases, flat_tubes, pos_embed, save_patches=None):
+    """tube_tokens for callers that validated their tubes once (modules): ``flat_tubes`` is the
+    ops' int list (TUBE_INTS per tube), ``weights`` / ``biases`` lists (biases [] for none).
+    Autocast, torch.func and the CPU saved-patches choice as in tube_tokens; argument checks are
+    the op's own (C++ and fake kernels)."""
     dev = x.device.type
     if _autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
@@ -107,7 +115,7 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
     if torch._C._are_functorch_transforms_active():
         # torch.func (grad, vmap, jacrev, ...): the setup_context-style
         # Function it requires (_ops.TubeTokensFunction); no saved patches.
-        return _func_forward(x, weights, biases, flatten_tubes(tubes), pos_embed)
+        return _func_forward(x, weights, biases, flat_tubes, pos_embed)
     if save_patches is None:
         # Not while torch.export traces: an exported program is usually run
         # for inference, maybe on another device (the patch-saving op has a
@@ -115,5 +123,5 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
         save_patches = (torch.is_grad_enabled() and any(w.requires_grad for w in weights)
                         and not torch.compiler.is_exporting())
     if save_patches and x.device.type == "cpu":
-        return torch.ops.tubevit.tube_tokens_with_patches(x, weights, biases, flatten_tubes(tubes), pos_embed)[0]
-    return torch.ops.tubevit.tube_tokens(x, weights, biases, flatten_tubes(tubes), pos_embed)
+        return torch.ops.tubevit.tube_tokens_with_patches(x, weights, biases, flat_tubes, pos_embed)[0]
+    return torch.ops.tubevit.tube_tokens(x, weights, biases, flat_tubes, pos_embed)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import tube_tokens
+from .functional import tube_tokens_flat
 from .geometry import PAPER_TUBES, as_tubes
 from .pos_embed import sincos_pos_embed
 
@@ -107,6 +107,7 @@ class SparseTubeTokenizer(nn.Module):
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         self.tubes = as_tubes(tubes)
+        self._flat_tubes = [v for t in self.tubes for v in t.flat()]  # validated once, here
         self.in_channels, self.dim, self.use_pos_embed = in_channels, dim, pos_embed
         self.save_patches = save_patches
         self.projs = nn.ModuleList(TubeProjection(in_channels, dim, t.kernel, bias) for t in self.tubes)
@@ -129,4 +130,4 @@ class SparseTubeTokenizer(nn.Module):
         pe = self._pe.get(self._compute_pos_embed, x.shape[2:], x.dtype, x.device) if self.use_pos_embed else None
         weights = [p.weight for p in self.projs]
         biases = [p.bias for p in self.projs if p.bias is not None]
-        return tube_tokens(x, weights, biases, self.tubes, pe, save_patches=self.save_patches)
+        return tube_tokens_flat(x, weights, biases, self._flat_tubes, pe, self.save_patches)
