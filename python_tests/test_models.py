@@ -279,7 +279,12 @@ def test_image_to_video_scaling_starts_as_the_image_model():
         m64.blocks[1].gate_alpha.fill_(-1e-6)
         down = m64(x64).sum()
     assert grad.abs() > 0
-    torch.testing.assert_close(grad, (up - down) / 2e-6, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(grad, ((up - down) / 2e-6).reshape(1), rtol=1e-5, atol=1e-8)
+    # a state_dict saved while the gate was 0-d still loads
+    sd = m64.state_dict()
+    sd["blocks.1.gate_alpha"] = torch.tensor(0.25, dtype=torch.float64)
+    m64.load_state_dict(sd)
+    assert m64.blocks[1].gate_alpha.shape == (1,) and m64.blocks[1].gate_alpha.item() == 0.25
     with torch.no_grad():
         m.blocks[1].gate_alpha.fill_(0.5)
     assert not torch.allclose(m(x), before)

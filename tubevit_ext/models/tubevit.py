@@ -94,6 +94,12 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_dim)
         self.gate_alpha: Optional[nn.Parameter] = None  # set by image-to-video scaling
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "gate_alpha"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved when the gate was 0-d
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x, layout: PackedLayout, z0: Optional[torch.Tensor] = None):
         y = x + self.attn(self.norm1(x), layout)
         z = y + self.mlp(self.norm2(y))
@@ -179,7 +185,8 @@ class TubeViT(nn.Module):
         for blk in self.blocks[:layer]:
             blk.requires_grad_(False)
         blk = self.blocks[layer]
-        blk.gate_alpha = nn.Parameter(torch.zeros((), device=self.norm.weight.device, dtype=self.norm.weight.dtype))
+        # one element, not 0-d: FSDP2 (fully_shard) shards every parameter along dim 0 and refuses scalars
+        blk.gate_alpha = nn.Parameter(torch.zeros(1, device=self.norm.weight.device, dtype=self.norm.weight.dtype))
         self.scaling_layer = layer
 
     # ---------------------------------------------------------------- forward
