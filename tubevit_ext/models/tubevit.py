@@ -157,6 +157,15 @@ class TubeViT(nn.Module):
         self.dim = dim
         self.tokenizer = TubeTokenizer(in_channels, dim, tubes, kernels=kernels, space_to_depth=space_to_depth,
                                        image_tube=image_tube)
+        # the constructor's arguments, JSON-friendly: what save_pretrained writes and
+        # from_pretrained rebuilds the model from (tubevit_ext/models/pretrained.py)
+        self.config = dict(dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
+                           num_classes=dict(num_classes) if isinstance(num_classes, dict) else {"default": num_classes},
+                           in_channels=in_channels, tubes=[[list(t.kernel), list(t.stride), list(t.offset)]
+                                                           for t in self.tokenizer.tubes],
+                           kernels=kernels, space_to_depth=None if space_to_depth is None else
+                           {str(k): list(v) for k, v in dict(space_to_depth).items()},
+                           image_tube=image_tube, eps=eps)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, eps) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.pool = AttentionPool(dim, heads, mlp_dim, eps)
@@ -167,6 +176,19 @@ class TubeViT(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in num_classes.items()})
         self.scaling_layer: Optional[int] = None
         self.grad_checkpointing = False
+
+    def save_pretrained(self, directory: str) -> None:
+        """config.json (the constructor's arguments, image-to-video scaling) and the weights
+        (model.safetensors when the safetensors package is installed, else model.pt)."""
+        from .pretrained import save_pretrained
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location="cpu") -> "TubeViT":
+        """The model save_pretrained wrote to ``directory``; refuses weights that do not match
+        the configuration, naming the parameter."""
+        from .pretrained import from_pretrained
+        return from_pretrained(directory, map_location)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of
