@@ -150,8 +150,8 @@ def _mixed():
 def test_mixed_batch_equals_each_sample_alone():
     m = _small(num_classes={"video": 5, "image": 3})
     samples = _mixed()
-    together = m.forward_features(samples)
-    alone = torch.cat([m.forward_features([s]) for s in samples])
+    together = m.forward_pooled(samples)
+    alone = torch.cat([m.forward_pooled([s]) for s in samples])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     # and equal to the plain batched path for a same-shape batch
     torch.testing.assert_close(m(torch.stack([samples[0], samples[3]]), head="video"),
@@ -171,13 +171,13 @@ def test_mixed_batch_no_cross_talk_and_no_dense_mask(monkeypatch):
         return real(q, k, v)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    base = m.forward_features(samples)
+    base = m.forward_pooled(samples)
     lengths = {m.tokenizer.num_tokens(tuple(s.shape[1:])) for s in samples}
     assert {c[2] for c in calls} == lengths  # every attention call is within one sample length
     assert max(c[0] * c[2] for c in calls) <= sum(m.tokenizer.num_tokens(tuple(s.shape[1:])) for s in samples)
     changed = list(samples)
     changed[2] = changed[2] * 3 + 1
-    other = m.forward_features(changed)
+    other = m.forward_pooled(changed)
     keep = [i for i in range(len(samples)) if i != 2]
     torch.testing.assert_close(other[keep], base[keep], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(other[2], base[2])

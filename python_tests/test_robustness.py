@@ -271,7 +271,7 @@ def test_model_bad_input():
     with pytest.raises(ValueError, match="unknown head 'b'"):
         m(torch.randn(1, 3, 32, 32), head="b")
     with pytest.raises(ValueError, match=r"samples\[1\] must be a \(C, T, H, W\) video or a \(C, H, W\) image"):
-        m.forward_features([torch.randn(3, 32, 32), torch.randn(32)])
+        m.forward_pooled([torch.randn(3, 32, 32), torch.randn(32)])
     with pytest.raises(ValueError, match="one head per sample"):
         m.forward_mixed([torch.randn(3, 32, 32)], [])
     with pytest.raises(ValueError, match=r"tube 0 .* yields no tokens"):

@@ -54,44 +54,60 @@ class PackedLayout:
 class Attention(nn.Module):
     """Multi-head self-attention over packed tokens, restricted to each sample."""
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         qkv = self.qkv(x)  # (total, 3d): one GEMM for all samples
         d, h = x.shape[-1], self.heads
+        p = self.attn_drop if self.training else 0.0
         outs, start = [], 0
         for count, n in layout.groups:
             slab = qkv[start:start + count * n].view(count, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-            o = F.scaled_dot_product_attention(slab[0], slab[1], slab[2])  # (count, h, n, hd)
+            o = F.scaled_dot_product_attention(slab[0], slab[1], slab[2], dropout_p=p)  # (count, h, n, hd)
             outs.append(o.transpose(1, 2).reshape(count * n, d))
             start += count * n
-        return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+        return self.proj_drop(self.proj(outs[0] if len(outs) == 1 else torch.cat(outs)))
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+def drop_path(x: torch.Tensor, layout: PackedLayout, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample in a packed buffer: each sample's residual branch is dropped
+    with probability p (all its tokens together) and the kept ones scaled by 1 / (1 - p)."""
+    if p == 0.0 or not training:
+        return x
+    per_sample = torch.tensor([n for count, n in layout.groups for _ in range(count)], device=x.device)
+    keep = (torch.rand(per_sample.numel(), device=x.device) >= p).to(x.dtype) / (1.0 - p)
+    return x * keep.repeat_interleave(per_sample, output_size=x.shape[0])[:, None]
 
 
 class Block(nn.Module):
     """Pre-norm ViT block (timm naming: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float = 1e-6, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_dim)
+        self.mlp = Mlp(dim, mlp_dim, drop)
+        self.drop_path = drop_path
         self.gate_alpha: Optional[nn.Parameter] = None  # set by image-to-video scaling
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -101,8 +117,8 @@ class Block(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x, layout: PackedLayout, z0: Optional[torch.Tensor] = None):
-        y = x + self.attn(self.norm1(x), layout)
-        z = y + self.mlp(self.norm2(y))
+        y = x + drop_path(self.attn(self.norm1(x), layout), layout, self.drop_path, self.training)
+        z = y + drop_path(self.mlp(self.norm2(y)), layout, self.drop_path, self.training)
         if self.gate_alpha is not None and z0 is not None:
             z = z + torch.tanh(self.gate_alpha) * z0
         return z
@@ -144,17 +160,30 @@ class TubeViT(nn.Module):
         dim, depth, heads, mlp_dim: ViT sizes.
         num_classes: an int (one head named "default") or {head name: classes}.
         in_channels, tubes, kernels, space_to_depth, image_tube: see TubeTokenizer.
-    Inputs: a video batch (B, C, T, H, W), an image batch (B, C, H, W), or (in
-    forward_features / forward_mixed) a list of single samples (C, T, H, W) /
-    (C, H, W) of any sizes.
+        drop_rate: dropout after the attention and MLP projections, in the MLP, and on the
+            pooled features before the heads (timm's drop_rate).
+        attn_drop_rate: dropout on the attention weights.
+        drop_path_rate: stochastic depth, per sample, rising linearly from 0 at the first block
+            to drop_path_rate at the last (timm's schedule). All three default to 0: no change.
+    Inputs: a video batch (B, C, T, H, W), an image batch (B, C, H, W), or a list of single
+    samples (C, T, H, W) / (C, H, W) of any sizes (a joint batch).
+
+    timm's interface: num_features, forward_features (per-token features), forward_head
+    (pooling + head, pre_logits), get_classifier, reset_classifier, no_weight_decay,
+    get_intermediate_layers, set_grad_checkpointing.
     """
 
     def __init__(self, *, dim: int = 768, depth: int = 12, heads: int = 12, mlp_dim: int = 3072,
                  num_classes: Union[int, Dict[str, int]] = 400, in_channels: int = 3, tubes=PAPER_TUBES,
                  kernels: str = "per_tube", space_to_depth=None, image_tube: Optional[int] = None,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
         super().__init__()
-        self.dim = dim
+        for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                           ("drop_path_rate", drop_path_rate)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        self.dim = self.num_features = dim
         self.tokenizer = TubeTokenizer(in_channels, dim, tubes, kernels=kernels, space_to_depth=space_to_depth,
                                        image_tube=image_tube)
         # the constructor's arguments, JSON-friendly: what save_pretrained writes and
@@ -165,15 +194,19 @@ class TubeViT(nn.Module):
                                                            for t in self.tokenizer.tubes],
                            kernels=kernels, space_to_depth=None if space_to_depth is None else
                            {str(k): list(v) for k, v in dict(space_to_depth).items()},
-                           image_tube=image_tube, eps=eps)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, eps) for _ in range(depth))
+                           image_tube=image_tube, eps=eps, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                           drop_path_rate=drop_path_rate)
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, eps, drop_rate, attn_drop_rate, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.pool = AttentionPool(dim, heads, mlp_dim, eps)
+        self.head_drop = nn.Dropout(drop_rate)
         if isinstance(num_classes, int):
             num_classes = {"default": num_classes}
         if not num_classes:
             raise ValueError("num_classes must name at least one head")
-        self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in num_classes.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, n) if n > 0 else nn.Identity()
+                                    for name, n in num_classes.items()})
         self.scaling_layer: Optional[int] = None
         self.grad_checkpointing = False
 
@@ -212,15 +245,22 @@ class TubeViT(nn.Module):
         self.scaling_layer = layer
 
     # ---------------------------------------------------------------- forward
-    def _encode(self, tokens: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        z0, x = tokens, tokens
+    def _blocks(self, tokens: torch.Tensor, layout: PackedLayout, keep=()) -> Tuple[torch.Tensor, list]:
+        """The blocks and the final norm over a packed buffer: (normed tokens, the outputs of the
+        blocks whose indices are in ``keep``)."""
+        z0, x, kept = tokens, tokens, []
         for i, blk in enumerate(self.blocks):
             z = z0 if i == self.scaling_layer else None
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, layout, z, use_reentrant=False)
             else:
                 x = blk(x, layout, z)
-        return self.pool(self.norm(x), layout)  # (samples, d), buffer order
+            if i in keep:
+                kept.append(x)
+        return self.norm(x), kept
+
+    def _encode(self, tokens: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        return self.pool(self._blocks(tokens, layout)[0], layout)  # (samples, d), buffer order
 
     def _check_head(self, head: Optional[str]) -> str:
         if head is None:
@@ -243,10 +283,61 @@ class TubeViT(nn.Module):
             heads = list(head) if isinstance(head, (list, tuple)) else [head] * len(x)
             return self.forward_mixed(x, heads)
         head = self._check_head(head)
+        return self.forward_head(self.forward_features(x), head=head)
+
+    # ---------------------------------------------------------------- timm's interface
+    def forward_features(self, x):
+        """Per-token features after the blocks and the final norm: a same-shape batch ->
+        (B, N, d); a list of samples of any shapes -> a list of (N_i, d), input order."""
+        if isinstance(x, (list, tuple)):
+            tokens, layout = self.pack(x)
+            feats = self._blocks(tokens, layout)[0]
+            per, start = [], 0
+            for count, n in layout.groups:
+                per += list(feats[start:start + count * n].view(count, n, -1).unbind(0))
+                start += count * n
+            out = [None] * len(per)
+            for j, i in enumerate(layout.order):
+                out[i] = per[j]
+            return out
         tokens = self.tokenizer(x)  # (B, N, d)
         B, N, d = tokens.shape
-        layout = PackedLayout(((B, N),))
-        return self.heads[head](self._encode(tokens.reshape(B * N, d), layout))
+        return self._blocks(tokens.reshape(B * N, d), PackedLayout(((B, N),)))[0].view(B, N, d)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, head: Optional[str] = None):
+        """Per-token features (B, N, d) (forward_features) -> attention pooling -> (B, d) when
+        ``pre_logits``, else the logits of ``head`` (B, classes)."""
+        B, N, d = x.shape
+        pooled = self.head_drop(self.pool(x.reshape(B * N, d), PackedLayout(((B, N),))))
+        return pooled if pre_logits else self.heads[self._check_head(head)](pooled)
+
+    def get_classifier(self, head: Optional[str] = None) -> nn.Module:
+        return self.heads[self._check_head(head)]
+
+    def reset_classifier(self, num_classes: int, head: Optional[str] = None) -> None:
+        """A new, freshly initialised head (num_classes = 0: nn.Identity, the pooled features)."""
+        name = self._check_head(head)
+        w = self.norm.weight
+        self.heads[name] = (nn.Linear(self.dim, num_classes).to(device=w.device, dtype=w.dtype) if num_classes > 0
+                            else nn.Identity())
+        self.config["num_classes"][name] = num_classes
+
+    def no_weight_decay(self) -> set:
+        """Parameters a fine-tuning recipe keeps out of weight decay: the pooling probe and the
+        image-to-video gate (the position embedding is fixed, not a parameter)."""
+        return {"pool.probe"} | {f"blocks.{i}.gate_alpha" for i, b in enumerate(self.blocks)
+                                 if b.gate_alpha is not None}
+
+    def get_intermediate_layers(self, x: torch.Tensor, n=1, norm: bool = False) -> List[torch.Tensor]:
+        """Per-token outputs (B, N, d) of the last ``n`` blocks (an int) or of the blocks at the
+        given indices (a sequence), optionally through the final norm."""
+        depth = len(self.blocks)
+        idx = list(range(depth - n, depth)) if isinstance(n, int) else [i % depth for i in n]
+        tokens = self.tokenizer(x)
+        B, N, d = tokens.shape
+        _, kept = self._blocks(tokens.reshape(B * N, d), PackedLayout(((B, N),)), keep=set(idx))
+        by_index = dict(zip(sorted(set(idx)), kept))
+        return [(self.norm(by_index[i]) if norm else by_index[i]).view(B, N, d) for i in idx]
 
     def pack(self, samples: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, PackedLayout]:
         """Tokenize a list of single samples of any shapes into one packed buffer."""
@@ -267,7 +358,7 @@ class TubeViT(nn.Module):
         buf = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return buf, PackedLayout(tuple(slabs), tuple(order))
 
-    def forward_features(self, samples: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward_pooled(self, samples: Sequence[torch.Tensor]) -> torch.Tensor:
         """Mixed list of images/videos -> pooled features (len(samples), d), input order."""
         tokens, layout = self.pack(samples)
         feats = self._encode(tokens, layout)
@@ -279,7 +370,7 @@ class TubeViT(nn.Module):
         """Mixed list + a head name per sample -> list of (classes,) logits."""
         if len(heads) != len(samples):
             raise ValueError(f"heads must name one head per sample ({len(samples)}), got {len(heads)}")
-        feats = self.forward_features(samples)
+        feats = self.head_drop(self.forward_pooled(samples))
         return [self.heads[self._check_head(h)](f) for f, h in zip(feats, heads)]
 
     def joint_loss(self, samples: Sequence[torch.Tensor], heads: Sequence[str], labels: Sequence[int],
