@@ -136,6 +136,74 @@ def _timm_sd(dim=24, depth=2, mlp=48, classes=5):
     return sd
 
 
+def _huggingface_sd(layout="hub", prefix="vit."):
+    """The timm-layout state_dict of _timm_sd in HuggingFace ViT's names: the google/vit-* hub
+    layout (encoder.layer.i.attention.attention.query ...) or transformers 5's (layers.i.*.q_proj)."""
+    t = _timm_sd()
+    d = 24
+    sd = {prefix + "embeddings.cls_token": t["cls_token"], prefix + "embeddings.position_embeddings": t["pos_embed"],
+          prefix + "embeddings.patch_embeddings.projection.weight": t["patch_embed.proj.weight"],
+          prefix + "embeddings.patch_embeddings.projection.bias": t["patch_embed.proj.bias"],
+          prefix + "layernorm.weight": t["norm.weight"], prefix + "layernorm.bias": t["norm.bias"],
+          "classifier.weight": t["head.weight"], "classifier.bias": t["head.bias"]}
+    for i in range(2):
+        b, L = f"blocks.{i}.", (f"{prefix}encoder.layer.{i}." if layout == "hub" else f"{prefix}layers.{i}.")
+        for s in ("weight", "bias"):
+            q, k, v = t[b + f"attn.qkv.{s}"].split(d)
+            names = ({"q": "attention.attention.query", "k": "attention.attention.key", "v": "attention.attention.value",
+                      "o": "attention.output.dense", "fc1": "intermediate.dense", "fc2": "output.dense"} if layout == "hub" else
+                     {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "o": "attention.o_proj",
+                      "fc1": "mlp.fc1", "fc2": "mlp.fc2"})
+            sd.update({L + f"{names['q']}.{s}": q, L + f"{names['k']}.{s}": k, L + f"{names['v']}.{s}": v,
+                       L + f"{names['o']}.{s}": t[b + f"attn.proj.{s}"], L + f"{names['fc1']}.{s}": t[b + f"mlp.fc1.{s}"],
+                       L + f"{names['fc2']}.{s}": t[b + f"mlp.fc2.{s}"],
+                       L + f"layernorm_before.{s}": t[b + f"norm1.{s}"], L + f"layernorm_after.{s}": t[b + f"norm2.{s}"]})
+    return sd, t
+
+
+@pytest.mark.parametrize("layout,prefix", [("hub", "vit."), ("hub", ""), ("v5", "vit."), ("v5", "")])
+def test_huggingface_vit_mapping_key_by_key(layout, prefix):
+    # the same weights through both HuggingFace layouts land where the timm layout puts them
+    torch.manual_seed(0)
+    sd, timm_sd = _huggingface_sd(layout, prefix)
+    torch.manual_seed(1)
+    a = TubeViT(**SMALL, num_classes=3)
+    torch.manual_seed(1)
+    b = TubeViT(**SMALL, num_classes=3)
+    unused = load_image_vit(a, sd)
+    load_image_vit(b, timm_sd)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=ka)
+    assert set(unused) == {prefix + "embeddings.cls_token", prefix + "embeddings.position_embeddings",
+                           "classifier.weight", "classifier.bias"}
+
+
+def test_huggingface_vit_built_by_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                                 image_size=32, patch_size=16, layer_norm_eps=1e-6, num_labels=4)
+    ref = transformers.ViTForImageClassification(cfg).eval()
+    m = TubeViT(**SMALL, num_classes=3).eval()
+    load_image_vit(m, ref.state_dict())
+    # block by block on the same tokens (the embeddings differ by design: fixed sin/cos, tubes)
+    layers = getattr(ref.vit, "layers", None) or ref.vit.encoder.layer
+    x = torch.randn(2, 5, 24)
+    ours = x.reshape(-1, 24)
+    layout = PackedLayout(((2, 5),), (0, 1))
+    with torch.no_grad():
+        for blk, rblk in zip(m.blocks, layers):
+            ours = blk(ours, layout)
+            out = rblk(x)
+            x = out[0] if isinstance(out, tuple) else out
+            torch.testing.assert_close(ours.view(2, 5, -1), x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.norm(ours).view(2, 5, -1), ref.vit.layernorm(x), rtol=1e-5, atol=1e-5)
+    img = torch.randn(1, 3, 32, 32)
+    want = ref.vit.embeddings.patch_embeddings(img)
+    got = m.tokenizer(img) - m.tokenizer._pos_embed((1, 32, 32), "image", torch.float32, "cpu")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["torchvision", "timm"])
 def test_image_vit_mapping_key_by_key(fmt):
     # every parameter of every block lands in the right place (catches e.g. ln_1 <-> ln_2),
@@ -170,10 +238,15 @@ def test_image_vit_mapping_key_by_key(fmt):
 
 def test_image_vit_errors_are_named():
     m = TubeViT(**SMALL, num_classes=3)
-    with pytest.raises(ValueError, match=r"cannot tell the state_dict format: no conv_proj.weight \(torchvision\) "
-                                         r"or patch_embed.proj.weight \(timm\)"):
-        load_image_vit(m, {"vit.embeddings.patch_embeddings.projection.weight": torch.randn(24, 3, 16, 16)})
-    with pytest.raises(ValueError, match=r"fmt must be 'auto', 'torchvision' or 'timm', got 'keras'"):
+    with pytest.raises(ValueError, match=r"cannot tell the state_dict format: no conv_proj.weight \(torchvision\), "
+                                         r"patch_embed.proj.weight \(timm\) or embeddings.patch_embeddings"):
+        load_image_vit(m, {"visual.conv1.weight": torch.randn(24, 3, 16, 16)})
+    extra = dict(_torchvision_sd(), **{"encoder.layers.encoder_layer_0.adapter.weight": torch.randn(3)})
+    with pytest.raises(ValueError, match=r"keys of the torchvision state_dict that map to nothing in TubeViT: "
+                                         r"\['encoder.layers.encoder_layer_0.adapter.weight'\]"):
+        load_image_vit(m, extra)
+    assert "encoder.layers.encoder_layer_0.adapter.weight" in load_image_vit(m, extra, strict=False)
+    with pytest.raises(ValueError, match=r"fmt must be 'auto', 'torchvision', 'timm' or 'huggingface', got 'keras'"):
         load_image_vit(m, _torchvision_sd(), fmt="keras")
     wide = _torchvision_sd(dim=32)
     with pytest.raises(ValueError, match=r"encoder.ln.weight has shape \(32,\) but norm.weight has \(24,\)"):
