@@ -75,3 +75,25 @@ def test_host_overhead_benchmark_rows(tmp_path):
     assert [r["row"] for r in rows] == ["forward, no_grad", "forward, parameters require grad", "forward + backward"]
     assert all(r["tokenizer_us"] > 0 and r["linear_us"] > 0 for r in rows)
     assert json.load(open(out))["rows"][0]["ratio"] == rows[0]["ratio"]
+
+
+def test_end_to_end_benchmark_rows(tmp_path):
+    spec = importlib.util.spec_from_file_location("e2e_bench", os.path.join(ROOT, "bench", "e2e_bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "e.json"
+    rows = mod.main(["--sizes", "ti", "--batch", "1", "--frames", "20", "--size", "28", "--repeats", "1",
+                     "--device", "cpu", "--json", str(out)])
+    assert [(r["impl"], r["mode"]) for r in rows] == [("reference", "train"), ("fused", "train"),
+                                                       ("reference", "infer"), ("fused", "infer")]
+    fused = [r for r in rows if r["impl"] == "fused"]
+    assert all(r["median_ms"] > 0 and r["speedup"] > 0 and 0 <= r["tokenizer_share"] <= 1 for r in fused)
+    assert json.load(open(out))["rows"][1]["batch"] == 1
+    # the comparison is of equal models: a reference whose tokenizer differs is refused before timing
+    ours, ref = mod.build_pair("ti")
+    with torch.no_grad():
+        ref.tokenizer.tok.projs[0].weight.add_(torch.randn_like(ref.tokenizer.tok.projs[0].weight))
+    x, y = torch.randn(1, 3, 20, 28, 28), torch.tensor([3])
+    import pytest
+    with pytest.raises(AssertionError):
+        mod.check_same(ours, ref, x, y, None, torch.device("cpu"))

@@ -1,0 +1,191 @@
+"""What a user's TubeViT step gains: the same model, same weights, with this library's tokenizer
+and with the nn.Conv3d reference tokenizer the public TubeViT ports use, timed in one run.
+
+    python bench/e2e_bench.py [--sizes ti] [--batch 1 4] [--frames 32] [--modes train infer]
+                              [--compile off] [--device cpu] [--repeats 5] [--json out.json] [--plot out.png]
+
+Rows: a training step (forward, cross-entropy, backward, AdamW step; bf16 autocast on CUDA, fp32
+on the CPU) or inference (forward under inference_mode), per model size, batch, frame count and
+torch.compile off/on. Before timing, the two models must give the same loss and gradients
+(within the dtype's rounding): a failed check stops the run. Per row: median step time of each,
+the speed-up, the tokenizer's share of our step (torch.profiler: the self and child time of the
+tokenizer's forward over the whole step's), peak CUDA memory (CUDA only). JSON rows follow the
+tokenizer benchmark's fields (impl, mode, dtype, batch, frames, median_ms, samples).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+import tubevit_ext as tv
+from tubevit_ext.models import tube_tokenizer
+from tubevit_ext.models.tubevit import SIZES, TubeViT
+
+
+class _ReferenceTokenizer(torch.nn.Module):
+    """The model's tokenizer, run through the per-tube nn.Conv3d construction (same parameters)."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.tok = tok
+
+    def forward(self, x):
+        real = tube_tokenizer.tube_tokens
+        tube_tokenizer.tube_tokens = tv.reference.tube_tokens
+        try:
+            return self.tok(x)
+        finally:
+            tube_tokenizer.tube_tokens = real
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["tok"], name)
+
+
+def build_pair(size, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    ours = TubeViT(**SIZES[size], num_classes=400).to(device)
+    ref = copy.deepcopy(ours)
+    ref.tokenizer = _ReferenceTokenizer(ref.tokenizer)
+    return ours, ref
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(model, mode, x, y, device, autocast_dtype):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if mode == "train" else None
+
+    def step():
+        if mode == "infer":
+            with torch.inference_mode(), torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
+                return model(x)
+        with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def check_same(ours, ref, x, y, autocast_dtype, device):
+    """Same loss and gradients (tokenizer weights included) before anything is timed."""
+    outs = []
+    for m in (ours, ref):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
+            loss = torch.nn.functional.cross_entropy(m(x).float(), y)
+        loss.backward()
+        outs.append((loss.detach(), [p.grad.detach().clone() for p in m.parameters() if p.grad is not None]))
+    (la, ga), (lb, gb) = outs
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast_dtype is not None else dict(rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(la, lb, **tol)
+    assert len(ga) == len(gb)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, b.abs().max().item()))
+    for m in (ours, ref):
+        m.zero_grad(set_to_none=True)
+
+
+def time_steps(step, repeats, device):
+    step(), _sync(device)  # warm-up (and compilation)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        ts.append((time.perf_counter() - t) * 1e3)
+    return ts
+
+
+def tokenizer_share(model, step, device):
+    """The tokenizer forward's share of one step's time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    real = model.tokenizer.forward
+
+    def marked(*a, **k):
+        with record_function("tubevit_ext.tokenizer"):
+            return real(*a, **k)
+    model.tokenizer.forward = marked
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=acts) as prof:
+            with record_function("step"):
+                step()
+                _sync(device)
+    finally:
+        del model.tokenizer.forward
+    ev = {e.key: e for e in prof.key_averages()}
+    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    tok, total = getattr(ev["tubevit_ext.tokenizer"], attr, 0), getattr(ev["step"], attr, 0)
+    if device.type == "cuda" or not total:
+        total = max(total, 1)
+    return tok / total
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["ti"], choices=sorted(SIZES), help="model sizes (default: ti)")
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 4], help="(default: 1 4)")
+    ap.add_argument("--frames", nargs="+", type=int, default=[32], help="(default: 32)")
+    ap.add_argument("--size", type=int, default=224, help="frame size (default: 224)")
+    ap.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="(default: off)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per model and row (default: 5)")
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    rows = []
+    print(f"{'size':4s} {'mode':5s} {'B':>3s} {'T':>3s} {'compile':7s} {'reference':>10s} {'fused':>10s} {'speed-up':>8s} "
+          f"{'tok share':>9s}")
+    for size in a.sizes:
+        ours, ref = build_pair(size, device=device)
+        for B in a.batch:
+            for T in a.frames:
+                g = torch.Generator().manual_seed(B * 1000 + T)
+                x = torch.randn(B, 3, T, a.size, a.size, generator=g).to(device)
+                y = torch.randint(0, 400, (B,), generator=g).to(device)
+                check_same(ours, ref, x, y, autocast_dtype, device)
+                for comp in a.compile:
+                    for mode in a.modes:
+                        models = {"reference": copy.deepcopy(ref), "fused": copy.deepcopy(ours)}
+                        res = {}
+                        for impl, m in models.items():
+                            runner = torch.compile(m) if comp == "on" else m
+                            step = make_step(runner, mode, x, y, device, autocast_dtype)
+                            if device.type == "cuda":
+                                torch.cuda.reset_peak_memory_stats()
+                            ts = time_steps(step, a.repeats, device)
+                            res[impl] = dict(median_ms=statistics.median(ts), samples=ts,
+                                             peak_mem_mb=(torch.cuda.max_memory_allocated() / 2 ** 20
+                                                          if device.type == "cuda" else None))
+                        share = tokenizer_share(models["fused"], make_step(models["fused"], mode, x, y, device,
+                                                                          autocast_dtype), device)
+                        speedup = res["reference"]["median_ms"] / res["fused"]["median_ms"]
+                        for impl in models:
+                            rows.append(dict(impl=impl, model=size, mode=mode, dtype="bfloat16" if autocast_dtype else
+                                             "float32", batch=B, frames=T, size=a.size, compile=comp,
+                                             device=str(device), speedup=speedup if impl == "fused" else 1.0,
+                                             tokenizer_share=share if impl == "fused" else None, **res[impl]))
+                        print(f"{size:4s} {mode:5s} {B:3d} {T:3d} {comp:7s} {res['reference']['median_ms']:8.1f}ms "
+                              f"{res['fused']['median_ms']:8.1f}ms {speedup:7.2f}x {100 * share:8.1f}%", flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(dict(torch=torch.__version__, device=str(device), rows=rows), fh, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
