@@ -23,6 +23,8 @@
 #   racecheck      compute-sanitizer racecheck, all three paths
 #   initcheck      compute-sanitizer initcheck, all three paths
 #   bench-compile  compiled_reference vs reference vs fused (compiling is slow)
+#   bench-e2e      TubeViT-B with our tokenizer vs the Conv3d tokenizer, bf16, B = 8 and 32,
+#                  training step and inference (bench/e2e_bench.py; e2e.json)
 #   tests-all      the whole suite, CPU tests included (CI covers those too)
 #   profile        optional: torch.profiler kernel tables (bench/gpu_profile.py)
 #   profile-host   optional: host-side op tables at B = 4, GEMM path and tensor-core kernels
@@ -177,6 +179,10 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
     bench-compile)
       run_step bench-compile 150 bench bench-compile.json --impls reference fused compiled_reference --modes fwd
       grep -E "target" "$LOGS/bench-compile.log" | tee -a "$SUMMARY" ;;
+    bench-e2e)
+      run_step bench-e2e 150 "$PY" bench/e2e_bench.py --sizes b --batch 8 32 --frames 32 --repeats 5 \
+        --json "$RES/e2e.json"
+      grep -E "^b " "$LOGS/bench-e2e.log" | tee -a "$SUMMARY" ;;
     tests-all)
       run_step tests-all 90 "$PY" -m pytest python_tests -q -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     variants)
