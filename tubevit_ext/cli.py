@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .geometry import PAPER_TUBES, Tube
 from .models import TubeViT, load_image_vit, losses_by_head
+from .models.pretrained import model_from_config
 from .models.tubevit import SIZES
 
 CHECKPOINT_FORMAT = "tubevit_ext-checkpoint-1"
@@ -88,15 +89,9 @@ def load_checkpoint(path: str, which: str = "best.pt", map_location="cpu"):
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a tubevit_ext checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
-    model = build_model(ckpt["config"])
+    model = model_from_config(ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
     return model, ckpt
-
-
-def build_model(config: dict) -> TubeViT:
-    tubes = [Tube(*t) for t in config["tubes"]]
-    return TubeViT(dim=config["dim"], depth=config["depth"], heads=config["heads"], mlp_dim=config["mlp_dim"],
-                   num_classes=dict(config["num_classes"]), tubes=tubes)
 
 
 # ---------------------------------------------------------------- data
@@ -174,11 +169,10 @@ def train(args) -> dict:
                              normalize=args.normalize)
         num_classes["image"] = len(images.classes)
         classes["image"] = images.classes
-    size = MODEL_SIZES[args.model]
-    config = dict(size, num_classes=num_classes, tubes=[list(map(list, t)) for t in tubes], model=args.model)
     data_cfg = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
-                    normalize=args.normalize, tubes=args.tubes)
-    model = build_model(config)
+                    normalize=args.normalize, tubes=args.tubes, model=args.model)
+    model = TubeViT(**MODEL_SIZES[args.model], num_classes=num_classes, tubes=tubes)
+    config = model.config  # what the checkpoint rebuilds the model from (models/pretrained.py)
     if args.init:
         sd = torch.load(args.init, map_location="cpu", weights_only=True)
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
@@ -196,8 +190,7 @@ def train(args) -> dict:
         ck = torch.load(last_path, map_location="cpu", weights_only=False)
         if ck.get("format") != CHECKPOINT_FORMAT:
             raise SystemExit(f"--resume: {last_path} is not a tubevit_ext checkpoint")
-        mismatch = [k for k in ("dim", "depth", "heads", "mlp_dim", "tubes", "num_classes")
-                    if ck["config"].get(k) != config.get(k)]
+        mismatch = [k for k in config if ck["config"].get(k) != config[k]]
         if mismatch or ck["classes"] != classes:
             raise SystemExit(f"--resume: {last_path} is of another model or class set "
                              f"(differs in {', '.join(mismatch) or 'class names'}); use another --out")

@@ -38,17 +38,18 @@ def save_pretrained(model, directory: str) -> None:
         json.dump(config, f, indent=2)
 
 
-def _config_to_kwargs(cfg: dict) -> dict:
+def model_from_config(cfg: dict):
+    """A freshly initialised TubeViT from ``TubeViT.config`` (its JSON form included)."""
     from ..geometry import Tube
+    from .tubevit import TubeViT
     kw = dict(cfg)
     kw["tubes"] = [Tube(*t) for t in cfg["tubes"]]
     if cfg.get("space_to_depth") is not None:
         kw["space_to_depth"] = {int(k): tuple(v) for k, v in cfg["space_to_depth"].items()}
-    return kw
+    return TubeViT(**kw)
 
 
 def from_pretrained(directory: str, map_location="cpu"):
-    from .tubevit import TubeViT
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} has no config.json (not a save_pretrained directory)")
@@ -56,7 +57,7 @@ def from_pretrained(directory: str, map_location="cpu"):
         meta = json.load(f)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    model = TubeViT(**_config_to_kwargs(meta["config"]))
+    model = model_from_config(meta["config"])
     if meta.get("scaling_layer") is not None:
         model.enable_image_to_video_scaling(meta["scaling_layer"])
     st_path, pt_path = os.path.join(directory, "model.safetensors"), os.path.join(directory, "model.pt")
