@@ -31,6 +31,13 @@ Options read_env() {
   else TORCH_CHECK_VALUE(false, "TUBEVIT_CUDA_PATH must be one of auto, gemm, tc, naive; got '", path, "'");
   o.gemm_gather_vec = read_flag("TUBEVIT_GEMM_GATHER_VEC");
   o.dx_scatter = read_flag("TUBEVIT_DX_SCATTER");
+  const char* c = std::getenv("TUBEVIT_CPU_CHUNK_BYTES");
+  if (c != nullptr && *c != '\0') {
+    char* end = nullptr;
+    const long long b = std::strtoll(c, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && b > 0, "TUBEVIT_CPU_CHUNK_BYTES must be a positive integer, got '", c, "'");
+    o.cpu_chunk_bytes = b;
+  }
   return o;
 }
 

@@ -12,6 +12,11 @@
 //   TUBEVIT_DX_SCATTER       1: the input gradient by per-tube scatter
 //                            (dx::DxScatterElem) instead of the gather, on
 //                            both fast CUDA paths. Default 0.
+//   TUBEVIT_CPU_CHUNK_BYTES  bytes: the CPU kernels process a batch in
+//                            chunks whose patch (or GEMM result) rows stay
+//                            under this (at least one sample per chunk).
+//                            Default 32 MiB; the tests set it tiny to drive
+//                            the cross-chunk accumulation paths.
 //
 // tubevit_ext.reload_options() (python) / reload_options() (C++) reads them
 // again, for tests and benchmarks that change them in-process; it must not
@@ -26,6 +31,7 @@ struct Options {
   CudaPath cuda_path = CudaPath::Auto;
   bool gemm_gather_vec = false;
   bool dx_scatter = false;
+  long long cpu_chunk_bytes = 32ll << 20;
 };
 
 // The switches as read from the environment (first call) or by the last

@@ -125,7 +125,8 @@ def test_autocast_check_is_traceable_on_older_torch(monkeypatch):
     # (the GPU machine's version: torch.compile(fullgraph=True) of the model
     # failed there), so tube_tokens must not call it per call for the usual
     # device types; it looks them up in a set built at import. Autocast must
-    # still apply, and other device types are still asked (eager only).
+    # still apply, and other device types are still asked (eager only) while some
+    # autocast is enabled.
     m = tv.SparseTubeTokenizer(3, 12)
     x = torch.randn(1, 3, 20, 28, 28)
     n = tv.num_tokens(m.tubes, (20, 28, 28))
@@ -141,7 +142,11 @@ def test_autocast_check_is_traceable_on_older_torch(monkeypatch):
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         assert m(x).dtype == torch.bfloat16
     assert asked == []
+    # no autocast enabled anywhere: nothing to ask (one global check per call)
     assert tv.tube_tokens(x.to("meta"), meta_ws, None, m.tubes).shape == (1, n, 12)
+    assert asked == []
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert tv.tube_tokens(x.to("meta"), meta_ws, None, m.tubes).dtype == torch.float32
     assert asked == ["meta"]
 
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tubevit_ext as tv
-from conftest import make_params
+from conftest import make_params, set_switch
 
 ops = torch.ops.tubevit
 TUBES = [tv.Tube((2, 3, 2), (2, 2, 3), (1, 0, 1)), tv.Tube((4, 2, 3), (1, 3, 2), (0, 1, 0)),
@@ -53,7 +53,7 @@ def test_with_patches_outputs(dtype, layout):
 @pytest.mark.parametrize("x_grad", [False, True])
 def test_saved_and_recomputed_gradients_are_bitwise_equal(monkeypatch, dtype, chunk_bytes, x_grad):
     if chunk_bytes is not None:  # one-sample chunks: the cross-chunk accumulation paths
-        monkeypatch.setenv("TUBEVIT_CPU_CHUNK_BYTES", chunk_bytes)
+        set_switch(monkeypatch, "TUBEVIT_CPU_CHUNK_BYTES", chunk_bytes)
     x0 = make_x("contiguous", dtype)
     ws0, bs0 = make_params(TUBES, x0.shape[1], 5, dtype)
     pe = tv.sincos_pos_embed(TUBES, SIZE, 5, dtype=dtype)

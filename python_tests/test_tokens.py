@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tubevit_ext as tv
-from conftest import make_params, max_err, random_tubes, reference_rule_bound
+from conftest import make_params, max_err, random_tubes, reference_rule_bound, set_switch
 
 
 def run(fn, x, ws, bs, tubes, pe, gout):
@@ -251,6 +251,6 @@ def test_deterministic(device):
 def test_cpu_batch_chunks(monkeypatch, dtype):
     # A tiny chunk budget splits the batch into one-sample chunks: exercises
     # the chunked forward and the cross-chunk accumulation of dW, db and dx.
-    monkeypatch.setenv("TUBEVIT_CPU_CHUNK_BYTES", "64")
+    set_switch(monkeypatch, "TUBEVIT_CPU_CHUNK_BYTES", "64")
     check_case("cpu", tv.PAPER_TUBES, (20, 32, 36), C=3, d=12, B=3, dtype=dtype)
     check_case("cpu", [tv.Tube((1, 2, 2), (1, 2, 2))], (3, 6, 8), C=2, d=40, B=4, dtype=dtype)

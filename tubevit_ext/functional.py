@@ -5,7 +5,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._ops import _func_forward
 from .geometry import Tube, as_tubes
 
 
@@ -77,8 +76,9 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
             gather on the fly and ignore it.
 
     Returns a contiguous (B, N, d) tensor of x's dtype. Differentiable in x,
-    weights, biases and pos_embed, to any order, and under torch.func
-    (vmap, grad, jvp, jacrev/jacfwd, hessian).
+    weights, biases and pos_embed, to any order, in reverse and forward mode
+    (torch.autograd.forward_ad) and under torch.func (vmap, grad, jvp,
+    jacrev/jacfwd, hessian).
 
     Under ``torch.autocast`` the op follows PyTorch's policy for convolutions:
     floating inputs are cast to the autocast dtype (e.g. bf16), so the output
@@ -104,24 +104,22 @@ def tube_tokens(x: torch.Tensor, weights: Sequence[torch.Tensor],
 def tube_tokens_flat(x, weights, biases, flat_tubes, pos_embed, save_patches=None):
     """tube_tokens for callers that validated their tubes once (modules): ``flat_tubes`` is the
     ops' int list (TUBE_INTS per tube), ``weights`` / ``biases`` lists (biases [] for none).
-    Autocast, torch.func and the CPU saved-patches choice as in tube_tokens; argument checks are
-    the op's own (C++ and fake kernels)."""
+    Autocast and the CPU saved-patches choice as in tube_tokens; argument checks are the op's own
+    (C++ and fake kernels)."""
     dev = x.device.type
-    if _autocast_enabled(dev):
+    if torch._C._is_any_autocast_enabled() and _autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         cast = lambda t: t.to(dt) if t.is_floating_point() and t.dtype != dt else t
         x, weights, biases = cast(x), [cast(w) for w in weights], [cast(b) for b in biases]
         pos_embed = None if pos_embed is None else cast(pos_embed)
-    if torch._C._are_functorch_transforms_active():
-        # torch.func (grad, vmap, jacrev, ...): the setup_context-style
-        # Function it requires (_ops.TubeTokensFunction); no saved patches.
-        return _func_forward(x, weights, biases, flat_tubes, pos_embed)
     if save_patches is None:
         # Not while torch.export traces: an exported program is usually run
         # for inference, maybe on another device (the patch-saving op has a
-        # CPU kernel only); its backward still works, gathering again.
+        # CPU kernel only); its backward still works, gathering again. Nor
+        # under torch.func transforms: under vmap the saved patches would be
+        # V times as large, and jvp / jacfwd never read them.
         save_patches = (torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-                        and not torch.compiler.is_exporting())
+                        and not torch.compiler.is_exporting() and not torch._C._are_functorch_transforms_active())
     if save_patches and x.device.type == "cpu":
         return torch.ops.tubevit.tube_tokens_with_patches(x, weights, biases, flat_tubes, pos_embed)[0]
     return torch.ops.tubevit.tube_tokens(x, weights, biases, flat_tubes, pos_embed)

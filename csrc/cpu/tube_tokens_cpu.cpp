@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../kernels/common.h"
+#include "../options.h"
 #include "../tube_tokens.h"
 #include "patch_pool.h"
 
@@ -38,17 +39,9 @@ namespace tubevit {
 namespace {
 
 // Upper bound on one patch buffer: batches are processed in chunks so that
-// the buffer stays cache- and memory-friendly for long videos / big batches.
-// TUBEVIT_CPU_CHUNK_BYTES overrides it (read per call), which the tests use to
-// drive the multi-chunk accumulation paths with small inputs.
-int64_t chunk_bytes() {
-  const char* v = std::getenv("TUBEVIT_CPU_CHUNK_BYTES");
-  if (v != nullptr) {
-    const long long b = std::atoll(v);
-    if (b > 0) return b;
-  }
-  return int64_t(32) << 20;
-}
+// the buffer stays cache- and memory-friendly for long videos / big batches
+// (TUBEVIT_CPU_CHUNK_BYTES, csrc/options.h).
+int64_t chunk_bytes() { return static_cast<int64_t>(options().cpu_chunk_bytes); }
 
 // Patch workspace reused across calls by the calling thread. A fresh
 // multi-megabyte allocation is new pages every call, and first-touch page
@@ -88,6 +81,15 @@ int64_t batch_chunk(const TubeGeom& g, int64_t batch, size_t elem_size, int64_t 
   const int64_t per_sample =
       std::max<int64_t>(1, g.num_tokens * std::max(g.patch_size, dim) * int64_t(elem_size));
   return std::max<int64_t>(1, std::min<int64_t>(batch, chunk_bytes() / per_sample));
+}
+
+// Weight i (d, C, kt, kh, kw) as the (d, K) matrix its GEMMs read, in dtype
+// dt: a view when it already is one (one tensor op instead of reshape + to,
+// which matters when the GEMMs are tiny and the call's cost is its host
+// code, bench/host_overhead.py).
+at::Tensor weight_matrix(const at::Tensor& w, int64_t d, int64_t K, at::ScalarType dt) {
+  if (w.scalar_type() == dt && w.is_contiguous()) return w.as_strided({d, K}, {K, 1});
+  return w.reshape({d, K}).to(dt);
 }
 
 // Strided view of one input sample; strides in elements.
@@ -343,11 +345,14 @@ void forward_impl(const at::Tensor& x, at::TensorList weights,
     const TubeGeom& g = L.tubes[i];
     const int64_t n = g.num_tokens, K = g.patch_size;
     // (K, d) view of the weight; BLAS reads the transpose without a copy.
-    const at::Tensor wt = weights[i].reshape({L.dim, K}).to(gemm_opts.dtype()).t();
+    const at::Tensor wt = weight_matrix(weights[i], L.dim, K, c10::CppTypeToScalarType<gemm_t>::value).t();
     // Epilogue operands: this tube's pe rows (read in place) and the bias (fp32).
     const scalar_t* pe_rows = has_pe ? pe.const_data_ptr<scalar_t>() + g.token_offset * L.dim : nullptr;
     at::Tensor bias;
-    if (!biases.empty()) bias = biases[i].to(acc_opts.dtype()).contiguous();
+    if (!biases.empty())
+      bias = biases[i].scalar_type() == c10::CppTypeToScalarType<acc_t>::value && biases[i].is_contiguous()
+                 ? biases[i]
+                 : biases[i].to(acc_opts.dtype()).contiguous();
     const int64_t chunk = batch_chunk(g, L.batch, sizeof(gemm_t), L.dim);
     if (saved != nullptr) saved->push_back(pooled_empty({L.batch, n, K}, x.options()));
     for (int64_t b0 = 0; b0 < L.batch; b0 += chunk) {
@@ -395,7 +400,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
   for (size_t i = 0; i < L.tubes.size(); ++i) {
     const TubeGeom& g = L.tubes[i];
     const int64_t n = g.num_tokens, K = g.patch_size;
-    const at::Tensor w = weights[i].reshape({L.dim, K}).to(gemm_dtype);
+    const at::Tensor w = weight_matrix(weights[i], L.dim, K, gemm_dtype);
     // Accumulators start at the first chunk's result (no zero fill of d x K);
     // zeros only when there is no chunk at all (batch 0).
     at::Tensor dw_acc;

@@ -35,7 +35,7 @@ from torch import nn
 from ..functional import tube_tokens
 from ..geometry import PAPER_TUBES, Tube, as_tubes, token_grid, tube_token_counts
 from ..pos_embed import sincos_from_positions, tube_centres
-from ..modules import PosEmbedCache, TubeProjection
+from ..modules import PosEmbedCache, TubeProjection, projection_params
 
 #: Table 12 of the paper: 2x temporal space-to-depth on the 8x8x8 tube, 4x
 #: spatial (2x2) on the 16x4x4 tube.
@@ -122,7 +122,7 @@ class TubeTokenizer(nn.Module):
     def tube_weights(self):
         """Per-tube (weights, biases) as the fused op takes them."""
         if self.kernels == "per_tube":
-            return [p.weight for p in self.projs], [p.bias for p in self.projs if p.bias is not None]
+            return projection_params(self.projs)
         ws = [F.interpolate(self.base_weight, size=t.kernel, mode="trilinear", align_corners=False)
               if t.kernel != self.base_kernel else self.base_weight for t in self.tubes]
         return ws, (list(self.biases) if self.biases is not None else [])
