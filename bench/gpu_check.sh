@@ -23,6 +23,8 @@
 #   racecheck      compute-sanitizer racecheck, all three paths
 #   initcheck      compute-sanitizer initcheck, all three paths
 #   bench-compile  compiled_reference vs reference vs fused (compiling is slow)
+#   bench-host     host overhead on CUDA (bench/host_overhead.py) and bf16 forwards B = 1 .. 32 with
+#                  one call between events, back-to-back calls, kernel time and CUDA-graph replay
 #   bench-e2e      TubeViT-B with our tokenizer vs the Conv3d tokenizer, bf16, B = 8 and 32,
 #                  training step and inference (bench/e2e_bench.py; e2e.json)
 #   tests-all      the whole suite, CPU tests included (CI covers those too)
@@ -179,6 +181,16 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
     bench-compile)
       run_step bench-compile 150 bench bench-compile.json --impls reference fused compiled_reference --modes fwd
       grep -E "target" "$LOGS/bench-compile.log" | tee -a "$SUMMARY" ;;
+    bench-host)
+      # host vs device shares per call: the tiny-input host overhead table (bench/host_overhead.py),
+      # then bf16 forwards B = 1 .. 32 with median_ms / pipelined_ms / kernel_ms / graph_ms
+      run_step bench-host-tiny 40 "$PY" bench/host_overhead.py --device cuda --calls 1000 \
+        --json "$RES/host-overhead.json"
+      grep -E "no_grad|require grad|backward" "$LOGS/bench-host-tiny.log" | tee -a "$SUMMARY"
+      run_step bench-host 90 "$PY" bench/tube_bench.py --preset gpu-targets --impls reference unfold_gemm fused \
+        --dtypes bfloat16 --modes fwd --batch 1 2 4 8 16 32 --repeats 20 --cuda-graph \
+        --json "$RES/bench-host.json" --plot "$LOGS/bench-host.png"
+      grep -E "^paper" "$LOGS/bench-host.log" | tee -a "$SUMMARY" ;;
     bench-e2e)
       run_step bench-e2e 150 "$PY" bench/e2e_bench.py --sizes b --batch 8 32 --frames 32 --repeats 5 \
         --json "$RES/e2e.json"

@@ -13,7 +13,11 @@ fwd_bwd_input (input requires grad too).
 
 Each configuration is first checked against the reference (max_abs_err), then timed: warm-up,
 repeats, median; CUDA events on GPU, perf_counter on CPU; inputs rotated over several fresh
-buffers so no implementation runs on cache-hot data. On GPU the card's dense matmul rate per
+buffers so no implementation runs on cache-hot data. On CUDA each row has three times:
+median_ms (one call between events: host work and launch latency included), pipelined_ms
+(--repeats back-to-back calls, one synchronisation, per call: what a training loop sees) and
+kernel_ms (GPU time in the call's kernels, torch.profiler); with --cuda-graph, fwd rows also
+graph_ms / graph_pipelined_ms (the call captured in a torch.cuda.CUDAGraph and replayed). On GPU the card's dense matmul rate per
 dtype is measured in the same run and every result reports its achieved TFLOP/s.
 
     python bench/tube_bench.py --preset cpu-targets          # paper tubes, B = 4, CPU (bench/RESULTS.md)
@@ -142,6 +146,58 @@ def time_samples(fn, inputs, device, warmup, repeats):
     return times
 
 
+def pipelined_seconds(fn, inputs, device, calls):
+    """Seconds per call of `calls` back-to-back calls of fn(x) with one synchronisation at the end:
+    what a training or inference loop sees, where the host queues call i + 1 while the GPU runs
+    call i (time_samples synchronises every call, so it adds the launch latency each time)."""
+    fn(inputs[0])
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(inputs[i % len(inputs)])
+    sync(device)
+    return (time.perf_counter() - t0) / calls
+
+
+def kernel_seconds(fn, inputs, device, calls):
+    """GPU seconds per call spent in kernels (torch.profiler's CUDA activity, summed over every
+    kernel and memset/memcpy the calls launched), so host and device shares of a call are
+    visible next to its wall time. CUDA only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(inputs[0])
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            fn(inputs[i % len(inputs)])
+        sync(device)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    return total_us / 1e6 / calls
+
+
+def graph_seconds(fn, inputs, device, warmup, repeats):
+    """(one replay between events, per replay of `repeats` back-to-back replays) of fn captured in
+    a torch.cuda.CUDAGraph on a static input buffer, the input copied in before each replay (part
+    of the time, as it would be in an inference server). CUDA, forward without grad."""
+    static_x = inputs[0].detach().clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on a side stream, as CUDA graph capture requires
+        for _ in range(max(warmup, 2)):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(static_x)
+
+    def replay(x):
+        static_x.copy_(x)
+        g.replay()
+    one = statistics.median(time_samples(replay, inputs, device, warmup, repeats))
+    return one, pipelined_seconds(replay, inputs, device, repeats)
+
+
 def matmul_peak(device, dtype, n=8192):
     """Dense square matmul TFLOP/s on this device (the roofline for the GEMM work)."""
     if device.type != "cuda":
@@ -255,7 +311,7 @@ def run_config(args, device, dtype, batch, frames, dim, tubes_name, mode, impls,
                     samples += time_samples(step, inputs, device, args.warmup, args.repeats)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    for row, _, _, samples in timed:
+    for row, step, bench_flag, samples in timed:
         if "error" in row or not samples:
             continue
         t = statistics.median(samples)
@@ -264,6 +320,19 @@ def run_config(args, device, dtype, batch, frames, dim, tubes_name, mode, impls,
         row["tflops"] = flops / t / 1e12
         if peak.get(row["dtype"]):
             row["frac_of_matmul_peak"] = row["tflops"] / peak[row["dtype"]]
+        if device.type != "cuda":
+            continue
+        # Host and device shares (CUDA): median_ms is one call between events (launch latency
+        # and host work included); pipelined_ms what a loop sees; kernel_ms the GPU's share.
+        try:
+            with cudnn_benchmark(bench_flag):
+                row["pipelined_ms"] = pipelined_seconds(step, inputs, device, args.repeats) * 1e3
+                row["kernel_ms"] = kernel_seconds(step, inputs, device, min(args.repeats, 10)) * 1e3
+                if args.cuda_graph and mode == "fwd":
+                    one, piped = graph_seconds(step, inputs, device, args.warmup, args.repeats)
+                    row["graph_ms"], row["graph_pipelined_ms"] = one * 1e3, piped * 1e3
+        except Exception as e:  # e.g. an implementation that cannot be captured: recorded, not fatal
+            row["timing_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
 class cudnn_benchmark:
@@ -333,7 +402,8 @@ def print_table(rows):
         sp = base.get(key(r), float("nan")) / r["median_ms"]
         print(f"{r['tubes']:8s} {r['dtype']:8s} {r['batch']:3d} {r['frames']:3d} {r['dim']:5d} {r['mode']:13s} {name:24s} "
               f"{r['median_ms']:9.2f} {r['tflops']:8.3f} {sp:6.2f} {r['max_abs_err']:9.2e}"
-              + ("" if r.get("agrees", True) else "  MISMATCH"))
+              + ("" if r.get("agrees", True) else "  MISMATCH")
+              + "".join(f"  {k[:-3]} {r[k]:.3f}" for k in ("pipelined_ms", "kernel_ms", "graph_ms") if k in r))
 
 
 def key(r):
@@ -447,6 +517,9 @@ def main(argv=None):
                    help="interleaved timing rounds, A B C A B C ... (default: the preset's, else 1)")
     p.add_argument("--rotate", type=int, default=3,
                    help="fresh input buffers rotated between calls, so none is cache-hot (default: 3)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA, fwd rows: also time the call captured in a CUDA graph (graph_ms, "
+                        "graph_pipelined_ms)")
     p.add_argument("--json", help="write results here (default: bench/out/<device>-<date>.json)")
     p.add_argument("--plot", help="write a PNG plot here, needs matplotlib (default: next to the JSON)")
     args = p.parse_args(argv)

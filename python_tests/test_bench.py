@@ -97,3 +97,28 @@ def test_end_to_end_benchmark_rows(tmp_path):
     import pytest
     with pytest.raises(AssertionError):
         mod.check_same(ours, ref, x, y, None, torch.device("cpu"))
+
+
+def test_pipelined_timing_counts_every_call():
+    bench = _bench()
+    calls = []
+    t = bench.pipelined_seconds(lambda x: calls.append(x), [1, 2, 3], torch.device("cpu"), 7)
+    assert t >= 0 and calls == [1] + [1, 2, 3, 1, 2, 3, 1]  # one untimed call, then 7 rotating
+
+
+def test_cuda_rows_report_host_and_device_times(tmp_path):
+    """On CUDA every row carries pipelined_ms and kernel_ms, and fwd rows with --cuda-graph the
+    replayed graph's times; the kernels cannot take longer than the calls that launch them."""
+    import pytest
+    import tubevit_ext as tv
+    if not (torch.cuda.is_available() and tv.cuda_compiled()):
+        pytest.skip("needs a CUDA GPU and a CUDA build")
+    out = tmp_path / "r.json"
+    _bench().main(["--device", "cuda", "--batch", "1", "--frames", "20", "--dim", "64", "--size", "64", "64",
+                   "--modes", "fwd", "fwd_bwd", "--impls", "reference", "fused", "--dtypes", "bfloat16",
+                   "--warmup", "2", "--repeats", "5", "--cuda-graph", "--json", str(out),
+                   "--plot", str(tmp_path / "p.png")])
+    for row in json.loads(out.read_text())["results"]:
+        assert "timing_error" not in row, row
+        assert 0 < row["kernel_ms"] <= 1.05 * row["pipelined_ms"], row
+        assert ("graph_ms" in row) == (row["mode"] == "fwd"), row
