@@ -204,6 +204,117 @@ def test_huggingface_vit_built_by_transformers():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+CLIP_MODEL = dict(SMALL, pre_norm=True, eps=1e-5, act="quick_gelu")
+
+
+def _clip_tower(fmt):
+    """A randomly initialised whole CLIP model (vision and text towers) built by its own library:
+    transformers' CLIPModel or OpenCLIP's CLIP with QuickGELU; returns (model, its vision blocks,
+    pre-norm, post-norm, patch conv, the keys load_image_vit should leave unused)."""
+    torch.manual_seed(0)
+    if fmt == "clip":
+        transformers = pytest.importorskip("transformers")
+        vis = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                   patch_size=16, hidden_act="quick_gelu")
+        ref = transformers.CLIPModel(transformers.CLIPConfig(
+            vision_config=vis, text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2), projection_dim=8)).eval()
+        v = ref.vision_model
+        for p in v.parameters():  # LayerNorms start at (1, 0): randomise every parameter
+            torch.nn.init.normal_(p, std=0.2)
+        layers = [lambda x, L=L: L(x, None) for L in v.encoder.layers]
+        unused_tower = {"vision_model.embeddings.class_embedding", "vision_model.embeddings.position_embedding.weight",
+                        "visual_projection.weight"}
+        return ref, layers, v.pre_layrnorm, v.post_layernorm, v.embeddings.patch_embedding, unused_tower
+    open_clip = pytest.importorskip("open_clip")
+    ref = open_clip.CLIP(embed_dim=8, vision_cfg=dict(layers=2, width=24, head_width=12, mlp_ratio=2.0, patch_size=16,
+                                                      image_size=32),
+                         text_cfg=dict(context_length=8, vocab_size=50, width=16, heads=2, layers=1),
+                         quick_gelu=True).eval()
+    v = ref.visual
+    for p in v.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    layers = [lambda x, L=L: L(x) for L in v.transformer.resblocks]
+    return ref, layers, v.ln_pre, v.ln_post, v.conv1, {"visual.class_embedding", "visual.positional_embedding",
+                                                         "visual.proj"}
+
+
+@pytest.mark.parametrize("fmt", ["clip", "open_clip"])
+def test_clip_vision_towers_built_by_their_libraries(fmt):
+    """A whole CLIP model's state_dict (format told apart automatically): the tower's blocks,
+    pre- and post-norm compute what the library's own modules compute on the same tokens, the
+    image tube is the patch convolution (no bias), and the text tower, class and position
+    embeddings and projection come back unused."""
+    ref, layers, pre, post, conv, unused_tower = _clip_tower(fmt)
+    sd = ref.state_dict()
+    m = TubeViT(**CLIP_MODEL, num_classes=3).eval()
+    unused = load_image_vit(m, sd)
+    text = {k for k in sd if not k.startswith("vision_model." if fmt == "clip" else "visual.")} - unused_tower
+    assert set(unused) == unused_tower | text and any("text" in k or "transformer." in k for k in text)
+    x = torch.randn(2, 5, 24)
+    layout = PackedLayout(((2, 5),), (0, 1))
+    with torch.no_grad():
+        ours, want = m.norm_pre(x.reshape(-1, 24)), pre(x)
+        torch.testing.assert_close(ours.view(2, 5, -1), want, rtol=1e-5, atol=1e-5)
+        for blk, layer in zip(m.blocks, layers):
+            ours, want = blk(ours, layout), layer(want)
+            want = want[0] if isinstance(want, tuple) else want
+            torch.testing.assert_close(ours.view(2, 5, -1), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.norm(ours).view(2, 5, -1), post(want), rtol=1e-5, atol=1e-5)
+        img = torch.randn(1, 3, 32, 32)
+        got = m.tokenizer(img) - m.tokenizer._pos_embed((1, 32, 32), "image", torch.float32, "cpu")
+        torch.testing.assert_close(got, conv(img).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    # the tower alone (CLIPVisionModel / VisionTransformer: no prefix) loads the same weights
+    tower = ref.vision_model if fmt == "clip" else ref.visual
+    m2 = TubeViT(**CLIP_MODEL, num_classes=3)
+    load_image_vit(m2, tower.state_dict(), fmt=fmt)
+    for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
+        if not k.startswith(("pool.", "heads.")):  # freshly initialised, not loaded
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_clip_towers_need_the_pre_norm_and_name_what_they_cannot_map():
+    pytest.importorskip("open_clip")
+    ref = _clip_tower("open_clip")[0]
+    with pytest.raises(ValueError, match=r"the open_clip ViT normalises its tokens before the first block .* "
+                                         r"build it with pre_norm=True"):
+        load_image_vit(TubeViT(**SMALL, num_classes=3), ref.state_dict())
+    sd = dict(ref.state_dict(), **{"visual.transformer.resblocks.0.ls_1.gamma": torch.ones(24)})  # layer scale
+    with pytest.raises(ValueError, match=r"keys of the open_clip state_dict that map to nothing in TubeViT: "
+                                         r"\['visual.transformer.resblocks.0.ls_1.gamma'\]"):
+        load_image_vit(TubeViT(**CLIP_MODEL, num_classes=3), sd)
+    with pytest.raises(ValueError, match=r"not a HuggingFace CLIP vision tower"):
+        load_image_vit(TubeViT(**CLIP_MODEL, num_classes=3), ref.state_dict(), fmt="clip")
+    with pytest.raises(ValueError, match=r"act must be one of \['gelu', 'quick_gelu'\], got 'relu'"):
+        TubeViT(**SMALL, act="relu")
+
+
+def test_pre_norm_and_quick_gelu_options(tmp_path):
+    """pre_norm adds a LayerNorm before the first block (and the image-to-video gate adds what
+    that block receives); act="quick_gelu" is x * sigmoid(1.702 x) in every block's MLP; both
+    are in the config, so save_pretrained / from_pretrained rebuild them; defaults unchanged."""
+    torch.manual_seed(0)
+    m = TubeViT(**SMALL, num_classes=3, pre_norm=True, act="quick_gelu").eval()
+    assert m.config["pre_norm"] is True and m.config["act"] == "quick_gelu"
+    x = torch.randn(7, 24)
+    mlp = m.blocks[0].mlp
+    torch.testing.assert_close(mlp(x), mlp.fc2(mlp.fc1(x) * torch.sigmoid(1.702 * mlp.fc1(x))))
+    layout = PackedLayout(((1, 7),), (0,))
+    with torch.no_grad():
+        m.norm_pre.weight.normal_()
+        want = m.norm(m.blocks[1](m.blocks[0](m.norm_pre(x), layout), layout))
+        torch.testing.assert_close(m._blocks(x, layout)[0], want, rtol=0, atol=0)
+    m.save_pretrained(str(tmp_path / "m"))
+    back = TubeViT.from_pretrained(str(tmp_path / "m")).eval()
+    assert back.config == m.config
+    v = torch.randn(1, 3, 20, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(v), m(v), rtol=0, atol=0)
+    default = TubeViT(**SMALL, num_classes=3)
+    assert isinstance(default.norm_pre, torch.nn.Identity) and not any("norm_pre" in k for k in default.state_dict())
+    assert default.blocks[0].mlp.act is F.gelu
+
+
 @pytest.mark.parametrize("fmt", ["torchvision", "timm"])
 def test_image_vit_mapping_key_by_key(fmt):
     # every parameter of every block lands in the right place (catches e.g. ln_1 <-> ln_2),
@@ -239,14 +350,15 @@ def test_image_vit_mapping_key_by_key(fmt):
 def test_image_vit_errors_are_named():
     m = TubeViT(**SMALL, num_classes=3)
     with pytest.raises(ValueError, match=r"cannot tell the state_dict format: no conv_proj.weight \(torchvision\), "
-                                         r"patch_embed.proj.weight \(timm\) or embeddings.patch_embeddings"):
+                                         r"patch_embed.proj.weight \(timm\), embeddings.patch_embeddings"):
         load_image_vit(m, {"visual.conv1.weight": torch.randn(24, 3, 16, 16)})
     extra = dict(_torchvision_sd(), **{"encoder.layers.encoder_layer_0.adapter.weight": torch.randn(3)})
     with pytest.raises(ValueError, match=r"keys of the torchvision state_dict that map to nothing in TubeViT: "
                                          r"\['encoder.layers.encoder_layer_0.adapter.weight'\]"):
         load_image_vit(m, extra)
     assert "encoder.layers.encoder_layer_0.adapter.weight" in load_image_vit(m, extra, strict=False)
-    with pytest.raises(ValueError, match=r"fmt must be 'auto', 'torchvision', 'timm' or 'huggingface', got 'keras'"):
+    with pytest.raises(ValueError, match=r"fmt must be one of 'auto', 'torchvision', 'timm', 'huggingface', 'clip', "
+                                         r"'open_clip', got 'keras'"):
         load_image_vit(m, _torchvision_sd(), fmt="keras")
     wide = _torchvision_sd(dim=32)
     with pytest.raises(ValueError, match=r"encoder.ln.weight has shape \(32,\) but norm.weight has \(24,\)"):

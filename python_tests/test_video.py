@@ -380,3 +380,27 @@ def test_train_jointly_with_images_from_an_image_vit(tmp_path, capsys):
     ck = torch.load(os.path.join(run, "last.pt"), weights_only=False)
     assert ck["classes"] == {"video": ["left", "right"], "image": ["a", "b", "c"]}
     assert ck["config"]["num_classes"] == {"video": 2, "image": 3}
+
+
+def test_train_from_a_clip_tower(tmp_path, capsys):
+    """--init with an OpenCLIP vision tower needs --blocks clip / clip-quickgelu (a LayerNorm before
+    the blocks); the checkpoint's config records the block style, so eval rebuilds the same model."""
+    open_clip = pytest.importorskip("open_clip")
+    data, run = str(tmp_path / "data"), str(tmp_path / "run")
+    make_motion_folder(data, n_per_class=8, frames=10)
+    torch.manual_seed(0)
+    tower = open_clip.CLIP(embed_dim=8, vision_cfg=dict(layers=3, width=96, head_width=24, mlp_ratio=2.0,
+                                                        patch_size=16, image_size=32),
+                           text_cfg=dict(context_length=8, vocab_size=50, width=16, heads=2, layers=1),
+                           quick_gelu=True).visual  # tiny's width and depth
+    init = tmp_path / "clip.pth"
+    torch.save(tower.state_dict(), init)
+    with pytest.raises(SystemExit, match=r"build it with pre_norm=True \(tubevit train: --blocks clip or"):
+        cli.main(["train", "--data", data, "--out", run, "--epochs", "1", "--init", str(init), *TRAIN])
+    cli.main(["train", "--data", data, "--out", run, "--epochs", "1", "--init", str(init), "--blocks",
+              "clip-quickgelu", *TRAIN])
+    assert "(unused: class_embedding, positional_embedding, proj)" in capsys.readouterr().out
+    ck = torch.load(os.path.join(run, "last.pt"), weights_only=False)
+    assert (ck["config"]["pre_norm"], ck["config"]["eps"], ck["config"]["act"]) == (True, 1e-5, "quick_gelu")
+    assert "norm_pre.weight" in ck["state_dict"]
+    cli.main(["eval", "--checkpoint", run, "--data", data, "--clips", "1", "--crops", "1", "--workers", "0"])

@@ -31,6 +31,9 @@ from .models.pretrained import model_from_config
 from .models.tubevit import SIZES
 
 CHECKPOINT_FORMAT = "tubevit_ext-checkpoint-1"
+# --blocks: TubeViT options that match the image ViT a run starts from (models/convert.py)
+BLOCK_STYLES = {"vit": {}, "clip": dict(pre_norm=True, eps=1e-5),
+                "clip-quickgelu": dict(pre_norm=True, eps=1e-5, act="quick_gelu")}
 #: Tubes for short, small clips (8 frames of 32x32 and up): a space-time tube, a long thin
 #: temporal tube with a spatial offset, and the one-frame image tube.
 COMPACT_TUBES = (Tube((4, 8, 8), (4, 8, 8)), Tube((8, 4, 4), (8, 8, 8), (0, 2, 2)), Tube((1, 8, 8), (8, 8, 8)))
@@ -171,7 +174,7 @@ def train(args) -> dict:
         classes["image"] = images.classes
     data_cfg = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
                     normalize=args.normalize, tubes=args.tubes, model=args.model)
-    model = TubeViT(**MODEL_SIZES[args.model], num_classes=num_classes, tubes=tubes)
+    model = TubeViT(**MODEL_SIZES[args.model], num_classes=num_classes, tubes=tubes, **BLOCK_STYLES[args.blocks])
     config = model.config  # what the checkpoint rebuilds the model from (models/pretrained.py)
     if args.init:
         sd = torch.load(args.init, map_location="cpu", weights_only=True)
@@ -338,7 +341,11 @@ def _parser():
     t.add_argument("--weight-decay", type=float, default=0.05, help="(default: 0.05)")
     t.add_argument("--warmup", type=float, default=0.1, help="fraction of steps warming up (default: 0.1)")
     t.add_argument("--images", help="image folder (one sub-folder per class) for joint training, its own head")
-    t.add_argument("--init", help="image-ViT state_dict file to start from (torchvision or timm layout)")
+    t.add_argument("--init", help="image-ViT state_dict file to start from (torchvision, timm, HuggingFace ViT or "
+                                  "CLIP, OpenCLIP layout)")
+    t.add_argument("--blocks", choices=sorted(BLOCK_STYLES), default="vit",
+                   help="block style: vit (default), clip (a LayerNorm before the blocks, eps 1e-5: OpenCLIP "
+                        "towers) or clip-quickgelu (the same with QuickGELU: OpenAI's CLIP weights)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--device", default=default_device, help=f"(default: {default_device})")
     t.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding (default: 2)")

@@ -77,14 +77,23 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(outs[0] if len(outs) == 1 else torch.cat(outs)))
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, act: str = "gelu"):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def drop_path(x: torch.Tensor, layout: PackedLayout, p: float, training: bool) -> torch.Tensor:
@@ -101,12 +110,12 @@ class Block(nn.Module):
     """Pre-norm ViT block (timm naming: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float = 1e-6, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0):
+                 attn_drop: float = 0.0, drop_path: float = 0.0, act: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_dim, drop)
+        self.mlp = Mlp(dim, mlp_dim, drop, act)
         self.drop_path = drop_path
         self.gate_alpha: Optional[nn.Parameter] = None  # set by image-to-video scaling
 
@@ -165,6 +174,11 @@ class TubeViT(nn.Module):
         attn_drop_rate: dropout on the attention weights.
         drop_path_rate: stochastic depth, per sample, rising linearly from 0 at the first block
             to drop_path_rate at the last (timm's schedule). All three default to 0: no change.
+        pre_norm: a LayerNorm over the tokens before the first block (``norm_pre``, timm's name;
+            CLIP's ``ln_pre``), as CLIP vision towers have. Default False.
+        act: the blocks' MLP activation, "gelu" (default; timm, torchvision, HuggingFace ViT,
+            most OpenCLIP models) or "quick_gelu" (OpenAI's CLIP weights, OpenCLIP's
+            ``*-quickgelu`` models).
     Inputs: a video batch (B, C, T, H, W), an image batch (B, C, H, W), or a list of single
     samples (C, T, H, W) / (C, H, W) of any sizes (a joint batch).
 
@@ -177,8 +191,10 @@ class TubeViT(nn.Module):
                  num_classes: Union[int, Dict[str, int]] = 400, in_channels: int = 3, tubes=PAPER_TUBES,
                  kernels: str = "per_tube", space_to_depth=None, image_tube: Optional[int] = None,
                  eps: float = 1e-6, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, pre_norm: bool = False, act: str = "gelu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
         for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
                            ("drop_path_rate", drop_path_rate)):
             if not 0.0 <= rate < 1.0:
@@ -195,9 +211,10 @@ class TubeViT(nn.Module):
                            kernels=kernels, space_to_depth=None if space_to_depth is None else
                            {str(k): list(v) for k, v in dict(space_to_depth).items()},
                            image_tube=image_tube, eps=eps, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                           drop_path_rate=drop_path_rate)
+                           drop_path_rate=drop_path_rate, pre_norm=bool(pre_norm), act=act)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, eps, drop_rate, attn_drop_rate, r) for r in rates)
+        self.norm_pre = nn.LayerNorm(dim, eps=eps) if pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, eps, drop_rate, attn_drop_rate, r, act) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.pool = AttentionPool(dim, heads, mlp_dim, eps)
         self.head_drop = nn.Dropout(drop_rate)
@@ -247,8 +264,10 @@ class TubeViT(nn.Module):
     # ---------------------------------------------------------------- forward
     def _blocks(self, tokens: torch.Tensor, layout: PackedLayout, keep=()) -> Tuple[torch.Tensor, list]:
         """The blocks and the final norm over a packed buffer: (normed tokens, the outputs of the
-        blocks whose indices are in ``keep``)."""
-        z0, x, kept = tokens, tokens, []
+        blocks whose indices are in ``keep``). The image-to-video gate adds z0, the sequence the
+        first block receives (the tokenizer's output, after norm_pre when pre_norm)."""
+        x = self.norm_pre(tokens)
+        z0, kept = x, []
         for i, blk in enumerate(self.blocks):
             z = z0 if i == self.scaling_layer else None
             if self.grad_checkpointing and torch.is_grad_enabled():
