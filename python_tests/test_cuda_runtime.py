@@ -320,3 +320,43 @@ def test_cuda_graph_tiny_batch_inference():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             got = compiled(x).clone()  # reduce-overhead outputs are overwritten by the next replay
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "fp32-autocast"])
+def test_cuda_varlen_attention_joint_batch_equals_each_sample_alone(autocast):
+    """use_varlen_attention(): a joint batch of several shape groups (images, videos of two
+    sizes) attended in one FlashAttention varlen call per block gives each sample's logits and
+    the gradients of running the samples one by one (bf16 rounding), and the per-group path's."""
+    from tubevit_ext.models import TubeViT
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    model = TubeViT(dim=64, depth=2, heads=2, mlp_dim=128, num_classes=5).cuda().to(dtype)
+    samples = [torch.randn(3, 20, 32, 32), torch.randn(3, 32, 32), torch.randn(3, 24, 48, 40),
+               torch.randn(3, 20, 32, 32), torch.randn(3, 48, 32)]
+    samples = [s.to("cuda", dtype) for s in samples]
+
+    def run(joint):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(samples) if joint else [model(s[None])[0] for s in samples]
+        sum(l.float().square().sum() for l in logits).backward()
+        return [l.float() for l in logits], [p.grad.float().clone() for p in model.parameters()]
+
+    want_logits, want_grads = run(joint=False)  # one sample at a time
+    group_logits, _ = run(joint=True)           # joint, one SDPA per shape group
+    model.use_varlen_attention()
+    calls = []
+    real = torch.nn.attention.varlen.varlen_attn
+    import tubevit_ext.models.tubevit as tvm
+    tvm._varlen_attn = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got_logits, got_grads = run(joint=True)
+    finally:
+        tvm._varlen_attn = real
+    assert len(calls) == 2  # one call per block for the whole batch of four shape groups
+    for g, w, s in zip(got_logits, want_logits, group_logits):
+        torch.testing.assert_close(g, w, rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(g, s, rtol=3e-2, atol=3e-2)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-2 * max(1.0, w.abs().max().item()))

@@ -461,3 +461,26 @@ def test_fake_kernels_give_the_real_shapes(seed):
 def test_tube_variant_errors_are_named(kw, msg):
     with pytest.raises(ValueError, match=msg):
         TubeViT(**{**SMALL, **kw})
+
+
+def test_varlen_attention_switch_off_cuda_keeps_the_per_group_path():
+    """use_varlen_attention() on the CPU (or in fp32) changes nothing: FlashAttention's varlen
+    kernel is CUDA fp16/bf16 only, so the per-group path runs and results are bitwise the same;
+    the cumulative sequence lengths follow the buffer's sample order."""
+    from tubevit_ext.models.tubevit import _cu_seqlens
+    torch.manual_seed(0)
+    m = TubeViT(**SMALL, num_classes=3).eval()
+    samples = [torch.randn(3, 20, 32, 32), torch.randn(3, 32, 32), torch.randn(3, 20, 32, 32)]
+    with torch.no_grad():
+        want = m(samples)
+        m.use_varlen_attention()
+        assert all(b.attn.varlen for b in m.blocks)
+        got = m(samples)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    qkv = torch.zeros(10, 3 * 24, dtype=torch.bfloat16)
+    assert not m.blocks[0].attn._varlen_applies(qkv, PackedLayout(((2, 3), (1, 4))), 0.0)  # CPU
+    cu = _cu_seqlens(((2, 3), (1, 4)), torch.device("cpu"))
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 6, 10]
+    m.use_varlen_attention(False)
+    assert not any(b.attn.varlen for b in m.blocks)

@@ -10,7 +10,11 @@ sample: the buffer is ordered by group, so every group of equal-length
 samples is a contiguous (g, L, d) slab, attended with
 ``F.scaled_dot_product_attention`` per slab. Memory stays linear in the
 token count (no dense all-tokens mask, fused/flash SDPA kernels where the
-backend has them) and every sample's output equals running it alone.
+backend has them) and every sample's output equals running it alone. With
+``use_varlen_attention()`` a CUDA fp16/bf16 batch of several shape groups
+is attended in one FlashAttention varlen call over the whole buffer
+(``torch.nn.attention.varlen.varlen_attn``, cumulative sequence lengths)
+instead of one call per group.
 
 Image-to-video scaling (paper §3.6): ``enable_image_to_video_scaling(s)``
 freezes blocks 0..s-1 and changes block s to
@@ -20,6 +24,7 @@ model computes exactly what it did before).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -51,8 +56,29 @@ class PackedLayout:
         return sum(c * n for c, n in self.groups)
 
 
+try:  # FlashAttention's variable-length kernel (torch >= 2.10, CUDA)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None
+
+
+@functools.lru_cache(maxsize=64)
+def _cu_seqlens(groups: Tuple[Tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """int32 (samples + 1,) cumulative token offsets of a layout's samples, on ``device``; cached
+    per layout, so a forward's blocks share one host-to-device copy."""
+    lens = [n for count, n in groups for _ in range(count)]
+    cum = [0]
+    for n in lens:
+        cum.append(cum[-1] + n)
+    return torch.tensor(cum, dtype=torch.int32, device=device)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over packed tokens, restricted to each sample."""
+    """Multi-head self-attention over packed tokens, restricted to each sample.
+
+    ``varlen`` (set by TubeViT.use_varlen_attention): where _varlen_applies, one varlen
+    FlashAttention call for all samples instead of one scaled_dot_product_attention per group
+    of equal-length samples (same result up to the kernels' rounding)."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -63,11 +89,27 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
+        self.varlen = False
+
+    def _varlen_applies(self, qkv: torch.Tensor, layout: PackedLayout, p: float) -> bool:
+        """FlashAttention's varlen kernel: CUDA, fp16 / bf16 q, k, v (autocast's, too), head size
+        a multiple of 8 up to 256, no attention dropout; worth it with more than one group (one
+        group is one SDPA call)."""
+        hd = qkv.shape[-1] // (3 * self.heads)
+        return (self.varlen and _varlen_attn is not None and qkv.is_cuda
+                and qkv.dtype in (torch.float16, torch.bfloat16)
+                and hd % 8 == 0 and hd <= 256 and p == 0.0 and len(layout.groups) > 1)
 
     def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         qkv = self.qkv(x)  # (total, 3d): one GEMM for all samples
         d, h = x.shape[-1], self.heads
         p = self.attn_drop if self.training else 0.0
+        if self._varlen_applies(qkv, layout, p):
+            q, k, v = (t.contiguous() for t in qkv.view(-1, 3, h, d // h).unbind(1))  # (total, h, hd) each
+            cu = _cu_seqlens(layout.groups, x.device)
+            longest = max(n for _, n in layout.groups)
+            o = _varlen_attn(q, k, v, cu, cu, longest, longest)
+            return self.proj_drop(self.proj(o.reshape(-1, d)))
         outs, start = [], 0
         for count, n in layout.groups:
             slab = qkv[start:start + count * n].view(count, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
@@ -239,6 +281,19 @@ class TubeViT(nn.Module):
         the configuration, naming the parameter."""
         from .pretrained import from_pretrained
         return from_pretrained(directory, map_location)
+
+    def use_varlen_attention(self, enable: bool = True) -> None:
+        """Joint batches on CUDA in fp16 / bf16 (autocast included): attention over the whole
+        packed buffer in one FlashAttention varlen call (``torch.nn.attention.varlen``) instead of
+        one ``scaled_dot_product_attention`` per group of equal-length samples, so a batch of many
+        shapes costs one launch per block, not one per shape. Elsewhere (CPU, fp32, one shape
+        group, attention dropout in training, head sizes FlashAttention does not take) the
+        per-group path runs. Off by default."""
+        if enable and _varlen_attn is None:
+            raise RuntimeError(f"varlen attention needs torch.nn.attention.varlen (torch >= 2.10), "
+                               f"this is torch {torch.__version__}")
+        for blk in self.blocks:
+            blk.attn.varlen = bool(enable)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of
