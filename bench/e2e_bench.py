@@ -9,8 +9,10 @@ on the CPU) or inference (forward under inference_mode), per model size, batch, 
 torch.compile off/on. Before timing, the two models must give the same loss and gradients
 (within the dtype's rounding): a failed check stops the run. Per row: median step time of each,
 the speed-up, the tokenizer's share of our step (torch.profiler: the self and child time of the
-tokenizer's forward over the whole step's), peak CUDA memory (CUDA only). JSON rows follow the
-tokenizer benchmark's fields (impl, mode, dtype, batch, frames, median_ms, samples).
+tokenizer's forward over the whole step's), peak CUDA memory and pipelined_ms (CUDA only: the
+--repeats steps back to back, one synchronisation, per step). JSON rows follow the tokenizer
+benchmark's fields (impl, mode, dtype, batch, frames, median_ms, samples); --plot draws each row's
+speed-up (needs matplotlib).
 """
 from __future__ import annotations
 
@@ -108,6 +110,46 @@ def time_steps(step, repeats, device):
     return ts
 
 
+def pipelined_ms(step, repeats, device):
+    """Per step, `repeats` steps back to back with one synchronisation at the end."""
+    step(), _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t) * 1e3 / repeats
+
+
+def plot(rows, path):
+    """One bar per (size, mode, B, T, compile) row: our step's speed-up over the reference
+    tokenizer's model. Skipped (with a note) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed")
+        return
+    fused = [r for r in rows if r["impl"] == "fused"]
+    labels = [f"{r['model']} {r['mode']}\nB={r['batch']} T={r['frames']}" + ("\ncompiled" if r["compile"] == "on" else "")
+              for r in fused]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(fused) + 1.5), 3.6))
+    ax.bar(range(len(fused)), [r["speedup"] for r in fused], color="tab:blue")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    for i, r in enumerate(fused):
+        ax.text(i, r["speedup"], f"{r['speedup']:.2f}x\n{100 * r['tokenizer_share']:.0f}% tok", ha="center",
+                va="bottom", fontsize=7)
+    ax.set_xticks(range(len(fused)), labels, fontsize=7)
+    ax.set_ylabel("step speed-up vs Conv3d tokenizer")
+    ax.set_title(f"TubeViT step, this tokenizer vs nn.Conv3d ({fused[0]['device']}, {fused[0]['dtype']})" if fused else "",
+                 fontsize=9)
+    ax.set_ylim(0, max([1.2] + [1.15 * r["speedup"] for r in fused]))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
 def tokenizer_share(model, step, device):
     """The tokenizer forward's share of one step's time, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -144,6 +186,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per model and row (default: 5)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--plot", help="write a PNG of the speed-ups here (needs matplotlib)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -171,6 +214,8 @@ def main(argv=None):
                             res[impl] = dict(median_ms=statistics.median(ts), samples=ts,
                                              peak_mem_mb=(torch.cuda.max_memory_allocated() / 2 ** 20
                                                           if device.type == "cuda" else None))
+                            if device.type == "cuda":
+                                res[impl]["pipelined_ms"] = pipelined_ms(step, a.repeats, device)
                         share = tokenizer_share(models["fused"], make_step(models["fused"], mode, x, y, device,
                                                                           autocast_dtype), device)
                         speedup = res["reference"]["median_ms"] / res["fused"]["median_ms"]
@@ -183,8 +228,21 @@ def main(argv=None):
                               f"{res['fused']['median_ms']:8.1f}ms {speedup:7.2f}x {100 * share:8.1f}%", flush=True)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump(dict(torch=torch.__version__, device=str(device), rows=rows), fh, indent=2)
+            json.dump(dict(torch=torch.__version__, device=str(device), commit=_commit(), rows=rows), fh, indent=2)
+    if a.plot:
+        plot(rows, a.plot)
     return rows
+
+
+def _commit():
+    """tube_bench.git_commit (TUBEVIT_COMMIT when set, else the checkout's HEAD, -dirty if so)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tube_bench.py")
+    spec = importlib.util.spec_from_file_location("tube_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.git_commit()
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       grep -E "^paper" "$LOGS/bench-host.log" | tee -a "$SUMMARY" ;;
     bench-e2e)
       run_step bench-e2e 150 "$PY" bench/e2e_bench.py --sizes b --batch 8 32 --frames 32 --repeats 5 \
-        --json "$RES/e2e.json"
+        --json "$RES/e2e.json" --plot "$RES/e2e.png"
       grep -E "^b " "$LOGS/bench-e2e.log" | tee -a "$SUMMARY" ;;
     tests-all)
       run_step tests-all 90 "$PY" -m pytest python_tests -q -p no:cacheprovider -rfE $TIMEOUT_OPT ;;

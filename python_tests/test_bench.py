@@ -83,12 +83,18 @@ def test_end_to_end_benchmark_rows(tmp_path):
     spec.loader.exec_module(mod)
     out = tmp_path / "e.json"
     rows = mod.main(["--sizes", "ti", "--batch", "1", "--frames", "20", "--size", "28", "--repeats", "1",
-                     "--device", "cpu", "--json", str(out)])
+                     "--device", "cpu", "--json", str(out), "--plot", str(tmp_path / "e.png")])
     assert [(r["impl"], r["mode"]) for r in rows] == [("reference", "train"), ("fused", "train"),
                                                        ("reference", "infer"), ("fused", "infer")]
     fused = [r for r in rows if r["impl"] == "fused"]
     assert all(r["median_ms"] > 0 and r["speedup"] > 0 and 0 <= r["tokenizer_share"] <= 1 for r in fused)
-    assert json.load(open(out))["rows"][1]["batch"] == 1
+    saved = json.load(open(out))
+    assert saved["rows"][1]["batch"] == 1 and saved["commit"]
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "e.png").stat().st_size > 1000
+    except ImportError:
+        pass
     # the comparison is of equal models: a reference whose tokenizer differs is refused before timing
     ours, ref = mod.build_pair("ti")
     with torch.no_grad():
