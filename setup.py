@@ -6,7 +6,16 @@ are present, whether or not a GPU is visible (build machines have none).
 Environment:
   FORCE_CUDA=1            fail instead of silently building CPU-only
   FORCE_CUDA=0            build CPU-only even when CUDA is available
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default: 8.0;8.6;8.9;9.0)
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default: 8.0;8.6;8.9;9.0a; 9.0a, not
+                          9.0: wgmma needs the arch-specific target, whose
+                          code runs on exactly the sm_90 GPUs, H100 / H200)
+  CUTLASS_INCLUDE         CUTLASS/CuTe headers for the Hopper kernels
+                          (csrc/cuda/hopper/); default: those of the
+                          nvidia-cutlass wheel (cutlass_library/source/include)
+                          when it is installed. Without them the build leaves
+                          the Hopper kernels out and says so.
+  TUBEVIT_REQUIRE_HOPPER=1  fail instead of leaving them out (no headers, or
+                          no 9.0a in TORCH_CUDA_ARCH_LIST)
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
   CUDA_HOME               CUDA toolkit root; /usr/local/cuda is tried when unset
                           (a wrapper `nvcc` on PATH makes torch guess wrong)
@@ -35,7 +44,7 @@ from setuptools import find_packages, setup
 if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
     if os.path.exists("/usr/local/cuda/bin/nvcc"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0a")
 
 try:
     import torch
@@ -73,6 +82,18 @@ def pip_cuda_includes():
     return sorted(p for r in roots for p in glob.glob(os.path.join(r, "*", "include")) if os.path.isdir(p))
 
 
+def cutlass_include():
+    """The CUTLASS/CuTe include directory (CUTLASS_INCLUDE, else the nvidia-cutlass wheel's), or
+    None when there is none with cute/tensor.hpp."""
+    path = os.environ.get("CUTLASS_INCLUDE")
+    if not path:
+        import importlib.util
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec and spec.origin:
+            path = os.path.join(os.path.dirname(spec.origin), "source", "include")
+    return path if path and os.path.exists(os.path.join(path, "cute", "tensor.hpp")) else None
+
+
 def extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     testing = os.environ.get("TUBEVIT_TESTING_OPS", "1") != "0"
@@ -98,6 +119,23 @@ def extensions():
         includes += pip_cuda_includes()
         extra["nvcc"] = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"])
         print(f"tubevit_ext: building with CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
+        cutlass = cutlass_include()
+        sm90a = "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
+        require = os.environ.get("TUBEVIT_REQUIRE_HOPPER") == "1"
+        if cutlass is not None:
+            sources += rel("csrc/cuda/hopper/*.cu")
+            includes.append(cutlass)
+            macros.append(("TUBEVIT_WITH_HOPPER", None))
+            if sm90a:
+                macros.append(("TUBEVIT_HOPPER_SM90A", None))
+            print(f"tubevit_ext: Hopper kernels with CUTLASS/CuTe from {cutlass}"
+                  + ("" if sm90a else " (no 9.0a in TORCH_CUDA_ARCH_LIST: built without their sm_90a code)"))
+        else:
+            print("tubevit_ext: Hopper kernels left out: no CUTLASS/CuTe headers "
+                  "(pip install --no-deps nvidia-cutlass, or set CUTLASS_INCLUDE)")
+        if require and (cutlass is None or not sm90a):
+            sys.exit("TUBEVIT_REQUIRE_HOPPER=1 but " + ("no CUTLASS/CuTe headers were found" if cutlass is None
+                                                         else "TORCH_CUDA_ARCH_LIST has no 9.0a"))
     else:
         print("tubevit_ext: building CPU-only (no CUDA build of torch or no CUDA_HOME)")
     return [ext("tubevit_ext._C", sources, include_dirs=includes,

@@ -28,7 +28,8 @@ Options read_env() {
   else if (path == "gemm") o.cuda_path = CudaPath::Gemm;
   else if (path == "tc") o.cuda_path = CudaPath::TensorCore;
   else if (path == "naive") o.cuda_path = CudaPath::Naive;
-  else TORCH_CHECK_VALUE(false, "TUBEVIT_CUDA_PATH must be one of auto, gemm, tc, naive; got '", path, "'");
+  else if (path == "hopper") o.cuda_path = CudaPath::Hopper;
+  else TORCH_CHECK_VALUE(false, "TUBEVIT_CUDA_PATH must be one of auto, gemm, tc, naive, hopper; got '", path, "'");
   o.gemm_gather_vec = read_flag("TUBEVIT_GEMM_GATHER_VEC");
   o.dx_scatter = read_flag("TUBEVIT_DX_SCATTER");
   const char* c = std::getenv("TUBEVIT_CPU_CHUNK_BYTES");

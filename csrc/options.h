@@ -2,11 +2,14 @@
 // use) and kept in one struct. The only place they are documented besides
 // the README's "Switches" section.
 //
-//   TUBEVIT_CUDA_PATH        auto (default) | gemm | tc | naive: which CUDA
-//                            path the ops take (cuda/tube_tokens_cuda.cu,
-//                            choose_path). auto picks by problem size; a
-//                            forced path that does not apply to a call falls
-//                            back as choose_path documents.
+//   TUBEVIT_CUDA_PATH        auto (default) | gemm | tc | naive | hopper:
+//                            which CUDA path the ops take
+//                            (cuda/tube_tokens_cuda.cu, choose_path). auto
+//                            picks by problem size; a forced path that does
+//                            not apply to a call falls back as choose_path
+//                            documents. hopper: the sm_90a wgmma forward
+//                            (cuda/hopper/) where built and applicable, auto
+//                            otherwise and for the backward.
 //   TUBEVIT_GEMM_GATHER_VEC  1: the GEMM path gathers V patch columns per
 //                            thread (gemm::GatherVecElem). Default 0.
 //   TUBEVIT_DX_SCATTER       1: the input gradient by per-tube scatter
@@ -25,7 +28,7 @@
 
 namespace tubevit {
 
-enum class CudaPath { Auto, Gemm, TensorCore, Naive };
+enum class CudaPath { Auto, Gemm, TensorCore, Naive, Hopper };
 
 struct Options {
   CudaPath cuda_path = CudaPath::Auto;

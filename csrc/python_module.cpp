@@ -37,6 +37,14 @@ bool testing_ops_compiled() {
 #endif
 }
 
+bool hopper_compiled() {
+#if defined(TUBEVIT_WITH_HOPPER) && defined(TUBEVIT_HOPPER_SM90A)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool cuda_compiled() {
 #ifdef TUBEVIT_WITH_CUDA
   return true;
@@ -52,6 +60,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_token_layout", &token_layout,
         "per tube (nt, nh, nw, token_offset), flattened, from the C++ geometry");
   m.def("_cuda_compiled", &cuda_compiled, "whether the CUDA kernels were built in");
+  m.def("_hopper_compiled", &hopper_compiled,
+        "whether the sm_90a wgmma forward (TUBEVIT_CUDA_PATH=hopper) was built in");
   m.def("_testing_ops_compiled", &testing_ops_compiled,
         "whether the test-only ops (torch.ops.tubevit_testing) were built in");
   m.def("_reload_options", &tubevit::reload_options,

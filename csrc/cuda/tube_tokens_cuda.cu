@@ -31,11 +31,26 @@
 #include "cuda_launcher.cuh"
 #include "grad_input_cuda.h"
 #include "tube_tokens_tc.h"
+#ifdef TUBEVIT_WITH_HOPPER
+#include "hopper_forward.h"
+#endif
 
 namespace tubevit {
 namespace {
 
-enum class Path { Gemm, TensorCore, Naive };
+enum class Path { Gemm, TensorCore, Naive, Hopper };
+
+// The Hopper forward (cuda/hopper/, built where the CUTLASS/CuTe headers
+// were found) takes this call.
+bool hopper_takes(const at::Tensor& x, const TubeLayout& L) {
+#ifdef TUBEVIT_WITH_HOPPER
+  return hopper::supported(x, L);
+#else
+  (void)x;
+  (void)L;
+  return false;
+#endif
+}
 
 // The GEMM path's fp32 GEMMs run at PyTorch's matmul precision
 // (torch.backends.cuda.matmul.allow_tf32, off by default: exact fp32, which
@@ -79,10 +94,14 @@ bool gemm_by_size(const at::Tensor& x, const TubeLayout& L, bool backward) {
 // gemm takes the GEMM path where it applies, else the tensor-core kernels,
 // else naive; tc takes the tensor-core kernels where they apply, else naive;
 // auto chooses between the two fast paths by size where both apply, else the
-// one that applies (the GEMM path first), else naive.
+// one that applies (the GEMM path first), else naive; hopper takes the sm_90a
+// wgmma forward where hopper::supported() says it applies, auto's choice
+// otherwise and for the backward.
 Path choose_path(const at::Tensor& x, const TubeLayout& L, bool backward, gemm::Layout* a) {
   const CudaPath want = options().cuda_path;
   if (want == CudaPath::Naive) return Path::Naive;
+  // opt-in: the forward only; otherwise (and where it does not apply) auto's choice
+  if (want == CudaPath::Hopper && !backward && hopper_takes(x, L)) return Path::Hopper;
   const bool tc_ok = tc::supported(x, L);
   if (want == CudaPath::TensorCore) return tc_ok ? Path::TensorCore : Path::Naive;
   const bool try_gemm = want == CudaPath::Gemm || !tc_ok || gemm_by_size(x, L, backward);
@@ -104,6 +123,10 @@ at::Tensor tube_tokens_cuda(const at::Tensor& x, at::TensorList weights, at::Ten
   if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
   if (path == Path::Gemm) {
     gemm::forward<CudaLauncher>(x, contiguous_all(weights), contiguous_all(biases), pe, L, a, out);
+#ifdef TUBEVIT_WITH_HOPPER
+  } else if (path == Path::Hopper) {
+    hopper::forward(x, contiguous_all(weights), contiguous_all(biases), pe, L, out);
+#endif
   } else {
     tc::forward(x, contiguous_all(weights), contiguous_all(biases), pe, L, out);
   }

@@ -34,4 +34,10 @@ TORCH_LIBRARY(tubevit_testing, m) {
       "Tensor? pos_embed) -> Tensor");
   m.def("tube_tokens_gemm_path_dw(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor[]");
   m.def("tube_tokens_gemm_path_dx(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor");
+  // The Hopper forward kernel's tile code (kernels/hopper_tiles.h) run on the CPU with a
+  // plain product for wgmma (testing/hopper_emulation.cpp). Test-only, CPU-only, not
+  // differentiable.
+  m.def(
+      "tube_tokens_hopper_emulated(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
+      "Tensor? pos_embed) -> Tensor");
 }

@@ -1,0 +1,28 @@
+// The Hopper forward kernel (cuda/hopper/hopper_forward.cu, sm_90a wgmma
+// through CuTe). Built only where the CUTLASS/CuTe headers are found
+// (setup.py: TUBEVIT_WITH_HOPPER) and run only when TUBEVIT_CUDA_PATH=hopper
+// asks for it (csrc/options.h): its tile logic is CPU-tested
+// (testing/hopper_emulation.cpp); the kernel itself stays opt-in until a GPU
+// run has checked and timed it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "../tube_tokens.h"
+
+namespace tubevit {
+namespace hopper {
+
+// Whether the kernel takes this call: built with sm_90a code, an sm_90 GPU,
+// fp16 / bf16, at most kMaxTubes tubes, a grid that fits.
+bool supported(const at::Tensor& x, const TubeLayout& L);
+
+// out (B, N, d) contiguous, written completely; weights / biases contiguous,
+// pe contiguous (N, d) or undefined.
+void forward(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
+             const at::Tensor& pe, const TubeLayout& L, at::Tensor& out);
+
+}  // namespace hopper
+}  // namespace tubevit

@@ -1,0 +1,52 @@
+"""What the compiler made of the CUDA kernels keeps its contracts (bench/check_sass.py, run on the
+built library without a GPU): no kernel uses more than 255 registers, the Hopper kernels use no
+local memory (spills, stack arrays, parameters copied to local memory), and the Hopper forward's
+sm_90a code issues wgmma (HGMMA) behind the async-proxy fence. Needs a CUDA build and a cuobjdump (the toolkit's, or the copy
+triton ships); skipped without them."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+import tubevit_ext as tv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _check_sass():
+    spec = importlib.util.spec_from_file_location("check_sass", os.path.join(ROOT, "bench", "check_sass.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_checks_catch_what_they_name():
+    mod = _check_sass()
+    ok = dict(arch="sm_90a", regs=202, stack=0, local=0, shared=35328, sass={"HGMMA.64x128x16.F32.BF16",
+                                                                            "FENCE.VIEW.ASYNC.S"})
+    name = "void tubevit::hopper::(anonymous namespace)::forward_kernel<cutlass::bfloat16_t>(tubevit::hopper::Params)"
+    assert mod.check(ok, name) == []
+    assert mod.check(dict(ok, local=16), name) == ["local memory (LOCAL 16, STACK 0)"]
+    assert mod.check(dict(ok, regs=256), name) == ["256 registers > budget 255"]
+    assert mod.check(dict(ok, sass={"FENCE.VIEW.ASYNC.S"}), name) == ["no HGMMA"]
+    assert mod.check(dict(ok, sass=set(), arch="sm_80"), name) == []  # no wgmma before sm_90a
+    other = "void tubevit::tc::(anonymous namespace)::tube_tokens_tc_kernel<float>(float const*)"
+    assert mod.check(dict(ok, sass=set(), stack=72), other) == []  # printed, not failed
+    assert mod.check(dict(ok, regs=300), other) == ["300 registers > budget 255"]
+
+
+def test_built_kernels_keep_their_contracts(tmp_path):
+    if not tv.cuda_compiled():
+        pytest.skip("a CPU-only build has no CUDA kernels")
+    mod = _check_sass()
+    if mod.find_cuobjdump() is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton)")
+    out = tmp_path / "sass.json"
+    rc = mod.main(["--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0, [r for r in rows if r["violations"]]
+    assert len(rows) > 20
+    if tv._C._hopper_compiled():
+        hopper = [r for r in rows if "hopper::" in r["kernel"] and r["arch"] == "sm_90a"]
+        assert len(hopper) == 2 and all(r["hgmma"] for r in hopper)  # bf16 and fp16
