@@ -34,12 +34,22 @@ def sources(tree):
                                                               recursive=True))
 
 
+def _wheel_cutlass():
+    import importlib.util
+    spec = importlib.util.find_spec("cutlass_library")
+    path = os.path.join(os.path.dirname(spec.origin), "source", "include") if spec and spec.origin else None
+    return path if path and os.path.isdir(path) else None
+
+
 def nvcc_ptx(tree, defines, out, source):
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     includes = [os.path.join(tree, "csrc")] + cpp_extension.include_paths(device_type="cuda")
     # the CUDA wheels' headers (cuda_bf16.h etc.), as setup.py adds them
     site = os.path.dirname(os.path.dirname(cpp_extension.__file__))
     includes += sorted(glob.glob(os.path.join(os.path.dirname(site), "nvidia", "*", "include")))
+    # the CUTLASS/CuTe headers of the Hopper kernels (csrc/cuda/hopper/), as setup.py finds them; at
+    # sm_90 (not 9.0a) their wgmma bodies compile empty, so those kernels are listed, not compared
+    includes += [p for p in [os.environ.get("CUTLASS_INCLUDE") or _wheel_cutlass()] if p]
     cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-ptx", "-arch=sm_90", "-O3", "-std=c++20",
            "-DTUBEVIT_WITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
            *cpp_extension.COMMON_NVCC_FLAGS, *[f"-D{d}" for d in defines.split()],
