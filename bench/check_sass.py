@@ -67,33 +67,32 @@ def demangle(names):
     return dict(zip(names, lines if len(lines) == len(names) else names))
 
 
-def kernels(cuobjdump, lib):
-    """{mangled name: dict(arch, regs, stack, local, sass=set of mnemonics)} for every kernel of
-    every architecture in lib (one entry per name and arch)."""
-    res = subprocess.run([cuobjdump, "-res-usage", lib], capture_output=True, text=True, check=True).stdout
-    out, arch = {}, None
-    for line in res.splitlines():
+def _by_function(text, header):
+    """(mangled name, arch, line) for each line of cuobjdump output after a function's header line
+    (`header`: a regex whose group 1 is the name)."""
+    name = arch = None
+    for line in text.splitlines():
         m = re.search(r"arch = (sm_\w+)", line)
         if m:
             arch = m.group(1)
-        m = re.match(r"\s*Function (\S+):", line)
+        m = re.match(header, line)
         if m:
             name = m.group(1)
-            continue
+        elif name is not None:
+            yield name, arch, line
+
+
+def kernels(cuobjdump, lib):
+    """{(mangled name, arch): dict(arch, regs, stack, shared, local, sass=set of mnemonics)} for every
+    kernel of every architecture in lib."""
+    run = lambda flag: subprocess.run([cuobjdump, flag, lib], capture_output=True, text=True, check=True).stdout
+    out = {}
+    for name, arch, line in _by_function(run("-res-usage"), r"\s*Function (\S+):"):
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
         if m:
             out[(name, arch)] = dict(arch=arch, regs=int(m.group(1)), stack=int(m.group(2)),
                                      shared=int(m.group(3)), local=int(m.group(4)), sass=set())
-    sass = subprocess.run([cuobjdump, "-sass", lib], capture_output=True, text=True, check=True).stdout
-    name = arch = None
-    for line in sass.splitlines():
-        m = re.search(r"arch = (sm_\w+)", line)
-        if m:
-            arch = m.group(1)
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            name = m.group(1)
-            continue
+    for name, arch, line in _by_function(run("-sass"), r"\s*Function : (\S+)"):
         m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if m and (name, arch) in out:
             out[(name, arch)]["sass"].add(m.group(1))

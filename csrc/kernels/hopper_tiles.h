@@ -100,5 +100,22 @@ inline Params make_params(const TubeLayout& L) {
   return p;
 }
 
+// Host: make_params(L) with the pointers of one call: x (any strides), weights /
+// biases contiguous (biases empty: none), pe contiguous (N, d) or undefined, out
+// (B, N, d) contiguous.
+inline Params make_params(const TubeLayout& L, const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                          const std::vector<at::Tensor>& biases, const at::Tensor& pe, at::Tensor& out) {
+  Params p = make_params(L);
+  p.x = x.const_data_ptr();
+  p.xs = strides_of(x);
+  p.pe = pe.defined() ? pe.const_data_ptr() : nullptr;
+  p.out = out.mutable_data_ptr();
+  for (int i = 0; i < p.n_tubes; ++i) {
+    p.t[i].w = weights[i].const_data_ptr();
+    p.t[i].bias = biases.empty() ? nullptr : biases[i].const_data_ptr();
+  }
+  return p;
+}
+
 }  // namespace hopper
 }  // namespace tubevit

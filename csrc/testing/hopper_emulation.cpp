@@ -76,15 +76,7 @@ at::Tensor hopper_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::
   const std::vector<at::Tensor> w = contiguous_all(weights), b = contiguous_all(biases);
   at::Tensor pe;
   if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
-  Params p = make_params(L);
-  p.x = x.const_data_ptr();
-  p.xs = strides_of(x);
-  p.pe = pe.defined() ? pe.const_data_ptr() : nullptr;
-  p.out = out.mutable_data_ptr();
-  for (int i = 0; i < p.n_tubes; ++i) {
-    p.t[i].w = w[i].const_data_ptr();
-    p.t[i].bias = b.empty() ? nullptr : b[i].const_data_ptr();
-  }
+  const Params p = make_params(L, x, w, b, pe, out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tube_tokens_hopper_emulated",
                                   [&] { emulate<scalar_t>(p); });
   return out;

@@ -109,11 +109,17 @@ def _from_huggingface(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[
                 break
         else:
             out[key] = value
+    _stack_qkv(qkv, out)
+    return out
+
+
+def _stack_qkv(qkv, out):
+    """out["blocks.i.attn.qkv.{weight,bias}"] = q, k, v stacked, from qkv[(i, kind)] = {"q": ..,
+    "k": .., "v": ..}; all three must be there."""
     for (i, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise ValueError(f"block {i}: the state_dict has {sorted(parts)} of q, k, v {kind}s, not all three")
         out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return out
 
 
 # CLIP vision towers, relative to the tower's prefix -> timm layout. HuggingFace's CLIP
@@ -174,10 +180,7 @@ def _from_clip(state_dict: Dict[str, torch.Tensor], fmt: str, prefix: str):
                 break
         else:
             out[key] = value
-    for (i, kind), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"block {i}: the state_dict has {sorted(parts)} of q, k, v {kind}s, not all three")
-        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    _stack_qkv(qkv, out)
     return out, unused
 
 

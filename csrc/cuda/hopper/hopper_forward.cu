@@ -133,15 +133,7 @@ bool supported(const at::Tensor& x, const TubeLayout& L) {
 
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
              const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
-  Params p = make_params(L);
-  p.x = x.const_data_ptr();
-  p.xs = strides_of(x);
-  p.pe = pe.defined() ? pe.const_data_ptr() : nullptr;
-  p.out = out.mutable_data_ptr();
-  for (int i = 0; i < p.n_tubes; ++i) {
-    p.t[i].w = weights[i].const_data_ptr();
-    p.t[i].bias = biases.empty() ? nullptr : biases[i].const_data_ptr();
-  }
+  const Params p = make_params(L, x, weights, biases, pe, out);
   if (p.n_tiles == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_SWITCH(x.scalar_type(), "tubevit_hopper_forward",
