@@ -9,9 +9,11 @@
 #                  TUBEVIT_DX_SCATTER=1: V-wide gather, per-tube dX scatter), then the tensor-core
 #                  path with the scatter (TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1)
 #   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
+#   tests-hopper   the same with the opt-in sm_90a wgmma forward (TUBEVIT_CUDA_PATH=hopper), then its
+#                  bf16 forward rows at B = 1, 8, 32 against unfold + cuBLAS
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_PATH=naive)
-#   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all three paths
-#                  (GEMM forced, tensor-core kernels, naive)
+#   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all paths
+#                  (GEMM forced, tensor-core kernels, naive, and the Hopper forward where built)
 #   bench          --preset gpu-targets without torch.compile (JSON kept)
 #   bench-tc       the fused rows of it on the tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
 #   bench-small    B = 1 and 4: reference, unfold_gemm, fused on both fast paths
@@ -92,7 +94,11 @@ sanitize() {  # sanitize TOOL: GEMM path (default, and with the opt-in kernels),
   TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_PATH=tc compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
-  TUBEVIT_CUDA_PATH=naive compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
+  TUBEVIT_CUDA_PATH=naive compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  # the opt-in Hopper forward, where this build has its sm_90a code
+  if "$PY" -c "import sys, tubevit_ext as tv; sys.exit(0 if tv._C._hopper_compiled() else 1)"; then
+    TUBEVIT_CUDA_PATH=hopper compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
+  fi
 }
 bench() {  # bench JSON_NAME ARGS...: table into the log, targets into the summary
   local json=$1; shift
@@ -134,6 +140,13 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT
       run_step tests-optin-tc 60 env TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 "$PY" -m pytest \
         python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+    tests-hopper)
+      # the opt-in sm_90a wgmma forward (backward: auto's choice), and its fused rows of the benchmark
+      run_step tests-hopper 60 env TUBEVIT_CUDA_PATH=hopper "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider \
+        -rfE $TIMEOUT_OPT
+      TUBEVIT_CUDA_PATH=hopper run_step bench-hopper 60 bench bench-hopper.json --impls unfold_gemm fused \
+        --dtypes bfloat16 --modes fwd --batch 1 8 32
+      grep -E "^paper" "$LOGS/bench-hopper.log" | sed "s/^/hopper: /" | tee -a "$SUMMARY" ;;
     tests-tc)
       run_step tests-tc 60 env TUBEVIT_CUDA_PATH=tc "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
     tests-naive)
