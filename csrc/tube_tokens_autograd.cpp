@@ -192,6 +192,16 @@ void save_all(std::vector<SavedVariable>& dst, at::TensorList ts) {
 
 // ------------------------------------------------------------------ nodes
 
+// Compiled autograd's protocol for a node's saved state: swap each in
+// (before), run the backward, swap each back (after), in the same order.
+template <typename F, typename... Saved>
+variable_list with_swapped(SwapSavedVariables& swap, F&& backward, Saved&... saved) {
+  (swap.before(saved), ...);
+  variable_list result = backward();
+  (swap.after(saved), ...);
+  return result;
+}
+
 struct TubeTokensBackward0 : public Node {
   std::string name() const override { return "TubeTokensBackward0"; }
 
@@ -237,14 +247,7 @@ struct TubeTokensBackward0 : public Node {
   }
 
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
-    saved.before(x_);
-    saved.before(weights_);
-    saved.before(patches_);
-    variable_list result = apply(variable_list(grads));
-    saved.after(x_);
-    saved.after(weights_);
-    saved.after(patches_);
-    return result;
+    return with_swapped(saved, [&] { return apply(variable_list(grads)); }, x_, weights_, patches_);
   }
 
   SavedVariable x_;
@@ -303,14 +306,7 @@ struct TubeTokensBackwardBackward0 : public Node {
   }
 
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
-    saved.before(grad_out_);
-    saved.before(x_);
-    saved.before(weights_);
-    variable_list result = apply(variable_list(grads));
-    saved.after(grad_out_);
-    saved.after(x_);
-    saved.after(weights_);
-    return result;
+    return with_swapped(saved, [&] { return apply(variable_list(grads)); }, grad_out_, x_, weights_);
   }
 
   SavedVariable grad_out_, x_;
