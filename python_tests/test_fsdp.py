@@ -70,6 +70,10 @@ def _worker(rank, world, init_file, out_file, name):
         torch.save(full, out_file)
     dist.barrier()
     dist.destroy_process_group()
+    # Leave without interpreter teardown: a worker aborted now and then while tearing down, after
+    # destroy_process_group ("terminate called without an active exception", about one run in 25
+    # of this file on the 2-core VM); the training this test checks is complete and saved by then.
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
