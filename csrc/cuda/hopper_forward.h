@@ -2,8 +2,9 @@
 // through CuTe). Built only where the CUTLASS/CuTe headers are found
 // (setup.py: TUBEVIT_WITH_HOPPER) and run only when TUBEVIT_CUDA_PATH=hopper
 // asks for it (csrc/options.h): its tile logic is CPU-tested
-// (testing/hopper_emulation.cpp); the kernel itself stays opt-in until a GPU
-// run has checked and timed it.
+// (testing/hopper_emulation.cpp); the hardware side is checked by
+// bench/gpu_check.sh (tests-hopper, sanitizers), and the path is opt-in until
+// that has passed.
 #pragma once
 
 #include <ATen/ATen.h>
