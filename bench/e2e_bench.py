@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import time
@@ -108,16 +109,6 @@ def time_steps(step, repeats, device):
         _sync(device)
         ts.append((time.perf_counter() - t) * 1e3)
     return ts
-
-
-def pipelined_ms(step, repeats, device):
-    """Per step, `repeats` steps back to back with one synchronisation at the end."""
-    step(), _sync(device)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    _sync(device)
-    return (time.perf_counter() - t) * 1e3 / repeats
 
 
 def plot(rows, path):
@@ -215,7 +206,8 @@ def main(argv=None):
                                              peak_mem_mb=(torch.cuda.max_memory_allocated() / 2 ** 20
                                                           if device.type == "cuda" else None))
                             if device.type == "cuda":
-                                res[impl]["pipelined_ms"] = pipelined_ms(step, a.repeats, device)
+                                res[impl]["pipelined_ms"] = 1e3 * _tube_bench().pipelined_seconds(
+                                    lambda _: step(), [None], device, a.repeats)
                         share = tokenizer_share(models["fused"], make_step(models["fused"], mode, x, y, device,
                                                                           autocast_dtype), device)
                         speedup = res["reference"]["median_ms"] / res["fused"]["median_ms"]
@@ -228,21 +220,23 @@ def main(argv=None):
                               f"{res['fused']['median_ms']:8.1f}ms {speedup:7.2f}x {100 * share:8.1f}%", flush=True)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump(dict(torch=torch.__version__, device=str(device), commit=_commit(), rows=rows), fh, indent=2)
+            json.dump(dict(torch=torch.__version__, device=str(device), commit=_tube_bench().git_commit(), rows=rows), fh, indent=2)
     if a.plot:
         plot(rows, a.plot)
     return rows
 
 
-def _commit():
-    """tube_bench.git_commit (TUBEVIT_COMMIT when set, else the checkout's HEAD, -dirty if so)."""
+@functools.lru_cache(maxsize=None)
+def _tube_bench():
+    """bench/tube_bench.py, for its timing helpers and git_commit (TUBEVIT_COMMIT when set, else
+    the checkout's HEAD, -dirty if so); loaded by path, so this runs as a script or a module."""
     import importlib.util
     import os
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tube_bench.py")
     spec = importlib.util.spec_from_file_location("tube_bench", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.git_commit()
+    return mod
 
 
 if __name__ == "__main__":

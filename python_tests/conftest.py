@@ -1,5 +1,7 @@
 """Shared fixtures and helpers. GPU tests are the same tests parametrized on
 ``cuda``; they are skipped (not weakened) when no GPU is visible."""
+import importlib.util
+import os
 import random
 
 import pytest
@@ -54,6 +56,15 @@ def random_tubes(rng: random.Random, n_tubes: int, size=None, max_kernel=6):
             k.append(ka), s.append(sa), o.append(oa)
         tubes.append(tv.Tube(tuple(k), tuple(s), tuple(o)))
     return tubes
+
+
+def load_bench(name):
+    """bench/<name>.py as a module (the benchmark scripts are not a package)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def make_params(tubes, C, d, dtype=torch.float32, device="cpu", bias=True, seed=0):

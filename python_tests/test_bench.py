@@ -1,20 +1,15 @@
 """The benchmark harness runs end to end on a tiny configuration and writes
 the documented JSON format (speed is never asserted in tests)."""
-import importlib.util
 import json
 import os
 
 import torch
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("tube_bench", os.path.join(ROOT, "bench", "tube_bench.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("tube_bench")
 
 
 def test_harness_json_format(tmp_path, capsys):
@@ -67,9 +62,7 @@ def test_cuda_path_variants_pin_the_environment(tmp_path, monkeypatch):
 
 
 def test_host_overhead_benchmark_rows(tmp_path):
-    spec = importlib.util.spec_from_file_location("host_overhead", os.path.join(ROOT, "bench", "host_overhead.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("host_overhead")
     out = tmp_path / "h.json"
     rows = mod.main(["--calls", "20", "--rounds", "1", "--json", str(out)])
     assert [r["row"] for r in rows] == ["forward, no_grad", "forward, parameters require grad", "forward + backward"]
@@ -78,9 +71,7 @@ def test_host_overhead_benchmark_rows(tmp_path):
 
 
 def test_end_to_end_benchmark_rows(tmp_path):
-    spec = importlib.util.spec_from_file_location("e2e_bench", os.path.join(ROOT, "bench", "e2e_bench.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("e2e_bench")
     out = tmp_path / "e.json"
     rows = mod.main(["--sizes", "ti", "--batch", "1", "--frames", "20", "--size", "28", "--repeats", "1",
                      "--device", "cpu", "--json", str(out), "--plot", str(tmp_path / "e.png")])

@@ -3,22 +3,16 @@ built library without a GPU): no kernel uses more than 255 registers, the Hopper
 local memory (spills, stack arrays, parameters copied to local memory), and the Hopper forward's
 sm_90a code issues wgmma (HGMMA) behind the async-proxy fence. Needs a CUDA build and a cuobjdump (the toolkit's, or the copy
 triton ships); skipped without them."""
-import importlib.util
 import json
-import os
 
 import pytest
 
 import tubevit_ext as tv
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_bench
 
 
 def _check_sass():
-    spec = importlib.util.spec_from_file_location("check_sass", os.path.join(ROOT, "bench", "check_sass.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("check_sass")
 
 
 def test_the_checks_catch_what_they_name():
