@@ -6,9 +6,11 @@ resource report and SASS (cuobjdump) and fails when a kernel breaks its contract
 Contracts (per kernel, matched on the demangled name):
   every kernel          at most 255 registers; its local memory (LOCAL, STACK) is printed
   hopper:: kernels      no local memory (LOCAL and STACK 0: no spills, no stack arrays, no kernel
-                        parameters copied to local memory), and in the forward kernel's sm_90a code
-                        HGMMA instructions (wgmma) behind FENCE.VIEW.ASYNC.S (the proxy fence
-                        between the threads' shared-memory stores and wgmma's reads)
+                        parameters copied to local memory); the forward kernel's sm_90a code has
+                        HGMMA (wgmma), LDGSTS (cp.async: the producer's gather), SYNCS (mbarrier
+                        waits and arrivals: the stage pipeline) and FENCE.VIEW.ASYNC.S (the proxy
+                        fence after the 1-element chunks' plain shared stores), within 168
+                        registers (384 threads, one CTA per SM: 65536 / 384)
 (The tensor-core kernels of cuda/tube_tokens_tc.cu keep stage-pointer tables on the stack, 24-192
 bytes: printed, not failed.)
 cuobjdump comes with the CUDA toolkit; without one, the copy that triton (a torch dependency) ships is
@@ -30,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name pattern -> (SASS mnemonics its sm_90a code must contain, register budget, no local memory);
 # the first pattern that matches applies
 CONTRACTS = [
-    (re.compile(r"hopper::.*forward_kernel"), ("HGMMA", "FENCE.VIEW.ASYNC.S"), 255, True),
+    (re.compile(r"hopper::.*forward_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True),
     (re.compile(r"hopper::"), (), 255, True),
 ]
 DEFAULT_CONTRACT = ((), 255, False)

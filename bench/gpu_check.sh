@@ -3,17 +3,20 @@
 # inside a wall-clock budget (the device tool allows 10 min per command and
 # 15 min of device time in all, machine start included):
 #   build          editable install, no deps (no internet there), this GPU's arch only
-#   tests          CUDA-parametrized tests, default paths (by size)   (-k cuda)
+#   tests          CUDA-parametrized tests, default paths (by size)   (-k cuda); every tests* step runs
+#                  each test file in its own process under a watchdog (FILE_TIMEOUT_S, default 150),
+#                  so a hung kernel costs its file, not the step
 #   tests-gemm     the same on the GEMM path wherever it applies      (TUBEVIT_CUDA_PATH=gemm)
 #   tests-optin    the GEMM path with its opt-in kernels (TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1
 #                  TUBEVIT_DX_SCATTER=1: V-wide gather, per-tube dX scatter), then the tensor-core
 #                  path with the scatter (TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1)
 #   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
 #   tests-hopper   the same with the opt-in sm_90a wgmma forward (TUBEVIT_CUDA_PATH=hopper), then its
-#                  bf16 forward rows at B = 1, 8, 32 against unfold + cuBLAS
+#                  bf16 forward rows at B = 1, 8, 32 against unfold + cuBLAS and the GEMM path, same run
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_PATH=naive)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all paths
 #                  (GEMM forced, tensor-core kernels, naive, and the Hopper forward where built)
+#   sanitize-hopper memcheck, racecheck, synccheck and initcheck of the Hopper forward alone
 #   bench          --preset gpu-targets without torch.compile (JSON kept)
 #   bench-tc       the fused rows of it on the tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
 #   bench-small    B = 1 and 4: reference, unfold_gemm, fused on both fast paths
@@ -36,6 +39,7 @@
 #                  as .variants/NAME.so (tuning variants, a baseline commit);
 #                  VARIANT_TESTS="NAME ..." runs the CUDA tests on those first
 #   ncu            optional: Nsight Compute text report of one bf16 forward + backward
+#   ncu-hopper     Nsight Compute report of the Hopper forward (bf16, B = 32), ncu-hopper.txt
 # A step starts only if the budget still holds its estimate, and runs under
 # `timeout` with what is left, so a killed call still returns its results.
 #
@@ -57,13 +61,14 @@ BUDGET_S=${BUDGET_S:-540}
 RES=${OUT:-bench/out/gpu-$(date +%F)}
 LOGS=$(mktemp -d)
 mkdir -p "$RES"
-STEPS=${STEPS:-"build tests tests-naive memcheck bench racecheck initcheck bench-compile tests-all"}
+STEPS=${STEPS:-"build tests tests-hopper sanitize-hopper ncu-hopper bench-host bench-e2e memcheck bench racecheck initcheck"}
 PY=${PY:-$(command -v python3 || command -v python)}
 export PY RES LOGS PYTHONUNBUFFERED=1
 # the repo root on the path: the carried build is used without an install
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # a hung kernel must cost one test, not the step (pytest-timeout is on the machine)
 TIMEOUT_OPT=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
+export TIMEOUT_OPT
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
@@ -81,13 +86,43 @@ run_step() {
   if [ "$rem" -lt "$est" ]; then log "$name SKIPPED (needs ~${est}s, ${rem}s left)"; return 0; fi
   log "$name (timeout ${rem}s)"
   # shell functions run through bash -c (timeout only runs programs)
-  timeout --kill-after=5 "$rem" bash -c "$(declare -f sanitize bench); \"\$@\"" _ "$@" > "$LOGS/$name.log" 2>&1
+  timeout --kill-after=5 "$rem" bash -c "$(declare -f sanitize bench pytest_by_file); \"\$@\"" _ "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  log "$name rc=$rc$([ $rc -eq 124 ] && echo ' (TIMED OUT)') :: $(grep -E 'passed|failed|skipped|ERROR SUMMARY|RACECHECK SUMMARY|rror' "$LOGS/$name.log" | tail -n 1)"
+  log "$name rc=$rc$([ $rc -eq 124 ] && echo ' (TIMED OUT)') :: $(grep -E 'passed|failed|skipped|ERROR SUMMARY|RACECHECK SUMMARY|rror|^by file' "$LOGS/$name.log" | tail -n 1)"
   # failing test names into the summary (the device reply carries its tail)
   grep -E "^(FAILED|ERROR) " "$LOGS/$name.log" | head -n 25 | cut -c1-300 | tee -a "$SUMMARY"
   pack
   return $rc
+}
+# pytest_by_file ARGS...: the CUDA tests (-k cuda), one process per test file that has any (the list
+# collected once per run), FILE_JOBS (3) files at a time, each under a watchdog of FILE_TIMEOUT_S (150 s);
+# then each file's log and one summary line; the step fails if any file does (rc 5: nothing selected)
+pytest_by_file() {
+  local f r dir passed=0 failed=0 files=0 bad=""
+  if [ ! -s "$LOGS/cuda-test-files" ]; then
+    "$PY" -m pytest python_tests --collect-only -q -k cuda -p no:cacheprovider 2>/dev/null \
+      | grep -oE "^python_tests/test_[A-Za-z0-9_]+\.py" | sort -u > "$LOGS/cuda-test-files"
+  fi
+  dir=$(mktemp -d)
+  for f in $(cat "$LOGS/cuda-test-files"); do
+    while [ "$(jobs -rp | wc -l)" -ge "${FILE_JOBS:-3}" ]; do wait -n; done
+    ( timeout --kill-after=5 "${FILE_TIMEOUT_S:-150}" "$PY" -m pytest "$f" -q -k cuda -p no:cacheprovider -rfE \
+        $TIMEOUT_OPT "$@" > "$dir/$(basename "$f").log" 2>&1
+      echo $? > "$dir/$(basename "$f").rc" ) &
+  done
+  wait
+  for f in $(cat "$LOGS/cuda-test-files"); do
+    f=$(basename "$f")
+    cat "$dir/$f.log"
+    r=$(cat "$dir/$f.rc" 2>/dev/null || echo 99)
+    files=$((files + 1))
+    passed=$((passed + $(grep -oE "[0-9]+ passed" "$dir/$f.log" | tail -n 1 | grep -oE "^[0-9]+" || echo 0)))
+    failed=$((failed + $(grep -oE "[0-9]+ failed" "$dir/$f.log" | tail -n 1 | grep -oE "^[0-9]+" || echo 0)))
+    if [ "$r" -ne 0 ] && [ "$r" -ne 5 ]; then bad="$bad $f(rc=$r$([ "$r" -eq 124 ] && echo ',watchdog'))"; fi
+  done
+  rm -rf "$dir"
+  echo "by file: $files files, $passed passed, $failed failed${bad:+; failing:$bad}"
+  [ -z "$bad" ]
 }
 sanitize() {  # sanitize TOOL: GEMM path (default, and with the opt-in kernels), tensor-core kernels, naive kernels
   TUBEVIT_CUDA_PATH=gemm compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
@@ -132,27 +167,30 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         || { log "build failed: stopping"; break; }
       "$PY" -c "import tubevit_ext as tv; print('cuda kernels built:', tv.cuda_compiled())" 2>&1 | tee -a "$SUMMARY" ;;
     tests)
-      run_step tests 60 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+      run_step tests 60 pytest_by_file ;;
     tests-gemm)
-      run_step tests-gemm 60 env TUBEVIT_CUDA_PATH=gemm "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+      TUBEVIT_CUDA_PATH=gemm run_step tests-gemm 60 pytest_by_file ;;
     tests-optin)
-      run_step tests-optin 60 env TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 "$PY" -m pytest \
-        python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT
-      run_step tests-optin-tc 60 env TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 "$PY" -m pytest \
-        python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+      TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 run_step tests-optin 60 pytest_by_file
+      TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 run_step tests-optin-tc 60 pytest_by_file ;;
     tests-hopper)
       # the opt-in sm_90a wgmma forward (backward: auto's choice), and its fused rows of the benchmark
-      run_step tests-hopper 60 env TUBEVIT_CUDA_PATH=hopper "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider \
-        -rfE $TIMEOUT_OPT
-      TUBEVIT_CUDA_PATH=hopper run_step bench-hopper 60 bench bench-hopper.json --impls unfold_gemm fused \
+      TUBEVIT_CUDA_PATH=hopper run_step tests-hopper 60 pytest_by_file
+      run_step bench-hopper 60 bench bench-hopper.json --impls unfold_gemm fused_gemm fused_hopper \
         --dtypes bfloat16 --modes fwd --batch 1 8 32
       grep -E "^paper" "$LOGS/bench-hopper.log" | sed "s/^/hopper: /" | tee -a "$SUMMARY" ;;
     tests-tc)
-      run_step tests-tc 60 env TUBEVIT_CUDA_PATH=tc "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
+      TUBEVIT_CUDA_PATH=tc run_step tests-tc 60 pytest_by_file ;;
     tests-naive)
-      run_step tests-naive 60 env TUBEVIT_CUDA_PATH=naive "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
-    memcheck|racecheck|initcheck)
+      TUBEVIT_CUDA_PATH=naive run_step tests-naive 60 pytest_by_file ;;
+    memcheck|racecheck|initcheck|synccheck)
       run_step "$step" 60 sanitize "$step" ;;
+    sanitize-hopper)
+      # the opt-in Hopper forward alone under every tool (its mbarrier pipeline: racecheck, synccheck)
+      for tool in memcheck racecheck synccheck initcheck; do
+        TUBEVIT_CUDA_PATH=hopper run_step "hopper-$tool" 30 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          "$PY" bench/sanitize_case.py
+      done ;;
     bench)
       run_step bench-default 90 bench bench-default.json --impls reference unfold_gemm fused
       grep -E "target|peak|fused" "$LOGS/bench-default.log" | tee -a "$SUMMARY" ;;
@@ -248,6 +286,12 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         -k "regex:tube_|grid_stride" -c 8 "$PY" bench/gpu_profile.py --once bf16 --input-grad
       cp "$LOGS/ncu.log" "$RES/ncu.txt" ;;
+    ncu-hopper)
+      # the Hopper forward, bf16, B = 32 (gpu_profile.py --once: one forward + backward; the forward's kernel)
+      TUBEVIT_CUDA_PATH=hopper run_step ncu-hopper 60 ncu --clock-control none --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis -k "regex:hopper" -c 1 "$PY" bench/gpu_profile.py --once bf16
+      cp "$LOGS/ncu-hopper.log" "$RES/ncu-hopper.txt" ;;
     *) log "unknown step $step" ;;
   esac
 done

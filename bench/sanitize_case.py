@@ -25,6 +25,9 @@ CASES = [
     # kw = 4 / 8, W = 24, d = 16: the V-wide gather (TUBEVIT_GEMM_GATHER_VEC=1) with aligned vector
     # reads, and 8-wide placement
     ([tv.Tube((2, 4, 4), (2, 4, 4)), tv.Tube((1, 2, 8), (2, 3, 8), (0, 1, 0))], (6, 10, 24), 16),
+    # d = 136: the Hopper forward's partial second column tile; 4-byte chunks (kw 4 and 2 at w
+    # offsets 2), 1-element chunks under channels_last_3d
+    ([tv.Tube((3, 5, 4), (2, 3, 5), (1, 0, 2)), tv.Tube((2, 2, 2), (3, 2, 6), (0, 1, 2))], (9, 13, 22), 136),
 ]
 for tubes, size, d in CASES:
     flat = tv.flatten_tubes(tubes)

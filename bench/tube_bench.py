@@ -7,6 +7,8 @@ Implementations (all compute the same (B, N, d) tokens, bias and PE included):
   fused               tubevit_ext.SparseTubeTokenizer (on CUDA: the path the library picks by size)
   fused_gemm          the same with TUBEVIT_CUDA_PATH=gemm (CUDA only, opt-in: the GEMM path forced)
   fused_tc            the same with TUBEVIT_CUDA_PATH=tc (CUDA only, opt-in: the tensor-core kernels)
+  fused_hopper        the same with TUBEVIT_CUDA_PATH=hopper (CUDA only, opt-in: the sm_90a wgmma forward
+                      where it applies; the backward as auto)
 
 Modes: fwd; fwd_bwd (weights and bias require grad, input does not);
 fwd_bwd_input (input requires grad too).
@@ -55,11 +57,12 @@ TUBE_SETS = {
 }
 # compiled_reference last in each configuration: torch.compile leaves compile
 # workers behind that would otherwise share the CPU with the next timings.
-IMPLS = ["reference", "unfold_gemm", "fused", "fused_gemm", "fused_tc", "compiled_reference"]
+IMPLS = ["reference", "unfold_gemm", "fused", "fused_gemm", "fused_tc", "fused_hopper", "compiled_reference"]
 DEFAULT_IMPLS = ["reference", "unfold_gemm", "fused", "compiled_reference"]
 # the fused module with one CUDA path forced: the environment the op reads per
 # call, set for the whole step (forward and backward)
-PATH_ENV = {"fused_gemm": {"TUBEVIT_CUDA_PATH": "gemm"}, "fused_tc": {"TUBEVIT_CUDA_PATH": "tc"}}
+PATH_ENV = {"fused_gemm": {"TUBEVIT_CUDA_PATH": "gemm"}, "fused_tc": {"TUBEVIT_CUDA_PATH": "tc"},
+            "fused_hopper": {"TUBEVIT_CUDA_PATH": "hopper"}}
 MODES = ["fwd", "fwd_bwd", "fwd_bwd_input"]
 
 
@@ -209,7 +212,7 @@ def matmul_peak(device, dtype, n=8192):
 
 
 class pinned_env:
-    """Environment variables set inside (for the fused_gemm / fused_tc variants), restored after."""
+    """Environment variables set inside (for the fused_gemm / fused_tc / fused_hopper variants), restored after."""
 
     def __init__(self, env):
         self.env = env or {}

@@ -1,59 +1,173 @@
 """The Hopper forward kernel's tile code, run on the CPU (tubevit_testing::tube_tokens_hopper_emulated,
-see csrc/kernels/hopper_tiles.h and csrc/testing/hopper_emulation.cpp): the flat tile list over tubes,
-row tiles that cross sample boundaries, the row-origin and column-offset tables, zero-filled edges of
-every tile axis and the epilogue's row map, bias and position embedding, against the fp64
-reference without a GPU. The output starts as NaN, so an element no tile writes fails. Shapes give
-several row tiles with a partial last one (B * n_i not a multiple of 128), K not a multiple of 64 and
-d above 128 (a partial second column tile)."""
+see csrc/kernels/hopper_tiles.h and csrc/testing/hopper_emulation.cpp): the persistent schedule over
+the tile list (tubes by decreasing K, row tiles that cross sample boundaries), every producer
+thread's chunks (column walk, chunk widths 8 / 4 / 2 / 1, alignment, zero fill, each stage element
+written once), the epilogue's row table, bias, position embedding and 16-byte store chunks, against
+the fp64 reference without a GPU. The output starts as NaN, so an element no tile writes fails.
+Shapes give several row tiles with a partial last one (B * n_i not a multiple of 128), K not a
+multiple of 64 and d above 128 (a partial second column tile)."""
 import pytest
 import torch
 
 import tubevit_ext as tv
-from conftest import check_rounded, make_params
+from conftest import check_rounded, make_params, set_switch
 from tubevit_ext.testing import ops
 
 CASES = {
-    # rows of 3 samples in one tile list: 3 * 90 = 270 rows (3 tiles, the last partial), K = 54, d = 140
-    "one_tube": ([tv.Tube((2, 3, 3), (1, 2, 2), (0, 1, 0))], (6, 20, 22), 3, 140, 3),
+    # rows of 3 samples in one tile list: 3 * 90 = 270 rows (3 tiles, the last partial), K = 54, d = 136
+    "one_tube": ([tv.Tube((2, 3, 3), (1, 2, 2), (0, 1, 0))], (6, 20, 22), 3, 136, 3),
     # four tubes with offsets and overlapping windows, K from 12 to 240
     "mixed": ([tv.Tube((4, 4, 5), (2, 3, 3), (1, 0, 2)), tv.Tube((1, 2, 2), (1, 2, 2)),
                tv.Tube((3, 1, 4), (2, 1, 3), (0, 2, 1)), tv.Tube((2, 5, 2), (3, 4, 2), (1, 1, 0))],
-              (9, 17, 19), 3, 130, 2),
-    # the paper's four tubes (K = 1536 / 768 / 1728 / 768, the last K step of 1728 partial)
-    "paper": (tv.PAPER_TUBES, (33, 64, 48), 3, 20, 2),
+              (9, 17, 19), 3, 144, 2),
+    # the paper's four tubes (K = 1536 / 768 / 1728 / 768, the last K step of 1728 partial): 16- and
+    # 8-byte chunks
+    "paper": (tv.PAPER_TUBES, (33, 64, 48), 3, 24, 2),
+    # widths 8 / 4 / 2 in one call: kw, then the w offset (third tube) and stride (fourth) decide
+    "widths": ([tv.Tube((2, 2, 8), (2, 4, 8), (0, 1, 8)), tv.Tube((1, 3, 4), (2, 3, 4), (1, 0, 4)),
+                tv.Tube((2, 2, 4), (3, 2, 8), (0, 1, 2)), tv.Tube((1, 2, 4), (2, 3, 6), (1, 0, 0))],
+               (7, 12, 40), 3, 136, 3),
 }
+
+
+def _inputs(case, dtype, layout, seed=0):
+    tubes, size, C, d, B = CASES[case]
+    torch.manual_seed(seed)
+    if layout == "contiguous":
+        x = torch.randn(B, C, *size, dtype=torch.float64)
+    elif layout == "channels_last":
+        x = torch.randn(B, C, *size, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
+    elif layout == "strided":  # a view with a gap in every dimension's stride
+        x = torch.randn(B + 1, C + 1, size[0] + 1, size[1] + 2, 2 * size[2], dtype=torch.float64)[:B, :C, 1:, 2:, ::2]
+    else:  # "aligned_view": a unit-w-stride view whose strides and start keep 16-byte chunks possible
+        x = torch.randn(B + 1, C + 1, size[0] + 1, size[1] + 2, size[2] + 16, dtype=torch.float64)
+        x = x[:B, :C, 1:, 2:, 8:8 + size[2]]
+    ws, bs = make_params(tubes, C, d, dtype=torch.float64)
+    pe = tv.sincos_pos_embed(tubes, size, d, dtype=torch.float64)
+    # cast keeping the layout (x.to(dtype) of a view is a fresh tensor with the same strides only
+    # for dense layouts): the strided cases cast their base
+    if layout in ("strided", "aligned_view"):
+        base = x._base.to(dtype)
+        x = base.as_strided(x.shape, x.stride(), x.storage_offset())
+    else:
+        x = x.to(dtype)
+    return tubes, x, [w.to(dtype) for w in ws], [b.to(dtype) for b in bs], pe.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "aligned_view"])
 def test_hopper_tiles_match_the_reference(case, dtype, layout):
-    tubes, size, C, d, B = CASES[case]
-    torch.manual_seed(0)
-    x = torch.randn(B, C, *size, dtype=torch.float64)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last_3d)
-    elif layout == "strided":  # a view with a gap in every dimension's stride
-        x = torch.randn(B + 1, C + 1, size[0] + 1, size[1] + 2, 2 * size[2], dtype=torch.float64)[:B, :C, 1:, 2:, ::2]
-    ws, bs = make_params(tubes, C, d, dtype=torch.float64)
-    pe = tv.sincos_pos_embed(tubes, size, d, dtype=torch.float64)
+    tubes, x, ws, bs, pe = _inputs(case, dtype, layout)
     flat = tv.flatten_tubes(tubes)
-    got = ops.tube_tokens_hopper_emulated(x.to(dtype), [w.to(dtype) for w in ws], [b.to(dtype) for b in bs], flat,
-                                          pe.to(dtype))
+    grid = 3 if case != "paper" else 7  # several tiles per CTA
+    got = ops.tube_tokens_hopper_emulated(x, ws, bs, flat, pe, grid)
     assert not torch.isnan(got).any(), "an output element no tile wrote"
     # the fp64 result on the same rounded operands; the emulator accumulates in fp32 (fp64 for fp64)
-    r = lambda t: t.to(dtype).double()
-    want = tv.reference.tube_tokens(r(x), [r(w) for w in ws], [r(b) for b in bs], tubes, r(pe))
+    want = tv.reference.tube_tokens(x.double(), [w.double() for w in ws], [b.double() for b in bs], tubes,
+                                    pe.double())
     if dtype == torch.float64:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     else:
         check_rounded(got, want, dtype, f"{case} {layout}", fp32_rel=2.0 ** -20)
 
 
+@pytest.mark.parametrize("grid", [1, 2, 5, 132, 1000])
+def test_hopper_schedule_any_grid(grid):
+    """Every tile exactly once whatever the number of persistent CTAs (more CTAs than tiles too)."""
+    tubes, x, ws, bs, pe = _inputs("mixed", torch.float64, "contiguous", seed=3)
+    got = ops.tube_tokens_hopper_emulated(x, ws, bs, tv.flatten_tubes(tubes), pe, grid)
+    want = tv.reference.tube_tokens(x, ws, bs, tubes, pe)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_hopper_chunk_widths():
+    """16 / 8 / 4-byte cp.async where kw, the w offset and stride, x's strides and start allow it; plain
+    loads (1) otherwise, e.g. channels_last (w stride C) or a view starting at an odd element."""
+    widths = lambda x, tubes, ws: ops.hopper_chunk_widths(x, ws, tv.flatten_tubes(tubes))
+    tubes, x, ws, _, _ = _inputs("paper", torch.bfloat16, "contiguous")
+    assert widths(x, tubes, ws) == [8, 8, 4, 8, 4, 8, 8, 8]  # kw 8 / 4 / 12 / 16; every K % 8 == 0
+    tubes, x, ws, _, _ = _inputs("widths", torch.bfloat16, "contiguous")
+    assert widths(x, tubes, ws) == [8, 8, 4, 4, 2, 8, 2, 8]  # K = 96 / 36 / 48 / 24
+    assert widths(x[..., 1:33], tubes, ws) == [1, 8, 1, 4, 1, 8, 1, 8]  # starts at an odd element
+    assert widths(x[..., 2:34], tubes, ws) == [2, 8, 2, 4, 2, 8, 2, 8]
+    assert widths(x.contiguous(memory_format=torch.channels_last_3d), tubes, ws) == [1, 8, 1, 4, 1, 8, 1, 8]
+    tubes, x, ws, _, _ = _inputs("one_tube", torch.bfloat16, "contiguous")
+    assert widths(x, tubes, ws) == [1, 2]  # kw = 3; K = 54
+
+
+def test_hopper_emulator_refuses_what_the_kernel_refuses():
+    tubes, x, ws, bs, pe = _inputs("one_tube", torch.float64, "contiguous")
+    with pytest.raises(ValueError, match="d % 8"):
+        ops.tube_tokens_hopper_emulated(x, [w[:130] for w in ws], [b[:130] for b in bs], tv.flatten_tubes(tubes),
+                                        None)
+
+
 def test_hopper_tiles_without_bias_or_pos_embed():
-    tubes, size, C, d, B = CASES["mixed"]
-    torch.manual_seed(1)
-    x = torch.randn(B, C, *size, dtype=torch.float64)
-    ws, _ = make_params(tubes, C, d, dtype=torch.float64, bias=False)
+    tubes, x, ws, _, _ = _inputs("mixed", torch.float64, "contiguous", seed=1)
     got = ops.tube_tokens_hopper_emulated(x, ws, [], tv.flatten_tubes(tubes), None)
     torch.testing.assert_close(got, tv.reference.tube_tokens(x, ws, None, tubes, None), rtol=1e-12, atol=1e-12)
+
+
+HOPPER_GPU = pytest.mark.skipif(
+    not (torch.cuda.is_available() and tv.cuda_compiled() and tv._C._hopper_compiled()
+         and torch.cuda.get_device_capability() == (9, 0)),
+    reason="needs an sm_90 GPU and a build with the Hopper kernels")
+
+
+def _hopper_kernels_in(fn):
+    """Names of the CUDA kernels fn() launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@HOPPER_GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "aligned_view"])
+def test_cuda_hopper_forward_matches_the_reference(monkeypatch, case, dtype, layout):
+    """The kernel itself (TUBEVIT_CUDA_PATH=hopper) on every case and layout of the emulator tests: within
+    two roundings of the fp64 result on the same operands, the kernel the profiler saw is the Hopper one,
+    and two calls agree bitwise."""
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "hopper")
+    tubes, x, ws, bs, pe = _inputs(case, dtype, layout)
+    on = lambda t: t.cuda() if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last_3d) else \
+        t._base.cuda().as_strided(t.shape, t.stride(), t.storage_offset())
+    xc, wc, bc, pc = on(x), [w.cuda() for w in ws], [b.cuda() for b in bs], pe.cuda()
+    assert xc.stride() == x.stride()
+    names = _hopper_kernels_in(lambda: tv.tube_tokens(xc, wc, bc, tubes, pc))
+    assert any("hopper" in n for n in names), names
+    got = tv.tube_tokens(xc, wc, bc, tubes, pc)
+    want = tv.reference.tube_tokens(x.double(), [w.double() for w in ws], [b.double() for b in bs], tubes, pe.double())
+    check_rounded(got.cpu(), want, dtype, f"{case} {layout}", fp32_rel=2.0 ** -20)
+    assert torch.equal(got, tv.tube_tokens(xc, wc, bc, tubes, pc)), "two calls differ"
+
+
+@HOPPER_GPU
+def test_cuda_hopper_forward_paper_batch_and_graph(monkeypatch):
+    """The paper's tubes at 32 x 224 x 224, B = 4 (hundreds of tiles, several per CTA), bf16: against
+    the GEMM path's result (same dtype; both within two roundings of fp32 accumulation), under a CUDA
+    graph replay too."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 224, 224, device="cuda", dtype=torch.bfloat16)
+    ws, bs = make_params(tv.PAPER_TUBES, 3, 768, dtype=torch.bfloat16, device="cuda")
+    pe = tv.sincos_pos_embed(tv.PAPER_TUBES, (32, 224, 224), 768, dtype=torch.bfloat16, device="cuda")
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "gemm")
+    want = tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "hopper")
+    got = tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 4 * 2.0 ** -8 * want.float().abs().max().item(), err
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)  # warm-up outside the capture
+        with torch.cuda.graph(g, stream=s):
+            out = tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, got)

@@ -16,12 +16,16 @@
 namespace tubevit {
 namespace hopper {
 
-// Whether the kernel takes this call: built with sm_90a code, an sm_90 GPU,
-// fp16 / bf16, at most kMaxTubes tubes, a grid that fits.
+// Whether the kernel takes this call: built with sm_90a code, an sm_90 GPU
+// with the shared memory a CTA needs, fp16 / bf16, at most kMaxTubes tubes,
+// d a multiple of 8 (the epilogue's 16-byte stores). Any strides and tube
+// geometry: chunk widths follow from them (kernels/hopper_tiles.h).
 bool supported(const at::Tensor& x, const TubeLayout& L);
 
-// out (B, N, d) contiguous, written completely; weights / biases contiguous,
-// pe contiguous (N, d) or undefined.
+// x (B, C, T, H, W) fp16 / bf16, any strides; weights (d, C, kt, kh, kw)
+// and biases (d,) contiguous, x's dtype (biases empty: none); pe (N, d)
+// contiguous or undefined; out (B, N, d) contiguous, 16-byte aligned,
+// written completely. On the current stream; x's device must be current.
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
              const at::Tensor& pe, const TubeLayout& L, at::Tensor& out);
 

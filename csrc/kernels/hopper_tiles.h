@@ -1,18 +1,32 @@
 // Tile logic of the Hopper (sm_90a, wgmma) forward kernel, host + device:
-// cuda/hopper_forward.cu compiles it into the kernel and
-// testing/hopper_emulation.cpp runs it on the CPU, tile by tile, with a plain
-// GEMM in place of wgmma, so the CPU test suite checks every index of the
-// kernel (tile list, row and column offsets, epilogue row map, edge masks).
+// cuda/hopper/hopper_forward.cu compiles it into the kernel and
+// testing/hopper_emulation.cpp runs it on the CPU, CTA by CTA and thread by
+// thread, with a plain GEMM in place of wgmma, so the CPU test suite checks
+// every index of the kernel (tile schedule, producer chunks and their source
+// offsets, zero fill, epilogue row tables and 16-byte store chunks).
 //
 // The problem: tube i is a GEMM P_i (M_i x K_i) * W_i^T (K_i x d), M_i = B * n_i
 // rows (tokens of all samples, flattened: no per-sample padding of row
 // tiles), K_i = C * kt * kh * kw, written into rows [off_i, off_i + n_i) of
-// each sample's (N, d) block of the output. One launch covers every tube:
-// a flat list of (tube, row tile, column tile), column tiles fastest, so
-// consecutive CTAs read the same gathered rows of x from L2.
+// each sample's (N, d) block of the output. One persistent launch covers
+// every tube: a flat list of (tube, row tile, column tile), tubes by
+// decreasing K (the longest tiles first, the short ones fill the last
+// wave), column tiles fastest (CTAs running at the same time read the same
+// gathered rows of x from L2); CTA c takes tiles c, c + G, c + 2G, ...
+//
+// Per CTA (kThreads = 384): warpgroup 0 produces, warpgroups 1 and 2 consume.
+// Producer thread t stages row t of the A tile (the patch row of token
+// m0 + t) and row t of the B tile (W_i row n0 + t) for each K step, in
+// chunks of V elements: V = 8 / 4 / 2 as 16 / 8 / 4-byte cp.async (zero-
+// filled where the row or the column is out of range), V = 1 as plain
+// loads and shared stores. The consumers run wgmma on the stage and write
+// the tile: bias and position embedding added in fp32, cast, staged in
+// shared memory, then 16-byte stores into the tube's rows of (B, N, d).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "common.h"
 
@@ -20,40 +34,55 @@ namespace tubevit {
 namespace hopper {
 
 // CTA tile: BM token rows x BN output channels, K in steps of BK (one
-// 128-byte swizzle row of 16-bit elements).
-constexpr int BM = 128, BN = 128, BK = 64;
+// 128-byte swizzle row of 16-bit elements); kStages K steps in flight.
+constexpr int BM = 128, BN = 128, BK = 64, kStages = 4;
+constexpr int kProducerThreads = 128;            // one warpgroup: one A row and one B row each
+constexpr int kConsumerThreads = 256;            // two warpgroups, 64 rows of the tile each
+constexpr int kThreads = kProducerThreads + kConsumerThreads;
+constexpr int kOutChunk = 8;                     // elements per 16-byte epilogue store
+constexpr int kStagePitch = BN + 8;              // staged output row, padded: conflict-free pairs
+static_assert(BM == kProducerThreads && BN == kProducerThreads, "one A row and one B row per producer thread");
+static_assert(BM * BN % (kConsumerThreads * kOutChunk) == 0, "whole store chunks per consumer thread");
 
 struct Tube {
   TubeGeom g;
-  const void* w;        // (d, K) row-major, input dtype
-  const void* bias;     // (d,) input dtype, or null
-  int64_t rows;         // M_i = B * n_i
-  int64_t tiles_before; // tiles of the tubes before this one
-  int64_t m_tiles;      // ceil(M_i / BM)
+  const void* w;         // (d, K) row-major, input dtype
+  const void* bias;      // (d,) input dtype, or null
+  int64_t rows;          // M_i = B * n_i
+  int64_t tiles_before;  // tiles of the tubes before this one in the tile list
+  int64_t m_tiles;       // ceil(M_i / BM)
+  int va, vb;            // elements per copy of A (x) and of B (W): 8, 4, 2 (cp.async) or 1
 };
 
 struct Params {
   const void* x;
-  Strides5 xs;          // elements
-  const void* pe;       // (N, d) contiguous, input dtype, or null
-  void* out;            // (B, N, d) contiguous
-  Tube t[kMaxTubes];
+  Strides5 xs;           // elements
+  const void* pe;        // (N, d) contiguous, input dtype, or null
+  void* out;             // (B, N, d) contiguous
+  Tube t[kMaxTubes];     // in tile-list order (decreasing K), not the op's tube order
   int n_tubes;
   int64_t N, d, n_tiles;
-  int64_t n_col_tiles;  // ceil(d / BN)
+  int64_t n_col_tiles;   // ceil(d / BN)
 };
 
 struct TileCoord {
-  int tube;
-  int64_t m0, n0;  // first row (of the tube's M_i) and first output channel
+  int tube;              // index into Params::t
+  int64_t m0, n0;        // first row (of the tube's M_i) and first output channel
 };
 
-// The CTA's tile: tile = blockIdx.x (0 <= tile < p.n_tiles).
+// Tile `tile` of the list (0 <= tile < p.n_tiles).
 TUBEVIT_HD TileCoord locate_tile(const Params& p, int64_t tile) {
   int i = 0;
   while (i + 1 < p.n_tubes && tile >= p.t[i + 1].tiles_before) ++i;
   const int64_t local = tile - p.t[i].tiles_before;
   return {i, (local / p.n_col_tiles) * BM, (local % p.n_col_tiles) * BN};
+}
+
+// The persistent schedule: the j-th tile of CTA `cta` in a grid of `grid`
+// CTAs, or -1 past the last.
+TUBEVIT_HD int64_t scheduled_tile(const Params& p, int64_t cta, int64_t grid, int64_t j) {
+  const int64_t tile = cta + j * grid;
+  return tile < p.n_tiles ? tile : -1;
 }
 
 // Element offset in x of row r's patch origin (token r % n_i of sample
@@ -64,22 +93,131 @@ TUBEVIT_HD int64_t row_origin(const Params& p, const Tube& t, int64_t r) {
   return (r / n) * p.xs.b + token_origin_offset(t.g, r % n, p.xs.t, p.xs.h, p.xs.w);
 }
 
-// Element offset of patch column k from a row's origin, (c, kt, kh, kw)
-// order like weight.reshape(d, K), or -1 past K_i (zero-filled).
-TUBEVIT_HD int64_t column_offset(const Params& p, const Tube& t, int64_t k) {
-  if (k >= t.g.patch_size) return -1;
-  return patch_column_offset(t.g, k, p.xs.c, p.xs.t, p.xs.h, p.xs.w);
+// A producer thread's walk along its patch row: column k's position in
+// (c, kt, kh, kw) order (like weight.reshape(d, K)) and its element offset
+// from the row's origin, advanced by V columns at a time without divisions.
+// V divides kw (Tube::va), so a step never crosses a kw run.
+struct ColumnWalker {
+  int64_t k, off;
+  int64_t kw, kh, kt;
+
+  TUBEVIT_HD void start(const Params& p, const Tube& t, int64_t k0) {
+    k = k0;
+    kw = k0 % t.g.k[2];
+    const int64_t r = k0 / t.g.k[2];
+    kh = r % t.g.k[1];
+    const int64_t r2 = r / t.g.k[1];
+    kt = r2 % t.g.k[0];
+    off = patch_column_offset(t.g, k0, p.xs.c, p.xs.t, p.xs.h, p.xs.w);
+  }
+  TUBEVIT_HD void advance(const Params& p, const Tube& t, int v) {
+    k += v;
+    kw += v;
+    off += v * p.xs.w;
+    if (kw < t.g.k[2]) return;
+    kw = 0;
+    off += p.xs.h - t.g.k[2] * p.xs.w;
+    if (++kh < t.g.k[1]) return;
+    kh = 0;
+    off += p.xs.t - t.g.k[1] * p.xs.h;
+    if (++kt < t.g.k[0]) return;
+    kt = 0;
+    off += p.xs.c - t.g.k[0] * p.xs.t;
+  }
+};
+
+// Producer thread `t`'s chunks of one K step (columns k0 .. k0 + BK - 1):
+// copy(tile_row, tile_col, src, V), src the element offset of the chunk in
+// x (A) or in W_i (B), or -1 where the chunk is zero-filled. `walk` is at
+// column k0 on entry and at k0 + BK on return.
+template <int V, class Copy>
+TUBEVIT_HD void a_step(const Params& p, const Tube& tube, int t, int64_t row_org, ColumnWalker& walk,
+                       const Copy& copy) {
+  static_assert(BK % V == 0, "whole chunks per K step");
+  for (int j = 0; j < BK; j += V) {
+    const bool ok = row_org >= 0 && walk.k < tube.g.patch_size;
+    copy(t, j, ok ? row_org + walk.off : int64_t(-1), V);
+    walk.advance(p, tube, V);
+  }
 }
 
-// Output row (of the (B * N, d) view) of tube row r, or -1 past the last row.
-TUBEVIT_HD int64_t output_row(const Params& p, const Tube& t, int64_t r) {
-  if (r >= t.rows) return -1;
-  const int64_t n = t.g.num_tokens;
-  return (r / n) * p.N + t.g.token_offset + r % n;
+template <int V, class Copy>
+TUBEVIT_HD void b_step(const Params& p, const Tube& tube, int t, int64_t n0, int64_t k0, const Copy& copy) {
+  static_assert(BK % V == 0, "whole chunks per K step");
+  const int64_t n = n0 + t, K = tube.g.patch_size;
+  for (int j = 0; j < BK; j += V) {
+    const bool ok = n < p.d && k0 + j < K;
+    copy(t, j, ok ? n * K + k0 + j : int64_t(-1), V);
+  }
 }
 
-// Host: the parameters for layout L (pointers filled by the caller).
-inline Params make_params(const TubeLayout& L) {
+template <int V>
+using IntConst = std::integral_constant<int, V>;
+
+// Calls f(IntConst<V>{}) for a chunk width V in {8, 4, 2, 1}.
+template <class F>
+TUBEVIT_HD void with_width(int v, const F& f) {
+  switch (v) {
+    case 8: f(IntConst<8>{}); break;
+    case 4: f(IntConst<4>{}); break;
+    case 2: f(IntConst<2>{}); break;
+    default: f(IntConst<1>{}); break;
+  }
+}
+
+// The epilogue's per-row table (consumer thread m < BM fills row m): the
+// output row of tile row m in the (B * N, d) view and its position-
+// embedding row, or -1 past the tube's last row.
+struct RowInfo {
+  int64_t out_row, pe_row;
+};
+TUBEVIT_HD RowInfo row_info(const Params& p, const Tube& t, int64_t r) {
+  if (r >= t.rows) return {-1, -1};
+  const int64_t n = t.g.num_tokens, tok = r % n;
+  return {(r / n) * p.N + t.g.token_offset + tok, t.g.token_offset + tok};
+}
+
+// Store chunk q (0 <= q < BM * BN / kOutChunk) of the staged tile: its row
+// and first column in the tile. Consumer thread ct stores chunks
+// ct, ct + kConsumerThreads, ...; eight consecutive threads cover one
+// 128-byte run of a row (conflict-free shared reads, full sectors).
+struct Chunk {
+  int row, col;
+};
+TUBEVIT_HD Chunk store_chunk(int q) { return {q / (BN / kOutChunk), (q % (BN / kOutChunk)) * kOutChunk}; }
+
+// Host: elements per copy (8, 4, 2 or 1) of tube g's A chunks: the largest V
+// that divides kw, the w offset and stride, every other stride of x and the
+// alignment of x's data (in elements), with x's w stride 1; else 1.
+inline int a_width(const TubeGeom& g, const Strides5& xs, int64_t x_align_elems) {
+  if (xs.w != 1) return 1;
+  for (int v : {8, 4, 2}) {
+    const bool ok = g.k[2] % v == 0 && g.o[2] % v == 0 && g.s[2] % v == 0 && xs.h % v == 0 && xs.t % v == 0 &&
+                    xs.c % v == 0 && xs.b % v == 0 && x_align_elems % v == 0;
+    if (ok) return v;
+  }
+  return 1;
+}
+
+// Host: elements per copy of W_i's rows (K_i elements each, contiguous).
+inline int b_width(int64_t K, int64_t w_align_elems) {
+  for (int v : {8, 4, 2})
+    if (K % v == 0 && w_align_elems % v == 0) return v;
+  return 1;
+}
+
+// Host: the largest power of two (up to 8) dividing the address of p, in
+// elements of `elem` bytes.
+inline int64_t align_elems(const void* ptr, int64_t elem) {
+  const auto a = reinterpret_cast<uintptr_t>(ptr);
+  int64_t v = 8;
+  while (v > 1 && a % uintptr_t(v * elem) != 0) v /= 2;
+  return v;
+}
+
+// Host: the parameters for layout L without pointers: the tile list, tubes
+// by decreasing K (stable); `order[i]` receives the op's index of Params::t[i].
+inline Params make_params(const TubeLayout& L, int order[kMaxTubes]) {
   TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubes), "the Hopper kernel takes at most ", kMaxTubes, " tubes, got ",
               L.tubes.size());
   Params p{};
@@ -87,10 +225,15 @@ inline Params make_params(const TubeLayout& L) {
   p.N = L.num_tokens;
   p.d = L.dim;
   p.n_col_tiles = (L.dim + BN - 1) / BN;
+  for (int i = 0; i < p.n_tubes; ++i) order[i] = i;
+  // insertion sort: stable, at most kMaxTubes entries
+  for (int i = 1; i < p.n_tubes; ++i)
+    for (int j = i; j > 0 && L.tubes[order[j]].patch_size > L.tubes[order[j - 1]].patch_size; --j)
+      std::swap(order[j], order[j - 1]);
   int64_t tiles = 0;
   for (int i = 0; i < p.n_tubes; ++i) {
     Tube& t = p.t[i];
-    t.g = L.tubes[i];
+    t.g = L.tubes[order[i]];
     t.rows = L.batch * t.g.num_tokens;
     t.m_tiles = (t.rows + BM - 1) / BM;
     t.tiles_before = tiles;
@@ -102,17 +245,23 @@ inline Params make_params(const TubeLayout& L) {
 
 // Host: make_params(L) with the pointers of one call: x (any strides), weights /
 // biases contiguous (biases empty: none), pe contiguous (N, d) or undefined, out
-// (B, N, d) contiguous.
+// (B, N, d) contiguous; chunk widths from the strides and alignments.
 inline Params make_params(const TubeLayout& L, const at::Tensor& x, const std::vector<at::Tensor>& weights,
                           const std::vector<at::Tensor>& biases, const at::Tensor& pe, at::Tensor& out) {
-  Params p = make_params(L);
+  int order[kMaxTubes];
+  Params p = make_params(L, order);
   p.x = x.const_data_ptr();
   p.xs = strides_of(x);
   p.pe = pe.defined() ? pe.const_data_ptr() : nullptr;
   p.out = out.mutable_data_ptr();
+  const int64_t elem = x.element_size();
+  const int64_t x_align = align_elems(p.x, elem);
   for (int i = 0; i < p.n_tubes; ++i) {
-    p.t[i].w = weights[i].const_data_ptr();
-    p.t[i].bias = biases.empty() ? nullptr : biases[i].const_data_ptr();
+    Tube& t = p.t[i];
+    t.w = weights[order[i]].const_data_ptr();
+    t.bias = biases.empty() ? nullptr : biases[order[i]].const_data_ptr();
+    t.va = a_width(t.g, p.xs, x_align);
+    t.vb = b_width(t.g.patch_size, align_elems(t.w, elem));
   }
   return p;
 }

@@ -39,5 +39,8 @@ TORCH_LIBRARY(tubevit_testing, m) {
   // differentiable.
   m.def(
       "tube_tokens_hopper_emulated(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
-      "Tensor? pos_embed) -> Tensor");
+      "Tensor? pos_embed, int grid=132) -> Tensor");
+  // [va_0, vb_0, va_1, vb_1, ...]: the elements per copy of A and of B the Hopper kernel
+  // uses for each tube of this call (8 / 4 / 2: 16 / 8 / 4-byte cp.async, 1: plain loads).
+  m.def("hopper_chunk_widths(Tensor x, Tensor[] weights, int[] tubes) -> int[]");
 }

@@ -1,12 +1,16 @@
-// Forward of all tubes on Hopper tensor cores: one launch over the flat tile
-// list of kernels/hopper_tiles.h, one warpgroup (128 threads) per 128 x 128
-// tile, K in 64-wide steps. Per step the threads gather the A tile (patch
-// rows of x, through the per-CTA row-origin and column-offset tables) and
-// the B tile (W_i rows) into 128-byte-swizzled shared memory, then issue
-// wgmma (CuTe's SM90 GMMA atoms, fp32 accumulation); the epilogue adds bias
-// and position embedding in fp32, casts, and writes the tube's rows of the
-// (B, N, d) buffer. Single-stage and synchronous: the correct skeleton the
-// pipelined, warp-specialized version is measured against.
+// Forward of all tubes on Hopper tensor cores: one persistent,
+// warp-specialized launch over the tile list of kernels/hopper_tiles.h.
+// Warpgroup 0 gathers, per K step, the A tile (patch rows of x, each thread
+// walking its row's columns) and the B tile (W_i rows) into 128-byte-
+// swizzled K-major shared memory with cp.async (zero-filled at the edges);
+// warpgroups 1 and 2 run wgmma (CuTe's SM90 GMMA atoms, 64 x 128 x 16 each,
+// fp32 accumulation) on the stage; kStages stages in flight, handed over by
+// mbarriers (CUTLASS's PipelineAsync, the protocol of its cp.async GMMA
+// mainloop: the producer's cp.async arrive + arrive, the consumers' release
+// one wgmma batch behind). The epilogue adds bias and position embedding in
+// fp32, casts, stages the tile in shared memory and writes 16-byte chunks
+// into the tube's rows of the (B, N, d) buffer, while the producer already
+// gathers the CTA's next tile.
 //
 // Built only for sm_90a (wgmma needs the arch-specific target); other
 // architectures compile an empty body and hopper::supported() keeps the
@@ -18,6 +22,9 @@
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include <mutex>
 
 #include "../../kernels/hopper_tiles.h"
 #include "../hopper_forward.h"
@@ -40,78 +47,188 @@ template <> struct Gmma<cutlass::bfloat16_t> {
   using type = cute::SM90_64x128x16_F32BF16BF16_SS<cute::GMMA::Major::K, cute::GMMA::Major::K>;
 };
 
-constexpr int kThreads = 128;  // one warpgroup
-static_assert(BM == kThreads && BN == kThreads && BK <= kThreads, "one row of A and of B per thread");
+// Shared memory of one CTA (dynamic, its start rounded up to 1024 bytes: the
+// 128-byte swizzle repeats every 1024 bytes and is applied to address bits).
+template <typename T>
+struct Traits {
+  using SmemA = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<T>{},
+                                             cute::make_shape(cute::Int<BM>{}, cute::Int<BK>{}, cute::Int<kStages>{})));
+  using SmemB = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<T>{},
+                                             cute::make_shape(cute::Int<BN>{}, cute::Int<BK>{}, cute::Int<kStages>{})));
+  using Pipeline = cutlass::PipelineAsync<kStages>;
+  struct Shared {
+    alignas(1024) T a[cute::cosize_v<SmemA>];
+    alignas(1024) T b[cute::cosize_v<SmemB>];
+    alignas(16) T staged[BM * kStagePitch];  // the tile's output, cast, before the 16-byte stores
+    RowInfo rows[BM];                        // the tile's output / position-embedding rows
+    typename Pipeline::SharedStorage pipe;
+  };
+  static constexpr size_t kSmemBytes = sizeof(Shared) + 1024;
+};
+
+// Barrier of the kCount consumer threads only (the producer warpgroup runs
+// ahead): named barrier 1 (0 is __syncthreads').
+template <int kCount>
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kCount) : "memory");
+}
+
+// One chunk of V elements from base[src] (src < 0: zeros) to shared dst.
+template <int V, typename T>
+__device__ __forceinline__ void copy_chunk(T* dst, const T* base, int64_t src) {
+  if constexpr (V == 1) {
+    *dst = src >= 0 ? base[src] : T(0.f);
+  } else {
+    constexpr int kBytes = V * int(sizeof(T));
+    const uint32_t d = cute::cast_smem_ptr_to_uint(dst);
+    const T* g = src >= 0 ? base + src : base;  // not read when zero-filled
+    const int n = src >= 0 ? kBytes : 0;
+    if constexpr (kBytes == 16) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(g), "r"(n) : "memory");
+    } else {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(g), "n"(kBytes), "r"(n)
+                   : "memory");
+    }
+  }
+}
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
-  using SmemA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, make_shape(Int<BM>{}, Int<BK>{})));
-  using SmemB = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, make_shape(Int<BN>{}, Int<BK>{})));
-  // 128-byte swizzle atoms repeat every 1024 bytes: tiles start on that boundary
-  __shared__ __align__(1024) T smem_a[cosize_v<SmemA>];
-  __shared__ __align__(1024) T smem_b[cosize_v<SmemB>];
-  __shared__ int64_t row_org[BM];
-  __shared__ int64_t col_off[BK];
+  using Tr = Traits<T>;
+  using Pipeline = typename Tr::Pipeline;
+  extern __shared__ char smem_raw[];
+  auto& s = *reinterpret_cast<typename Tr::Shared*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                                    ~uintptr_t(1023));
+  const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
 
-  const TileCoord tc = locate_tile(p, blockIdx.x);
-  const Tube& tube = p.t[tc.tube];
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ w = static_cast<const T*>(tube.w);
-  const int64_t K = tube.g.patch_size, d = p.d;
-  const int tid = threadIdx.x;
+  typename Pipeline::Params pp;
+  pp.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.producer_arv_count = kProducerThreads;
+  pp.consumer_arv_count = kConsumerThreads;
+  pp.initializing_warp = 0;
+  Pipeline pipe(s.pipe, pp);
+  __syncthreads();  // barriers initialised before any thread waits on them
 
-  Tensor sA = make_tensor(make_smem_ptr(smem_a), SmemA{});  // (BM, BK)
-  Tensor sB = make_tensor(make_smem_ptr(smem_b), SmemB{});  // (BN, BK)
-  auto mma = make_tiled_mma(typename Gmma<T>::type{});
-  auto thr = mma.get_slice(tid);
-  Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));  // smem descriptors
-  Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
-  Tensor tCcC = thr.partition_C(make_identity_tensor(make_shape(Int<BM>{}, Int<BN>{})));  // (m, n) per value
-  Tensor acc = thr.make_fragment_C(tCcC);
-  clear(acc);
+  Tensor sA = make_tensor(make_smem_ptr(s.a), typename Tr::SmemA{});  // (BM, BK, stage)
+  Tensor sB = make_tensor(make_smem_ptr(s.b), typename Tr::SmemB{});  // (BN, BK, stage)
 
-  row_org[tid] = row_origin(p, tube, tc.m0 + tid);
-  const int64_t wrow = tc.n0 + tid;  // this thread's row of W (output channel)
-  for (int64_t k0 = 0; k0 < K; k0 += BK) {
-    if (tid < BK) col_off[tid] = column_offset(p, tube, k0 + tid);
-    __syncthreads();  // tables written; the previous step's wgmma has completed (waited below)
-    const int64_t ro = row_org[tid];
-    CUTE_UNROLL
-    for (int kk = 0; kk < BK; ++kk) {
-      const int64_t co = col_off[kk];
-      sA(tid, kk) = (ro >= 0 && co >= 0) ? x[ro + co] : T(0);
-      sB(tid, kk) = (wrow < d && co >= 0) ? w[wrow * K + k0 + kk] : T(0);
+  if (warpgroup == 0) {
+    // ---- producer: row t of A and of B for every K step of every tile of this CTA
+    const int t = threadIdx.x;
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    auto state = cutlass::make_producer_start_state<Pipeline>();
+    for (int64_t j = 0;; ++j) {
+      const int64_t tile = scheduled_tile(p, blockIdx.x, gridDim.x, j);
+      if (tile < 0) break;
+      const TileCoord tc = locate_tile(p, tile);
+      const Tube& tube = p.t[tc.tube];
+      const T* __restrict__ w = static_cast<const T*>(tube.w);
+      const int64_t K = tube.g.patch_size, row_org = row_origin(p, tube, tc.m0 + t);
+      ColumnWalker walk;
+      walk.start(p, tube, 0);
+      with_width(tube.va, [&](auto va) {
+        with_width(tube.vb, [&](auto vb) {
+          constexpr int VA = decltype(va)::value, VB = decltype(vb)::value;
+          for (int64_t k0 = 0; k0 < K; k0 += BK) {
+            pipe.producer_acquire(state);
+            const int stage = state.index();
+            a_step<VA>(p, tube, t, row_org, walk,
+                       [&](int m, int kk, int64_t src, int) { copy_chunk<VA>(&sA(m, kk, stage), x, src); });
+            b_step<VB>(p, tube, t, tc.n0, k0,
+                       [&](int n, int kk, int64_t src, int) { copy_chunk<VB>(&sB(n, kk, stage), w, src); });
+            // plain shared stores (V = 1) -> visible to wgmma (async proxy) before the arrive
+            if constexpr (VA == 1 || VB == 1) cutlass::arch::fence_view_async_shared();
+            pipe.producer_commit(state, cutlass::arch::cpasync_barrier_arrive);
+            ++state;
+          }
+        });
+      });
     }
-    cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma (async proxy)
-    __syncthreads();
-    warpgroup_fence_operand(acc);
-    warpgroup_arrive();
-    gemm(mma, tCrA, tCrB, acc);
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc);
-    __syncthreads();  // every thread's wgmma has read the tiles before they are overwritten
-  }
+    pipe.producer_tail(state);  // the consumers have released every stage before the CTA exits
+  } else {
+    // ---- consumers: wgmma over the stages, then the epilogue
+    const int ct = threadIdx.x - kProducerThreads;
+    auto mma = make_tiled_mma(typename Gmma<T>::type{}, Layout<Shape<_2, _1, _1>>{});  // 2 warpgroups along M
+    auto thr = mma.get_slice(ct);
+    Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));  // smem descriptors (MMA, MMA_M, MMA_K, stage)
+    Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
+    Tensor tCcC = thr.partition_C(make_identity_tensor(make_shape(Int<BM>{}, Int<BN>{})));  // (m, n) per value
+    Tensor acc = thr.make_fragment_C(tCcC);
+    typename Pipeline::PipelineState read, release;
+    T* __restrict__ out = static_cast<T*>(p.out);
+    const T* __restrict__ pe = static_cast<const T*>(p.pe);
+    for (int64_t j = 0;; ++j) {
+      const int64_t tile = scheduled_tile(p, blockIdx.x, gridDim.x, j);
+      if (tile < 0) break;
+      const TileCoord tc = locate_tile(p, tile);
+      const Tube& tube = p.t[tc.tube];
+      const int64_t steps = (tube.g.patch_size + BK - 1) / BK;
+      clear(acc);
+      for (int64_t k = 0; k < steps; ++k) {
+        pipe.consumer_wait(read);
+        const int stage = read.index();
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
+        warpgroup_commit_batch();
+        warpgroup_wait<1>();  // the previous step's wgmma has read its stage
+        warpgroup_fence_operand(acc);
+        if (k > 0) {
+          pipe.consumer_release(release);
+          ++release;
+        }
+        ++read;
+      }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc);
+      pipe.consumer_release(release);
+      ++release;
 
-  const T* bias = static_cast<const T*>(tube.bias);
-  const T* pe = static_cast<const T*>(p.pe);
-  T* out = static_cast<T*>(p.out);
-  const int64_t n_tok = tube.g.num_tokens;
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) {
-    const int64_t r = tc.m0 + get<0>(tCcC(i)), c = tc.n0 + get<1>(tCcC(i));
-    const int64_t orow = output_row(p, tube, r);
-    if (orow < 0 || c >= d) continue;
-    float v = acc(i);
-    if (bias != nullptr) v += static_cast<float>(bias[c]);
-    if (pe != nullptr) v += static_cast<float>(pe[(tube.g.token_offset + r % n_tok) * d + c]);
-    out[orow * d + c] = T(v);
+      // epilogue: row table, fp32 bias + position embedding, cast into the staging tile
+      if (ct < BM) s.rows[ct] = row_info(p, tube, tc.m0 + ct);
+      consumers_sync<kConsumerThreads>();
+      const T* __restrict__ bias = static_cast<const T*>(tube.bias);
+      const int64_t d = p.d;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); ++i) {
+        const int m = get<0>(tCcC(i)), n = get<1>(tCcC(i));
+        const int64_t c = tc.n0 + n;
+        float v = acc(i);
+        if (c < d) {
+          if (bias != nullptr) v += static_cast<float>(bias[c]);
+          const int64_t pr = s.rows[m].pe_row;
+          if (pe != nullptr && pr >= 0) v += static_cast<float>(pe[pr * d + c]);
+        }
+        s.staged[m * kStagePitch + n] = T(v);
+      }
+      consumers_sync<kConsumerThreads>();
+      // 16-byte chunks of whole rows (d % 8 == 0: a chunk is all in or all out)
+      CUTE_UNROLL
+      for (int q = ct; q < BM * BN / kOutChunk; q += kConsumerThreads) {
+        const Chunk ch = store_chunk(q);
+        const int64_t orow = s.rows[ch.row].out_row, c = tc.n0 + ch.col;
+        if (orow >= 0 && c < d)
+          *reinterpret_cast<uint4*>(out + orow * d + c) =
+              *reinterpret_cast<const uint4*>(&s.staged[ch.row * kStagePitch + ch.col]);
+      }
+      consumers_sync<kConsumerThreads>();  // staging tile and row table free for the next tile
+    }
   }
 #else
   __trap();  // never launched: hopper::supported() is false without sm_90a code
 #endif
+}
+
+// The dynamic shared-memory limit raised once per (kernel, device).
+template <typename T>
+void allow_smem(int device) {
+  static std::once_flag flags[64];
+  std::call_once(flags[device % 64], [] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(Traits<T>::kSmemBytes)));
+  });
 }
 
 }  // namespace
@@ -120,10 +237,10 @@ bool supported(const at::Tensor& x, const TubeLayout& L) {
 #if defined(TUBEVIT_HOPPER_SM90A)
   const auto* prop = at::cuda::getDeviceProperties(x.device().index());
   const auto t = x.scalar_type();
-  int64_t tiles = 0;
-  for (const auto& g : L.tubes) tiles += (L.batch * g.num_tokens + BM - 1) / BM * ((L.dim + BN - 1) / BN);
+  // d % 8: the epilogue's 16-byte stores; the shared memory a CTA needs
   return prop->major == 9 && prop->minor == 0 && (t == at::kHalf || t == at::kBFloat16) &&
-         L.tubes.size() <= size_t(kMaxTubes) && tiles < (int64_t(1) << 31);
+         L.tubes.size() <= size_t(kMaxTubes) && L.dim % kOutChunk == 0 &&
+         prop->sharedMemPerBlockOptin >= Traits<cutlass::half_t>::kSmemBytes;
 #else
   (void)x;
   (void)L;
@@ -135,12 +252,18 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& weights, const 
              const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
   const Params p = make_params(L, x, weights, biases, pe, out);
   if (p.n_tiles == 0) return;
+  const int device = x.device().index();
+  const int64_t grid = std::min<int64_t>(p.n_tiles, at::cuda::getDeviceProperties(device)->multiProcessorCount);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_SWITCH(x.scalar_type(), "tubevit_hopper_forward",
                      AT_DISPATCH_CASE(at::kHalf, [&] {
-                       forward_kernel<CuteType<scalar_t>::type><<<p.n_tiles, kThreads, 0, stream>>>(p);
+                       using T = CuteType<scalar_t>::type;
+                       allow_smem<T>(device);
+                       forward_kernel<T><<<grid, kThreads, Traits<T>::kSmemBytes, stream>>>(p);
                      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       forward_kernel<CuteType<scalar_t>::type><<<p.n_tiles, kThreads, 0, stream>>>(p);
+                       using T = CuteType<scalar_t>::type;
+                       allow_smem<T>(device);
+                       forward_kernel<T><<<grid, kThreads, Traits<T>::kSmemBytes, stream>>>(p);
                      }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
