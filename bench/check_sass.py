@@ -6,7 +6,7 @@ resource report and SASS (cuobjdump) and fails when a kernel breaks its contract
 Contracts (per kernel, matched on the demangled name):
   every kernel          at most 255 registers; its local memory (LOCAL, STACK) is printed
   hopper:: kernels      no local memory (LOCAL and STACK 0: no spills, no stack arrays, no kernel
-                        parameters copied to local memory); the forward kernel's sm_90a code has
+                        parameters copied to local memory); the forward and dW kernels' sm_90a code has
                         HGMMA (wgmma), LDGSTS (cp.async: the producer's gather), SYNCS (mbarrier
                         waits and arrivals: the stage pipeline) and FENCE.VIEW.ASYNC.S (the proxy
                         fence after the 1-element chunks' plain shared stores), within 168
@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the first pattern that matches applies
 CONTRACTS = [
     (re.compile(r"hopper::.*forward_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True),
+    (re.compile(r"hopper::.*dw_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True),
     (re.compile(r"hopper::"), (), 255, True),
 ]
 DEFAULT_CONTRACT = ((), 255, False)

@@ -11,12 +11,13 @@
 #                  TUBEVIT_DX_SCATTER=1: V-wide gather, per-tube dX scatter), then the tensor-core
 #                  path with the scatter (TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1)
 #   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
-#   tests-hopper   the same with the opt-in sm_90a wgmma forward (TUBEVIT_CUDA_PATH=hopper), then its
-#                  bf16 forward rows at B = 1, 8, 32 against unfold + cuBLAS and the GEMM path, same run
+#   tests-hopper   the same with the opt-in sm_90a wgmma kernels (TUBEVIT_CUDA_PATH=hopper: forward, dW,
+#                  db), then bf16 forward and forward + backward rows at B = 1, 8, 32 against unfold +
+#                  cuBLAS and the GEMM path, same run
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_PATH=naive)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all paths
 #                  (GEMM forced, tensor-core kernels, naive, and the Hopper forward where built)
-#   sanitize-hopper memcheck, racecheck, synccheck and initcheck of the Hopper forward alone
+#   sanitize-hopper memcheck, racecheck, synccheck and initcheck of the Hopper kernels alone
 #   bench          --preset gpu-targets without torch.compile (JSON kept)
 #   bench-tc       the fused rows of it on the tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
 #   bench-small    B = 1 and 4: reference, unfold_gemm, fused on both fast paths
@@ -39,7 +40,7 @@
 #                  as .variants/NAME.so (tuning variants, a baseline commit);
 #                  VARIANT_TESTS="NAME ..." runs the CUDA tests on those first
 #   ncu            optional: Nsight Compute text report of one bf16 forward + backward
-#   ncu-hopper     Nsight Compute report of the Hopper forward (bf16, B = 32), ncu-hopper.txt
+#   ncu-hopper     Nsight Compute report of the Hopper kernels (bf16, B = 32), ncu-hopper.txt
 # A step starts only if the budget still holds its estimate, and runs under
 # `timeout` with what is left, so a killed call still returns its results.
 #
@@ -174,10 +175,10 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 run_step tests-optin 60 pytest_by_file
       TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 run_step tests-optin-tc 60 pytest_by_file ;;
     tests-hopper)
-      # the opt-in sm_90a wgmma forward (backward: auto's choice), and its fused rows of the benchmark
+      # the opt-in sm_90a wgmma kernels (input gradient: auto's choice), and their rows of the benchmark
       TUBEVIT_CUDA_PATH=hopper run_step tests-hopper 60 pytest_by_file
       run_step bench-hopper 60 bench bench-hopper.json --impls unfold_gemm fused_gemm fused_hopper \
-        --dtypes bfloat16 --modes fwd --batch 1 8 32
+        --dtypes bfloat16 --modes fwd fwd_bwd --batch 1 8 32
       grep -E "^paper" "$LOGS/bench-hopper.log" | sed "s/^/hopper: /" | tee -a "$SUMMARY" ;;
     tests-tc)
       TUBEVIT_CUDA_PATH=tc run_step tests-tc 60 pytest_by_file ;;
@@ -287,10 +288,11 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         -k "regex:tube_|grid_stride" -c 8 "$PY" bench/gpu_profile.py --once bf16 --input-grad
       cp "$LOGS/ncu.log" "$RES/ncu.txt" ;;
     ncu-hopper)
-      # the Hopper forward, bf16, B = 32 (gpu_profile.py --once: one forward + backward; the forward's kernel)
+      # the Hopper kernels, bf16, B = 32 (gpu_profile.py --once: one forward + backward): forward, dW, its reduction
       TUBEVIT_CUDA_PATH=hopper run_step ncu-hopper 60 ncu --clock-control none --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-        --section ComputeWorkloadAnalysis -k "regex:hopper" -c 1 "$PY" bench/gpu_profile.py --once bf16
+        --section ComputeWorkloadAnalysis --kernel-name-base demangled -k "regex:hopper::" -c 3 \
+        "$PY" bench/gpu_profile.py --once bf16
       cp "$LOGS/ncu-hopper.log" "$RES/ncu-hopper.txt" ;;
     *) log "unknown step $step" ;;
   esac

@@ -7,9 +7,10 @@
 //                            (cuda/tube_tokens_cuda.cu, choose_path). auto
 //                            picks by problem size; a forced path that does
 //                            not apply to a call falls back as choose_path
-//                            documents. hopper: the sm_90a wgmma forward
-//                            (cuda/hopper/) where built and applicable, auto
-//                            otherwise and for the backward.
+//                            documents. hopper: the sm_90a wgmma forward and
+//                            weight / bias gradients (cuda/hopper/) where
+//                            built and applicable, auto otherwise and for
+//                            the input gradient.
 //   TUBEVIT_GEMM_GATHER_VEC  1: the GEMM path gathers V patch columns per
 //                            thread (gemm::GatherVecElem). Default 0.
 //   TUBEVIT_DX_SCATTER       1: the input gradient by per-tube scatter

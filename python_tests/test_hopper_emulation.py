@@ -109,6 +109,69 @@ def test_hopper_tiles_without_bias_or_pos_embed():
     torch.testing.assert_close(got, tv.reference.tube_tokens(x, ws, None, tubes, None), rtol=1e-12, atol=1e-12)
 
 
+
+# ---- weight and bias gradients (dw_kernel + dw_reduce_kernel)
+
+def _reference_grads(x, ws, tubes, grad, bias):
+    """dW and db of the fp64 reference for this output gradient, on the same rounded operands."""
+    xd = x.double()
+    wd = [w.detach().double().requires_grad_() for w in ws]
+    bd = [torch.zeros(w.shape[0], dtype=torch.float64, requires_grad=True) for w in ws] if bias else None
+    y = tv.reference.tube_tokens(xd, wd, bd, tubes, None)
+    y.backward(grad.double())
+    return [w.grad for w in wd], [b.grad for b in bd] if bias else []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "aligned_view"])
+def test_hopper_dw_tiles_match_the_reference(case, dtype, layout):
+    tubes, x, ws, _, _ = _inputs(case, dtype, layout)
+    B, N, d = x.shape[0], tv.num_tokens(tubes, x.shape[2:]), ws[0].shape[0]
+    grad = torch.randn(B, N, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    flat = tv.flatten_tubes(tubes)
+    # a small split target: several token splits per tube, several tiles per CTA
+    dws, dbs = ops.tube_tokens_hopper_dw_emulated(grad, x, ws, flat, True, 3, 12)
+    want_w, want_b = _reference_grads(x, ws, tubes, grad, True)
+    fp32_rel = 2.0 ** -16  # fp32 partials over up to hundreds of tokens, then summed
+    for i, (got, want) in enumerate(zip(dws + dbs, want_w + want_b)):
+        assert not torch.isnan(got).any(), f"output {i}: an entry nothing wrote"
+        check_rounded(got, want, dtype, f"{case} {layout} output {i}", fp32_rel=fp32_rel)
+
+
+@pytest.mark.parametrize("target", [1, 7, 100, 10000])
+@pytest.mark.parametrize("grid", [1, 4, 1000])
+def test_hopper_dw_any_split_and_grid(target, grid):
+    """The same gradients whatever the split target (one split per tube .. as many as the 8-step minimum
+    allows) and the number of persistent CTAs; without bias the db list is empty."""
+    tubes, x, ws, _, _ = _inputs("widths", torch.float32, "contiguous", seed=2)
+    B, N, d = x.shape[0], tv.num_tokens(tubes, x.shape[2:]), ws[0].shape[0]
+    grad = torch.randn(B, N, d, generator=torch.Generator().manual_seed(6))
+    dws, dbs = ops.tube_tokens_hopper_dw_emulated(grad, x, ws, tv.flatten_tubes(tubes), False, grid, target)
+    assert dbs == []
+    want_w, _ = _reference_grads(x, ws, tubes, grad, False)
+    for got, want in zip(dws, want_w):
+        check_rounded(got, want, torch.float32, f"target {target} grid {grid}", fp32_rel=2.0 ** -16)
+
+
+def test_hopper_dw_splits():
+    """Token splits: about `target` tiles in all (4 per SM in the kernel), every split non-empty and at
+    least 8 K steps of 64 tokens unless the tube has one split. The paper's tubes at B = 32, d = 768
+    on 132 SMs: 2 / 3 / 2 / 4 splits of 25 steps, 564 tiles."""
+    x = torch.empty(32, 3, 32, 224, 224, dtype=torch.bfloat16)  # never touched: shapes only
+    g = torch.empty(32, 539, 768, dtype=torch.bfloat16)
+    ws = [torch.empty(768, 3, *t.kernel, dtype=torch.bfloat16) for t in tv.PAPER_TUBES]
+    assert ops.hopper_dw_splits(g, x, ws, tv.flatten_tubes(tv.PAPER_TUBES), 528) == [2, 25, 3, 25, 2, 25, 4, 25]
+    tubes, x, ws, _, _ = _inputs("mixed", torch.bfloat16, "contiguous")
+    g = torch.empty(x.shape[0], tv.num_tokens(tubes, x.shape[2:]), ws[0].shape[0], dtype=torch.bfloat16)
+    for target in (1, 10, 100, 1000):
+        r = ops.hopper_dw_splits(g, x, ws, tv.flatten_tubes(tubes), target)
+        for t, splits, per in zip(tubes, r[::2], r[1::2]):
+            steps = -(-x.shape[0] * tv.num_tokens([t], x.shape[2:]) // 64)
+            assert splits >= 1 and (splits - 1) * per < steps <= splits * per, (target, t, splits, per)
+            assert splits == 1 or per >= 8
+
+
 HOPPER_GPU = pytest.mark.skipif(
     not (torch.cuda.is_available() and tv.cuda_compiled() and tv._C._hopper_compiled()
          and torch.cuda.get_device_capability() == (9, 0)),
@@ -171,3 +234,33 @@ def test_cuda_hopper_forward_paper_batch_and_graph(monkeypatch):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, got)
+
+
+@HOPPER_GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "aligned_view"])
+def test_cuda_hopper_grad_weight_matches_the_reference(monkeypatch, case, dtype, layout):
+    """The weight and bias gradient kernels (TUBEVIT_CUDA_PATH=hopper, backward through autograd): within
+    two roundings of the fp64 reference's gradients, the profiler sees them, two runs agree bitwise."""
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "hopper")
+    tubes, x, ws, bs, pe = _inputs(case, dtype, layout)
+    on = lambda t: t.cuda() if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last_3d) else \
+        t._base.cuda().as_strided(t.shape, t.stride(), t.storage_offset())
+    xc = on(x)
+    B, N, d = x.shape[0], tv.num_tokens(tubes, x.shape[2:]), ws[0].shape[0]
+    grad = torch.randn(B, N, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(dtype)
+
+    def run():
+        wc = [w.cuda().requires_grad_() for w in ws]
+        bc = [b.cuda().requires_grad_() for b in bs]
+        tv.tube_tokens(xc, wc, bc, tubes, pe.cuda()).backward(grad.cuda())
+        return [w.grad for w in wc] + [b.grad for b in bc]
+
+    names = _hopper_kernels_in(run)
+    assert any("dw_kernel" in n for n in names) and any("dw_reduce_kernel" in n for n in names), names
+    got = run()
+    want_w, want_b = _reference_grads(x, ws, tubes, grad, True)
+    for i, (g, w) in enumerate(zip(got, want_w + want_b)):
+        check_rounded(g.cpu(), w, dtype, f"{case} {layout} output {i}", fp32_rel=2.0 ** -16)
+    assert all(torch.equal(a, b) for a, b in zip(got, run())), "two runs differ"

@@ -48,4 +48,6 @@ def test_built_kernels_keep_their_contracts(tmp_path):
     assert len(rows) > 20
     if tv._C._hopper_compiled():
         hopper = [r for r in rows if "hopper::" in r["kernel"] and r["arch"] == "sm_90a"]
-        assert len(hopper) == 2 and all(r["hgmma"] for r in hopper)  # bf16 and fp16
+        mma = [r for r in hopper if "forward_kernel" in r["kernel"] or "dw_kernel<" in r["kernel"]]
+        assert len(mma) == 4 and all(r["hgmma"] for r in mma)  # forward and dW, bf16 and fp16
+        assert len(hopper) == 6  # and the two dW reductions

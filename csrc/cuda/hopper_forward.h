@@ -1,10 +1,11 @@
-// The Hopper forward kernel (cuda/hopper/hopper_forward.cu, sm_90a wgmma
-// through CuTe). Built only where the CUTLASS/CuTe headers are found
-// (setup.py: TUBEVIT_WITH_HOPPER) and run only when TUBEVIT_CUDA_PATH=hopper
-// asks for it (csrc/options.h): its tile logic is CPU-tested
+// The Hopper kernels (cuda/hopper/: the forward, hopper_forward.cu; the
+// weight and bias gradients, hopper_grad_weight.cu; sm_90a wgmma through
+// CuTe). Built only where the CUTLASS/CuTe headers are found (setup.py:
+// TUBEVIT_WITH_HOPPER) and run only when TUBEVIT_CUDA_PATH=hopper asks for
+// them (csrc/options.h): their tile logic is CPU-tested
 // (testing/hopper_emulation.cpp); the hardware side is checked by
-// bench/gpu_check.sh (tests-hopper, sanitizers), and the path is opt-in until
-// that has passed.
+// bench/gpu_check.sh (tests-hopper, sanitize-hopper), and the path is opt-in
+// until that has passed.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,6 +29,18 @@ bool supported(const at::Tensor& x, const TubeLayout& L);
 // written completely. On the current stream; x's device must be current.
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
              const at::Tensor& pe, const TubeLayout& L, at::Tensor& out);
+
+// Whether the weight / bias gradient kernels take this call (the same
+// conditions as the forward's).
+bool grad_weight_supported(const at::Tensor& x, const TubeLayout& L);
+
+// dws: (d, C, kt, kh, kw) contiguous in x's dtype, allocated by the caller,
+// written completely; dbs (when not null) replaced by the (d,) bias
+// gradients. grad_out (B, N, d) any strides (made contiguous and 16-byte
+// aligned here). Deterministic: fp32 partials per token split, summed in
+// split order.
+void grad_weight(const at::Tensor& x, const at::Tensor& grad_out, const TubeLayout& L, std::vector<at::Tensor>& dws,
+                 std::vector<at::Tensor>* dbs);
 
 }  // namespace hopper
 }  // namespace tubevit

@@ -96,7 +96,8 @@ bool gemm_by_size(const at::Tensor& x, const TubeLayout& L, bool backward) {
 // auto chooses between the two fast paths by size where both apply, else the
 // one that applies (the GEMM path first), else naive; hopper takes the sm_90a
 // wgmma forward where hopper::supported() says it applies, auto's choice
-// otherwise and for the backward.
+// otherwise and for the input gradient (the weight and bias gradients: the
+// Hopper kernels in tube_tokens_backward_cuda where they apply).
 Path choose_path(const at::Tensor& x, const TubeLayout& L, bool backward, gemm::Layout* a) {
   const CudaPath want = options().cuda_path;
   if (want == CudaPath::Naive) return Path::Naive;
@@ -166,15 +167,24 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
   check_patches(patches, x, L);
   const at::Tensor grad = grad_out.contiguous();
   std::vector<at::Tensor> dbs;
-  if (output_mask[2]) dbs = cuda::grad_bias(grad, L);
   at::Tensor dx = at::empty({0}, x.options());
   std::vector<at::Tensor> dws;
+#ifdef TUBEVIT_WITH_HOPPER
+  // opt-in: the Hopper weight / bias gradients (db fused in); the input
+  // gradient below as auto chooses
+  if (output_mask[1] && options().cuda_path == CudaPath::Hopper && hopper::grad_weight_supported(x, L)) {
+    for (const auto& wi : weights) dws.push_back(at::empty(wi.sizes(), x.options()));
+    hopper::grad_weight(x, grad, L, dws, output_mask[2] ? &dbs : nullptr);
+    output_mask[1] = output_mask[2] = false;
+  }
+#endif
+  if (output_mask[2]) dbs = cuda::grad_bias(grad, L);
   if (!output_mask[0] && !output_mask[1]) return {dx, dws, dbs};
   gemm::Layout a;
   const Path path = choose_path(x, L, /*backward=*/true, &a);
   if (path == Path::Naive) {
     auto r = naive::backward<CudaLauncher>(grad, x, weights, tubes, {output_mask[0], output_mask[1], false});
-    return {std::get<0>(r), std::get<1>(r), dbs};
+    return {std::get<0>(r), output_mask[1] ? std::get<1>(r) : dws, dbs};
   }
   const std::vector<at::Tensor> w = contiguous_all(weights);
   if (output_mask[1]) {

@@ -78,11 +78,11 @@ TUBEVIT_HD TileCoord locate_tile(const Params& p, int64_t tile) {
   return {i, (local / p.n_col_tiles) * BM, (local % p.n_col_tiles) * BN};
 }
 
-// The persistent schedule: the j-th tile of CTA `cta` in a grid of `grid`
-// CTAs, or -1 past the last.
-TUBEVIT_HD int64_t scheduled_tile(const Params& p, int64_t cta, int64_t grid, int64_t j) {
+// The persistent schedule: the j-th of `n_tiles` tiles for CTA `cta` in a
+// grid of `grid` CTAs, or -1 past the last.
+TUBEVIT_HD int64_t scheduled_tile(int64_t n_tiles, int64_t cta, int64_t grid, int64_t j) {
   const int64_t tile = cta + j * grid;
-  return tile < p.n_tiles ? tile : -1;
+  return tile < n_tiles ? tile : -1;
 }
 
 // Element offset in x of row r's patch origin (token r % n_i of sample
@@ -262,6 +262,216 @@ inline Params make_params(const TubeLayout& L, const at::Tensor& x, const std::v
     t.bias = biases.empty() ? nullptr : biases[order[i]].const_data_ptr();
     t.va = a_width(t.g, p.xs, x_align);
     t.vb = b_width(t.g.patch_size, align_elems(t.w, elem));
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------
+// Weight and bias gradient: dW_i (d x K_i) = G_i^T P_i, db_i = column sums of
+// G_i, reduced over the M_i = B * n_i token rows of tube i (G_i: the tube's
+// rows of the (B, N, d) output gradient, P_i: its patch matrix). Same
+// skeleton as the forward: a CTA tile is BM channels (A = G_i^T, channel-
+// contiguous: MN-major) x BN patch columns (B = P_i, gathered from x, column-
+// contiguous along kw runs: MN-major), reduced over BK tokens per step. The
+// token range is split for parallelism: split s of tube i covers K steps
+// [s * steps_per_split, (s + 1) * steps_per_split); each (tube, split,
+// column tile, channel tile) writes an fp32 partial, and one reduction pass
+// sums the splits in order (deterministic) and casts. db rides along: the
+// CTAs of column tile 0 sum their A tiles' rows.
+
+struct DwTube {
+  TubeGeom g;
+  int64_t rows;             // M_i
+  int64_t steps;            // ceil(M_i / BK)
+  int64_t splits;           // S_i
+  int64_t steps_per_split;  // K steps per split (the last may have fewer)
+  int64_t k_tiles;          // ceil(K_i / BN)
+  int64_t tiles_before;     // tiles of the tubes before this one
+  int64_t ws_offset;        // first fp32 partial of this tube in the workspace: S_i blocks of d * K_i
+  int64_t db_offset;        // first db partial: S_i blocks of d
+  int64_t dw_before;        // entries of dW_j, j < i (the reduction's element order)
+  int vb;                   // elements per copy of B (x), as the forward's A
+  void* dw;                 // (d, K_i) contiguous, x's dtype
+  void* db;                 // (d,) x's dtype, or null
+};
+
+struct DwParams {
+  const void* x;
+  Strides5 xs;
+  const void* g;            // (B, N, d) contiguous, 16-byte aligned
+  float* ws;                // partials
+  float* ws_db;             // db partials, or null (no db)
+  DwTube t[kMaxTubes];      // in the op's tube order
+  int n_tubes;
+  int64_t N, d, n_tiles;
+  int64_t d_tiles;          // ceil(d / BM)
+  int64_t ws_elems, db_elems;
+  int64_t dw_total;         // sum of d * K_i
+};
+
+struct DwTile {
+  int tube;
+  int64_t split;
+  int64_t n0;               // first channel (row of dW)
+  int64_t c0;               // first patch column
+  int64_t r0, r1;           // token rows [r0, r1) of this split
+};
+
+// Tile `tile`: tubes in order, then splits, then column tiles, channel tiles
+// fastest (CTAs running together gather the same patch columns).
+TUBEVIT_HD DwTile locate_dw_tile(const DwParams& p, int64_t tile) {
+  int i = 0;
+  while (i + 1 < p.n_tubes && tile >= p.t[i + 1].tiles_before) ++i;
+  const DwTube& t = p.t[i];
+  int64_t local = tile - t.tiles_before;
+  const int64_t dt = local % p.d_tiles;
+  local /= p.d_tiles;
+  const int64_t ct = local % t.k_tiles, split = local / t.k_tiles;
+  const int64_t r0 = split * t.steps_per_split * BK;
+  const int64_t r1 = r0 + t.steps_per_split * BK < t.rows ? r0 + t.steps_per_split * BK : t.rows;
+  return {i, split, dt * BM, ct * BN, r0, r1};
+}
+
+// Whether tile tc also sums its G rows into db partials (column tile 0 of
+// each (tube, split, channel tile), when db is asked for).
+TUBEVIT_HD bool dw_tile_sums_db(const DwParams& p, const DwTile& tc) { return p.ws_db != nullptr && tc.c0 == 0; }
+
+// Producer thread t's A chunks (G rows) of one K step starting at token row
+// k0 of the tile: token j = t / 2, channels (t % 2) * 64 .. + 63 in chunks of
+// 8 (16 bytes); copy(tile_channel, token, src) with src the element offset in
+// G or -1 (zeros).
+template <class Copy>
+TUBEVIT_HD void dw_a_step(const DwParams& p, const DwTube& tube, const DwTile& tc, int t, int64_t k0,
+                          const Copy& copy) {
+  const int j = t / 2;
+  const int64_t r = k0 + j;
+  const int64_t n = tube.g.num_tokens;
+  const int64_t orow = r < tc.r1 ? (r / n) * p.N + tube.g.token_offset + r % n : -1;
+  for (int c = 0; c < 64; c += 8) {
+    const int m = (t % 2) * 64 + c;
+    const bool ok = orow >= 0 && tc.n0 + m < p.d;
+    copy(m, j, ok ? orow * p.d + tc.n0 + m : int64_t(-1));
+  }
+}
+
+// Producer thread t's B chunks (patch entries from x) of one K step: token
+// j = t % 64, columns (t / 64) * 64 .. + 63 of the tile in chunks of V, their
+// offsets from the tile's column table (col_off[c]: offset of column c0 + c
+// from a patch origin, or -1 past K_i); copy(tile_column, token, src, V).
+template <int V, class Copy>
+TUBEVIT_HD void dw_b_step(const DwParams& p, const DwTube& tube, const DwTile& tc, int t, int64_t k0,
+                          const int64_t* col_off, const Copy& copy) {
+  const int j = t % 64, half = t / 64;
+  const int64_t r = k0 + j;
+  int64_t org = -1;
+  if (r < tc.r1) {
+    const int64_t n = tube.g.num_tokens;
+    org = (r / n) * p.xs.b + token_origin_offset(tube.g, r % n, p.xs.t, p.xs.h, p.xs.w);
+  }
+  for (int c = 0; c < 64; c += V) {
+    const int col = half * 64 + c;
+    const int64_t co = col_off[col];
+    copy(col, j, (org >= 0 && co >= 0) ? org + co : int64_t(-1), V);
+  }
+}
+
+// Column table entry c of a tile (filled by producer thread c).
+TUBEVIT_HD int64_t dw_column(const DwParams& p, const DwTube& t, int64_t c0, int c) {
+  const int64_t k = c0 + c;
+  return k < t.g.patch_size ? patch_column_offset(t.g, k, p.xs.c, p.xs.t, p.xs.h, p.xs.w) : -1;
+}
+
+// The reduction pass, element e of dW (0 <= e < dw_total: tube by tube, each
+// (d, K_i) row-major) then of db (dw_total <= e < dw_total + n_tubes * d when
+// db is asked for): which tensor and entry, and the sum of its splits' fp32
+// partials in split order.
+struct DwEntry {
+  int tube;
+  bool bias;
+  int64_t index;  // into dW_i (row-major) or db_i
+};
+TUBEVIT_HD DwEntry dw_entry(const DwParams& p, int64_t e) {
+  if (e >= p.dw_total) return {int((e - p.dw_total) / p.d), true, (e - p.dw_total) % p.d};
+  int i = 0;
+  while (i + 1 < p.n_tubes && e >= p.t[i + 1].dw_before) ++i;
+  return {i, false, e - p.t[i].dw_before};
+}
+TUBEVIT_HD float dw_sum(const DwParams& p, const DwEntry& en) {
+  const DwTube& t = p.t[en.tube];
+  float s = 0.f;
+  if (en.bias) {
+    for (int64_t sp = 0; sp < t.splits; ++sp) s += p.ws_db[t.db_offset + sp * p.d + en.index];
+  } else {
+    const int64_t block = p.d * t.g.patch_size;
+    for (int64_t sp = 0; sp < t.splits; ++sp) s += p.ws[t.ws_offset + sp * block + en.index];
+  }
+  return s;
+}
+
+// Host: split counts so that the tiles number about `target` (a few per
+// SM), each split at least kMinSplitSteps K steps.
+constexpr int64_t kMinSplitSteps = 8;
+inline DwParams make_dw_params(const TubeLayout& L, int64_t target) {
+  TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubes), "the Hopper kernels take at most ", kMaxTubes, " tubes, got ",
+              L.tubes.size());
+  DwParams p{};
+  p.n_tubes = static_cast<int>(L.tubes.size());
+  p.N = L.num_tokens;
+  p.d = L.dim;
+  p.d_tiles = (L.dim + BM - 1) / BM;
+  double work = 0;
+  for (const auto& g : L.tubes)
+    work += double((g.patch_size + BN - 1) / BN) * double((L.batch * g.num_tokens + BK - 1) / BK);
+  int64_t tiles = 0, ws = 0, db = 0, dw = 0;
+  for (int i = 0; i < p.n_tubes; ++i) {
+    DwTube& t = p.t[i];
+    t.g = L.tubes[i];
+    t.dw_before = dw;
+    dw += L.dim * t.g.patch_size;
+    t.rows = L.batch * t.g.num_tokens;
+    t.steps = (t.rows + BK - 1) / BK;
+    t.k_tiles = (t.g.patch_size + BN - 1) / BN;
+    // this tube's share of `target` tiles, in proportion to its work, over its unsplit tiles
+    const double share = work > 0 ? double(target) * double(t.k_tiles) * double(t.steps) / work : 1.0;
+    int64_t s = static_cast<int64_t>(share / double(t.k_tiles * p.d_tiles) + 0.5);
+    const int64_t most = t.steps / kMinSplitSteps;  // splits of at least kMinSplitSteps
+    s = s > most ? most : s;
+    s = s < 1 ? 1 : s;
+    t.steps_per_split = t.steps > 0 ? (t.steps + s - 1) / s : 1;
+    t.splits = t.steps > 0 ? (t.steps + t.steps_per_split - 1) / t.steps_per_split : 0;
+    t.tiles_before = tiles;
+    tiles += t.splits * t.k_tiles * p.d_tiles;
+    t.ws_offset = ws;
+    ws += t.splits * L.dim * t.g.patch_size;
+    t.db_offset = db;
+    db += t.splits * L.dim;
+  }
+  p.n_tiles = tiles;
+  p.ws_elems = ws;
+  p.db_elems = db;
+  p.dw_total = dw;
+  return p;
+}
+
+// Host: make_dw_params with the pointers of one call: x (any strides), grad
+// (B, N, d) contiguous and 16-byte aligned, dws / dbs (dbs empty: no db)
+// contiguous in x's dtype, the workspaces (ws: ws_elems floats; ws_db:
+// db_elems floats or null).
+inline DwParams make_dw_params(const TubeLayout& L, int64_t target, const at::Tensor& x, const at::Tensor& grad,
+                               const std::vector<at::Tensor>& dws, const std::vector<at::Tensor>& dbs, float* ws,
+                               float* ws_db) {
+  DwParams p = make_dw_params(L, target);
+  p.x = x.const_data_ptr();
+  p.xs = strides_of(x);
+  p.g = grad.const_data_ptr();
+  p.ws = ws;
+  p.ws_db = dbs.empty() ? nullptr : ws_db;
+  const int64_t x_align = align_elems(p.x, x.element_size());
+  for (int i = 0; i < p.n_tubes; ++i) {
+    DwTube& t = p.t[i];
+    t.vb = a_width(t.g, p.xs, x_align);
+    t.dw = dws[i].mutable_data_ptr();
+    t.db = dbs.empty() ? nullptr : dbs[i].mutable_data_ptr();
   }
   return p;
 }

@@ -9,7 +9,8 @@
 // tile and 16-byte store chunks. It checks what the hardware would not
 // report: every element of a stage written by exactly one chunk, every
 // cp.async chunk contiguous-and-aligned as its width needs (V elements at a
-// multiple of V * element size), every output element stored once. The
+// multiple of V * element size) and inside its tensor, every output element
+// stored once. The
 // output starts as NaN, so an element no tile writes fails the comparison.
 // What it cannot check is the hardware side (swizzled layouts, descriptors,
 // mbarriers, proxy fences), which the CUDA tests and compute-sanitizer check
@@ -28,8 +29,22 @@ namespace {
 
 using namespace hopper;
 
+// Elements of t's storage a view can reach: 1 + sum (size - 1) * stride (0 if empty).
+int64_t extent_of(const at::Tensor& t) {
+  if (t.numel() == 0) return 0;
+  int64_t e = 1;
+  for (int64_t i = 0; i < t.dim(); ++i) e += (t.size(i) - 1) * t.stride(i);
+  return e;
+}
+
+// A chunk of v elements from base[src] stays inside the `extent` elements the tensor reaches.
+void check_inside(int64_t src, int v, int64_t extent, const char* what) {
+  TORCH_CHECK(src < 0 || src + v <= extent, "a chunk of ", what, " reads past its tensor: elements [", src, ", ",
+              src + v, ") of ", extent);
+}
+
 template <typename scalar_t>
-void emulate(const Params& p, int64_t grid, int64_t batch) {
+void emulate(const Params& p, int64_t grid, int64_t batch, int64_t x_extent) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const scalar_t* pe = static_cast<const scalar_t*>(p.pe);
@@ -43,9 +58,10 @@ void emulate(const Params& p, int64_t grid, int64_t batch) {
   std::vector<ColumnWalker> walk(kProducerThreads);
   std::vector<uint8_t> stored(batch * p.N * d, 0);
   // one chunk of v elements, contiguous from base[src], into tile[row][col..]; src < 0: zeros
-  auto chunk = [&](const scalar_t* base, std::vector<acc_t>& tile, std::vector<int>& hits, int row, int col,
-                   int64_t src, int v) {
+  auto chunk = [&](const scalar_t* base, int64_t extent, std::vector<acc_t>& tile, std::vector<int>& hits, int row,
+                   int col, int64_t src, int v) {
     TORCH_CHECK(col % v == 0, "chunk at column ", col, " not aligned to its width ", v);
+    check_inside(src, v, extent, base == x ? "x" : "a weight");
     if (src >= 0 && v > 1)
       TORCH_CHECK(reinterpret_cast<uintptr_t>(base + src) % (v * sizeof(scalar_t)) == 0, "a ", v,
                   "-element cp.async chunk from a misaligned address (offset ", src, ")");
@@ -56,7 +72,7 @@ void emulate(const Params& p, int64_t grid, int64_t batch) {
   };
   for (int64_t cta = 0; cta < grid; ++cta) {
     for (int64_t j = 0;; ++j) {
-      const int64_t tile = scheduled_tile(p, cta, grid, j);
+      const int64_t tile = scheduled_tile(p.n_tiles, cta, grid, j);
       if (tile < 0) break;
       const TileCoord tc = locate_tile(p, tile);
       const Tube& tube = p.t[tc.tube];
@@ -73,12 +89,12 @@ void emulate(const Params& p, int64_t grid, int64_t batch) {
         for (int t = 0; t < kProducerThreads; ++t) {
           with_width(tube.va, [&](auto va) {
             a_step<decltype(va)::value>(p, tube, t, row_org[t], walk[t], [&](int m, int kk, int64_t src, int v) {
-              chunk(x, a, a_hits, m, kk, src, v);
+              chunk(x, x_extent, a, a_hits, m, kk, src, v);
             });
           });
           with_width(tube.vb, [&](auto vb) {
             b_step<decltype(vb)::value>(p, tube, t, tc.n0, k0, [&](int n, int kk, int64_t src, int v) {
-              chunk(w, b, b_hits, n, kk, src, v);
+              chunk(w, d * K, b, b_hits, n, kk, src, v);
             });
           });
         }
@@ -134,7 +150,7 @@ at::Tensor hopper_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::
   if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
   const Params p = make_params(L, x, w, b, pe, out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tube_tokens_hopper_emulated",
-                                  [&] { emulate<scalar_t>(p, grid, L.batch); });
+                                  [&] { emulate<scalar_t>(p, grid, L.batch, extent_of(x)); });
   return out;
 }
 
@@ -155,11 +171,143 @@ std::vector<int64_t> hopper_widths_cpu(const at::Tensor& x, at::TensorList weigh
   return r;
 }
 
+// The weight / bias gradient kernels (dw_kernel, dw_reduce_kernel): every
+// CTA of a `grid`-CTA persistent launch with its producer threads' chunks
+// (G rows in 16-byte chunks, patch entries through the column table), each
+// stage element written once, fp32 partials per split (each written once;
+// the workspace starts as NaN), db partials from the A tiles of column tile
+// 0, then the reduction pass in its element order. Every chunk's source lies
+// inside its tensor.
+template <typename scalar_t>
+void emulate_dw(const DwParams& p, int64_t grid, int64_t x_extent, int64_t g_extent) {
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const scalar_t* g = static_cast<const scalar_t*>(p.g);
+  std::vector<float> a(BM * BK), b(BN * BK), acc(BM * BN), db_acc(BM);
+  std::vector<int> a_hits(BM * BK), b_hits(BN * BK);
+  std::vector<int64_t> col_tab(BN);
+  std::vector<uint8_t> ws_done(p.ws_elems, 0), db_done(p.db_elems, 0);
+  auto aligned = [](const scalar_t* ptr, int v) {
+    return reinterpret_cast<uintptr_t>(ptr) % (v * sizeof(scalar_t)) == 0;
+  };
+  for (int64_t cta = 0; cta < grid; ++cta) {
+    for (int64_t j = 0;; ++j) {
+      const int64_t tile = scheduled_tile(p.n_tiles, cta, grid, j);
+      if (tile < 0) break;
+      const DwTile tc = locate_dw_tile(p, tile);
+      const DwTube& tube = p.t[tc.tube];
+      const int64_t K = tube.g.patch_size, d = p.d;
+      for (int c = 0; c < BN; ++c) col_tab[c] = dw_column(p, tube, tc.c0, c);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(db_acc.begin(), db_acc.end(), 0.f);
+      const bool do_db = dw_tile_sums_db(p, tc);
+      for (int64_t k0 = tc.r0; k0 < tc.r1; k0 += BK) {
+        std::fill(a_hits.begin(), a_hits.end(), 0);
+        std::fill(b_hits.begin(), b_hits.end(), 0);
+        for (int t = 0; t < kProducerThreads; ++t) {
+          dw_a_step(p, tube, tc, t, k0, [&](int m, int tok, int64_t src) {
+            TORCH_CHECK(m % 8 == 0 && (src < 0 || aligned(g + src, 8)), "a misaligned 16-byte G chunk");
+            check_inside(src, 8, g_extent, "G");
+            for (int e = 0; e < 8; ++e) {
+              a[(m + e) * BK + tok] = src >= 0 ? static_cast<float>(g[src + e]) : 0.f;
+              ++a_hits[(m + e) * BK + tok];
+            }
+          });
+          with_width(tube.vb, [&](auto vb) {
+            dw_b_step<decltype(vb)::value>(p, tube, tc, t, k0, col_tab.data(), [&](int n, int tok, int64_t src, int v) {
+              TORCH_CHECK(n % v == 0 && (src < 0 || v == 1 || aligned(x + src, v)), "a misaligned ", v,
+                          "-element patch chunk");
+              check_inside(src, v, x_extent, "x");
+              for (int e = 0; e < v; ++e) {
+                b[(n + e) * BK + tok] = src >= 0 ? static_cast<float>(x[src + e]) : 0.f;
+                ++b_hits[(n + e) * BK + tok];
+              }
+            });
+          });
+        }
+        for (int i = 0; i < BM * BK; ++i)
+          TORCH_CHECK(a_hits[i] == 1 && b_hits[i] == 1, "dW stage element ", i, " written ", a_hits[i], " (A) / ",
+                      b_hits[i], " (B) times");
+        for (int m = 0; m < BM; ++m) {
+          for (int n = 0; n < BN; ++n) {
+            float s = acc[m * BN + n];
+            for (int kk = 0; kk < BK; ++kk) s += a[m * BK + kk] * b[n * BK + kk];
+            acc[m * BN + n] = s;
+          }
+          if (do_db)
+            for (int kk = 0; kk < BK; ++kk) db_acc[m] += a[m * BK + kk];
+        }
+      }
+      for (int m = 0; m < BM; ++m)
+        for (int n = 0; n < BN; ++n) {
+          const int64_t row = tc.n0 + m, col = tc.c0 + n;
+          if (row >= d || col >= K) continue;
+          const int64_t at = tube.ws_offset + tc.split * d * K + row * K + col;
+          TORCH_CHECK(!ws_done[at], "dW partial ", at, " written twice");
+          ws_done[at] = 1;
+          p.ws[at] = acc[m * BN + n];
+        }
+      if (do_db)
+        for (int m = 0; m < BM; ++m)
+          if (tc.n0 + m < d) {
+            const int64_t at = tube.db_offset + tc.split * d + tc.n0 + m;
+            TORCH_CHECK(!db_done[at], "db partial ", at, " written twice");
+            db_done[at] = 1;
+            p.ws_db[at] = db_acc[m];
+          }
+    }
+  }
+  const int64_t total = p.dw_total + (p.ws_db != nullptr ? p.n_tubes * p.d : 0);
+  for (int64_t e = 0; e < total; ++e) {
+    const DwEntry en = dw_entry(p, e);
+    const float v = dw_sum(p, en);
+    const DwTube& t = p.t[en.tube];
+    static_cast<scalar_t*>(en.bias ? t.db : t.dw)[en.index] = static_cast<scalar_t>(v);
+  }
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> hopper_dw_emulated_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights, at::IntArrayRef tubes, bool bias,
+    int64_t grid, int64_t target) {
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  TORCH_CHECK_VALUE(L.dim % 8 == 0, "the Hopper kernels take d % 8 == 0, got d = ", L.dim);
+  TORCH_CHECK_VALUE(grid >= 1 && target >= 1, "grid and target must be >= 1, got ", grid, ", ", target);
+  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, "the dW emulator keeps fp32 partials: fp16, bf16 or fp32");
+  at::Tensor grad = grad_out.contiguous();
+  if (reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 != 0) grad = grad.clone();
+  std::vector<at::Tensor> dws, dbs;
+  for (const auto& w : weights) dws.push_back(at::full(w.sizes(), std::numeric_limits<double>::quiet_NaN(), x.options()));
+  if (bias)
+    for (size_t i = 0; i < weights.size(); ++i) dbs.push_back(at::full({L.dim}, std::numeric_limits<double>::quiet_NaN(), x.options()));
+  const DwParams shape = make_dw_params(L, target);
+  at::Tensor ws = at::full({shape.ws_elems}, std::numeric_limits<float>::quiet_NaN(), x.options().dtype(at::kFloat));
+  at::Tensor ws_db = at::full({shape.db_elems}, std::numeric_limits<float>::quiet_NaN(), x.options().dtype(at::kFloat));
+  const DwParams p = make_dw_params(L, target, x, grad, dws, dbs, ws.mutable_data_ptr<float>(),
+                                    ws_db.mutable_data_ptr<float>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tube_tokens_hopper_dw_emulated",
+                                  [&] { emulate_dw<scalar_t>(p, grid, extent_of(x), grad.numel()); });
+  return {dws, dbs};
+}
+
+// The split counts the kernel would use: [splits_0, steps_per_split_0, ...].
+std::vector<int64_t> hopper_dw_splits_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                                          at::IntArrayRef tubes, int64_t target) {
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  const DwParams p = make_dw_params(L, target);
+  std::vector<int64_t> r;
+  for (int i = 0; i < p.n_tubes; ++i) {
+    r.push_back(p.t[i].splits);
+    r.push_back(p.t[i].steps_per_split);
+  }
+  return r;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) {
   m.impl("tube_tokens_hopper_emulated", &hopper_emulated_cpu);
   m.impl("hopper_chunk_widths", &hopper_widths_cpu);
+  m.impl("tube_tokens_hopper_dw_emulated", &hopper_dw_emulated_cpu);
+  m.impl("hopper_dw_splits", &hopper_dw_splits_cpu);
 }
 
 }  // namespace tubevit

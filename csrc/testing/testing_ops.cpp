@@ -43,4 +43,11 @@ TORCH_LIBRARY(tubevit_testing, m) {
   // [va_0, vb_0, va_1, vb_1, ...]: the elements per copy of A and of B the Hopper kernel
   // uses for each tube of this call (8 / 4 / 2: 16 / 8 / 4-byte cp.async, 1: plain loads).
   m.def("hopper_chunk_widths(Tensor x, Tensor[] weights, int[] tubes) -> int[]");
+  // The Hopper weight / bias gradient kernels' tile code and reduction on the CPU: (dW list,
+  // db list, empty without bias); `target`: the tile count the splits aim at (the kernel: 4 per SM).
+  m.def(
+      "tube_tokens_hopper_dw_emulated(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, bool bias, "
+      "int grid=132, int target=528) -> (Tensor[], Tensor[])");
+  // [splits_0, steps_per_split_0, splits_1, ...] for a call with this target.
+  m.def("hopper_dw_splits(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, int target) -> int[]");
 }

@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     const T* __restrict__ x = static_cast<const T*>(p.x);
     auto state = cutlass::make_producer_start_state<Pipeline>();
     for (int64_t j = 0;; ++j) {
-      const int64_t tile = scheduled_tile(p, blockIdx.x, gridDim.x, j);
+      const int64_t tile = scheduled_tile(p.n_tiles, blockIdx.x, gridDim.x, j);
       if (tile < 0) break;
       const TileCoord tc = locate_tile(p, tile);
       const Tube& tube = p.t[tc.tube];
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     T* __restrict__ out = static_cast<T*>(p.out);
     const T* __restrict__ pe = static_cast<const T*>(p.pe);
     for (int64_t j = 0;; ++j) {
-      const int64_t tile = scheduled_tile(p, blockIdx.x, gridDim.x, j);
+      const int64_t tile = scheduled_tile(p.n_tiles, blockIdx.x, gridDim.x, j);
       if (tile < 0) break;
       const TileCoord tc = locate_tile(p, tile);
       const Tube& tube = p.t[tc.tube];

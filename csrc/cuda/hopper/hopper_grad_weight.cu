@@ -1,0 +1,275 @@
+// Weight and bias gradients of all tubes on Hopper tensor cores, the
+// forward's skeleton (cuda/hopper/hopper_forward.cu) turned around: per tile
+// (tube, token split, patch-column tile, channel tile; kernels/hopper_tiles.h)
+// warpgroup 0 gathers per K step 64 token rows of G (16-byte cp.async of the
+// tile's 128 channels) and of the patch matrix (cp.async chunks of kw runs
+// through a per-tile column table), both into 128-byte-swizzled MN-major
+// shared memory; warpgroups 1 and 2 run wgmma (A = G^T, B = P, both MN-major)
+// with fp32 accumulators and write the tile's fp32 partial for its split;
+// the CTAs of column tile 0 also sum their G rows (db). A second launch sums
+// the splits in order and casts (deterministic).
+//
+// Built only for sm_90a; other architectures compile an empty body and
+// hopper::grad_weight_supported() keeps the host from launching it.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include <mutex>
+
+#include "../../kernels/hopper_tiles.h"
+#include "../hopper_forward.h"
+
+namespace tubevit {
+namespace hopper {
+namespace {
+
+template <typename torch_t> struct CuteType;
+template <> struct CuteType<at::Half> { using type = cutlass::half_t; };
+template <> struct CuteType<at::BFloat16> { using type = cutlass::bfloat16_t; };
+
+// One 64 x BN x 16 wgmma, both operands MN-major in shared memory (G^T:
+// channels contiguous; P: patch columns contiguous).
+template <typename T> struct GmmaMN;
+template <> struct GmmaMN<cutlass::half_t> {
+  using type = cute::SM90_64x128x16_F32F16F16_SS<cute::GMMA::Major::MN, cute::GMMA::Major::MN>;
+};
+template <> struct GmmaMN<cutlass::bfloat16_t> {
+  using type = cute::SM90_64x128x16_F32BF16BF16_SS<cute::GMMA::Major::MN, cute::GMMA::Major::MN>;
+};
+
+template <typename T>
+struct DwTraits {
+  using SmemA = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<T>{},
+                                             cute::make_shape(cute::Int<BM>{}, cute::Int<BK>{}, cute::Int<kStages>{})));
+  using SmemB = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<T>{},
+                                             cute::make_shape(cute::Int<BN>{}, cute::Int<BK>{}, cute::Int<kStages>{})));
+  using Pipeline = cutlass::PipelineAsync<kStages>;
+  struct Shared {
+    alignas(1024) T a[cute::cosize_v<SmemA>];
+    alignas(1024) T b[cute::cosize_v<SmemB>];
+    int64_t col_off[BN];  // the tile's patch-column offsets (producer only)
+    typename Pipeline::SharedStorage pipe;
+  };
+  static constexpr size_t kSmemBytes = sizeof(Shared) + 1024;
+};
+
+// Barrier of the kCount producer threads (named barrier 2).
+template <int kCount>
+__device__ __forceinline__ void producers_sync() {
+  asm volatile("bar.sync 2, %0;\n" ::"n"(kCount) : "memory");
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void copy_chunk(T* dst, const T* base, int64_t src) {
+  if constexpr (V == 1) {
+    *dst = src >= 0 ? base[src] : T(0.f);
+  } else {
+    constexpr int kBytes = V * int(sizeof(T));
+    const uint32_t d = cute::cast_smem_ptr_to_uint(dst);
+    const T* g = src >= 0 ? base + src : base;  // not read when zero-filled
+    const int n = src >= 0 ? kBytes : 0;
+    if constexpr (kBytes == 16) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(g), "r"(n) : "memory");
+    } else {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(g), "n"(kBytes), "r"(n)
+                   : "memory");
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__ DwParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using Tr = DwTraits<T>;
+  using Pipeline = typename Tr::Pipeline;
+  extern __shared__ char smem_raw[];
+  auto& s = *reinterpret_cast<typename Tr::Shared*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                                    ~uintptr_t(1023));
+  const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
+
+  typename Pipeline::Params pp;
+  pp.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.producer_arv_count = kProducerThreads;
+  pp.consumer_arv_count = kConsumerThreads;
+  pp.initializing_warp = 0;
+  Pipeline pipe(s.pipe, pp);
+  __syncthreads();
+
+  Tensor sA = make_tensor(make_smem_ptr(s.a), typename Tr::SmemA{});  // (channel, token, stage)
+  Tensor sB = make_tensor(make_smem_ptr(s.b), typename Tr::SmemB{});  // (patch column, token, stage)
+
+  if (warpgroup == 0) {
+    const int t = threadIdx.x;
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    const T* __restrict__ g = static_cast<const T*>(p.g);
+    auto state = cutlass::make_producer_start_state<Pipeline>();
+    for (int64_t j = 0;; ++j) {
+      const int64_t tile = scheduled_tile(p.n_tiles, blockIdx.x, gridDim.x, j);
+      if (tile < 0) break;
+      const DwTile tc = locate_dw_tile(p, tile);
+      const DwTube& tube = p.t[tc.tube];
+      producers_sync<kProducerThreads>();  // every producer is done with the previous tile's table
+      s.col_off[t] = dw_column(p, tube, tc.c0, t);
+      producers_sync<kProducerThreads>();
+      with_width(tube.vb, [&](auto vb) {
+        constexpr int VB = decltype(vb)::value;
+        for (int64_t k0 = tc.r0; k0 < tc.r1; k0 += BK) {
+          pipe.producer_acquire(state);
+          const int stage = state.index();
+          dw_a_step(p, tube, tc, t, k0, [&](int m, int tok, int64_t src) { copy_chunk<8>(&sA(m, tok, stage), g, src); });
+          dw_b_step<VB>(p, tube, tc, t, k0, s.col_off,
+                        [&](int n, int tok, int64_t src, int) { copy_chunk<VB>(&sB(n, tok, stage), x, src); });
+          if constexpr (VB == 1) cutlass::arch::fence_view_async_shared();
+          pipe.producer_commit(state, cutlass::arch::cpasync_barrier_arrive);
+          ++state;
+        }
+      });
+    }
+    pipe.producer_tail(state);
+  } else {
+    const int ct = threadIdx.x - kProducerThreads;
+    auto mma = make_tiled_mma(typename GmmaMN<T>::type{}, Layout<Shape<_2, _1, _1>>{});
+    auto thr = mma.get_slice(ct);
+    Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));
+    Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
+    Tensor tCcC = thr.partition_C(make_identity_tensor(make_shape(Int<BM>{}, Int<BN>{})));
+    Tensor acc = thr.make_fragment_C(tCcC);
+    typename Pipeline::PipelineState read, release;
+    for (int64_t j = 0;; ++j) {
+      const int64_t tile = scheduled_tile(p.n_tiles, blockIdx.x, gridDim.x, j);
+      if (tile < 0) break;
+      const DwTile tc = locate_dw_tile(p, tile);
+      const DwTube& tube = p.t[tc.tube];
+      const bool do_db = dw_tile_sums_db(p, tc) && ct < BM;  // consumer thread ct sums channel ct
+      float db_acc = 0.f;
+      clear(acc);
+      bool first = true;
+      for (int64_t k0 = tc.r0; k0 < tc.r1; k0 += BK) {
+        pipe.consumer_wait(read);
+        const int stage = read.index();
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
+        warpgroup_commit_batch();
+        if (do_db) {  // channel ct's G entries of this step (zeros where out of range)
+          CUTE_UNROLL
+          for (int tok = 0; tok < BK; ++tok) db_acc += static_cast<float>(sA(ct, tok, stage));
+        }
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(acc);
+        if (!first) {
+          pipe.consumer_release(release);
+          ++release;
+        }
+        first = false;
+        ++read;
+      }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc);
+      if (!first) {
+        pipe.consumer_release(release);
+        ++release;
+      }
+      // this split's fp32 partial of the tile
+      const int64_t d = p.d, K = tube.g.patch_size;
+      float* __restrict__ part = p.ws + tube.ws_offset + tc.split * d * K;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); ++i) {
+        const int64_t row = tc.n0 + get<0>(tCcC(i)), col = tc.c0 + get<1>(tCcC(i));
+        if (row < d && col < K) part[row * K + col] = acc(i);
+      }
+      if (do_db && tc.n0 + ct < d) p.ws_db[tube.db_offset + tc.split * d + tc.n0 + ct] = db_acc;
+    }
+  }
+#else
+  __trap();  // never launched: grad_weight_supported() is false without sm_90a code
+#endif
+}
+
+// The splits of every dW / db entry summed in split order, cast.
+template <typename T>
+__global__ void dw_reduce_kernel(const __grid_constant__ DwParams p, int64_t total) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const DwEntry en = dw_entry(p, e);
+    const float v = dw_sum(p, en);
+    const DwTube& t = p.t[en.tube];
+    static_cast<T*>(en.bias ? t.db : t.dw)[en.index] = T(v);
+  }
+}
+
+template <typename T>
+void allow_smem(int device) {
+  static std::once_flag flags[64];
+  std::call_once(flags[device % 64], [] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(dw_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(DwTraits<T>::kSmemBytes)));
+  });
+}
+
+}  // namespace
+
+bool grad_weight_supported(const at::Tensor& x, const TubeLayout& L) {
+#if defined(TUBEVIT_HOPPER_SM90A)
+  const auto* prop = at::cuda::getDeviceProperties(x.device().index());
+  const auto t = x.scalar_type();
+  return prop->major == 9 && prop->minor == 0 && (t == at::kHalf || t == at::kBFloat16) &&
+         L.tubes.size() <= size_t(kMaxTubes) && L.dim % 8 == 0 &&
+         prop->sharedMemPerBlockOptin >= DwTraits<cutlass::half_t>::kSmemBytes;
+#else
+  (void)x;
+  (void)L;
+  return false;
+#endif
+}
+
+void grad_weight(const at::Tensor& x, const at::Tensor& grad_out, const TubeLayout& L, std::vector<at::Tensor>& dws,
+                 std::vector<at::Tensor>* dbs) {
+  at::Tensor grad = grad_out.contiguous();
+  if (reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 != 0) grad = grad.clone();  // 16-byte G chunks
+  if (dbs != nullptr) {
+    dbs->clear();
+    for (int64_t i = 0; i < int64_t(L.tubes.size()); ++i) dbs->push_back(at::empty({L.dim}, x.options()));
+  }
+  const int device = x.device().index();
+  const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  const DwParams shape = make_dw_params(L, 4 * int64_t(sms));
+  const at::Tensor ws = at::empty({shape.ws_elems}, x.options().dtype(at::kFloat));
+  const at::Tensor ws_db = at::empty({dbs != nullptr ? shape.db_elems : 0}, x.options().dtype(at::kFloat));
+  const DwParams p = make_dw_params(L, 4 * int64_t(sms), x, grad, dws, dbs != nullptr ? *dbs : std::vector<at::Tensor>{},
+                                    ws.mutable_data_ptr<float>(), ws_db.mutable_data_ptr<float>());
+  const int64_t total = p.dw_total + (p.ws_db != nullptr ? p.n_tubes * p.d : 0);
+  if (total == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t grid = std::min<int64_t>(p.n_tiles, sms);
+  const int64_t rgrid = std::min<int64_t>((total + 255) / 256, int64_t(sms) * 8);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "tubevit_hopper_grad_weight",
+                     AT_DISPATCH_CASE(at::kHalf, [&] {
+                       using T = CuteType<scalar_t>::type;
+                       if (grid > 0) {
+                         allow_smem<T>(device);
+                         dw_kernel<T><<<grid, kThreads, DwTraits<T>::kSmemBytes, stream>>>(p);
+                         C10_CUDA_KERNEL_LAUNCH_CHECK();
+                       }
+                       dw_reduce_kernel<T><<<rgrid, 256, 0, stream>>>(p, total);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       using T = CuteType<scalar_t>::type;
+                       if (grid > 0) {
+                         allow_smem<T>(device);
+                         dw_kernel<T><<<grid, kThreads, DwTraits<T>::kSmemBytes, stream>>>(p);
+                         C10_CUDA_KERNEL_LAUNCH_CHECK();
+                       }
+                       dw_reduce_kernel<T><<<rgrid, 256, 0, stream>>>(p, total);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     }));
+}
+
+}  // namespace hopper
+}  // namespace tubevit
