@@ -24,19 +24,13 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
-#include <mutex>
-
 #include "../../kernels/hopper_tiles.h"
 #include "../hopper_forward.h"
+#include "hopper_device.cuh"
 
 namespace tubevit {
 namespace hopper {
 namespace {
-
-// torch's 16-bit types and CuTe's share the bit layout; the kernel uses CuTe's.
-template <typename torch_t> struct CuteType;
-template <> struct CuteType<at::Half> { using type = cutlass::half_t; };
-template <> struct CuteType<at::BFloat16> { using type = cutlass::bfloat16_t; };
 
 // One 64 x BN x 16 wgmma, both operands K-major in shared memory.
 template <typename T> struct Gmma;
@@ -47,8 +41,8 @@ template <> struct Gmma<cutlass::bfloat16_t> {
   using type = cute::SM90_64x128x16_F32BF16BF16_SS<cute::GMMA::Major::K, cute::GMMA::Major::K>;
 };
 
-// Shared memory of one CTA (dynamic, its start rounded up to 1024 bytes: the
-// 128-byte swizzle repeats every 1024 bytes and is applied to address bits).
+// Shared memory of one CTA (dynamic; aligned_shared rounds its start up to
+// 1024 bytes).
 template <typename T>
 struct Traits {
   using SmemA = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<T>{},
@@ -66,32 +60,6 @@ struct Traits {
   static constexpr size_t kSmemBytes = sizeof(Shared) + 1024;
 };
 
-// Barrier of the kCount consumer threads only (the producer warpgroup runs
-// ahead): named barrier 1 (0 is __syncthreads').
-template <int kCount>
-__device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kCount) : "memory");
-}
-
-// One chunk of V elements from base[src] (src < 0: zeros) to shared dst.
-template <int V, typename T>
-__device__ __forceinline__ void copy_chunk(T* dst, const T* base, int64_t src) {
-  if constexpr (V == 1) {
-    *dst = src >= 0 ? base[src] : T(0.f);
-  } else {
-    constexpr int kBytes = V * int(sizeof(T));
-    const uint32_t d = cute::cast_smem_ptr_to_uint(dst);
-    const T* g = src >= 0 ? base + src : base;  // not read when zero-filled
-    const int n = src >= 0 ? kBytes : 0;
-    if constexpr (kBytes == 16) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(g), "r"(n) : "memory");
-    } else {
-      asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(g), "n"(kBytes), "r"(n)
-                   : "memory");
-    }
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -99,8 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   using Tr = Traits<T>;
   using Pipeline = typename Tr::Pipeline;
   extern __shared__ char smem_raw[];
-  auto& s = *reinterpret_cast<typename Tr::Shared*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                                    ~uintptr_t(1023));
+  auto& s = aligned_shared<typename Tr::Shared>(smem_raw);
   const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
 
   typename Pipeline::Params pp;
@@ -188,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
 
       // epilogue: row table, fp32 bias + position embedding, cast into the staging tile
       if (ct < BM) s.rows[ct] = row_info(p, tube, tc.m0 + ct);
-      consumers_sync<kConsumerThreads>();
+      named_sync<1, kConsumerThreads>();
       const T* __restrict__ bias = static_cast<const T*>(tube.bias);
       const int64_t d = p.d;
       CUTE_UNROLL
@@ -203,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
         }
         s.staged[m * kStagePitch + n] = T(v);
       }
-      consumers_sync<kConsumerThreads>();
+      named_sync<1, kConsumerThreads>();
       // 16-byte chunks of whole rows (d % 8 == 0: a chunk is all in or all out)
       CUTE_UNROLL
       for (int q = ct; q < BM * BN / kOutChunk; q += kConsumerThreads) {
@@ -213,22 +180,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
           *reinterpret_cast<uint4*>(out + orow * d + c) =
               *reinterpret_cast<const uint4*>(&s.staged[ch.row * kStagePitch + ch.col]);
       }
-      consumers_sync<kConsumerThreads>();  // staging tile and row table free for the next tile
+      named_sync<1, kConsumerThreads>();  // staging tile and row table free for the next tile
     }
   }
 #else
   __trap();  // never launched: hopper::supported() is false without sm_90a code
 #endif
-}
-
-// The dynamic shared-memory limit raised once per (kernel, device).
-template <typename T>
-void allow_smem(int device) {
-  static std::once_flag flags[64];
-  std::call_once(flags[device % 64], [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(Traits<T>::kSmemBytes)));
-  });
 }
 
 }  // namespace
@@ -255,16 +212,11 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& weights, const 
   const int device = x.device().index();
   const int64_t grid = std::min<int64_t>(p.n_tiles, at::cuda::getDeviceProperties(device)->multiProcessorCount);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "tubevit_hopper_forward",
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       using T = CuteType<scalar_t>::type;
-                       allow_smem<T>(device);
-                       forward_kernel<T><<<grid, kThreads, Traits<T>::kSmemBytes, stream>>>(p);
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       using T = CuteType<scalar_t>::type;
-                       allow_smem<T>(device);
-                       forward_kernel<T><<<grid, kThreads, Traits<T>::kSmemBytes, stream>>>(p);
-                     }));
+  dispatch_16bit(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    allow_smem<Traits<T>>(reinterpret_cast<const void*>(forward_kernel<T>), Traits<T>::kSmemBytes, device);
+    forward_kernel<T><<<grid, kThreads, Traits<T>::kSmemBytes, stream>>>(p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -20,18 +20,13 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
-#include <mutex>
-
 #include "../../kernels/hopper_tiles.h"
 #include "../hopper_forward.h"
+#include "hopper_device.cuh"
 
 namespace tubevit {
 namespace hopper {
 namespace {
-
-template <typename torch_t> struct CuteType;
-template <> struct CuteType<at::Half> { using type = cutlass::half_t; };
-template <> struct CuteType<at::BFloat16> { using type = cutlass::bfloat16_t; };
 
 // One 64 x BN x 16 wgmma, both operands MN-major in shared memory (G^T:
 // channels contiguous; P: patch columns contiguous).
@@ -59,30 +54,6 @@ struct DwTraits {
   static constexpr size_t kSmemBytes = sizeof(Shared) + 1024;
 };
 
-// Barrier of the kCount producer threads (named barrier 2).
-template <int kCount>
-__device__ __forceinline__ void producers_sync() {
-  asm volatile("bar.sync 2, %0;\n" ::"n"(kCount) : "memory");
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void copy_chunk(T* dst, const T* base, int64_t src) {
-  if constexpr (V == 1) {
-    *dst = src >= 0 ? base[src] : T(0.f);
-  } else {
-    constexpr int kBytes = V * int(sizeof(T));
-    const uint32_t d = cute::cast_smem_ptr_to_uint(dst);
-    const T* g = src >= 0 ? base + src : base;  // not read when zero-filled
-    const int n = src >= 0 ? kBytes : 0;
-    if constexpr (kBytes == 16) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(g), "r"(n) : "memory");
-    } else {
-      asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(g), "n"(kBytes), "r"(n)
-                   : "memory");
-    }
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__ DwParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -90,8 +61,7 @@ __global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__
   using Tr = DwTraits<T>;
   using Pipeline = typename Tr::Pipeline;
   extern __shared__ char smem_raw[];
-  auto& s = *reinterpret_cast<typename Tr::Shared*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                                    ~uintptr_t(1023));
+  auto& s = aligned_shared<typename Tr::Shared>(smem_raw);
   const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
 
   typename Pipeline::Params pp;
@@ -115,9 +85,9 @@ __global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__
       if (tile < 0) break;
       const DwTile tc = locate_dw_tile(p, tile);
       const DwTube& tube = p.t[tc.tube];
-      producers_sync<kProducerThreads>();  // every producer is done with the previous tile's table
+      named_sync<2, kProducerThreads>();  // every producer is done with the previous tile's table
       s.col_off[t] = dw_column(p, tube, tc.c0, t);
-      producers_sync<kProducerThreads>();
+      named_sync<2, kProducerThreads>();
       with_width(tube.vb, [&](auto vb) {
         constexpr int VB = decltype(vb)::value;
         for (int64_t k0 = tc.r0; k0 < tc.r1; k0 += BK) {
@@ -204,15 +174,6 @@ __global__ void dw_reduce_kernel(const __grid_constant__ DwParams p, int64_t tot
   }
 }
 
-template <typename T>
-void allow_smem(int device) {
-  static std::once_flag flags[64];
-  std::call_once(flags[device % 64], [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(dw_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(DwTraits<T>::kSmemBytes)));
-  });
-}
-
 }  // namespace
 
 bool grad_weight_supported(const at::Tensor& x, const TubeLayout& L) {
@@ -249,26 +210,16 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad_out, const TubeLayo
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t grid = std::min<int64_t>(p.n_tiles, sms);
   const int64_t rgrid = std::min<int64_t>((total + 255) / 256, int64_t(sms) * 8);
-  AT_DISPATCH_SWITCH(x.scalar_type(), "tubevit_hopper_grad_weight",
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       using T = CuteType<scalar_t>::type;
-                       if (grid > 0) {
-                         allow_smem<T>(device);
-                         dw_kernel<T><<<grid, kThreads, DwTraits<T>::kSmemBytes, stream>>>(p);
-                         C10_CUDA_KERNEL_LAUNCH_CHECK();
-                       }
-                       dw_reduce_kernel<T><<<rgrid, 256, 0, stream>>>(p, total);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       using T = CuteType<scalar_t>::type;
-                       if (grid > 0) {
-                         allow_smem<T>(device);
-                         dw_kernel<T><<<grid, kThreads, DwTraits<T>::kSmemBytes, stream>>>(p);
-                         C10_CUDA_KERNEL_LAUNCH_CHECK();
-                       }
-                       dw_reduce_kernel<T><<<rgrid, 256, 0, stream>>>(p, total);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                     }));
+  dispatch_16bit(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if (grid > 0) {
+      allow_smem<DwTraits<T>>(reinterpret_cast<const void*>(dw_kernel<T>), DwTraits<T>::kSmemBytes, device);
+      dw_kernel<T><<<grid, kThreads, DwTraits<T>::kSmemBytes, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    dw_reduce_kernel<T><<<rgrid, 256, 0, stream>>>(p, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace hopper
