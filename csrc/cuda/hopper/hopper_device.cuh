@@ -59,6 +59,19 @@ __device__ __forceinline__ void copy_chunk(T* dst, const T* base, int64_t src) {
   }
 }
 
+// Parameters of a warp-specialized CTA's stage pipeline (a CUTLASS
+// PipelineAsync): warpgroup 0 produces, the others consume; warp 0
+// initialises the barriers, which the caller's __syncthreads() then publishes.
+template <class Pipeline>
+__device__ __forceinline__ typename Pipeline::Params pipeline_params(int warpgroup, int producers, int consumers) {
+  typename Pipeline::Params pp;
+  pp.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.producer_arv_count = producers;
+  pp.consumer_arv_count = consumers;
+  pp.initializing_warp = 0;
+  return pp;
+}
+
 // The CTA's shared storage: the dynamic allocation's start rounded up to
 // 1024 bytes (the 128-byte swizzle repeats every 1024 bytes and is applied to
 // address bits); launches ask for sizeof(Shared) + 1024.

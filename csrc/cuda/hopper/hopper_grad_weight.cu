@@ -64,12 +64,7 @@ __global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__
   auto& s = aligned_shared<typename Tr::Shared>(smem_raw);
   const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
 
-  typename Pipeline::Params pp;
-  pp.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pp.producer_arv_count = kProducerThreads;
-  pp.consumer_arv_count = kConsumerThreads;
-  pp.initializing_warp = 0;
-  Pipeline pipe(s.pipe, pp);
+  Pipeline pipe(s.pipe, pipeline_params<Pipeline>(warpgroup, kProducerThreads, kConsumerThreads));
   __syncthreads();
 
   Tensor sA = make_tensor(make_smem_ptr(s.a), typename Tr::SmemA{});  // (channel, token, stage)
