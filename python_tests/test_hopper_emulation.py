@@ -154,6 +154,17 @@ def test_hopper_dw_any_split_and_grid(target, grid):
         check_rounded(got, want, torch.float32, f"target {target} grid {grid}", fp32_rel=2.0 ** -16)
 
 
+def test_hopper_dw_empty_batch_gives_zeros():
+    """B = 0: no tiles, no partials; the reduction still writes every dW and db entry (zeros)."""
+    tubes, x, ws, _, _ = _inputs("mixed", torch.bfloat16, "contiguous")
+    x0 = x[:0]
+    grad = torch.empty(0, tv.num_tokens(tubes, x.shape[2:]), ws[0].shape[0], dtype=torch.bfloat16)
+    dws, dbs = ops.tube_tokens_hopper_dw_emulated(grad, x0, ws, tv.flatten_tubes(tubes), True, 3, 12)
+    assert len(dbs) == len(tubes)
+    for t in dws + dbs:
+        assert torch.equal(t, torch.zeros_like(t))
+
+
 def test_hopper_dw_splits():
     """Token splits: about `target` tiles in all (4 per SM in the kernel), every split non-empty and at
     least 8 K steps of 64 tokens unless the tube has one split. The paper's tubes at B = 32, d = 768

@@ -300,7 +300,8 @@ struct DwParams {
   Strides5 xs;
   const void* g;            // (B, N, d) contiguous, 16-byte aligned
   float* ws;                // partials
-  float* ws_db;             // db partials, or null (no db)
+  float* ws_db;             // db partials (db_elems floats; null when there are none)
+  int with_db;              // db asked for (its reduction runs even with no partials: B = 0 gives zeros)
   DwTube t[kMaxTubes];      // in the op's tube order
   int n_tubes;
   int64_t N, d, n_tiles;
@@ -334,7 +335,10 @@ TUBEVIT_HD DwTile locate_dw_tile(const DwParams& p, int64_t tile) {
 
 // Whether tile tc also sums its G rows into db partials (column tile 0 of
 // each (tube, split, channel tile), when db is asked for).
-TUBEVIT_HD bool dw_tile_sums_db(const DwParams& p, const DwTile& tc) { return p.ws_db != nullptr && tc.c0 == 0; }
+TUBEVIT_HD bool dw_tile_sums_db(const DwParams& p, const DwTile& tc) { return p.with_db && tc.c0 == 0; }
+
+// Elements of the reduction pass: every dW entry, then every db entry when asked for.
+TUBEVIT_HD int64_t dw_reduce_total(const DwParams& p) { return p.dw_total + (p.with_db ? p.n_tubes * p.d : 0); }
 
 // Producer thread t's A chunks (G rows) of one K step starting at token row
 // k0 of the tile: token j = t / 2, channels (t % 2) * 64 .. + 63 in chunks of
@@ -465,7 +469,8 @@ inline DwParams make_dw_params(const TubeLayout& L, int64_t target, const at::Te
   p.xs = strides_of(x);
   p.g = grad.const_data_ptr();
   p.ws = ws;
-  p.ws_db = dbs.empty() ? nullptr : ws_db;
+  p.with_db = !dbs.empty();
+  p.ws_db = p.with_db ? ws_db : nullptr;
   const int64_t x_align = align_elems(p.x, x.element_size());
   for (int i = 0; i < p.n_tubes; ++i) {
     DwTube& t = p.t[i];

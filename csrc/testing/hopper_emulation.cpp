@@ -256,7 +256,7 @@ void emulate_dw(const DwParams& p, int64_t grid, int64_t x_extent, int64_t g_ext
           }
     }
   }
-  const int64_t total = p.dw_total + (p.ws_db != nullptr ? p.n_tubes * p.d : 0);
+  const int64_t total = dw_reduce_total(p);
   for (int64_t e = 0; e < total; ++e) {
     const DwEntry en = dw_entry(p, e);
     const float v = dw_sum(p, en);

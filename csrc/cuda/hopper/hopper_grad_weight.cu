@@ -200,7 +200,7 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad_out, const TubeLayo
   const at::Tensor ws_db = at::empty({dbs != nullptr ? shape.db_elems : 0}, x.options().dtype(at::kFloat));
   const DwParams p = make_dw_params(L, 4 * int64_t(sms), x, grad, dws, dbs != nullptr ? *dbs : std::vector<at::Tensor>{},
                                     ws.mutable_data_ptr<float>(), ws_db.mutable_data_ptr<float>());
-  const int64_t total = p.dw_total + (p.ws_db != nullptr ? p.n_tubes * p.d : 0);
+  const int64_t total = dw_reduce_total(p);
   if (total == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t grid = std::min<int64_t>(p.n_tiles, sms);
