@@ -91,9 +91,13 @@ FP32_TC_REL = 2.0 ** -20
 #: The slack is a few roundings of the largest value: where PyTorch's path is exact or nearly so
 #: (fp64, short fp32 sums) another summation order may still differ by that much. Measured over
 #: test_tokens.py: the largest slack any case needs is 10 (fp64), 1.6 (fp32) and 0 (bf16, fp16)
-#: roundings; the typical bound is then 3-14x the observed error. The property-based fuzz
-#: (test_fuzz.py) holds to it too: 1000 hypothesis examples, none above it.
-ATOL_ULPS = {torch.float64: 16, torch.float32: 8, torch.bfloat16: 1, torch.float16: 1}
+#: roundings; the typical bound is then 3-14x the observed error. bf16 allows 2: the CPU bf16
+#: forward rounds twice by construction (oneDNN's bf16 GEMM, reached through ATen, writes bf16 and
+#: has no fp32-output form on the CPU; bias and PE are then added in fp32 and rounded again), and a
+#: fuzz example with d = 1 and K = 10 (B = 2, seed 691) lands 1.97 roundings from the fp64 oracle
+#: where PyTorch's bias-inside-conv path happens to be 0.2 away. The property-based fuzz
+#: (test_fuzz.py) holds to this rule.
+ATOL_ULPS = {torch.float64: 16, torch.float32: 8, torch.bfloat16: 2, torch.float16: 1}
 
 
 def reference_rule_bound(ref_err, oracle, dtype):
