@@ -52,6 +52,7 @@ struct Tube {
   int64_t tiles_before;  // tiles of the tubes before this one in the tile list
   int64_t m_tiles;       // ceil(M_i / BM)
   int va, vb;            // elements per copy of A (x) and of B (W): 8, 4, 2 (cp.async) or 1
+  int op_index;          // this tube's index in the op's tube list
 };
 
 struct Params {
@@ -216,8 +217,8 @@ inline int64_t align_elems(const void* ptr, int64_t elem) {
 }
 
 // Host: the parameters for layout L without pointers: the tile list, tubes
-// by decreasing K (stable); `order[i]` receives the op's index of Params::t[i].
-inline Params make_params(const TubeLayout& L, int order[kMaxTubes]) {
+// by decreasing K (stable; Tube::op_index keeps the op's order).
+inline Params make_params(const TubeLayout& L) {
   TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubes), "the Hopper kernel takes at most ", kMaxTubes, " tubes, got ",
               L.tubes.size());
   Params p{};
@@ -225,6 +226,7 @@ inline Params make_params(const TubeLayout& L, int order[kMaxTubes]) {
   p.N = L.num_tokens;
   p.d = L.dim;
   p.n_col_tiles = (L.dim + BN - 1) / BN;
+  int order[kMaxTubes];
   for (int i = 0; i < p.n_tubes; ++i) order[i] = i;
   // insertion sort: stable, at most kMaxTubes entries
   for (int i = 1; i < p.n_tubes; ++i)
@@ -233,6 +235,7 @@ inline Params make_params(const TubeLayout& L, int order[kMaxTubes]) {
   int64_t tiles = 0;
   for (int i = 0; i < p.n_tubes; ++i) {
     Tube& t = p.t[i];
+    t.op_index = order[i];
     t.g = L.tubes[order[i]];
     t.rows = L.batch * t.g.num_tokens;
     t.m_tiles = (t.rows + BM - 1) / BM;
@@ -248,8 +251,7 @@ inline Params make_params(const TubeLayout& L, int order[kMaxTubes]) {
 // (B, N, d) contiguous; chunk widths from the strides and alignments.
 inline Params make_params(const TubeLayout& L, const at::Tensor& x, const std::vector<at::Tensor>& weights,
                           const std::vector<at::Tensor>& biases, const at::Tensor& pe, at::Tensor& out) {
-  int order[kMaxTubes];
-  Params p = make_params(L, order);
+  Params p = make_params(L);
   p.x = x.const_data_ptr();
   p.xs = strides_of(x);
   p.pe = pe.defined() ? pe.const_data_ptr() : nullptr;
@@ -258,8 +260,8 @@ inline Params make_params(const TubeLayout& L, const at::Tensor& x, const std::v
   const int64_t x_align = align_elems(p.x, elem);
   for (int i = 0; i < p.n_tubes; ++i) {
     Tube& t = p.t[i];
-    t.w = weights[order[i]].const_data_ptr();
-    t.bias = biases.empty() ? nullptr : biases[order[i]].const_data_ptr();
+    t.w = weights[t.op_index].const_data_ptr();
+    t.bias = biases.empty() ? nullptr : biases[t.op_index].const_data_ptr();
     t.va = a_width(t.g, p.xs, x_align);
     t.vb = b_width(t.g.patch_size, align_elems(t.w, elem));
   }
@@ -457,14 +459,12 @@ inline DwParams make_dw_params(const TubeLayout& L, int64_t target) {
   return p;
 }
 
-// Host: make_dw_params with the pointers of one call: x (any strides), grad
-// (B, N, d) contiguous and 16-byte aligned, dws / dbs (dbs empty: no db)
-// contiguous in x's dtype, the workspaces (ws: ws_elems floats; ws_db:
-// db_elems floats or null).
-inline DwParams make_dw_params(const TubeLayout& L, int64_t target, const at::Tensor& x, const at::Tensor& grad,
-                               const std::vector<at::Tensor>& dws, const std::vector<at::Tensor>& dbs, float* ws,
-                               float* ws_db) {
-  DwParams p = make_dw_params(L, target);
+// Host: the pointers of one call into p (from make_dw_params, whose sizes
+// the workspaces follow): x (any strides), grad (B, N, d) contiguous and
+// 16-byte aligned, dws / dbs (dbs empty: no db) contiguous in x's dtype, ws
+// (ws_elems floats) and ws_db (db_elems floats; unused without db).
+inline void bind_dw(DwParams& p, const at::Tensor& x, const at::Tensor& grad, const std::vector<at::Tensor>& dws,
+                    const std::vector<at::Tensor>& dbs, float* ws, float* ws_db) {
   p.x = x.const_data_ptr();
   p.xs = strides_of(x);
   p.g = grad.const_data_ptr();
@@ -478,7 +478,6 @@ inline DwParams make_dw_params(const TubeLayout& L, int64_t target, const at::Te
     t.dw = dws[i].mutable_data_ptr();
     t.db = dbs.empty() ? nullptr : dbs[i].mutable_data_ptr();
   }
-  return p;
 }
 
 }  // namespace hopper

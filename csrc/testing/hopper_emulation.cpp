@@ -158,15 +158,13 @@ at::Tensor hopper_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::
 // each tube of this call, in the op's tube order.
 std::vector<int64_t> hopper_widths_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef tubes) {
   const TubeLayout L = check_forward_args(x, weights, {}, tubes, c10::nullopt);
-  int order[kMaxTubes];
-  make_params(L, order);
   const std::vector<at::Tensor> w = contiguous_all(weights);
   at::Tensor out = at::empty({0}, x.options());
   const Params p = make_params(L, x, w, {}, at::Tensor(), out);
   std::vector<int64_t> r(2 * p.n_tubes);
   for (int i = 0; i < p.n_tubes; ++i) {
-    r[2 * order[i]] = p.t[i].va;
-    r[2 * order[i] + 1] = p.t[i].vb;
+    r[2 * p.t[i].op_index] = p.t[i].va;
+    r[2 * p.t[i].op_index + 1] = p.t[i].vb;
   }
   return r;
 }
@@ -278,11 +276,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> hopper_dw_emulated_
   for (const auto& w : weights) dws.push_back(at::full(w.sizes(), std::numeric_limits<double>::quiet_NaN(), x.options()));
   if (bias)
     for (size_t i = 0; i < weights.size(); ++i) dbs.push_back(at::full({L.dim}, std::numeric_limits<double>::quiet_NaN(), x.options()));
-  const DwParams shape = make_dw_params(L, target);
-  at::Tensor ws = at::full({shape.ws_elems}, std::numeric_limits<float>::quiet_NaN(), x.options().dtype(at::kFloat));
-  at::Tensor ws_db = at::full({shape.db_elems}, std::numeric_limits<float>::quiet_NaN(), x.options().dtype(at::kFloat));
-  const DwParams p = make_dw_params(L, target, x, grad, dws, dbs, ws.mutable_data_ptr<float>(),
-                                    ws_db.mutable_data_ptr<float>());
+  DwParams p = make_dw_params(L, target);
+  at::Tensor ws = at::full({p.ws_elems}, std::numeric_limits<float>::quiet_NaN(), x.options().dtype(at::kFloat));
+  at::Tensor ws_db = at::full({p.db_elems}, std::numeric_limits<float>::quiet_NaN(), x.options().dtype(at::kFloat));
+  bind_dw(p, x, grad, dws, dbs, ws.mutable_data_ptr<float>(), ws_db.mutable_data_ptr<float>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tube_tokens_hopper_dw_emulated",
                                   [&] { emulate_dw<scalar_t>(p, grid, extent_of(x), grad.numel()); });
   return {dws, dbs};

@@ -8,10 +8,13 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <cute/tensor.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/numeric_types.h>
 
 #include <cstdint>
 #include <mutex>
+
+#include "../../kernels/hopper_tiles.h"
 
 namespace tubevit {
 namespace hopper {
@@ -20,6 +23,27 @@ namespace hopper {
 template <typename torch_t> struct CuteType;
 template <> struct CuteType<at::Half> { using type = cutlass::half_t; };
 template <> struct CuteType<at::BFloat16> { using type = cutlass::bfloat16_t; };
+
+// One 64 x BN x 16 wgmma with fp32 accumulators, both operands in shared
+// memory with major-ness M (K: the reduction dimension contiguous; MN: the
+// rows / columns of the product contiguous).
+template <typename T, cute::GMMA::Major M> struct GmmaAtomOf;
+template <cute::GMMA::Major M> struct GmmaAtomOf<cutlass::half_t, M> {
+  using type = cute::SM90_64x128x16_F32F16F16_SS<M, M>;
+};
+template <cute::GMMA::Major M> struct GmmaAtomOf<cutlass::bfloat16_t, M> {
+  using type = cute::SM90_64x128x16_F32BF16BF16_SS<M, M>;
+};
+template <typename T, cute::GMMA::Major M>
+using GmmaAtom = typename GmmaAtomOf<T, M>::type;
+
+// kStages stages of a Rows x BK operand tile in 128-byte-swizzled shared
+// memory, (row, k, stage), with major-ness M.
+template <typename T, cute::GMMA::Major M, int Rows>
+using StageLayout = decltype(cute::tile_to_shape(
+    std::conditional_t<M == cute::GMMA::Major::K, cute::GMMA::Layout_K_SW128_Atom<T>,
+                       cute::GMMA::Layout_MN_SW128_Atom<T>>{},
+    cute::make_shape(cute::Int<Rows>{}, cute::Int<BK>{}, cute::Int<kStages>{})));
 
 // f(T{}) with T the CuTe type of x's dtype (fp16 or bf16; callers check).
 template <class F>

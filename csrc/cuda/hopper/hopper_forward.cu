@@ -32,23 +32,12 @@ namespace tubevit {
 namespace hopper {
 namespace {
 
-// One 64 x BN x 16 wgmma, both operands K-major in shared memory.
-template <typename T> struct Gmma;
-template <> struct Gmma<cutlass::half_t> {
-  using type = cute::SM90_64x128x16_F32F16F16_SS<cute::GMMA::Major::K, cute::GMMA::Major::K>;
-};
-template <> struct Gmma<cutlass::bfloat16_t> {
-  using type = cute::SM90_64x128x16_F32BF16BF16_SS<cute::GMMA::Major::K, cute::GMMA::Major::K>;
-};
-
 // Shared memory of one CTA (dynamic; aligned_shared rounds its start up to
 // 1024 bytes).
 template <typename T>
 struct Traits {
-  using SmemA = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<T>{},
-                                             cute::make_shape(cute::Int<BM>{}, cute::Int<BK>{}, cute::Int<kStages>{})));
-  using SmemB = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<T>{},
-                                             cute::make_shape(cute::Int<BN>{}, cute::Int<BK>{}, cute::Int<kStages>{})));
+  using SmemA = StageLayout<T, cute::GMMA::Major::K, BM>;  // patch rows, K contiguous
+  using SmemB = StageLayout<T, cute::GMMA::Major::K, BN>;  // W rows
   using Pipeline = cutlass::PipelineAsync<kStages>;
   struct Shared {
     alignas(1024) T a[cute::cosize_v<SmemA>];
@@ -112,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   } else {
     // ---- consumers: wgmma over the stages, then the epilogue
     const int ct = threadIdx.x - kProducerThreads;
-    auto mma = make_tiled_mma(typename Gmma<T>::type{}, Layout<Shape<_2, _1, _1>>{});  // 2 warpgroups along M
+    auto mma = make_tiled_mma(GmmaAtom<T, GMMA::Major::K>{}, Layout<Shape<_2, _1, _1>>{});  // 2 warpgroups along M
     auto thr = mma.get_slice(ct);
     Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));  // smem descriptors (MMA, MMA_M, MMA_K, stage)
     Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));

@@ -28,22 +28,11 @@ namespace tubevit {
 namespace hopper {
 namespace {
 
-// One 64 x BN x 16 wgmma, both operands MN-major in shared memory (G^T:
-// channels contiguous; P: patch columns contiguous).
-template <typename T> struct GmmaMN;
-template <> struct GmmaMN<cutlass::half_t> {
-  using type = cute::SM90_64x128x16_F32F16F16_SS<cute::GMMA::Major::MN, cute::GMMA::Major::MN>;
-};
-template <> struct GmmaMN<cutlass::bfloat16_t> {
-  using type = cute::SM90_64x128x16_F32BF16BF16_SS<cute::GMMA::Major::MN, cute::GMMA::Major::MN>;
-};
-
 template <typename T>
 struct DwTraits {
-  using SmemA = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<T>{},
-                                             cute::make_shape(cute::Int<BM>{}, cute::Int<BK>{}, cute::Int<kStages>{})));
-  using SmemB = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<T>{},
-                                             cute::make_shape(cute::Int<BN>{}, cute::Int<BK>{}, cute::Int<kStages>{})));
+  // G^T (channels contiguous) and P (patch columns contiguous): both MN-major
+  using SmemA = StageLayout<T, cute::GMMA::Major::MN, BM>;
+  using SmemB = StageLayout<T, cute::GMMA::Major::MN, BN>;
   using Pipeline = cutlass::PipelineAsync<kStages>;
   struct Shared {
     alignas(1024) T a[cute::cosize_v<SmemA>];
@@ -100,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__
     pipe.producer_tail(state);
   } else {
     const int ct = threadIdx.x - kProducerThreads;
-    auto mma = make_tiled_mma(typename GmmaMN<T>::type{}, Layout<Shape<_2, _1, _1>>{});
+    auto mma = make_tiled_mma(GmmaAtom<T, GMMA::Major::MN>{}, Layout<Shape<_2, _1, _1>>{});
     auto thr = mma.get_slice(ct);
     Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));
     Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
@@ -195,11 +184,11 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad_out, const TubeLayo
   }
   const int device = x.device().index();
   const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
-  const DwParams shape = make_dw_params(L, 4 * int64_t(sms));
-  const at::Tensor ws = at::empty({shape.ws_elems}, x.options().dtype(at::kFloat));
-  const at::Tensor ws_db = at::empty({dbs != nullptr ? shape.db_elems : 0}, x.options().dtype(at::kFloat));
-  const DwParams p = make_dw_params(L, 4 * int64_t(sms), x, grad, dws, dbs != nullptr ? *dbs : std::vector<at::Tensor>{},
-                                    ws.mutable_data_ptr<float>(), ws_db.mutable_data_ptr<float>());
+  DwParams p = make_dw_params(L, 4 * int64_t(sms));
+  const at::Tensor ws = at::empty({p.ws_elems}, x.options().dtype(at::kFloat));
+  const at::Tensor ws_db = at::empty({dbs != nullptr ? p.db_elems : 0}, x.options().dtype(at::kFloat));
+  bind_dw(p, x, grad, dws, dbs != nullptr ? *dbs : std::vector<at::Tensor>{}, ws.mutable_data_ptr<float>(),
+          ws_db.mutable_data_ptr<float>());
   const int64_t total = dw_reduce_total(p);
   if (total == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
