@@ -6,11 +6,12 @@ resource report and SASS (cuobjdump) and fails when a kernel breaks its contract
 Contracts (per kernel, matched on the demangled name):
   every kernel          at most 255 registers; its local memory (LOCAL, STACK) is printed
   hopper:: kernels      no local memory (LOCAL and STACK 0: no spills, no stack arrays, no kernel
-                        parameters copied to local memory); the forward and dW kernels' sm_90a code has
+                        parameters copied to local memory); the forward, dW and dP kernels' sm_90a code has
                         HGMMA (wgmma), LDGSTS (cp.async: the producer's gather), SYNCS (mbarrier
                         waits and arrivals: the stage pipeline) and FENCE.VIEW.ASYNC.S (the proxy
                         fence after the 1-element chunks' plain shared stores), within 168
                         registers (384 threads, one CTA per SM: 65536 / 384)
+  dx writer             no local memory, at most 85 registers (three 256-thread blocks per SM)
 (The tensor-core kernels of cuda/tube_tokens_tc.cu keep stage-pointer tables on the stack, 24-192
 bytes: printed, not failed.)
 cuobjdump comes with the CUDA toolkit; without one, the copy that triton (a torch dependency) ships is
@@ -34,6 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRACTS = [
     (re.compile(r"hopper::.*forward_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True),
     (re.compile(r"hopper::.*dw_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True),
+    (re.compile(r"hopper::.*dp_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True),
+    # the dx writer: bandwidth-bound, three blocks per SM (__launch_bounds__), acc[8] in registers
+    (re.compile(r"dx::.*tube_dx_writer_kernel"), (), 85, True),
     (re.compile(r"hopper::"), (), 255, True),
 ]
 DEFAULT_CONTRACT = ((), 255, False)

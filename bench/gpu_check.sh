@@ -12,8 +12,9 @@
 #                  path with the scatter (TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1)
 #   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
 #   tests-hopper   the same with the opt-in sm_90a wgmma kernels (TUBEVIT_CUDA_PATH=hopper: forward, dW,
-#                  db), then bf16 forward and forward + backward rows at B = 1, 8, 32 against unfold +
-#                  cuBLAS and the GEMM path, same run
+#                  db, dP + the dx writer), then bf16 forward, forward + backward and forward +
+#                  backward with the input gradient at B = 1, 8, 32 against unfold + cuBLAS and the
+#                  GEMM path, same run
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_PATH=naive)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all paths
 #                  (GEMM forced, tensor-core kernels, naive, and the Hopper forward where built)
@@ -40,7 +41,8 @@
 #                  as .variants/NAME.so (tuning variants, a baseline commit);
 #                  VARIANT_TESTS="NAME ..." runs the CUDA tests on those first
 #   ncu            optional: Nsight Compute text report of one bf16 forward + backward
-#   ncu-hopper     Nsight Compute report of the Hopper kernels (bf16, B = 32), ncu-hopper.txt
+#   ncu-hopper     Nsight Compute report of the Hopper kernels and the dx writer (bf16, B = 32),
+#                  ncu-hopper.txt
 # A step starts only if the budget still holds its estimate, and runs under
 # `timeout` with what is left, so a killed call still returns its results.
 #
@@ -175,10 +177,10 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 run_step tests-optin 60 pytest_by_file
       TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 run_step tests-optin-tc 60 pytest_by_file ;;
     tests-hopper)
-      # the opt-in sm_90a wgmma kernels (input gradient: auto's choice), and their rows of the benchmark
+      # the opt-in sm_90a wgmma kernels, and their rows of the benchmark
       TUBEVIT_CUDA_PATH=hopper run_step tests-hopper 60 pytest_by_file
       run_step bench-hopper 60 bench bench-hopper.json --impls unfold_gemm fused_gemm fused_hopper \
-        --dtypes bfloat16 --modes fwd fwd_bwd --batch 1 8 32
+        --dtypes bfloat16 --modes fwd fwd_bwd fwd_bwd_input --batch 1 8 32
       grep -E "^paper" "$LOGS/bench-hopper.log" | sed "s/^/hopper: /" | tee -a "$SUMMARY" ;;
     tests-tc)
       TUBEVIT_CUDA_PATH=tc run_step tests-tc 60 pytest_by_file ;;
@@ -187,7 +189,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
     memcheck|racecheck|initcheck|synccheck)
       run_step "$step" 60 sanitize "$step" ;;
     sanitize-hopper)
-      # the opt-in Hopper forward alone under every tool (its mbarrier pipeline: racecheck, synccheck)
+      # the opt-in Hopper kernels alone under every tool (their mbarrier pipelines: racecheck, synccheck)
       for tool in memcheck racecheck synccheck initcheck; do
         TUBEVIT_CUDA_PATH=hopper run_step "hopper-$tool" 30 compute-sanitizer --tool "$tool" --error-exitcode 9 \
           "$PY" bench/sanitize_case.py
@@ -288,11 +290,12 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         -k "regex:tube_|grid_stride" -c 8 "$PY" bench/gpu_profile.py --once bf16 --input-grad
       cp "$LOGS/ncu.log" "$RES/ncu.txt" ;;
     ncu-hopper)
-      # the Hopper kernels, bf16, B = 32 (gpu_profile.py --once: one forward + backward): forward, dW, its reduction
+      # the Hopper kernels, bf16, B = 32 (gpu_profile.py --once --input-grad: one forward + backward):
+      # forward, dW, its reduction, dP, the dx writer
       TUBEVIT_CUDA_PATH=hopper run_step ncu-hopper 60 ncu --clock-control none --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-        --section ComputeWorkloadAnalysis --kernel-name-base demangled -k "regex:hopper::" -c 3 \
-        "$PY" bench/gpu_profile.py --once bf16
+        --section ComputeWorkloadAnalysis --kernel-name-base demangled -k "regex:hopper::|tube_dx_writer" -c 5 \
+        "$PY" bench/gpu_profile.py --once bf16 --input-grad
       cp "$LOGS/ncu-hopper.log" "$RES/ncu-hopper.txt" ;;
     *) log "unknown step $step" ;;
   esac

@@ -4,7 +4,8 @@ layouts, batch 0, and the naive kernels. Exits non-zero on a mismatch.
 bench/gpu_check.sh runs it once per CUDA path: TUBEVIT_CUDA_PATH=gemm (the GEMM
 path, our gather + cuBLAS), TUBEVIT_CUDA_PATH=tc (the handwritten tensor-core
 kernels: fp16/bf16, and fp32 as TF32), TUBEVIT_CUDA_PATH=naive (the naive kernels) and, where the
-build has it, TUBEVIT_CUDA_PATH=hopper (the sm_90a wgmma forward for fp16/bf16)."""
+build has it, TUBEVIT_CUDA_PATH=hopper (the sm_90a wgmma kernels for fp16/bf16: forward,
+weight and bias gradients, dP and the dx writer)."""
 import os
 
 import torch

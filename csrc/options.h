@@ -7,10 +7,11 @@
 //                            (cuda/tube_tokens_cuda.cu, choose_path). auto
 //                            picks by problem size; a forced path that does
 //                            not apply to a call falls back as choose_path
-//                            documents. hopper: the sm_90a wgmma forward and
-//                            weight / bias gradients (cuda/hopper/) where
-//                            built and applicable, auto otherwise and for
-//                            the input gradient.
+//                            documents. hopper: the sm_90a wgmma forward,
+//                            weight / bias gradients and input gradient
+//                            (cuda/hopper/: dP by wgmma, then the dx
+//                            writer of kernels/grad_input.h) where built and
+//                            applicable, auto otherwise.
 //   TUBEVIT_GEMM_GATHER_VEC  1: the GEMM path gathers V patch columns per
 //                            thread (gemm::GatherVecElem). Default 0.
 //   TUBEVIT_DX_SCATTER       1: the input gradient by per-tube scatter

@@ -1,5 +1,7 @@
-"""The Hopper forward kernel's tile code, run on the CPU (tubevit_testing::tube_tokens_hopper_emulated,
-see csrc/kernels/hopper_tiles.h and csrc/testing/hopper_emulation.cpp): the persistent schedule over
+"""The Hopper kernels' tile code, run on the CPU (tubevit_testing::tube_tokens_hopper_emulated and its
+_dw / _dx versions, see csrc/kernels/hopper_tiles.h and csrc/testing/hopper_emulation.cpp), the dP -> dx
+passes on a given dP (tubevit_testing::dx_from_dp), and, on an sm_90 GPU, the kernels themselves.
+Forward: the persistent schedule over
 the tile list (tubes by decreasing K, row tiles that cross sample boundaries), every producer
 thread's chunks (column walk, chunk widths 8 / 4 / 2 / 1, alignment, zero fill, each stage element
 written once), the epilogue's row table, bias, position embedding and 16-byte store chunks, against
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import tubevit_ext as tv
-from conftest import check_rounded, make_params, set_switch
+from conftest import UNIT_ROUNDOFF, check_rounded, make_params, max_err, set_switch
 from tubevit_ext.testing import ops
 
 CASES = {
@@ -275,3 +277,184 @@ def test_cuda_hopper_grad_weight_matches_the_reference(monkeypatch, case, dtype,
     for i, (g, w) in enumerate(zip(got, want_w + want_b)):
         check_rounded(g.cpu(), w, dtype, f"{case} {layout} output {i}", fp32_rel=2.0 ** -16)
     assert all(torch.equal(a, b) for a, b in zip(got, run())), "two runs differ"
+
+
+# ---- input gradient (dp_kernel, then the dx writer)
+
+def _reference_dx(x, ws, tubes, grad):
+    """dx of the fp64 reference for this output gradient, on the same rounded operands."""
+    xd = x.double().requires_grad_()
+    tv.reference.tube_tokens(xd, [w.double() for w in ws], None, tubes, None).backward(grad.double())
+    return xd.grad
+
+
+def _grad_for(x, ws, tubes, dtype, seed=5):
+    B, N, d = x.shape[0], tv.num_tokens(tubes, x.shape[2:]), ws[0].shape[0]
+    return torch.randn(B, N, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hopper_dx_tiles_match_the_reference(case, dtype):
+    """dP by the dP kernel's tiles (every chunk checked, each dP element written once), then dx by the
+    writer (each dx element stored once, 16-byte stores aligned): within the fp32-accumulation bound of
+    the fp64 reference, and bitwise equal to the gather run on the same dP (same sums, same order)."""
+    tubes, x, ws, _, _ = _inputs(case, dtype, "contiguous")
+    grad = _grad_for(x, ws, tubes, dtype)
+    flat = tv.flatten_tubes(tubes)
+    got = ops.tube_tokens_hopper_dx_emulated(grad, x, ws, flat, 3, True)
+    assert not torch.isnan(got).any(), "a dx element nothing wrote"
+    check_rounded(got, _reference_dx(x, ws, tubes, grad), dtype, case, fp32_rel=2.0 ** -16)
+    assert torch.equal(got, ops.tube_tokens_hopper_dx_emulated(grad, x, ws, flat, 3, False))
+
+
+@pytest.mark.parametrize("grid", [1, 4, 1000])
+def test_hopper_dx_any_grid(grid):
+    """Every dP tile exactly once whatever the number of persistent CTAs; a channels_last x (the
+    input's layout does not enter the input gradient) gives the same dx."""
+    tubes, x, ws, _, _ = _inputs("widths", torch.float32, "contiguous", seed=2)
+    grad = _grad_for(x, ws, tubes, torch.float32, seed=6)
+    flat = tv.flatten_tubes(tubes)
+    got = ops.tube_tokens_hopper_dx_emulated(grad, x, ws, flat, grid)
+    check_rounded(got, _reference_dx(x, ws, tubes, grad), torch.float32, f"grid {grid}", fp32_rel=2.0 ** -16)
+    xl = x.contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(got, ops.tube_tokens_hopper_dx_emulated(grad, xl, ws, flat, grid))
+
+
+def test_hopper_dx_empty_batch_and_refusals():
+    tubes, x, ws, _, _ = _inputs("mixed", torch.bfloat16, "contiguous")
+    grad = _grad_for(x, ws, tubes, torch.bfloat16)
+    got = ops.tube_tokens_hopper_dx_emulated(grad[:0], x[:0], ws, tv.flatten_tubes(tubes))
+    assert got.shape == x[:0].shape
+    with pytest.raises(ValueError, match="d % 8"):
+        ops.tube_tokens_hopper_dx_emulated(grad[..., :130], x, [w[:130] for w in ws], tv.flatten_tubes(tubes))
+
+
+# dx from a given dP: shapes chosen for the writer's tile shapes: W a multiple of 8 (16-byte stores),
+# W not (partial chunks at row ends), W < 8 (one chunk per row, 256 rows per tile), W > 256 (several
+# column tiles, W % 8 == 4: no 16-byte stores), overlapping windows along every axis
+DX_SHAPES = {
+    "w_multiple_of_8": ([tv.Tube((2, 3, 4), (2, 2, 4), (1, 0, 0)), tv.Tube((1, 2, 8), (1, 3, 8))], (5, 9, 32), 2),
+    "w_ragged": ([tv.Tube((2, 2, 3), (1, 3, 2), (0, 1, 1)), tv.Tube((3, 1, 5), (2, 1, 4))], (6, 7, 19), 3),
+    "w_narrow": ([tv.Tube((1, 2, 2), (1, 1, 1)), tv.Tube((2, 3, 3), (3, 2, 2), (0, 1, 1))], (4, 300, 5), 2),
+    "w_wide": ([tv.Tube((1, 1, 16), (2, 2, 16), (0, 0, 3)), tv.Tube((2, 2, 7), (2, 3, 9))], (3, 4, 532), 1),
+}
+
+
+def _dp_inputs(shape, dtype, B=2, d=16, seed=0):
+    tubes, size, C = DX_SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(B, C, *size, dtype=dtype)
+    ws = [torch.zeros(d, C, *t.kernel, dtype=dtype) for t in tubes]
+    grad = torch.zeros(B, tv.num_tokens(tubes, size), d, dtype=dtype)
+    elems = sum(B * tv.num_tokens([t], size) * C * t.kernel[0] * t.kernel[1] * t.kernel[2] for t in tubes)
+    dp = torch.randn(elems, generator=g)
+    return tubes, x, ws, grad, dp
+
+
+def _dx_from_dp_fp64(tubes, x, dp):
+    """dx = sum over tubes of col2im(dP_i) in fp64: the adjoint of the reference's patch extraction."""
+    B, C = x.shape[:2]
+    xd = torch.zeros(x.shape, dtype=torch.float64, requires_grad=True)
+    off, total = 0, 0.0
+    for t in tubes:
+        n = tv.num_tokens([t], x.shape[2:])
+        K = C * t.kernel[0] * t.kernel[1] * t.kernel[2]
+        w = torch.eye(K, dtype=torch.float64).view(K, C, *t.kernel)  # tokens = patches
+        p = tv.reference.tube_tokens(xd, [w], None, [t], None)  # (B, n, K)
+        total = total + (p * dp[off:off + B * n * K].double().view(B, n, K)).sum()
+        off += B * n * K
+    total.backward()
+    return xd.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", sorted(DX_SHAPES))
+def test_dx_writer_equals_the_gather(shape, dtype):
+    """On the same dP the writer and the gather give the same bits (the same fp32 sums in the same
+    order), both within one rounding of the fp64 col2im; the per-tube scatter agrees within its extra
+    roundings (one per tube)."""
+    tubes, x, ws, grad, dp = _dp_inputs(shape, dtype)
+    flat = tv.flatten_tubes(tubes)
+    gather = ops.dx_from_dp(grad, x, ws, flat, dp, 0)
+    writer = ops.dx_from_dp(grad, x, ws, flat, dp, 2)
+    assert not torch.isnan(writer).any()
+    assert torch.equal(writer, gather)
+    check_rounded(writer, _dx_from_dp_fp64(tubes, x, dp), dtype, shape, fp32_rel=2.0 ** -20)
+    scatter = ops.dx_from_dp(grad, x, ws, flat, dp, 1)  # rounds once per tube
+    want = _dx_from_dp_fp64(tubes, x, dp)
+    rel = 2.0 ** -20 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
+    assert max_err(scatter, want) <= 2 * len(tubes) * rel * want.abs().max().item() + 1e-5
+
+
+def test_dx_from_dp_refuses_bad_arguments():
+    tubes, x, ws, grad, dp = _dp_inputs("w_ragged", torch.float32)
+    flat = tv.flatten_tubes(tubes)
+    with pytest.raises(ValueError, match="dp must be a contiguous fp32 tensor of"):
+        ops.dx_from_dp(grad, x, ws, flat, dp[1:], 2)
+    with pytest.raises(ValueError, match="dx_pass must be"):
+        ops.dx_from_dp(grad, x, ws, flat, dp, 3)
+
+
+ANY_CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and tv.cuda_compiled()), reason="needs a CUDA GPU")
+
+
+@ANY_CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", sorted(DX_SHAPES))
+def test_cuda_dx_passes_match_their_emulation(shape, dtype):
+    """The gather and writer kernels on a GPU: bitwise equal to each other and to their CPU emulation
+    on the same dP (fp32 sums in the same order, no contraction: adds only)."""
+    tubes, x, ws, grad, dp = _dp_inputs(shape, dtype, seed=1)
+    flat = tv.flatten_tubes(tubes)
+    want = ops.dx_from_dp(grad, x, ws, flat, dp, 2)
+    c = lambda t: t.cuda()
+    writer = ops.dx_from_dp(c(grad), c(x), [c(w) for w in ws], flat, c(dp), 2)
+    gather = ops.dx_from_dp(c(grad), c(x), [c(w) for w in ws], flat, c(dp), 0)
+    assert torch.equal(writer.cpu(), want) and torch.equal(gather.cpu(), want)
+
+
+@HOPPER_GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_cuda_hopper_grad_input_matches_the_reference(monkeypatch, case, dtype, layout):
+    """The input gradient under TUBEVIT_CUDA_PATH=hopper (dp_kernel, then the writer) through autograd:
+    within the fp32-accumulation bound of the fp64 reference, the profiler sees both kernels, two runs
+    agree bitwise."""
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "hopper")
+    tubes, x, ws, _, _ = _inputs(case, dtype, layout)
+    grad = _grad_for(x, ws, tubes, dtype)
+    base = x._base if layout == "strided" else None
+
+    def run():
+        xc = (base.cuda().as_strided(x.shape, x.stride(), x.storage_offset()) if base is not None
+              else x.cuda()).requires_grad_()
+        tv.tube_tokens(xc, [w.cuda() for w in ws], [], tubes, None).backward(grad.cuda())
+        return xc.grad
+
+    names = _hopper_kernels_in(run)
+    assert any("dp_kernel" in n for n in names) and any("tube_dx_writer_kernel" in n for n in names), names
+    got = run()
+    check_rounded(got.cpu(), _reference_dx(x, ws, tubes, grad), dtype, f"{case} {layout}", fp32_rel=2.0 ** -16)
+    assert torch.equal(got, run()), "two runs differ"
+
+
+@HOPPER_GPU
+def test_cuda_hopper_grad_input_paper_batch(monkeypatch):
+    """The paper's tubes at 32 x 224 x 224, B = 2, bf16: the Hopper input gradient against the GEMM
+    path's (cuBLAS dP, then the gather), within a few roundings of the larger."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 224, 224, device="cuda", dtype=torch.bfloat16)
+    ws, _ = make_params(tv.PAPER_TUBES, 3, 768, dtype=torch.bfloat16, device="cuda")
+    grad = torch.randn(2, 539, 768, device="cuda", dtype=torch.bfloat16)
+
+    def dx(path):
+        set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", path)
+        xc = x.clone().requires_grad_()
+        tv.tube_tokens(xc, ws, [], tv.PAPER_TUBES, None).backward(grad)
+        return xc.grad.float()
+
+    want, got = dx("gemm"), dx("hopper")
+    err = (got - want).abs().max().item()
+    assert err <= 4 * 2.0 ** -8 * want.abs().max().item(), err

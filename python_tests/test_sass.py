@@ -1,8 +1,9 @@
 """What the compiler made of the CUDA kernels keeps its contracts (bench/check_sass.py, run on the
 built library without a GPU): no kernel uses more than 255 registers, the Hopper kernels use no
-local memory (spills, stack arrays, parameters copied to local memory), and the Hopper forward's
-sm_90a code issues wgmma (HGMMA), cp.async (LDGSTS), mbarrier operations (SYNCS) and the async-proxy
-fence, within its register budget. Needs a CUDA build and a cuobjdump (the toolkit's, or the copy
+local memory (spills, stack arrays, parameters copied to local memory), the Hopper forward, dW and dP
+kernels' sm_90a code issues wgmma (HGMMA), cp.async (LDGSTS), mbarrier operations (SYNCS) and the
+async-proxy fence, within their register budget, and the dx writer stays in 85 registers without
+local memory. Needs a CUDA build and a cuobjdump (the toolkit's, or the copy
 triton ships); skipped without them."""
 import json
 
@@ -30,6 +31,10 @@ def test_the_checks_catch_what_they_name():
     assert mod.check(dict(ok, sass={"HGMMA.64x128x16.F32.BF16"}), name) == ["no LDGSTS", "no SYNCS",
                                                                           "no FENCE.VIEW.ASYNC.S"]
     assert mod.check(dict(ok, sass=set(), arch="sm_80"), name) == []  # no wgmma before sm_90a
+    writer = "void tubevit::dx::(anonymous namespace)::tube_dx_writer_kernel<float>(float const*, float*)"
+    assert mod.check(dict(ok, regs=76, sass=set()), writer) == []
+    assert mod.check(dict(ok, regs=90, sass=set(), stack=16), writer) == ["local memory (LOCAL 0, STACK 16)",
+                                                                        "90 registers > budget 85"]
     other = "void tubevit::tc::(anonymous namespace)::tube_tokens_tc_kernel<float>(float const*)"
     assert mod.check(dict(ok, sass=set(), stack=72), other) == []  # printed, not failed
     assert mod.check(dict(ok, regs=300), other) == ["300 registers > budget 255"]
@@ -48,6 +53,6 @@ def test_built_kernels_keep_their_contracts(tmp_path):
     assert len(rows) > 20
     if tv._C._hopper_compiled():
         hopper = [r for r in rows if "hopper::" in r["kernel"] and r["arch"] == "sm_90a"]
-        mma = [r for r in hopper if "forward_kernel" in r["kernel"] or "dw_kernel<" in r["kernel"]]
-        assert len(mma) == 4 and all(r["hgmma"] for r in mma)  # forward and dW, bf16 and fp16
-        assert len(hopper) == 6  # and the two dW reductions
+        mma = [r for r in hopper if any(k in r["kernel"] for k in ("forward_kernel", "dw_kernel<", "dp_kernel<"))]
+        assert len(mma) == 6 and all(r["hgmma"] for r in mma)  # forward, dW and dP, bf16 and fp16
+        assert len(hopper) == 8  # and the two dW reductions

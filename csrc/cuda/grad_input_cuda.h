@@ -9,12 +9,21 @@
 namespace tubevit {
 namespace dx {
 
+// The pass that turns dP into dx (kernels/grad_input.h): the gather, the
+// per-tube scatter, or the writer (the gather's sums, one 16-byte store per
+// 8 voxels). Gather and writer give the same bits.
+enum class DxPass { Gather, Scatter, Writer };
+
 // dp: contiguous fp32, the dP workspace of make_dp_layout(L) (tube i's
 // (B n_i, K_i) block of G_i W_i at its dp_offset). Returns dx (B, C, T, H, W)
-// contiguous in x's dtype (fp16 / bf16 / fp32), on x's device: the per-tube
-// scatter where TUBEVIT_DX_SCATTER=1 and its 32-bit indices fit, else the
-// gather. At most kMaxTubes tubes.
-at::Tensor from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L);
+// contiguous in x's dtype (fp16 / bf16 / fp32), on x's device, by `pass`
+// (the scatter falls back to the gather where its 32-bit indices do not
+// fit). At most kMaxTubes tubes.
+at::Tensor from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L, DxPass pass);
+
+// The pass the switches choose (csrc/options.h): the scatter where
+// TUBEVIT_DX_SCATTER=1, else the gather.
+DxPass default_pass();
 
 }  // namespace dx
 }  // namespace tubevit

@@ -1,6 +1,6 @@
 // The Hopper kernels (cuda/hopper/: the forward, hopper_forward.cu; the
-// weight and bias gradients, hopper_grad_weight.cu; sm_90a wgmma through
-// CuTe). Built only where the CUTLASS/CuTe headers are found (setup.py:
+// weight and bias gradients, hopper_grad_weight.cu; the input gradient's dP,
+// hopper_grad_input.cu; sm_90a wgmma through CuTe). Built only where the CUTLASS/CuTe headers are found (setup.py:
 // TUBEVIT_WITH_HOPPER) and run only when TUBEVIT_CUDA_PATH=hopper asks for
 // them (csrc/options.h): their tile logic is CPU-tested
 // (testing/hopper_emulation.cpp); the hardware side is checked by
@@ -41,6 +41,15 @@ bool grad_weight_supported(const at::Tensor& x, const TubeLayout& L);
 // split order.
 void grad_weight(const at::Tensor& x, const at::Tensor& grad_out, const TubeLayout& L, std::vector<at::Tensor>& dws,
                  std::vector<at::Tensor>* dbs);
+
+// Whether the input-gradient kernels take this call (the same conditions).
+bool grad_input_supported(const at::Tensor& x, const TubeLayout& L);
+
+// dP = G_i W_i for every tube (fp32, the workspace of make_dp_layout(L),
+// which dx::from_dp turns into dx). grad_out (B, N, d) any strides (made
+// contiguous and 16-byte aligned here), fp16 / bf16; weights (d, C, kt, kh,
+// kw) contiguous in its dtype. Every element written exactly once.
+at::Tensor grad_dp(const at::Tensor& grad_out, const std::vector<at::Tensor>& weights, const TubeLayout& L);
 
 }  // namespace hopper
 }  // namespace tubevit

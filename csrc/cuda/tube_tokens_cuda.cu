@@ -96,8 +96,8 @@ bool gemm_by_size(const at::Tensor& x, const TubeLayout& L, bool backward) {
 // auto chooses between the two fast paths by size where both apply, else the
 // one that applies (the GEMM path first), else naive; hopper takes the sm_90a
 // wgmma forward where hopper::supported() says it applies, auto's choice
-// otherwise and for the input gradient (the weight and bias gradients: the
-// Hopper kernels in tube_tokens_backward_cuda where they apply).
+// otherwise (the weight, bias and input gradients: the Hopper kernels in
+// tube_tokens_backward_cuda where they apply).
 Path choose_path(const at::Tensor& x, const TubeLayout& L, bool backward, gemm::Layout* a) {
   const CudaPath want = options().cuda_path;
   if (want == CudaPath::Naive) return Path::Naive;
@@ -177,6 +177,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
     hopper::grad_weight(x, grad, L, dws, output_mask[2] ? &dbs : nullptr);
     output_mask[1] = output_mask[2] = false;
   }
+  // opt-in: the Hopper input gradient (dP by wgmma, then the writer)
+  if (output_mask[0] && options().cuda_path == CudaPath::Hopper && hopper::grad_input_supported(x, L)) {
+    dx = dx::from_dp(x, hopper::grad_dp(grad, contiguous_all(weights), L), L, dx::DxPass::Writer);
+    output_mask[0] = false;
+  }
 #endif
   if (output_mask[2]) dbs = cuda::grad_bias(grad, L);
   if (!output_mask[0] && !output_mask[1]) return {dx, dws, dbs};
@@ -184,7 +189,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
   const Path path = choose_path(x, L, /*backward=*/true, &a);
   if (path == Path::Naive) {
     auto r = naive::backward<CudaLauncher>(grad, x, weights, tubes, {output_mask[0], output_mask[1], false});
-    return {std::get<0>(r), output_mask[1] ? std::get<1>(r) : dws, dbs};
+    return {output_mask[0] ? std::get<0>(r) : dx, output_mask[1] ? std::get<1>(r) : dws, dbs};
   }
   const std::vector<at::Tensor> w = contiguous_all(weights);
   if (output_mask[1]) {
@@ -193,9 +198,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
   if (path == Path::Gemm) {
     const at::Tensor g = gemm::grad_rows<CudaLauncher>(grad, a);  // every tube's rows of G, one launch
     if (output_mask[1]) gemm::grad_weight<CudaLauncher>(x, g, L, a, dws);
-    if (output_mask[0]) dx = dx::from_dp(x, gemm_grad_dp(x, g, w, L, a), L);
+    if (output_mask[0]) dx = dx::from_dp(x, gemm_grad_dp(x, g, w, L, a), L, dx::default_pass());
   } else {
-    if (output_mask[0]) dx = dx::from_dp(x, tc::grad_dp(x, grad, w, L), L);
+    if (output_mask[0]) dx = dx::from_dp(x, tc::grad_dp(x, grad, w, L), L, dx::default_pass());
     if (output_mask[1]) tc::grad_weight(x, grad, L, dws);
   }
   return {dx, dws, dbs};

@@ -13,6 +13,18 @@
 #include "tube_geometry.h"
 #include "tube_tokens.h"
 
+// Unroll the next loop in device code (its trip count a constant): keeps
+// small per-thread arrays in registers. Host compilers are left to choose.
+// TUBEVIT_NO_UNROLL keeps a loop rolled (one that usually runs 0 or 1 times,
+// where unrolled copies would only cost registers).
+#if defined(__CUDA_ARCH__)
+#define TUBEVIT_UNROLL _Pragma("unroll")
+#define TUBEVIT_NO_UNROLL _Pragma("unroll 1")
+#else
+#define TUBEVIT_UNROLL
+#define TUBEVIT_NO_UNROLL
+#endif
+
 namespace tubevit {
 
 // Every kernel takes its per-tube geometry and pointers by value in fixed

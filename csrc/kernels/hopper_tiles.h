@@ -480,5 +480,128 @@ inline void bind_dw(DwParams& p, const at::Tensor& x, const at::Tensor& grad, co
   }
 }
 
+// ---------------------------------------------------------------------------
+// Input gradient, step 1: dP_i (M_i x K_i, fp32) = G_i W_i, in the dP
+// workspace of make_dp_layout (kernels/common.h), which the writer of
+// kernels/grad_input.h turns into dx. The forward's skeleton with the roles
+// of the operands exchanged: a CTA tile is BM token rows (A = G_i, channel-
+// contiguous: K-major, copied as 16-byte chunks) x BN patch columns (B = W_i
+// read as (column, channel), column-contiguous: MN-major), reduced over BK
+// channels per step (d / BK steps for every tile: no split, no ordering by
+// K). Tiles: tubes in order, row tiles, column tiles fastest (CTAs running
+// together read the same G rows). Each dP element is written once, by the
+// consumer thread holding it, as an fp32 store (a warp's stores fill whole
+// 32-byte sectors).
+
+struct DpTube {
+  TubeGeom g;
+  const void* w;          // (d, K_i) row-major, input dtype
+  int64_t rows;           // M_i = B * n_i
+  int64_t k_tiles;        // ceil(K_i / BN)
+  int64_t tiles_before;   // tiles of the tubes before this one
+  int64_t dp_offset;      // tube i's block of dP (make_dp_layout)
+  int vb;                 // elements per copy of W_i's rows (b_width)
+};
+
+struct DpParams {
+  const void* g;          // (B, N, d) contiguous, 16-byte aligned
+  float* dp;              // the dP workspace
+  DpTube t[kMaxTubes];    // in the op's tube order
+  int n_tubes;
+  int64_t N, d, n_tiles, dp_elems;
+};
+
+struct DpTile {
+  int tube;
+  int64_t m0, c0;         // first token row (of M_i) and first patch column
+};
+
+TUBEVIT_HD DpTile locate_dp_tile(const DpParams& p, int64_t tile) {
+  int i = 0;
+  while (i + 1 < p.n_tubes && tile >= p.t[i + 1].tiles_before) ++i;
+  const DpTube& t = p.t[i];
+  const int64_t local = tile - t.tiles_before;
+  return {i, (local / t.k_tiles) * BM, (local % t.k_tiles) * BN};
+}
+
+// Row r of tube t's G_i: its row in the (B * N, d) gradient, or -1 past M_i.
+TUBEVIT_HD int64_t dp_grad_row(const DpParams& p, const DpTube& t, int64_t r) {
+  if (r >= t.rows) return -1;
+  const int64_t n = t.g.num_tokens;
+  return (r / n) * p.N + t.g.token_offset + r % n;
+}
+
+// Producer thread t's A chunks of one K step (channels k0 .. k0 + BK - 1):
+// row t of the tile (gradient row grow, -1: zeros), 8 chunks of 8 channels;
+// copy(tile_row, tile_channel, src) with src the element offset in G or -1.
+template <class Copy>
+TUBEVIT_HD void dp_a_step(const DpParams& p, int t, int64_t grow, int64_t k0, const Copy& copy) {
+  for (int c = 0; c < BK; c += 8) {
+    const bool ok = grow >= 0 && k0 + c < p.d;
+    copy(t, c, ok ? grow * p.d + k0 + c : int64_t(-1));
+  }
+}
+
+// Producer thread t's B chunks: channel k0 + t / 2 of W_i, patch columns
+// c0 + (t % 2) * 64 .. + 63 in chunks of V (V divides K_i: a chunk is all
+// inside or all past the row); copy(tile_column, tile_channel, src, V) with
+// src the element offset in W_i or -1.
+template <int V, class Copy>
+TUBEVIT_HD void dp_b_step(const DpParams& p, const DpTube& tube, const DpTile& tc, int t, int64_t k0,
+                          const Copy& copy) {
+  static_assert(64 % V == 0, "whole chunks per half row");
+  const int j = t / 2, half = t % 2;
+  const int64_t ch = k0 + j, K = tube.g.patch_size;
+  for (int c = 0; c < 64; c += V) {
+    const int col = half * 64 + c;
+    const bool ok = ch < p.d && tc.c0 + col < K;
+    copy(col, j, ok ? ch * K + tc.c0 + col : int64_t(-1), V);
+  }
+}
+
+// Element offset in dP of tile entry (m, n), or -1 past the tube's rows or columns.
+TUBEVIT_HD int64_t dp_entry(const DpTube& t, const DpTile& tc, int m, int n) {
+  const int64_t r = tc.m0 + m, col = tc.c0 + n;
+  return (r < t.rows && col < t.g.patch_size) ? t.dp_offset + r * t.g.patch_size + col : -1;
+}
+
+// Host: the tile list for layout L (pointers unset); dp_offset and
+// dp_elems as make_dp_layout's.
+inline DpParams make_dp_params(const TubeLayout& L) {
+  TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubes), "the Hopper kernels take at most ", kMaxTubes, " tubes, got ",
+              L.tubes.size());
+  DpParams p{};
+  p.n_tubes = static_cast<int>(L.tubes.size());
+  p.N = L.num_tokens;
+  p.d = L.dim;
+  int64_t tiles = 0, off = 0;
+  for (int i = 0; i < p.n_tubes; ++i) {
+    DpTube& t = p.t[i];
+    t.g = L.tubes[i];
+    t.rows = L.batch * t.g.num_tokens;
+    t.k_tiles = (t.g.patch_size + BN - 1) / BN;
+    t.tiles_before = tiles;
+    tiles += ((t.rows + BM - 1) / BM) * t.k_tiles;
+    t.dp_offset = off;
+    off += t.rows * t.g.patch_size;
+  }
+  p.n_tiles = tiles;
+  p.dp_elems = off;
+  return p;
+}
+
+// Host: the pointers of one call: grad (B, N, d) contiguous and 16-byte
+// aligned, weights contiguous in its dtype, dp (dp_elems floats).
+inline void bind_dp(DpParams& p, const at::Tensor& grad, const std::vector<at::Tensor>& weights, float* dp) {
+  p.g = grad.const_data_ptr();
+  p.dp = dp;
+  const int64_t elem = grad.element_size();
+  for (int i = 0; i < p.n_tubes; ++i) {
+    DpTube& t = p.t[i];
+    t.w = weights[i].const_data_ptr();
+    t.vb = b_width(t.g.patch_size, align_elems(t.w, elem));
+  }
+}
+
 }  // namespace hopper
 }  // namespace tubevit

@@ -18,11 +18,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
 #include "../kernels/hopper_tiles.h"
 #include "../tube_tokens.h"
+#include "dx_emulation.h"
 
 namespace tubevit {
 namespace {
@@ -298,6 +300,111 @@ std::vector<int64_t> hopper_dw_splits_cpu(const at::Tensor& grad_out, const at::
   return r;
 }
 
+// The input-gradient kernels: dp_kernel (every CTA of a `grid`-CTA
+// persistent launch, its producer threads' chunks of G rows and W_i rows, each
+// stage element written once, every chunk inside its tensor and aligned for
+// its width, an fp32 product for wgmma, each dP element stored once into a
+// NaN-poisoned workspace), then the writer (or, writer = false, the gather)
+// on that dP, as their kernels run it.
+template <typename scalar_t>
+void emulate_dp(const DpParams& p, int64_t grid, int64_t g_extent) {
+  const scalar_t* g = static_cast<const scalar_t*>(p.g);
+  std::vector<float> a(BM * BK), b(BN * BK), acc(BM * BN);
+  std::vector<int> a_hits(BM * BK), b_hits(BN * BK);
+  std::vector<int64_t> grow(kProducerThreads);
+  std::vector<uint8_t> done(p.dp_elems, 0);
+  auto aligned = [](const scalar_t* ptr, int v) {
+    return reinterpret_cast<uintptr_t>(ptr) % (v * sizeof(scalar_t)) == 0;
+  };
+  const int64_t steps = (p.d + BK - 1) / BK;
+  for (int64_t cta = 0; cta < grid; ++cta) {
+    for (int64_t j = 0;; ++j) {
+      const int64_t tile = scheduled_tile(p.n_tiles, cta, grid, j);
+      if (tile < 0) break;
+      const DpTile tc = locate_dp_tile(p, tile);
+      const DpTube& tube = p.t[tc.tube];
+      const scalar_t* w = static_cast<const scalar_t*>(tube.w);
+      const int64_t K = tube.g.patch_size;
+      for (int t = 0; t < kProducerThreads; ++t) grow[t] = dp_grad_row(p, tube, tc.m0 + t);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k = 0; k < steps; ++k) {
+        std::fill(a_hits.begin(), a_hits.end(), 0);
+        std::fill(b_hits.begin(), b_hits.end(), 0);
+        for (int t = 0; t < kProducerThreads; ++t) {
+          dp_a_step(p, t, grow[t], k * BK, [&](int m, int c, int64_t src) {
+            TORCH_CHECK(c % 8 == 0 && (src < 0 || aligned(g + src, 8)), "a misaligned 16-byte G chunk");
+            check_inside(src, 8, g_extent, "G");
+            for (int e = 0; e < 8; ++e) {
+              a[m * BK + c + e] = src >= 0 ? static_cast<float>(g[src + e]) : 0.f;
+              ++a_hits[m * BK + c + e];
+            }
+          });
+          with_width(tube.vb, [&](auto vb) {
+            dp_b_step<decltype(vb)::value>(p, tube, tc, t, k * BK, [&](int n, int c, int64_t src, int v) {
+              TORCH_CHECK(n % v == 0 && (src < 0 || v == 1 || aligned(w + src, v)), "a misaligned ", v,
+                          "-element W chunk");
+              check_inside(src, v, p.d * K, "a weight");
+              for (int e = 0; e < v; ++e) {
+                b[(n + e) * BK + c] = src >= 0 ? static_cast<float>(w[src + e]) : 0.f;
+                ++b_hits[(n + e) * BK + c];
+              }
+            });
+          });
+        }
+        for (int i = 0; i < BM * BK; ++i)
+          TORCH_CHECK(a_hits[i] == 1 && b_hits[i] == 1, "dP stage element ", i, " written ", a_hits[i], " (A) / ",
+                      b_hits[i], " (B) times");
+        for (int m = 0; m < BM; ++m)
+          for (int n = 0; n < BN; ++n) {
+            float s = acc[m * BN + n];
+            for (int kk = 0; kk < BK; ++kk) s += a[m * BK + kk] * b[n * BK + kk];
+            acc[m * BN + n] = s;
+          }
+      }
+      for (int m = 0; m < BM; ++m)
+        for (int n = 0; n < BN; ++n) {
+          const int64_t e = dp_entry(tube, tc, m, n);
+          if (e < 0) continue;
+          TORCH_CHECK(e < p.dp_elems && !done[e], "dP element ", e, " written twice or out of range");
+          done[e] = 1;
+          p.dp[e] = acc[m * BN + n];
+        }
+    }
+  }
+  const auto missed = std::count(done.begin(), done.end(), uint8_t(0));
+  TORCH_CHECK(missed == 0, missed, " dP elements no tile wrote");
+}
+
+at::Tensor hopper_dx_emulated_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                                  at::IntArrayRef tubes, int64_t grid, bool writer) {
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  TORCH_CHECK_VALUE(L.dim % 8 == 0, "the Hopper kernels take d % 8 == 0, got d = ", L.dim);
+  TORCH_CHECK_VALUE(grid >= 1, "grid must be >= 1, got ", grid);
+  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, "the dX emulator keeps fp32 dP: fp16, bf16 or fp32");
+  at::Tensor grad = grad_out.contiguous();
+  if (reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 != 0) grad = grad.clone();
+  const std::vector<at::Tensor> w = contiguous_all(weights);
+  DpParams p = make_dp_params(L);
+  int64_t dp_elems = 0;
+  const ParamsDX px = make_dp_layout(L, nullptr, &dp_elems);
+  TORCH_CHECK(dp_elems == p.dp_elems, "dP sizes differ: ", dp_elems, " vs ", p.dp_elems);
+  for (int i = 0; i < p.n_tubes; ++i)
+    TORCH_CHECK(px.dp_offset[i] == p.t[i].dp_offset, "dP block ", i, " at ", p.t[i].dp_offset, ", expected ",
+                px.dp_offset[i]);
+  at::Tensor dp = at::full({p.dp_elems}, std::numeric_limits<float>::quiet_NaN(), x.options().dtype(at::kFloat));
+  bind_dp(p, grad, w, dp.mutable_data_ptr<float>());
+  at::Tensor dx = at::full({L.batch, L.channels, L.size[0], L.size[1], L.size[2]},
+                           std::numeric_limits<double>::quiet_NaN(), x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tube_tokens_hopper_dx_emulated", [&] {
+    emulate_dp<scalar_t>(p, grid, grad.numel());
+    if (writer)
+      dx::emulate_writer<scalar_t>(px, dp.const_data_ptr<float>(), L, dx.mutable_data_ptr<scalar_t>(), 3);
+    else
+      dx::emulate_gather<scalar_t>(px, dp.const_data_ptr<float>(), L, dx.mutable_data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) {
@@ -305,6 +412,7 @@ TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) {
   m.impl("hopper_chunk_widths", &hopper_widths_cpu);
   m.impl("tube_tokens_hopper_dw_emulated", &hopper_dw_emulated_cpu);
   m.impl("hopper_dw_splits", &hopper_dw_splits_cpu);
+  m.impl("tube_tokens_hopper_dx_emulated", &hopper_dx_emulated_cpu);
 }
 
 }  // namespace tubevit

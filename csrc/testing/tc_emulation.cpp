@@ -22,6 +22,7 @@
 #include "../kernels/grad_input.h"
 #include "../kernels/tc_tiles.h"
 #include "../tube_tokens.h"
+#include "dx_emulation.h"
 
 namespace tubevit {
 namespace {
@@ -206,20 +207,7 @@ void emulate_grad_input(const at::Tensor& grad, const std::vector<at::Tensor>& w
     smem.check();
   }
   // step 2, tile by tile and thread by thread as tube_dx_gather_kernel runs it
-  scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-  const int64_t tiles = dx_gather_tiles(L.batch, L.channels, L.size);
-  DxGatherTables tb;
-  for (int64_t blk = 0; blk < tiles; ++blk) {
-    const DxTile tl = dx_gather_tile(L.channels, L.size, blk);
-    // poison: a range the fill skipped reads as empty, i.e. a missing term
-    for (int i = 0; i < kMaxTubes; ++i) {
-      tb.t[i][0] = 1, tb.t[i][1] = 0;
-      for (auto& r : tb.h[i]) r[0] = 1, r[1] = 0;
-      for (auto& r : tb.w[i]) r[0] = 1, r[1] = 0;
-    }
-    for (int t = 0; t < kGatherThreads; ++t) dx_gather_fill_tables(p, tl, t, tb);
-    for (int t = 0; t < kGatherThreads; ++t) dx_gather_voxels<scalar_t>(p, dp.data(), L.channels, L.size, tl, t, tb, out);
-  }
+  emulate_gather<scalar_t>(p, dp.data(), L, dx.mutable_data_ptr<scalar_t>());
 }
 
 at::Tensor tc_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,

@@ -50,4 +50,13 @@ TORCH_LIBRARY(tubevit_testing, m) {
       "int grid=132, int target=528) -> (Tensor[], Tensor[])");
   // [splits_0, steps_per_split_0, splits_1, ...] for a call with this target.
   m.def("hopper_dw_splits(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, int target) -> int[]");
+  // The Hopper input-gradient kernels on the CPU: dP by the dP kernel's tile code, then dx by the
+  // writer (writer = false: by the gather, on the same dP).
+  m.def(
+      "tube_tokens_hopper_dx_emulated(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, int grid=132, "
+      "bool writer=True) -> Tensor");
+  // dx from a given dP workspace (fp32, make_dp_layout's blocks) by one pass (dx_pass): 0 the gather, 1 the
+  // per-tube scatter, 2 the writer; on CUDA the kernels, on the CPU their emulation (the scatter:
+  // its functor on the CPU launcher). grad_out only fixes the layout.
+  m.def("dx_from_dp(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, Tensor dp, int dx_pass) -> Tensor");
 }

@@ -1,5 +1,5 @@
 // Device and launch helpers shared by the Hopper kernels (hopper_forward.cu,
-// hopper_grad_weight.cu): torch -> CuTe 16-bit types, the producers' chunk
+// hopper_grad_weight.cu, hopper_grad_input.cu): torch -> CuTe 16-bit types, the producers' chunk
 // copy, named barriers, the dynamic shared-memory opt-in and the fp16 / bf16
 // dispatch.
 #pragma once
@@ -25,17 +25,17 @@ template <> struct CuteType<at::Half> { using type = cutlass::half_t; };
 template <> struct CuteType<at::BFloat16> { using type = cutlass::bfloat16_t; };
 
 // One 64 x BN x 16 wgmma with fp32 accumulators, both operands in shared
-// memory with major-ness M (K: the reduction dimension contiguous; MN: the
-// rows / columns of the product contiguous).
-template <typename T, cute::GMMA::Major M> struct GmmaAtomOf;
-template <cute::GMMA::Major M> struct GmmaAtomOf<cutlass::half_t, M> {
-  using type = cute::SM90_64x128x16_F32F16F16_SS<M, M>;
+// memory, A with major-ness MA and B with MB (K: the reduction dimension
+// contiguous; MN: the rows / columns of the product contiguous).
+template <typename T, cute::GMMA::Major MA, cute::GMMA::Major MB> struct GmmaAtomOf;
+template <cute::GMMA::Major MA, cute::GMMA::Major MB> struct GmmaAtomOf<cutlass::half_t, MA, MB> {
+  using type = cute::SM90_64x128x16_F32F16F16_SS<MA, MB>;
 };
-template <cute::GMMA::Major M> struct GmmaAtomOf<cutlass::bfloat16_t, M> {
-  using type = cute::SM90_64x128x16_F32BF16BF16_SS<M, M>;
+template <cute::GMMA::Major MA, cute::GMMA::Major MB> struct GmmaAtomOf<cutlass::bfloat16_t, MA, MB> {
+  using type = cute::SM90_64x128x16_F32BF16BF16_SS<MA, MB>;
 };
-template <typename T, cute::GMMA::Major M>
-using GmmaAtom = typename GmmaAtomOf<T, M>::type;
+template <typename T, cute::GMMA::Major MA, cute::GMMA::Major MB = MA>
+using GmmaAtom = typename GmmaAtomOf<T, MA, MB>::type;
 
 // kStages stages of a Rows x BK operand tile in 128-byte-swizzled shared
 // memory, (row, k, stage), with major-ness M.
