@@ -125,6 +125,11 @@ def extensions():
         if cutlass is not None:
             sources += rel("csrc/cuda/hopper/*.cu")
             includes.append(cutlass)
+            # CuTe's host code (the emulators evaluate the kernels' shared-memory layouts) needs
+            # libcu++ (cuda/std/...), which nvcc finds by itself and the host compiler does not
+            cccl = os.path.join(cpp_extension.CUDA_HOME or "", "include", "cccl")
+            if os.path.isdir(cccl):
+                includes.append(cccl)
             macros.append(("TUBEVIT_WITH_HOPPER", None))
             if sm90a:
                 macros.append(("TUBEVIT_HOPPER_SM90A", None))

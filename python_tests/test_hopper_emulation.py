@@ -83,6 +83,13 @@ def test_hopper_schedule_any_grid(grid):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_hopper_emulators_check_the_swizzled_layouts():
+    """With the CuTe headers (every build that has the Hopper kernels) the emulators place each producer
+    chunk through the kernels' own shared-memory layouts (kernels/hopper_layouts.h), so the tests above
+    also check that every chunk is contiguous and aligned in the 128-byte-swizzled stage."""
+    assert ops.hopper_swizzle_checked() == bool(tv.cuda_compiled() and tv._C._hopper_compiled())
+
+
 def test_hopper_chunk_widths():
     """16 / 8 / 4-byte cp.async where kw, the w offset and stride, x's strides and start allow it; plain
     loads (1) otherwise, e.g. channels_last (w stride C) or a view starting at an odd element."""

@@ -25,6 +25,9 @@
 #include "../kernels/hopper_tiles.h"
 #include "../tube_tokens.h"
 #include "dx_emulation.h"
+#ifdef TUBEVIT_WITH_HOPPER
+#include "../kernels/hopper_layouts.h"
+#endif
 
 namespace tubevit {
 namespace {
@@ -45,6 +48,89 @@ void check_inside(int64_t src, int v, int64_t extent, const char* what) {
               src + v, ") of ", extent);
 }
 
+// Without CuTe: stages as plain row-major tiles (the swizzle is then unchecked).
+template <int Rows>
+struct RowMajorStages {
+  int64_t operator()(int r, int k, int s) const { return (int64_t(s) * Rows + r) * BK + k; }
+};
+
+#ifdef TUBEVIT_WITH_HOPPER
+constexpr bool kSwizzleChecked = true;
+template <int Rows, class CuteLayout>
+using StagesOf = CuteLayout;
+#else
+constexpr bool kSwizzleChecked = false;
+template <int Rows, class CuteLayout>
+using StagesOf = RowMajorStages<Rows>;
+#endif
+
+// One operand's kStages stages as the kernel's shared memory holds them:
+// element (row, k) of stage s at offset Layout{}(row, k, s), with CuTe the
+// 128-byte-swizzled layout the kernel declares (kernels/hopper_layouts.h;
+// 2-byte elements). put() takes one producer chunk of v elements along k
+// (K-major operands) or along the rows (MN-major) and checks what cp.async
+// needs: the v elements contiguous in shared memory, their start 2v-byte
+// aligned (the buffer starts 1024-byte aligned); finish() that every element
+// of the stage was written exactly once, and copies the stage out row-major
+// for the product.
+template <int Rows, class Layout, typename acc_t>
+class Stages {
+ public:
+  Stages() : mem_(size_t(Rows) * BK * kStages), hits_(size_t(Rows) * BK), dense_(size_t(Rows) * BK) {}
+  void begin(int stage) {
+    stage_ = stage;
+    std::fill(hits_.begin(), hits_.end(), 0);
+  }
+  void put(int row, int k, int v, bool along_rows, const acc_t* vals) {
+    TORCH_CHECK((along_rows ? row : k) % v == 0, "a ", v, "-element chunk at (", row, ", ", k, ") not aligned to its width");
+    const int64_t base = off(row, k);
+    TORCH_CHECK(base % v == 0, "a ", v, "-element chunk at shared-memory element ", base, " is not ", 2 * v,
+                "-byte aligned");
+    for (int e = 0; e < v; ++e) {
+      const int r = along_rows ? row + e : row, kk = along_rows ? k : k + e;
+      TORCH_CHECK(r < Rows && kk < BK, "a chunk past the stage tile at (", r, ", ", kk, ")");
+      TORCH_CHECK(off(r, kk) == base + e, "a ", v, "-element chunk at (", row, ", ", k,
+                  ") is not contiguous in shared memory");
+      ++hits_[r * BK + kk];
+      mem_[base + e] = vals[e];
+    }
+  }
+  // the stage, row-major (row * BK + k), after checking every element was written once
+  const std::vector<acc_t>& finish(const char* what) {
+    for (int r = 0; r < Rows; ++r)
+      for (int k = 0; k < BK; ++k) {
+        TORCH_CHECK(hits_[r * BK + k] == 1, what, " stage element (", r, ", ", k, ") written ", hits_[r * BK + k],
+                    " times");
+        dense_[r * BK + k] = mem_[off(r, k)];
+      }
+    return dense_;
+  }
+
+ private:
+  int64_t off(int r, int k) const { return static_cast<int64_t>(Layout{}(r, k, stage_)); }
+  std::vector<acc_t> mem_;
+  std::vector<int> hits_;
+  std::vector<acc_t> dense_;
+  int stage_ = 0;
+};
+
+#ifdef TUBEVIT_WITH_HOPPER
+using L16 = cutlass::bfloat16_t;  // the layouts of fp16 and bf16 are the same (2-byte elements)
+template <typename acc_t> using FwdA = Stages<BM, StagesOf<BM, layouts::ForwardA<L16>>, acc_t>;
+template <typename acc_t> using FwdB = Stages<BN, StagesOf<BN, layouts::ForwardB<L16>>, acc_t>;
+using DwStA = Stages<BM, StagesOf<BM, layouts::DwA<L16>>, float>;
+using DwStB = Stages<BN, StagesOf<BN, layouts::DwB<L16>>, float>;
+using DpStA = Stages<BM, StagesOf<BM, layouts::DpA<L16>>, float>;
+using DpStB = Stages<BN, StagesOf<BN, layouts::DpB<L16>>, float>;
+#else
+template <typename acc_t> using FwdA = Stages<BM, RowMajorStages<BM>, acc_t>;
+template <typename acc_t> using FwdB = Stages<BN, RowMajorStages<BN>, acc_t>;
+using DwStA = Stages<BM, RowMajorStages<BM>, float>;
+using DwStB = Stages<BN, RowMajorStages<BN>, float>;
+using DpStA = Stages<BM, RowMajorStages<BM>, float>;
+using DpStB = Stages<BN, RowMajorStages<BN>, float>;
+#endif
+
 template <typename scalar_t>
 void emulate(const Params& p, int64_t grid, int64_t batch, int64_t x_extent) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -52,25 +138,24 @@ void emulate(const Params& p, int64_t grid, int64_t batch, int64_t x_extent) {
   const scalar_t* pe = static_cast<const scalar_t*>(p.pe);
   scalar_t* out = static_cast<scalar_t*>(p.out);
   const int64_t d = p.d;
-  std::vector<acc_t> a(BM * BK), b(BN * BK), acc(BM * BN);
-  std::vector<int> a_hits(BM * BK), b_hits(BN * BK);
+  std::vector<acc_t> acc(BM * BN);
+  FwdA<acc_t> sa;
+  FwdB<acc_t> sb;
+  int64_t step = 0;  // the CTA's pipeline position: stage = step % kStages
   std::vector<scalar_t> staged(BM * kStagePitch);
   std::vector<RowInfo> rows(BM);
   std::vector<int64_t> row_org(kProducerThreads);
   std::vector<ColumnWalker> walk(kProducerThreads);
   std::vector<uint8_t> stored(batch * p.N * d, 0);
-  // one chunk of v elements, contiguous from base[src], into tile[row][col..]; src < 0: zeros
-  auto chunk = [&](const scalar_t* base, int64_t extent, std::vector<acc_t>& tile, std::vector<int>& hits, int row,
-                   int col, int64_t src, int v) {
-    TORCH_CHECK(col % v == 0, "chunk at column ", col, " not aligned to its width ", v);
+  // one chunk of v elements, contiguous from base[src], into the stage at (row, col..); src < 0: zeros
+  auto chunk = [&](const scalar_t* base, int64_t extent, auto& stage, int row, int col, int64_t src, int v) {
     check_inside(src, v, extent, base == x ? "x" : "a weight");
     if (src >= 0 && v > 1)
       TORCH_CHECK(reinterpret_cast<uintptr_t>(base + src) % (v * sizeof(scalar_t)) == 0, "a ", v,
                   "-element cp.async chunk from a misaligned address (offset ", src, ")");
-    for (int e = 0; e < v; ++e) {
-      tile[row * BK + col + e] = src >= 0 ? static_cast<acc_t>(base[src + e]) : acc_t(0);
-      ++hits[row * BK + col + e];
-    }
+    acc_t vals[8];
+    for (int e = 0; e < v; ++e) vals[e] = src >= 0 ? static_cast<acc_t>(base[src + e]) : acc_t(0);
+    stage.put(row, col, v, /*along_rows=*/false, vals);
   };
   for (int64_t cta = 0; cta < grid; ++cta) {
     for (int64_t j = 0;; ++j) {
@@ -85,24 +170,23 @@ void emulate(const Params& p, int64_t grid, int64_t batch, int64_t x_extent) {
         row_org[t] = row_origin(p, tube, tc.m0 + t);
         walk[t].start(p, tube, 0);
       }
-      for (int64_t k0 = 0; k0 < K; k0 += BK) {
-        std::fill(a_hits.begin(), a_hits.end(), 0);
-        std::fill(b_hits.begin(), b_hits.end(), 0);
+      for (int64_t k0 = 0; k0 < K; k0 += BK, ++step) {
+        sa.begin(int(step % kStages));
+        sb.begin(int(step % kStages));
         for (int t = 0; t < kProducerThreads; ++t) {
           with_width(tube.va, [&](auto va) {
             a_step<decltype(va)::value>(p, tube, t, row_org[t], walk[t], [&](int m, int kk, int64_t src, int v) {
-              chunk(x, x_extent, a, a_hits, m, kk, src, v);
+              chunk(x, x_extent, sa, m, kk, src, v);
             });
           });
           with_width(tube.vb, [&](auto vb) {
             b_step<decltype(vb)::value>(p, tube, t, tc.n0, k0, [&](int n, int kk, int64_t src, int v) {
-              chunk(w, d * K, b, b_hits, n, kk, src, v);
+              chunk(w, d * K, sb, n, kk, src, v);
             });
           });
         }
-        for (int i = 0; i < BM * BK; ++i)
-          TORCH_CHECK(a_hits[i] == 1 && b_hits[i] == 1, "stage element ", i, " written ", a_hits[i], " (A) / ",
-                      b_hits[i], " (B) times");
+        const std::vector<acc_t>& a = sa.finish("A");
+        const std::vector<acc_t>& b = sb.finish("B");
         for (int m = 0; m < BM; ++m)
           for (int n = 0; n < BN; ++n) {
             acc_t s = acc[m * BN + n];
@@ -182,8 +266,10 @@ template <typename scalar_t>
 void emulate_dw(const DwParams& p, int64_t grid, int64_t x_extent, int64_t g_extent) {
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const scalar_t* g = static_cast<const scalar_t*>(p.g);
-  std::vector<float> a(BM * BK), b(BN * BK), acc(BM * BN), db_acc(BM);
-  std::vector<int> a_hits(BM * BK), b_hits(BN * BK);
+  std::vector<float> acc(BM * BN), db_acc(BM);
+  DwStA sa;
+  DwStB sb;
+  int64_t step = 0;
   std::vector<int64_t> col_tab(BN);
   std::vector<uint8_t> ws_done(p.ws_elems, 0), db_done(p.db_elems, 0);
   auto aligned = [](const scalar_t* ptr, int v) {
@@ -200,33 +286,28 @@ void emulate_dw(const DwParams& p, int64_t grid, int64_t x_extent, int64_t g_ext
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(db_acc.begin(), db_acc.end(), 0.f);
       const bool do_db = dw_tile_sums_db(p, tc);
-      for (int64_t k0 = tc.r0; k0 < tc.r1; k0 += BK) {
-        std::fill(a_hits.begin(), a_hits.end(), 0);
-        std::fill(b_hits.begin(), b_hits.end(), 0);
+      for (int64_t k0 = tc.r0; k0 < tc.r1; k0 += BK, ++step) {
+        sa.begin(int(step % kStages));
+        sb.begin(int(step % kStages));
+        float vals[8];
         for (int t = 0; t < kProducerThreads; ++t) {
           dw_a_step(p, tube, tc, t, k0, [&](int m, int tok, int64_t src) {
-            TORCH_CHECK(m % 8 == 0 && (src < 0 || aligned(g + src, 8)), "a misaligned 16-byte G chunk");
+            TORCH_CHECK(src < 0 || aligned(g + src, 8), "a misaligned 16-byte G chunk");
             check_inside(src, 8, g_extent, "G");
-            for (int e = 0; e < 8; ++e) {
-              a[(m + e) * BK + tok] = src >= 0 ? static_cast<float>(g[src + e]) : 0.f;
-              ++a_hits[(m + e) * BK + tok];
-            }
+            for (int e = 0; e < 8; ++e) vals[e] = src >= 0 ? static_cast<float>(g[src + e]) : 0.f;
+            sa.put(m, tok, 8, /*along_rows=*/true, vals);
           });
           with_width(tube.vb, [&](auto vb) {
             dw_b_step<decltype(vb)::value>(p, tube, tc, t, k0, col_tab.data(), [&](int n, int tok, int64_t src, int v) {
-              TORCH_CHECK(n % v == 0 && (src < 0 || v == 1 || aligned(x + src, v)), "a misaligned ", v,
-                          "-element patch chunk");
+              TORCH_CHECK(src < 0 || v == 1 || aligned(x + src, v), "a misaligned ", v, "-element patch chunk");
               check_inside(src, v, x_extent, "x");
-              for (int e = 0; e < v; ++e) {
-                b[(n + e) * BK + tok] = src >= 0 ? static_cast<float>(x[src + e]) : 0.f;
-                ++b_hits[(n + e) * BK + tok];
-              }
+              for (int e = 0; e < v; ++e) vals[e] = src >= 0 ? static_cast<float>(x[src + e]) : 0.f;
+              sb.put(n, tok, v, /*along_rows=*/true, vals);
             });
           });
         }
-        for (int i = 0; i < BM * BK; ++i)
-          TORCH_CHECK(a_hits[i] == 1 && b_hits[i] == 1, "dW stage element ", i, " written ", a_hits[i], " (A) / ",
-                      b_hits[i], " (B) times");
+        const std::vector<float>& a = sa.finish("dW A");
+        const std::vector<float>& b = sb.finish("dW B");
         for (int m = 0; m < BM; ++m) {
           for (int n = 0; n < BN; ++n) {
             float s = acc[m * BN + n];
@@ -309,8 +390,10 @@ std::vector<int64_t> hopper_dw_splits_cpu(const at::Tensor& grad_out, const at::
 template <typename scalar_t>
 void emulate_dp(const DpParams& p, int64_t grid, int64_t g_extent) {
   const scalar_t* g = static_cast<const scalar_t*>(p.g);
-  std::vector<float> a(BM * BK), b(BN * BK), acc(BM * BN);
-  std::vector<int> a_hits(BM * BK), b_hits(BN * BK);
+  std::vector<float> acc(BM * BN);
+  DpStA sa;
+  DpStB sb;
+  int64_t step_count = 0;
   std::vector<int64_t> grow(kProducerThreads);
   std::vector<uint8_t> done(p.dp_elems, 0);
   auto aligned = [](const scalar_t* ptr, int v) {
@@ -327,33 +410,28 @@ void emulate_dp(const DpParams& p, int64_t grid, int64_t g_extent) {
       const int64_t K = tube.g.patch_size;
       for (int t = 0; t < kProducerThreads; ++t) grow[t] = dp_grad_row(p, tube, tc.m0 + t);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t k = 0; k < steps; ++k) {
-        std::fill(a_hits.begin(), a_hits.end(), 0);
-        std::fill(b_hits.begin(), b_hits.end(), 0);
+      for (int64_t k = 0; k < steps; ++k, ++step_count) {
+        sa.begin(int(step_count % kStages));
+        sb.begin(int(step_count % kStages));
+        float vals[8];
         for (int t = 0; t < kProducerThreads; ++t) {
           dp_a_step(p, t, grow[t], k * BK, [&](int m, int c, int64_t src) {
-            TORCH_CHECK(c % 8 == 0 && (src < 0 || aligned(g + src, 8)), "a misaligned 16-byte G chunk");
+            TORCH_CHECK(src < 0 || aligned(g + src, 8), "a misaligned 16-byte G chunk");
             check_inside(src, 8, g_extent, "G");
-            for (int e = 0; e < 8; ++e) {
-              a[m * BK + c + e] = src >= 0 ? static_cast<float>(g[src + e]) : 0.f;
-              ++a_hits[m * BK + c + e];
-            }
+            for (int e = 0; e < 8; ++e) vals[e] = src >= 0 ? static_cast<float>(g[src + e]) : 0.f;
+            sa.put(m, c, 8, /*along_rows=*/false, vals);
           });
           with_width(tube.vb, [&](auto vb) {
             dp_b_step<decltype(vb)::value>(p, tube, tc, t, k * BK, [&](int n, int c, int64_t src, int v) {
-              TORCH_CHECK(n % v == 0 && (src < 0 || v == 1 || aligned(w + src, v)), "a misaligned ", v,
-                          "-element W chunk");
+              TORCH_CHECK(src < 0 || v == 1 || aligned(w + src, v), "a misaligned ", v, "-element W chunk");
               check_inside(src, v, p.d * K, "a weight");
-              for (int e = 0; e < v; ++e) {
-                b[(n + e) * BK + c] = src >= 0 ? static_cast<float>(w[src + e]) : 0.f;
-                ++b_hits[(n + e) * BK + c];
-              }
+              for (int e = 0; e < v; ++e) vals[e] = src >= 0 ? static_cast<float>(w[src + e]) : 0.f;
+              sb.put(n, c, v, /*along_rows=*/true, vals);
             });
           });
         }
-        for (int i = 0; i < BM * BK; ++i)
-          TORCH_CHECK(a_hits[i] == 1 && b_hits[i] == 1, "dP stage element ", i, " written ", a_hits[i], " (A) / ",
-                      b_hits[i], " (B) times");
+        const std::vector<float>& a = sa.finish("dP A");
+        const std::vector<float>& b = sb.finish("dP B");
         for (int m = 0; m < BM; ++m)
           for (int n = 0; n < BN; ++n) {
             float s = acc[m * BN + n];
@@ -406,6 +484,8 @@ at::Tensor hopper_dx_emulated_cpu(const at::Tensor& grad_out, const at::Tensor& 
 }
 
 }  // namespace
+
+bool hopper_swizzle_checked() { return kSwizzleChecked; }
 
 TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) {
   m.impl("tube_tokens_hopper_emulated", &hopper_emulated_cpu);

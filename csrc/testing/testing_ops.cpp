@@ -6,6 +6,10 @@
 // leaves this folder out. Fake kernels: tubevit_ext/testing.py.
 #include <torch/library.h>
 
+namespace tubevit {
+bool hopper_swizzle_checked();  // testing/hopper_emulation.cpp
+}
+
 TORCH_LIBRARY(tubevit_testing, m) {
   // The same contract, always computed by the per-element kernels of
   // kernels/naive_kernels.h (on CPU: the CUDA kernels' code run in a host loop).
@@ -50,6 +54,10 @@ TORCH_LIBRARY(tubevit_testing, m) {
       "int grid=132, int target=528) -> (Tensor[], Tensor[])");
   // [splits_0, steps_per_split_0, splits_1, ...] for a call with this target.
   m.def("hopper_dw_splits(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, int target) -> int[]");
+  // Whether the Hopper emulators place stage elements through the kernels' CuTe layouts
+  // (kernels/hopper_layouts.h: a build with the CUTLASS/CuTe headers), checking the swizzled
+  // addresses of every producer chunk; false: plain row-major stages.
+  m.def("hopper_swizzle_checked() -> bool", &tubevit::hopper_swizzle_checked);
   // The Hopper input-gradient kernels on the CPU: dP by the dP kernel's tile code, then dx by the
   // writer (writer = false: by the gather, on the same dP).
   m.def(

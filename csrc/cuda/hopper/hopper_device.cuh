@@ -1,7 +1,7 @@
 // Device and launch helpers shared by the Hopper kernels (hopper_forward.cu,
 // hopper_grad_weight.cu, hopper_grad_input.cu): torch -> CuTe 16-bit types, the producers' chunk
 // copy, named barriers, the dynamic shared-memory opt-in and the fp16 / bf16
-// dispatch.
+// dispatch. The operand layouts and wgmma atoms: kernels/hopper_layouts.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <mutex>
 
+#include "../../kernels/hopper_layouts.h"
 #include "../../kernels/hopper_tiles.h"
 
 namespace tubevit {
@@ -23,27 +24,6 @@ namespace hopper {
 template <typename torch_t> struct CuteType;
 template <> struct CuteType<at::Half> { using type = cutlass::half_t; };
 template <> struct CuteType<at::BFloat16> { using type = cutlass::bfloat16_t; };
-
-// One 64 x BN x 16 wgmma with fp32 accumulators, both operands in shared
-// memory, A with major-ness MA and B with MB (K: the reduction dimension
-// contiguous; MN: the rows / columns of the product contiguous).
-template <typename T, cute::GMMA::Major MA, cute::GMMA::Major MB> struct GmmaAtomOf;
-template <cute::GMMA::Major MA, cute::GMMA::Major MB> struct GmmaAtomOf<cutlass::half_t, MA, MB> {
-  using type = cute::SM90_64x128x16_F32F16F16_SS<MA, MB>;
-};
-template <cute::GMMA::Major MA, cute::GMMA::Major MB> struct GmmaAtomOf<cutlass::bfloat16_t, MA, MB> {
-  using type = cute::SM90_64x128x16_F32BF16BF16_SS<MA, MB>;
-};
-template <typename T, cute::GMMA::Major MA, cute::GMMA::Major MB = MA>
-using GmmaAtom = typename GmmaAtomOf<T, MA, MB>::type;
-
-// kStages stages of a Rows x BK operand tile in 128-byte-swizzled shared
-// memory, (row, k, stage), with major-ness M.
-template <typename T, cute::GMMA::Major M, int Rows>
-using StageLayout = decltype(cute::tile_to_shape(
-    std::conditional_t<M == cute::GMMA::Major::K, cute::GMMA::Layout_K_SW128_Atom<T>,
-                       cute::GMMA::Layout_MN_SW128_Atom<T>>{},
-    cute::make_shape(cute::Int<Rows>{}, cute::Int<BK>{}, cute::Int<kStages>{})));
 
 // f(T{}) with T the CuTe type of x's dtype (fp16 or bf16; callers check).
 template <class F>

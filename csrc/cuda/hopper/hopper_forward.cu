@@ -36,8 +36,8 @@ namespace {
 // 1024 bytes).
 template <typename T>
 struct Traits {
-  using SmemA = StageLayout<T, cute::GMMA::Major::K, BM>;  // patch rows, K contiguous
-  using SmemB = StageLayout<T, cute::GMMA::Major::K, BN>;  // W rows
+  using SmemA = layouts::ForwardA<T>;  // patch rows, K contiguous
+  using SmemB = layouts::ForwardB<T>;  // W rows
   using Pipeline = cutlass::PipelineAsync<kStages>;
   struct Shared {
     alignas(1024) T a[cute::cosize_v<SmemA>];

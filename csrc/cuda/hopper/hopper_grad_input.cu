@@ -30,8 +30,8 @@ namespace {
 
 template <typename T>
 struct DpTraits {
-  using SmemA = StageLayout<T, cute::GMMA::Major::K, BM>;   // G rows, channels contiguous
-  using SmemB = StageLayout<T, cute::GMMA::Major::MN, BN>;  // W_i as (column, channel), columns contiguous
+  using SmemA = layouts::DpA<T>;  // G rows, channels contiguous
+  using SmemB = layouts::DpB<T>;  // W_i as (column, channel), columns contiguous
   using Pipeline = cutlass::PipelineAsync<kStages>;
   struct Shared {
     alignas(1024) T a[cute::cosize_v<SmemA>];

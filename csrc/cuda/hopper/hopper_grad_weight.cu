@@ -31,8 +31,8 @@ namespace {
 template <typename T>
 struct DwTraits {
   // G^T (channels contiguous) and P (patch columns contiguous): both MN-major
-  using SmemA = StageLayout<T, cute::GMMA::Major::MN, BM>;
-  using SmemB = StageLayout<T, cute::GMMA::Major::MN, BN>;
+  using SmemA = layouts::DwA<T>;
+  using SmemB = layouts::DwB<T>;
   using Pipeline = cutlass::PipelineAsync<kStages>;
   struct Shared {
     alignas(1024) T a[cute::cosize_v<SmemA>];
