@@ -437,7 +437,7 @@ def test_cuda_hopper_grad_input_matches_the_reference(monkeypatch, case, dtype, 
     def run():
         xc = (base.cuda().as_strided(x.shape, x.stride(), x.storage_offset()) if base is not None
               else x.cuda()).requires_grad_()
-        tv.tube_tokens(xc, [w.cuda() for w in ws], [], tubes, None).backward(grad.cuda())
+        tv.tube_tokens(xc, [w.cuda() for w in ws], None, tubes, None).backward(grad.cuda())
         return xc.grad
 
     names = _hopper_kernels_in(run)
@@ -450,7 +450,8 @@ def test_cuda_hopper_grad_input_matches_the_reference(monkeypatch, case, dtype, 
 @HOPPER_GPU
 def test_cuda_hopper_grad_input_paper_batch(monkeypatch):
     """The paper's tubes at 32 x 224 x 224, B = 2, bf16: the Hopper input gradient against the GEMM
-    path's (cuBLAS dP, then the gather), within a few roundings of the larger."""
+    path's (cuBLAS dP, then the gather), within a few roundings of the larger; the same under a CUDA
+    graph replay."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 224, 224, device="cuda", dtype=torch.bfloat16)
     ws, _ = make_params(tv.PAPER_TUBES, 3, 768, dtype=torch.bfloat16, device="cuda")
@@ -459,9 +460,23 @@ def test_cuda_hopper_grad_input_paper_batch(monkeypatch):
     def dx(path):
         set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", path)
         xc = x.clone().requires_grad_()
-        tv.tube_tokens(xc, ws, [], tv.PAPER_TUBES, None).backward(grad)
+        tv.tube_tokens(xc, ws, None, tv.PAPER_TUBES, None).backward(grad)
         return xc.grad.float()
 
     want, got = dx("gemm"), dx("hopper")
     err = (got - want).abs().max().item()
     assert err <= 4 * 2.0 ** -8 * want.abs().max().item(), err
+    # the backward op (dP kernel + writer) captured in a CUDA graph and replayed: the same bits
+    flat = tv.flatten_tubes(tv.PAPER_TUBES)
+    bwd = lambda: torch.ops.tubevit.tube_tokens_backward(grad, x, ws, [], flat, [True, False, False])[0]
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        bwd()  # warm-up outside the capture
+        with torch.cuda.graph(g, stream=s):
+            out = bwd()
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.float(), got)
