@@ -216,15 +216,24 @@ inline int64_t align_elems(const void* ptr, int64_t elem) {
   return v;
 }
 
-// Host: the parameters for layout L without pointers: the tile list, tubes
-// by decreasing K (stable; Tube::op_index keeps the op's order).
-inline Params make_params(const TubeLayout& L) {
-  TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubes), "the Hopper kernel takes at most ", kMaxTubes, " tubes, got ",
+// Host: a parameter block P (Params, DwParams, DpParams) for layout L with
+// the fields they share (tube count, N, d) set, after checking the tube count
+// against the fixed arrays.
+template <class P>
+inline P params_for(const TubeLayout& L) {
+  TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubes), "the Hopper kernels take at most ", kMaxTubes, " tubes, got ",
               L.tubes.size());
-  Params p{};
+  P p{};
   p.n_tubes = static_cast<int>(L.tubes.size());
   p.N = L.num_tokens;
   p.d = L.dim;
+  return p;
+}
+
+// Host: the parameters for layout L without pointers: the tile list, tubes
+// by decreasing K (stable; Tube::op_index keeps the op's order).
+inline Params make_params(const TubeLayout& L) {
+  Params p = params_for<Params>(L);
   p.n_col_tiles = (L.dim + BN - 1) / BN;
   int order[kMaxTubes];
   for (int i = 0; i < p.n_tubes; ++i) order[i] = i;
@@ -418,12 +427,7 @@ TUBEVIT_HD float dw_sum(const DwParams& p, const DwEntry& en) {
 // SM), each split at least kMinSplitSteps K steps.
 constexpr int64_t kMinSplitSteps = 8;
 inline DwParams make_dw_params(const TubeLayout& L, int64_t target) {
-  TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubes), "the Hopper kernels take at most ", kMaxTubes, " tubes, got ",
-              L.tubes.size());
-  DwParams p{};
-  p.n_tubes = static_cast<int>(L.tubes.size());
-  p.N = L.num_tokens;
-  p.d = L.dim;
+  DwParams p = params_for<DwParams>(L);
   p.d_tiles = (L.dim + BM - 1) / BM;
   double work = 0;
   for (const auto& g : L.tubes)
@@ -568,12 +572,7 @@ TUBEVIT_HD int64_t dp_entry(const DpTube& t, const DpTile& tc, int m, int n) {
 // Host: the tile list for layout L (pointers unset); dp_offset and
 // dp_elems as make_dp_layout's.
 inline DpParams make_dp_params(const TubeLayout& L) {
-  TORCH_CHECK(L.tubes.size() <= size_t(kMaxTubes), "the Hopper kernels take at most ", kMaxTubes, " tubes, got ",
-              L.tubes.size());
-  DpParams p{};
-  p.n_tubes = static_cast<int>(L.tubes.size());
-  p.N = L.num_tokens;
-  p.d = L.dim;
+  DpParams p = params_for<DpParams>(L);
   int64_t tiles = 0, off = 0;
   for (int i = 0; i < p.n_tubes; ++i) {
     DpTube& t = p.t[i];

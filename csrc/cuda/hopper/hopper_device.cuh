@@ -1,15 +1,18 @@
 // Device and launch helpers shared by the Hopper kernels (hopper_forward.cu,
 // hopper_grad_weight.cu, hopper_grad_input.cu): torch -> CuTe 16-bit types, the producers' chunk
 // copy, named barriers, the dynamic shared-memory opt-in and the fp16 / bf16
-// dispatch. The operand layouts and wgmma atoms: kernels/hopper_layouts.h.
+// dispatch, the shared-memory traits and the consumers' mainloop. The operand
+// layouts and wgmma atoms: kernels/hopper_layouts.h.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include <cstdint>
 #include <mutex>
@@ -63,6 +66,59 @@ __device__ __forceinline__ void copy_chunk(T* dst, const T* base, int64_t src) {
   }
 }
 
+// One CTA's shared memory: kStages stages of the A and B operand tiles in
+// layouts SmemA / SmemB (1024-byte aligned: the swizzle repeats every 1024
+// bytes), what the kernel keeps besides (Extra), and the pipeline's barriers.
+struct NoExtra {};
+template <typename T, class SmemA_, class SmemB_, class Extra = NoExtra>
+struct StageTraits {
+  using SmemA = SmemA_;
+  using SmemB = SmemB_;
+  using Pipeline = cutlass::PipelineAsync<kStages>;
+  struct Shared {
+    alignas(1024) T a[cute::cosize_v<SmemA>];
+    alignas(1024) T b[cute::cosize_v<SmemB>];
+    Extra extra;
+    typename Pipeline::SharedStorage pipe;
+  };
+  static constexpr size_t kSmemBytes = sizeof(Shared) + 1024;  // + the alignment of aligned_shared
+};
+
+// A consumer warpgroup's mainloop over `steps` pipeline stages (the
+// protocol of CUTLASS's cp.async GMMA mainloop): wait for the stage, issue
+// its wgmma (fragments tCrA / tCrB of (.., stage)), run per_stage(stage)
+// while it runs (dW: the bias sums), then wait until only this step's wgmma
+// is in flight and release the previous step's stage; the last stage is
+// released after the final wait. acc is cleared by the caller.
+template <class Pipeline, class State, class Mma, class FragA, class FragB, class Acc, class PerStage>
+__device__ __forceinline__ void mma_stages(Pipeline& pipe, State& read, State& release, int64_t steps, const Mma& mma,
+                                           const FragA& tCrA, const FragB& tCrB, Acc& acc,
+                                           const PerStage& per_stage) {
+  using namespace cute;
+  for (int64_t k = 0; k < steps; ++k) {
+    pipe.consumer_wait(read);
+    const int stage = read.index();
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
+    warpgroup_commit_batch();
+    per_stage(stage);
+    warpgroup_wait<1>();  // the previous step's wgmma has read its stage
+    warpgroup_fence_operand(acc);
+    if (k > 0) {
+      pipe.consumer_release(release);
+      ++release;
+    }
+    ++read;
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+  if (steps > 0) {
+    pipe.consumer_release(release);
+    ++release;
+  }
+}
+
 // Parameters of a warp-specialized CTA's stage pipeline (a CUTLASS
 // PipelineAsync): warpgroup 0 produces, the others consume; warp 0
 // initialises the barriers, which the caller's __syncthreads() then publishes.
@@ -82,6 +138,35 @@ __device__ __forceinline__ typename Pipeline::Params pipeline_params(int warpgro
 template <class Shared>
 __device__ __forceinline__ Shared& aligned_shared(char* raw) {
   return *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+}
+
+// Whether a Hopper kernel whose CTA needs `smem` bytes of shared memory takes
+// this call: built with sm_90a code, an sm_90 GPU that offers that much,
+// fp16 / bf16, at most kMaxTubes tubes, d a multiple of 8 (the 16-byte
+// chunks of output and gradient rows).
+inline bool kernel_takes(const at::Tensor& x, const TubeLayout& L, size_t smem) {
+#if defined(TUBEVIT_HOPPER_SM90A)
+  const auto* prop = at::cuda::getDeviceProperties(x.device().index());
+  const auto t = x.scalar_type();
+  return prop->major == 9 && prop->minor == 0 && (t == at::kHalf || t == at::kBFloat16) &&
+         L.tubes.size() <= size_t(kMaxTubes) && L.dim % 8 == 0 && prop->sharedMemPerBlockOptin >= smem;
+#else
+  (void)x;
+  (void)L;
+  (void)smem;
+  return false;
+#endif
+}
+
+// The CTA's stage pipeline over shared storage s (warpgroup 0 produces, the
+// others consume), its barriers initialised by warp 0 and published to every
+// thread before any waits on them.
+template <class Traits>
+__device__ __forceinline__ typename Traits::Pipeline start_pipeline(typename Traits::Shared& s, int warpgroup) {
+  using Pipeline = typename Traits::Pipeline;
+  Pipeline pipe(s.pipe, pipeline_params<Pipeline>(warpgroup, kProducerThreads, kConsumerThreads));
+  __syncthreads();
+  return pipe;
 }
 
 // Raises `kernel`'s dynamic shared-memory limit to `bytes`, once per device;

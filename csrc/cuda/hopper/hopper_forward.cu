@@ -32,22 +32,15 @@ namespace tubevit {
 namespace hopper {
 namespace {
 
-// Shared memory of one CTA (dynamic; aligned_shared rounds its start up to
-// 1024 bytes).
+// Shared memory of one CTA besides the operand stages (hopper_device.cuh:
+// StageTraits; dynamic, aligned_shared rounds its start up to 1024 bytes).
 template <typename T>
-struct Traits {
-  using SmemA = layouts::ForwardA<T>;  // patch rows, K contiguous
-  using SmemB = layouts::ForwardB<T>;  // W rows
-  using Pipeline = cutlass::PipelineAsync<kStages>;
-  struct Shared {
-    alignas(1024) T a[cute::cosize_v<SmemA>];
-    alignas(1024) T b[cute::cosize_v<SmemB>];
-    alignas(16) T staged[BM * kStagePitch];  // the tile's output, cast, before the 16-byte stores
-    RowInfo rows[BM];                        // the tile's output / position-embedding rows
-    typename Pipeline::SharedStorage pipe;
-  };
-  static constexpr size_t kSmemBytes = sizeof(Shared) + 1024;
+struct ForwardExtra {
+  alignas(16) T staged[BM * kStagePitch];  // the tile's output, cast, before the 16-byte stores
+  RowInfo rows[BM];                        // the tile's output / position-embedding rows
 };
+template <typename T>
+using Traits = StageTraits<T, layouts::ForwardA<T>, layouts::ForwardB<T>, ForwardExtra<T>>;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_constant__ Params p) {
@@ -58,9 +51,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   extern __shared__ char smem_raw[];
   auto& s = aligned_shared<typename Tr::Shared>(smem_raw);
   const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
-
-  Pipeline pipe(s.pipe, pipeline_params<Pipeline>(warpgroup, kProducerThreads, kConsumerThreads));
-  __syncthreads();  // barriers initialised before any thread waits on them
+  Pipeline pipe = start_pipeline<Tr>(s, warpgroup);
 
   Tensor sA = make_tensor(make_smem_ptr(s.a), typename Tr::SmemA{});  // (BM, BK, stage)
   Tensor sB = make_tensor(make_smem_ptr(s.b), typename Tr::SmemB{});  // (BN, BK, stage)
@@ -117,28 +108,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
       const Tube& tube = p.t[tc.tube];
       const int64_t steps = (tube.g.patch_size + BK - 1) / BK;
       clear(acc);
-      for (int64_t k = 0; k < steps; ++k) {
-        pipe.consumer_wait(read);
-        const int stage = read.index();
-        warpgroup_fence_operand(acc);
-        warpgroup_arrive();
-        gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
-        warpgroup_commit_batch();
-        warpgroup_wait<1>();  // the previous step's wgmma has read its stage
-        warpgroup_fence_operand(acc);
-        if (k > 0) {
-          pipe.consumer_release(release);
-          ++release;
-        }
-        ++read;
-      }
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc);
-      pipe.consumer_release(release);
-      ++release;
+      mma_stages(pipe, read, release, steps, mma, tCrA, tCrB, acc, [](int) {});
 
       // epilogue: row table, fp32 bias + position embedding, cast into the staging tile
-      if (ct < BM) s.rows[ct] = row_info(p, tube, tc.m0 + ct);
+      if (ct < BM) s.extra.rows[ct] = row_info(p, tube, tc.m0 + ct);
       named_sync<1, kConsumerThreads>();
       const T* __restrict__ bias = static_cast<const T*>(tube.bias);
       const int64_t d = p.d;
@@ -149,20 +122,20 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
         float v = acc(i);
         if (c < d) {
           if (bias != nullptr) v += static_cast<float>(bias[c]);
-          const int64_t pr = s.rows[m].pe_row;
+          const int64_t pr = s.extra.rows[m].pe_row;
           if (pe != nullptr && pr >= 0) v += static_cast<float>(pe[pr * d + c]);
         }
-        s.staged[m * kStagePitch + n] = T(v);
+        s.extra.staged[m * kStagePitch + n] = T(v);
       }
       named_sync<1, kConsumerThreads>();
       // 16-byte chunks of whole rows (d % 8 == 0: a chunk is all in or all out)
       CUTE_UNROLL
       for (int q = ct; q < BM * BN / kOutChunk; q += kConsumerThreads) {
         const Chunk ch = store_chunk(q);
-        const int64_t orow = s.rows[ch.row].out_row, c = tc.n0 + ch.col;
+        const int64_t orow = s.extra.rows[ch.row].out_row, c = tc.n0 + ch.col;
         if (orow >= 0 && c < d)
           *reinterpret_cast<uint4*>(out + orow * d + c) =
-              *reinterpret_cast<const uint4*>(&s.staged[ch.row * kStagePitch + ch.col]);
+              *reinterpret_cast<const uint4*>(&s.extra.staged[ch.row * kStagePitch + ch.col]);
       }
       named_sync<1, kConsumerThreads>();  // staging tile and row table free for the next tile
     }
@@ -175,18 +148,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
 }  // namespace
 
 bool supported(const at::Tensor& x, const TubeLayout& L) {
-#if defined(TUBEVIT_HOPPER_SM90A)
-  const auto* prop = at::cuda::getDeviceProperties(x.device().index());
-  const auto t = x.scalar_type();
-  // d % 8: the epilogue's 16-byte stores; the shared memory a CTA needs
-  return prop->major == 9 && prop->minor == 0 && (t == at::kHalf || t == at::kBFloat16) &&
-         L.tubes.size() <= size_t(kMaxTubes) && L.dim % kOutChunk == 0 &&
-         prop->sharedMemPerBlockOptin >= Traits<cutlass::half_t>::kSmemBytes;
-#else
-  (void)x;
-  (void)L;
-  return false;
-#endif
+  return kernel_takes(x, L, Traits<cutlass::half_t>::kSmemBytes);
 }
 
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,

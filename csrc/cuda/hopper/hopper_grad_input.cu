@@ -28,18 +28,10 @@ namespace tubevit {
 namespace hopper {
 namespace {
 
+// G rows (channels contiguous: K-major) and W_i as (column, channel)
+// (columns contiguous: MN-major); nothing else in shared memory.
 template <typename T>
-struct DpTraits {
-  using SmemA = layouts::DpA<T>;  // G rows, channels contiguous
-  using SmemB = layouts::DpB<T>;  // W_i as (column, channel), columns contiguous
-  using Pipeline = cutlass::PipelineAsync<kStages>;
-  struct Shared {
-    alignas(1024) T a[cute::cosize_v<SmemA>];
-    alignas(1024) T b[cute::cosize_v<SmemB>];
-    typename Pipeline::SharedStorage pipe;
-  };
-  static constexpr size_t kSmemBytes = sizeof(Shared) + 1024;
-};
+using DpTraits = StageTraits<T, layouts::DpA<T>, layouts::DpB<T>>;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) dp_kernel(const __grid_constant__ DpParams p) {
@@ -50,9 +42,7 @@ __global__ void __launch_bounds__(kThreads, 1) dp_kernel(const __grid_constant__
   extern __shared__ char smem_raw[];
   auto& s = aligned_shared<typename Tr::Shared>(smem_raw);
   const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
-
-  Pipeline pipe(s.pipe, pipeline_params<Pipeline>(warpgroup, kProducerThreads, kConsumerThreads));
-  __syncthreads();  // barriers initialised before any thread waits on them
+  Pipeline pipe = start_pipeline<Tr>(s, warpgroup);
 
   Tensor sA = make_tensor(make_smem_ptr(s.a), typename Tr::SmemA{});  // (token, channel, stage)
   Tensor sB = make_tensor(make_smem_ptr(s.b), typename Tr::SmemB{});  // (patch column, channel, stage)
@@ -99,25 +89,7 @@ __global__ void __launch_bounds__(kThreads, 1) dp_kernel(const __grid_constant__
       const DpTile tc = locate_dp_tile(p, tile);
       const DpTube& tube = p.t[tc.tube];
       clear(acc);
-      for (int64_t k = 0; k < steps; ++k) {
-        pipe.consumer_wait(read);
-        const int stage = read.index();
-        warpgroup_fence_operand(acc);
-        warpgroup_arrive();
-        gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
-        warpgroup_commit_batch();
-        warpgroup_wait<1>();  // the previous step's wgmma has read its stage
-        warpgroup_fence_operand(acc);
-        if (k > 0) {
-          pipe.consumer_release(release);
-          ++release;
-        }
-        ++read;
-      }
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc);
-      pipe.consumer_release(release);
-      ++release;
+      mma_stages(pipe, read, release, steps, mma, tCrA, tCrB, acc, [](int) {});
       CUTE_UNROLL
       for (int i = 0; i < size(acc); ++i) {
         const int64_t e = dp_entry(tube, tc, get<0>(tCcC(i)), get<1>(tCcC(i)));
@@ -133,18 +105,7 @@ __global__ void __launch_bounds__(kThreads, 1) dp_kernel(const __grid_constant__
 }  // namespace
 
 bool grad_input_supported(const at::Tensor& x, const TubeLayout& L) {
-#if defined(TUBEVIT_HOPPER_SM90A)
-  const auto* prop = at::cuda::getDeviceProperties(x.device().index());
-  const auto t = x.scalar_type();
-  // d % 8: the G rows' 16-byte chunks
-  return prop->major == 9 && prop->minor == 0 && (t == at::kHalf || t == at::kBFloat16) &&
-         L.tubes.size() <= size_t(kMaxTubes) && L.dim % 8 == 0 &&
-         prop->sharedMemPerBlockOptin >= DpTraits<cutlass::half_t>::kSmemBytes;
-#else
-  (void)x;
-  (void)L;
-  return false;
-#endif
+  return kernel_takes(x, L, DpTraits<cutlass::half_t>::kSmemBytes);
 }
 
 at::Tensor grad_dp(const at::Tensor& grad_out, const std::vector<at::Tensor>& weights, const TubeLayout& L) {

@@ -28,20 +28,13 @@ namespace tubevit {
 namespace hopper {
 namespace {
 
-template <typename T>
-struct DwTraits {
-  // G^T (channels contiguous) and P (patch columns contiguous): both MN-major
-  using SmemA = layouts::DwA<T>;
-  using SmemB = layouts::DwB<T>;
-  using Pipeline = cutlass::PipelineAsync<kStages>;
-  struct Shared {
-    alignas(1024) T a[cute::cosize_v<SmemA>];
-    alignas(1024) T b[cute::cosize_v<SmemB>];
-    int64_t col_off[BN];  // the tile's patch-column offsets (producer only)
-    typename Pipeline::SharedStorage pipe;
-  };
-  static constexpr size_t kSmemBytes = sizeof(Shared) + 1024;
+// G^T (channels contiguous) and P (patch columns contiguous): both MN-major;
+// besides the stages, the tile's patch-column offsets (producer only).
+struct DwExtra {
+  int64_t col_off[BN];
 };
+template <typename T>
+using DwTraits = StageTraits<T, layouts::DwA<T>, layouts::DwB<T>, DwExtra>;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__ DwParams p) {
@@ -52,9 +45,7 @@ __global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__
   extern __shared__ char smem_raw[];
   auto& s = aligned_shared<typename Tr::Shared>(smem_raw);
   const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
-
-  Pipeline pipe(s.pipe, pipeline_params<Pipeline>(warpgroup, kProducerThreads, kConsumerThreads));
-  __syncthreads();
+  Pipeline pipe = start_pipeline<Tr>(s, warpgroup);
 
   Tensor sA = make_tensor(make_smem_ptr(s.a), typename Tr::SmemA{});  // (channel, token, stage)
   Tensor sB = make_tensor(make_smem_ptr(s.b), typename Tr::SmemB{});  // (patch column, token, stage)
@@ -70,7 +61,7 @@ __global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__
       const DwTile tc = locate_dw_tile(p, tile);
       const DwTube& tube = p.t[tc.tube];
       named_sync<2, kProducerThreads>();  // every producer is done with the previous tile's table
-      s.col_off[t] = dw_column(p, tube, tc.c0, t);
+      s.extra.col_off[t] = dw_column(p, tube, tc.c0, t);
       named_sync<2, kProducerThreads>();
       with_width(tube.vb, [&](auto vb) {
         constexpr int VB = decltype(vb)::value;
@@ -78,7 +69,7 @@ __global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__
           pipe.producer_acquire(state);
           const int stage = state.index();
           dw_a_step(p, tube, tc, t, k0, [&](int m, int tok, int64_t src) { copy_chunk<8>(&sA(m, tok, stage), g, src); });
-          dw_b_step<VB>(p, tube, tc, t, k0, s.col_off,
+          dw_b_step<VB>(p, tube, tc, t, k0, s.extra.col_off,
                         [&](int n, int tok, int64_t src, int) { copy_chunk<VB>(&sB(n, tok, stage), x, src); });
           if constexpr (VB == 1) cutlass::arch::fence_view_async_shared();
           pipe.producer_commit(state, cutlass::arch::cpasync_barrier_arrive);
@@ -104,33 +95,12 @@ __global__ void __launch_bounds__(kThreads, 1) dw_kernel(const __grid_constant__
       const bool do_db = dw_tile_sums_db(p, tc) && ct < BM;  // consumer thread ct sums channel ct
       float db_acc = 0.f;
       clear(acc);
-      bool first = true;
-      for (int64_t k0 = tc.r0; k0 < tc.r1; k0 += BK) {
-        pipe.consumer_wait(read);
-        const int stage = read.index();
-        warpgroup_fence_operand(acc);
-        warpgroup_arrive();
-        gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
-        warpgroup_commit_batch();
+      mma_stages(pipe, read, release, (tc.r1 - tc.r0 + BK - 1) / BK, mma, tCrA, tCrB, acc, [&](int stage) {
         if (do_db) {  // channel ct's G entries of this step (zeros where out of range)
           CUTE_UNROLL
           for (int tok = 0; tok < BK; ++tok) db_acc += static_cast<float>(sA(ct, tok, stage));
         }
-        warpgroup_wait<1>();
-        warpgroup_fence_operand(acc);
-        if (!first) {
-          pipe.consumer_release(release);
-          ++release;
-        }
-        first = false;
-        ++read;
-      }
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc);
-      if (!first) {
-        pipe.consumer_release(release);
-        ++release;
-      }
+      });
       // this split's fp32 partial of the tile
       const int64_t d = p.d, K = tube.g.patch_size;
       float* __restrict__ part = p.ws + tube.ws_offset + tc.split * d * K;
@@ -161,17 +131,7 @@ __global__ void dw_reduce_kernel(const __grid_constant__ DwParams p, int64_t tot
 }  // namespace
 
 bool grad_weight_supported(const at::Tensor& x, const TubeLayout& L) {
-#if defined(TUBEVIT_HOPPER_SM90A)
-  const auto* prop = at::cuda::getDeviceProperties(x.device().index());
-  const auto t = x.scalar_type();
-  return prop->major == 9 && prop->minor == 0 && (t == at::kHalf || t == at::kBFloat16) &&
-         L.tubes.size() <= size_t(kMaxTubes) && L.dim % 8 == 0 &&
-         prop->sharedMemPerBlockOptin >= DwTraits<cutlass::half_t>::kSmemBytes;
-#else
-  (void)x;
-  (void)L;
-  return false;
-#endif
+  return kernel_takes(x, L, DwTraits<cutlass::half_t>::kSmemBytes);
 }
 
 void grad_weight(const at::Tensor& x, const at::Tensor& grad_out, const TubeLayout& L, std::vector<at::Tensor>& dws,
