@@ -216,6 +216,13 @@ inline int64_t align_elems(const void* ptr, int64_t elem) {
   return v;
 }
 
+// Host: the (B, N, d) output gradient as the dW and dP producers read it:
+// contiguous and 16-byte aligned (their G chunks are 16-byte cp.async).
+inline at::Tensor aligned_rows(const at::Tensor& grad_out) {
+  at::Tensor g = grad_out.contiguous();
+  return reinterpret_cast<uintptr_t>(g.const_data_ptr()) % 16 != 0 ? g.clone() : g;
+}
+
 // Host: a parameter block P (Params, DwParams, DpParams) for layout L with
 // the fields they share (tube count, N, d) set, after checking the tube count
 // against the fixed arrays.
@@ -569,11 +576,12 @@ TUBEVIT_HD int64_t dp_entry(const DpTube& t, const DpTile& tc, int m, int n) {
   return (r < t.rows && col < t.g.patch_size) ? t.dp_offset + r * t.g.patch_size + col : -1;
 }
 
-// Host: the tile list for layout L (pointers unset); dp_offset and
-// dp_elems as make_dp_layout's.
+// Host: the tile list for layout L (pointers unset), writing the dP
+// workspace of make_dp_layout (its block offsets and size).
 inline DpParams make_dp_params(const TubeLayout& L) {
   DpParams p = params_for<DpParams>(L);
-  int64_t tiles = 0, off = 0;
+  const ParamsDX layout = make_dp_layout(L, nullptr, &p.dp_elems);
+  int64_t tiles = 0;
   for (int i = 0; i < p.n_tubes; ++i) {
     DpTube& t = p.t[i];
     t.g = L.tubes[i];
@@ -581,11 +589,9 @@ inline DpParams make_dp_params(const TubeLayout& L) {
     t.k_tiles = (t.g.patch_size + BN - 1) / BN;
     t.tiles_before = tiles;
     tiles += ((t.rows + BM - 1) / BM) * t.k_tiles;
-    t.dp_offset = off;
-    off += t.rows * t.g.patch_size;
+    t.dp_offset = layout.dp_offset[i];
   }
   p.n_tiles = tiles;
-  p.dp_elems = off;
   return p;
 }
 

@@ -353,8 +353,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> hopper_dw_emulated_
   TORCH_CHECK_VALUE(L.dim % 8 == 0, "the Hopper kernels take d % 8 == 0, got d = ", L.dim);
   TORCH_CHECK_VALUE(grid >= 1 && target >= 1, "grid and target must be >= 1, got ", grid, ", ", target);
   TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, "the dW emulator keeps fp32 partials: fp16, bf16 or fp32");
-  at::Tensor grad = grad_out.contiguous();
-  if (reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 != 0) grad = grad.clone();
+  const at::Tensor grad = aligned_rows(grad_out);  // 16-byte G chunks
   std::vector<at::Tensor> dws, dbs;
   for (const auto& w : weights) dws.push_back(at::full(w.sizes(), std::numeric_limits<double>::quiet_NaN(), x.options()));
   if (bias)
@@ -459,16 +458,11 @@ at::Tensor hopper_dx_emulated_cpu(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK_VALUE(L.dim % 8 == 0, "the Hopper kernels take d % 8 == 0, got d = ", L.dim);
   TORCH_CHECK_VALUE(grid >= 1, "grid must be >= 1, got ", grid);
   TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, "the dX emulator keeps fp32 dP: fp16, bf16 or fp32");
-  at::Tensor grad = grad_out.contiguous();
-  if (reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 != 0) grad = grad.clone();
+  const at::Tensor grad = aligned_rows(grad_out);  // 16-byte G chunks
   const std::vector<at::Tensor> w = contiguous_all(weights);
   DpParams p = make_dp_params(L);
   int64_t dp_elems = 0;
-  const ParamsDX px = make_dp_layout(L, nullptr, &dp_elems);
-  TORCH_CHECK(dp_elems == p.dp_elems, "dP sizes differ: ", dp_elems, " vs ", p.dp_elems);
-  for (int i = 0; i < p.n_tubes; ++i)
-    TORCH_CHECK(px.dp_offset[i] == p.t[i].dp_offset, "dP block ", i, " at ", p.t[i].dp_offset, ", expected ",
-                px.dp_offset[i]);
+  const ParamsDX px = make_dp_layout(L, nullptr, &dp_elems);  // what the writer / gather read
   at::Tensor dp = at::full({p.dp_elems}, std::numeric_limits<float>::quiet_NaN(), x.options().dtype(at::kFloat));
   bind_dp(p, grad, w, dp.mutable_data_ptr<float>());
   at::Tensor dx = at::full({L.batch, L.channels, L.size[0], L.size[1], L.size[2]},

@@ -109,8 +109,7 @@ bool grad_input_supported(const at::Tensor& x, const TubeLayout& L) {
 }
 
 at::Tensor grad_dp(const at::Tensor& grad_out, const std::vector<at::Tensor>& weights, const TubeLayout& L) {
-  at::Tensor grad = grad_out.contiguous();
-  if (reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 != 0) grad = grad.clone();  // 16-byte G chunks
+  const at::Tensor grad = aligned_rows(grad_out);  // 16-byte G chunks
   DpParams p = make_dp_params(L);
   at::Tensor dp = at::empty({p.dp_elems}, grad.options().dtype(at::kFloat));
   bind_dp(p, grad, weights, dp.mutable_data_ptr<float>());

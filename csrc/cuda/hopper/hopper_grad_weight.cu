@@ -136,8 +136,7 @@ bool grad_weight_supported(const at::Tensor& x, const TubeLayout& L) {
 
 void grad_weight(const at::Tensor& x, const at::Tensor& grad_out, const TubeLayout& L, std::vector<at::Tensor>& dws,
                  std::vector<at::Tensor>* dbs) {
-  at::Tensor grad = grad_out.contiguous();
-  if (reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 != 0) grad = grad.clone();  // 16-byte G chunks
+  const at::Tensor grad = aligned_rows(grad_out);  // 16-byte G chunks
   if (dbs != nullptr) {
     dbs->clear();
     for (int64_t i = 0; i < int64_t(L.tubes.size()); ++i) dbs->push_back(at::empty({L.dim}, x.options()));
