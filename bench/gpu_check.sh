@@ -17,7 +17,7 @@
 #                  GEMM path, same run
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_PATH=naive)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all paths
-#                  (GEMM forced, tensor-core kernels, naive, and the Hopper forward where built)
+#                  (GEMM forced, tensor-core kernels, naive, and the Hopper kernels where built)
 #   sanitize-hopper memcheck, racecheck, synccheck and initcheck of the Hopper kernels alone
 #   bench          --preset gpu-targets without torch.compile (JSON kept)
 #   bench-tc       the fused rows of it on the tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
