@@ -48,20 +48,21 @@ void check_inside(int64_t src, int v, int64_t extent, const char* what) {
               src + v, ") of ", extent);
 }
 
-// Without CuTe: stages as plain row-major tiles (the swizzle is then unchecked).
-template <int Rows>
-struct RowMajorStages {
-  int64_t operator()(int r, int k, int s) const { return (int64_t(s) * Rows + r) * BK + k; }
+// Without CuTe: stages as plain unswizzled tiles with the kernel's
+// major-ness (K-major: a row's BK elements contiguous; MN-major: a column's
+// Rows elements), so the producers' chunks are still checked contiguous,
+// aligned and written once (the swizzle is then unchecked).
+template <int Rows, bool MnMajor>
+struct PlainStages {
+  int64_t operator()(int r, int k, int s) const {
+    return MnMajor ? (int64_t(s) * BK + k) * Rows + r : (int64_t(s) * Rows + r) * BK + k;
+  }
 };
 
 #ifdef TUBEVIT_WITH_HOPPER
 constexpr bool kSwizzleChecked = true;
-template <int Rows, class CuteLayout>
-using StagesOf = CuteLayout;
 #else
 constexpr bool kSwizzleChecked = false;
-template <int Rows, class CuteLayout>
-using StagesOf = RowMajorStages<Rows>;
 #endif
 
 // One operand's kStages stages as the kernel's shared memory holds them:
@@ -116,19 +117,19 @@ class Stages {
 
 #ifdef TUBEVIT_WITH_HOPPER
 using L16 = cutlass::bfloat16_t;  // the layouts of fp16 and bf16 are the same (2-byte elements)
-template <typename acc_t> using FwdA = Stages<BM, StagesOf<BM, layouts::ForwardA<L16>>, acc_t>;
-template <typename acc_t> using FwdB = Stages<BN, StagesOf<BN, layouts::ForwardB<L16>>, acc_t>;
-using DwStA = Stages<BM, StagesOf<BM, layouts::DwA<L16>>, float>;
-using DwStB = Stages<BN, StagesOf<BN, layouts::DwB<L16>>, float>;
-using DpStA = Stages<BM, StagesOf<BM, layouts::DpA<L16>>, float>;
-using DpStB = Stages<BN, StagesOf<BN, layouts::DpB<L16>>, float>;
+template <typename acc_t> using FwdA = Stages<BM, layouts::ForwardA<L16>, acc_t>;
+template <typename acc_t> using FwdB = Stages<BN, layouts::ForwardB<L16>, acc_t>;
+using DwStA = Stages<BM, layouts::DwA<L16>, float>;
+using DwStB = Stages<BN, layouts::DwB<L16>, float>;
+using DpStA = Stages<BM, layouts::DpA<L16>, float>;
+using DpStB = Stages<BN, layouts::DpB<L16>, float>;
 #else
-template <typename acc_t> using FwdA = Stages<BM, RowMajorStages<BM>, acc_t>;
-template <typename acc_t> using FwdB = Stages<BN, RowMajorStages<BN>, acc_t>;
-using DwStA = Stages<BM, RowMajorStages<BM>, float>;
-using DwStB = Stages<BN, RowMajorStages<BN>, float>;
-using DpStA = Stages<BM, RowMajorStages<BM>, float>;
-using DpStB = Stages<BN, RowMajorStages<BN>, float>;
+template <typename acc_t> using FwdA = Stages<BM, PlainStages<BM, false>, acc_t>;
+template <typename acc_t> using FwdB = Stages<BN, PlainStages<BN, false>, acc_t>;
+using DwStA = Stages<BM, PlainStages<BM, true>, float>;
+using DwStB = Stages<BN, PlainStages<BN, true>, float>;
+using DpStA = Stages<BM, PlainStages<BM, false>, float>;
+using DpStB = Stages<BN, PlainStages<BN, true>, float>;
 #endif
 
 template <typename scalar_t>
