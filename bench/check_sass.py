@@ -12,7 +12,9 @@ Contracts (per kernel, matched on the demangled name):
                         fence after the 1-element chunks' plain shared stores), within 168
                         registers (384 threads, one CTA per SM: 65536 / 384)
   dx writer             no local memory, at most 85 registers (three 256-thread blocks per SM)
-(The tensor-core kernels of cuda/tube_tokens_tc.cu keep stage-pointer tables on the stack, 24-192
+  mma forward           (cuda/tube_tokens_mma.cu) on every arch built: LDSM (ldmatrix), HMMA
+                        (mma.sync), LDGSTS (cp.async), no local memory, at most 168 registers
+(The WMMA tensor-core kernels of cuda/tube_tokens_tc.cu keep stage-pointer tables on the stack, 24-192
 bytes: printed, not failed.)
 cuobjdump comes with the CUDA toolkit; without one, the copy that triton (a torch dependency) ships is
 used. Prints one line per kernel and exits 1 on a violation, 2 when it cannot run.
@@ -30,17 +32,21 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name pattern -> (SASS mnemonics its sm_90a code must contain, register budget, no local memory);
-# the first pattern that matches applies
+# name pattern -> (SASS mnemonics its code must contain, register budget, no local memory, the archs the
+# mnemonics are required on: "sm_90a" for wgmma, None for every arch); the first pattern that matches applies
 CONTRACTS = [
-    (re.compile(r"hopper::.*forward_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True),
-    (re.compile(r"hopper::.*dw_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True),
-    (re.compile(r"hopper::.*dp_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True),
+    (re.compile(r"hopper::.*forward_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True, "sm_90a"),
+    (re.compile(r"hopper::.*dw_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True, "sm_90a"),
+    (re.compile(r"hopper::.*dp_kernel"), ("HGMMA", "LDGSTS", "SYNCS", "FENCE.VIEW.ASYNC.S"), 168, True, "sm_90a"),
     # the dx writer: bandwidth-bound, three blocks per SM (__launch_bounds__), acc[8] in registers
-    (re.compile(r"dx::.*tube_dx_writer_kernel"), (), 85, True),
-    (re.compile(r"hopper::"), (), 255, True),
+    (re.compile(r"dx::.*tube_dx_writer_kernel"), (), 85, True, "sm_90a"),
+    (re.compile(r"hopper::"), (), 255, True, "sm_90a"),
+    # the ldmatrix + mma.sync forward, on every arch it is built for (sm_80+): fragments by ldmatrix
+    # (LDSM), mma.sync (HMMA), cp.async (LDGSTS); 128 registers where two blocks fit an SM, 168 on
+    # sm_86 / sm_89 (one block: __launch_bounds__ in cuda/tube_tokens_mma.cu)
+    (re.compile(r"mma::.*tube_tokens_mma_kernel"), ("LDSM", "HMMA", "LDGSTS"), 168, True, None),
 ]
-DEFAULT_CONTRACT = ((), 255, False)
+DEFAULT_CONTRACT = ((), 255, False, "sm_90a")
 
 
 def find_cuobjdump(explicit=None):
@@ -109,10 +115,10 @@ def kernels(cuobjdump, lib):
 def check(info, pretty):
     """Violations of the contracts for one kernel (empty list: it keeps them)."""
     bad = []
-    required, budget, no_local = next(((req, regs, nl) for pat, req, regs, nl in CONTRACTS if pat.search(pretty)),
-                                      DEFAULT_CONTRACT)
-    if info["arch"] != "sm_90a":
-        required = ()  # no wgmma before sm_90a
+    required, budget, no_local, on_arch = next(
+        ((req, regs, nl, arch) for pat, req, regs, nl, arch in CONTRACTS if pat.search(pretty)), DEFAULT_CONTRACT)
+    if on_arch is not None and info["arch"] != on_arch:
+        required = ()  # e.g. no wgmma before sm_90a
     if no_local and (info["local"] or info["stack"]):
         bad.append(f"local memory (LOCAL {info['local']}, STACK {info['stack']})")
     if info["regs"] > budget:

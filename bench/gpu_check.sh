@@ -15,6 +15,9 @@
 #                  db, dP + the dx writer), then bf16 forward, forward + backward and forward +
 #                  backward with the input gradient at B = 1, 8, 32 against unfold + cuBLAS and the
 #                  GEMM path, same run
+#   tests-mma      the same with the opt-in ldmatrix + mma.sync forward (TUBEVIT_CUDA_PATH=tc
+#                  TUBEVIT_TC_MMA=1), then bf16 forwards at B = 1, 8, 32: fused_mma vs fused_tc (the WMMA
+#                  forward) vs unfold + cuBLAS, same run; then memcheck, racecheck and synccheck of it
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_PATH=naive)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all paths
 #                  (GEMM forced, tensor-core kernels, naive, and the Hopper kernels where built)
@@ -43,6 +46,7 @@
 #   ncu            optional: Nsight Compute text report of one bf16 forward + backward
 #   ncu-hopper     Nsight Compute report of the Hopper kernels and the dx writer (bf16, B = 32),
 #                  ncu-hopper.txt
+#   ncu-mma        optional: the same for the ldmatrix + mma.sync forward, ncu-mma.txt
 # A step starts only if the budget still holds its estimate, and runs under
 # `timeout` with what is left, so a killed call still returns its results.
 #
@@ -64,7 +68,7 @@ BUDGET_S=${BUDGET_S:-540}
 RES=${OUT:-bench/out/gpu-$(date +%F)}
 LOGS=$(mktemp -d)
 mkdir -p "$RES"
-STEPS=${STEPS:-"build tests tests-hopper sanitize-hopper ncu-hopper bench-host bench-e2e memcheck bench racecheck initcheck"}
+STEPS=${STEPS:-"build tests tests-hopper sanitize-hopper tests-mma ncu-hopper bench-host bench-e2e memcheck bench racecheck initcheck"}
 PY=${PY:-$(command -v python3 || command -v python)}
 export PY RES LOGS PYTHONUNBUFFERED=1
 # the repo root on the path: the carried build is used without an install
@@ -184,6 +188,16 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       grep -E "^paper" "$LOGS/bench-hopper.log" | sed "s/^/hopper: /" | tee -a "$SUMMARY" ;;
     tests-tc)
       TUBEVIT_CUDA_PATH=tc run_step tests-tc 60 pytest_by_file ;;
+    tests-mma)
+      # the opt-in ldmatrix + mma.sync forward: tests, its benchmark rows, the sanitizers on it alone
+      TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 run_step tests-mma 60 pytest_by_file
+      run_step bench-mma 40 bench bench-mma.json --impls unfold_gemm fused_tc fused_mma \
+        --dtypes bfloat16 --modes fwd --batch 1 8 32
+      grep -E "^paper|fused_mma" "$LOGS/bench-mma.log" | sed "s/^/mma: /" | tee -a "$SUMMARY"
+      for tool in memcheck racecheck synccheck; do
+        TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 run_step "mma-$tool" 20 compute-sanitizer --tool "$tool" \
+          --error-exitcode 9 "$PY" bench/sanitize_case.py
+      done ;;
     tests-naive)
       TUBEVIT_CUDA_PATH=naive run_step tests-naive 60 pytest_by_file ;;
     memcheck|racecheck|initcheck|synccheck)
@@ -297,6 +311,12 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         --section ComputeWorkloadAnalysis --kernel-name-base demangled -k "regex:hopper::|tube_dx_writer" -c 5 \
         "$PY" bench/gpu_profile.py --once bf16 --input-grad
       cp "$LOGS/ncu-hopper.log" "$RES/ncu-hopper.txt" ;;
+    ncu-mma)
+      # optional: the ldmatrix + mma.sync forward, bf16, B = 32
+      TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 run_step ncu-mma 40 ncu --clock-control none --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis -k "regex:tube_tokens_mma" -c 1 "$PY" bench/gpu_profile.py --once bf16
+      cp "$LOGS/ncu-mma.log" "$RES/ncu-mma.txt" ;;
     *) log "unknown step $step" ;;
   esac
 done

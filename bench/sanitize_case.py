@@ -3,7 +3,8 @@ forward and backward of every CUDA path on odd shapes, every dtype, several
 layouts, batch 0, and the naive kernels. Exits non-zero on a mismatch.
 bench/gpu_check.sh runs it once per CUDA path: TUBEVIT_CUDA_PATH=gemm (the GEMM
 path, our gather + cuBLAS), TUBEVIT_CUDA_PATH=tc (the handwritten tensor-core
-kernels: fp16/bf16, and fp32 as TF32), TUBEVIT_CUDA_PATH=naive (the naive kernels) and, where the
+kernels: fp16/bf16, and fp32 as TF32; with TUBEVIT_TC_MMA=1 the fp16/bf16 forward by the
+ldmatrix + mma.sync kernel), TUBEVIT_CUDA_PATH=naive (the naive kernels) and, where the
 build has it, TUBEVIT_CUDA_PATH=hopper (the sm_90a wgmma kernels for fp16/bf16: forward,
 weight and bias gradients, dP and the dx writer)."""
 import os

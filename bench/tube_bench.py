@@ -6,7 +6,10 @@ Implementations (all compute the same (B, N, d) tokens, bias and PE included):
   compiled_reference  torch.compile(reference)
   fused               tubevit_ext.SparseTubeTokenizer (on CUDA: the path the library picks by size)
   fused_gemm          the same with TUBEVIT_CUDA_PATH=gemm (CUDA only, opt-in: the GEMM path forced)
-  fused_tc            the same with TUBEVIT_CUDA_PATH=tc (CUDA only, opt-in: the tensor-core kernels)
+  fused_tc            the same with TUBEVIT_CUDA_PATH=tc (CUDA only, opt-in: the tensor-core kernels, the
+                      WMMA forward)
+  fused_mma           the same with TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 (CUDA only, opt-in: the forward
+                      of fp16 / bf16 by the ldmatrix + mma.sync kernel; the backward as fused_tc)
   fused_hopper        the same with TUBEVIT_CUDA_PATH=hopper (CUDA only, opt-in: the sm_90a wgmma forward
                       where it applies; the backward as auto)
 
@@ -57,11 +60,14 @@ TUBE_SETS = {
 }
 # compiled_reference last in each configuration: torch.compile leaves compile
 # workers behind that would otherwise share the CPU with the next timings.
-IMPLS = ["reference", "unfold_gemm", "fused", "fused_gemm", "fused_tc", "fused_hopper", "compiled_reference"]
+IMPLS = ["reference", "unfold_gemm", "fused", "fused_gemm", "fused_tc", "fused_mma", "fused_hopper",
+         "compiled_reference"]
 DEFAULT_IMPLS = ["reference", "unfold_gemm", "fused", "compiled_reference"]
 # the fused module with one CUDA path forced: the environment the op reads per
 # call, set for the whole step (forward and backward)
-PATH_ENV = {"fused_gemm": {"TUBEVIT_CUDA_PATH": "gemm"}, "fused_tc": {"TUBEVIT_CUDA_PATH": "tc"},
+PATH_ENV = {"fused_gemm": {"TUBEVIT_CUDA_PATH": "gemm"},
+            "fused_tc": {"TUBEVIT_CUDA_PATH": "tc", "TUBEVIT_TC_MMA": "0"},
+            "fused_mma": {"TUBEVIT_CUDA_PATH": "tc", "TUBEVIT_TC_MMA": "1"},
             "fused_hopper": {"TUBEVIT_CUDA_PATH": "hopper"}}
 MODES = ["fwd", "fwd_bwd", "fwd_bwd_input"]
 
@@ -212,7 +218,8 @@ def matmul_peak(device, dtype, n=8192):
 
 
 class pinned_env:
-    """Environment variables set inside (for the fused_gemm / fused_tc / fused_hopper variants), restored after."""
+    """Environment variables set inside (for the fused_gemm / fused_tc / fused_mma / fused_hopper variants),
+    restored after."""
 
     def __init__(self, env):
         self.env = env or {}
@@ -473,6 +480,10 @@ def check_targets(rows, device):
         a, b = med("fused", "fwd", "float32", **kw), med("reference", "fwd", "float32", **kw)
         if a and b:
             print(f"  float32 fwd: fused vs reference: {b / a:.2f}x (target >= 3x) {'OK' if b / a >= 3 else 'MISSED'}")
+        # the ldmatrix + mma.sync forward against the WMMA one it is to replace on sm_80-89 (same GPU, same run)
+        a, b = med("fused_mma", "fwd", "bfloat16", **kw), med("fused_tc", "fwd", "bfloat16", **kw)
+        if a and b:
+            print(f"  bf16 fwd: fused_mma vs fused_tc: {b / a:.2f}x (target >= 2x) {'OK' if b / a >= 2 else 'MISSED'}")
         for r in rows:
             if r["impl"] == "fused" and r["mode"] == "fwd" and r["dtype"] == "bfloat16" and "frac_of_matmul_peak" in r \
                     and all(r[k] == v for k, v in kw.items()):

@@ -32,6 +32,7 @@ Options read_env() {
   else TORCH_CHECK_VALUE(false, "TUBEVIT_CUDA_PATH must be one of auto, gemm, tc, naive, hopper; got '", path, "'");
   o.gemm_gather_vec = read_flag("TUBEVIT_GEMM_GATHER_VEC");
   o.dx_scatter = read_flag("TUBEVIT_DX_SCATTER");
+  o.tc_mma = read_flag("TUBEVIT_TC_MMA");
   const char* c = std::getenv("TUBEVIT_CPU_CHUNK_BYTES");
   if (c != nullptr && *c != '\0') {
     char* end = nullptr;

@@ -17,6 +17,13 @@
 //   TUBEVIT_DX_SCATTER       1: the input gradient by per-tube scatter
 //                            (dx::DxScatterElem) instead of the gather, on
 //                            both fast CUDA paths. Default 0.
+//   TUBEVIT_TC_MMA           1: the tensor-core forward of fp16 / bf16
+//                            (wherever the tc path runs) by the ldmatrix +
+//                            mma.sync kernel (cuda/tube_tokens_mma.cu:
+//                            128 x 128 tiles flattened across samples, three
+//                            cp.async stages) where it applies
+//                            (mma::supported), the WMMA kernel otherwise.
+//                            Default 0.
 //   TUBEVIT_CPU_CHUNK_BYTES  bytes: the CPU kernels process a batch in
 //                            chunks whose patch (or GEMM result) rows stay
 //                            under this (at least one sample per chunk).
@@ -36,6 +43,7 @@ struct Options {
   CudaPath cuda_path = CudaPath::Auto;
   bool gemm_gather_vec = false;
   bool dx_scatter = false;
+  bool tc_mma = false;
   long long cpu_chunk_bytes = 32ll << 20;
 };
 

@@ -34,7 +34,7 @@ def test_harness_json_format(tmp_path, capsys):
 
 
 def test_cuda_path_variants_pin_the_environment(tmp_path, monkeypatch):
-    # fused_gemm / fused_tc / fused_hopper time the fused module with TUBEVIT_CUDA_PATH pinned for the whole
+    # fused_gemm / fused_tc / fused_mma / fused_hopper time the fused module with TUBEVIT_CUDA_PATH pinned for the whole
     # step and restore the caller's value after; off CUDA they are recorded as skipped
     bench = _bench()
     seen = []
@@ -52,12 +52,13 @@ def test_cuda_path_variants_pin_the_environment(tmp_path, monkeypatch):
     assert step(None) == "gemm" and os.environ["TUBEVIT_CUDA_PATH"] == "tc"
     out = tmp_path / "r.json"
     bench.main(["--device", "cpu", "--batch", "1", "--frames", "20", "--dim", "12", "--size", "32", "40",
-                "--tubes", "paper", "--modes", "fwd", "--impls", "reference", "fused", "fused_gemm", "fused_tc", "fused_hopper",
+                "--tubes", "paper", "--modes", "fwd", "--impls", "reference", "fused", "fused_gemm", "fused_tc", "fused_mma",
+                "fused_hopper",
                 "--dtypes", "float32", "--warmup", "1", "--repeats", "1", "--json", str(out),
                 "--plot", str(tmp_path / "p.png")])
     rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
     assert "median_ms" in rows["fused"]
-    for impl in ("fused_gemm", "fused_tc", "fused_hopper"):
+    for impl in ("fused_gemm", "fused_tc", "fused_mma", "fused_hopper"):
         assert "CUDA only" in rows[impl]["error"] and "median_ms" not in rows[impl]
 
 

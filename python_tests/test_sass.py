@@ -2,8 +2,9 @@
 built library without a GPU): no kernel uses more than 255 registers, the Hopper kernels use no
 local memory (spills, stack arrays, parameters copied to local memory), the Hopper forward, dW and dP
 kernels' sm_90a code issues wgmma (HGMMA), cp.async (LDGSTS), mbarrier operations (SYNCS) and the
-async-proxy fence, within their register budget, and the dx writer stays in 85 registers without
-local memory. Needs a CUDA build and a cuobjdump (the toolkit's, or the copy
+async-proxy fence, within their register budget, the dx writer stays in 85 registers without
+local memory, and the ldmatrix + mma.sync forward has LDSM, HMMA and LDGSTS and no local memory on
+every arch built. Needs a CUDA build and a cuobjdump (the toolkit's, or the copy
 triton ships); skipped without them."""
 import json
 
@@ -35,6 +36,11 @@ def test_the_checks_catch_what_they_name():
     assert mod.check(dict(ok, regs=76, sass=set()), writer) == []
     assert mod.check(dict(ok, regs=90, sass=set(), stack=16), writer) == ["local memory (LOCAL 0, STACK 16)",
                                                                         "90 registers > budget 85"]
+    mma = "void tubevit::mma::(anonymous namespace)::tube_tokens_mma_kernel<c10::BFloat16>(c10::BFloat16 const*)"
+    fine = dict(ok, arch="sm_80", regs=128, sass={"LDSM.16.M88.4", "HMMA.16816.F32.BF16", "LDGSTS.E.128"})
+    assert mod.check(fine, mma) == []
+    assert mod.check(dict(fine, sass=fine["sass"] - {"LDSM.16.M88.4"}), mma) == ["no LDSM"]  # on sm_80 too
+    assert mod.check(dict(fine, stack=48), mma) == ["local memory (LOCAL 0, STACK 48)"]
     other = "void tubevit::tc::(anonymous namespace)::tube_tokens_tc_kernel<float>(float const*)"
     assert mod.check(dict(ok, sass=set(), stack=72), other) == []  # printed, not failed
     assert mod.check(dict(ok, regs=300), other) == ["300 registers > budget 255"]
@@ -56,3 +62,5 @@ def test_built_kernels_keep_their_contracts(tmp_path):
         mma = [r for r in hopper if any(k in r["kernel"] for k in ("forward_kernel", "dw_kernel<", "dp_kernel<"))]
         assert len(mma) == 6 and all(r["hgmma"] for r in mma)  # forward, dW and dP, bf16 and fp16
         assert len(hopper) == 8  # and the two dW reductions
+    mma_rows = [r for r in rows if "tube_tokens_mma_kernel" in r["kernel"]]
+    assert mma_rows and len(mma_rows) % 2 == 0  # fp16 and bf16 on every arch built

@@ -9,7 +9,9 @@
 //     TF32 matmuls are on), and wherever the tensor-core kernels do not apply;
 //   * the handwritten tensor-core implicit-GEMM kernels (tube_tokens_tc.cu;
 //     sm_80+, fp16 / bf16, fp32 as TF32 while torch.backends.cudnn.allow_tf32):
-//     one kernel per pass, fastest for small problems (fewer launches);
+//     one kernel per pass, fastest for small problems (fewer launches); the
+//     forward of fp16 / bf16 by the ldmatrix + mma.sync kernel
+//     (tube_tokens_mma.cu) under TUBEVIT_TC_MMA=1;
 //   * the correctness-first kernels of kernels/naive_kernels.h as grid-stride
 //     kernels (one thread per output element, fp32 summed in fp64): fp64,
 //     and whatever the others do not take.
@@ -30,6 +32,7 @@
 #include "bias_grad_cuda.h"
 #include "cuda_launcher.cuh"
 #include "grad_input_cuda.h"
+#include "tube_tokens_mma.h"
 #include "tube_tokens_tc.h"
 #ifdef TUBEVIT_WITH_HOPPER
 #include "hopper_forward.h"
@@ -128,6 +131,8 @@ at::Tensor tube_tokens_cuda(const at::Tensor& x, at::TensorList weights, at::Ten
   } else if (path == Path::Hopper) {
     hopper::forward(x, contiguous_all(weights), contiguous_all(biases), pe, L, out);
 #endif
+  } else if (options().tc_mma && mma::supported(x, L)) {
+    mma::forward(x, contiguous_all(weights), contiguous_all(biases), pe, L, out);
   } else {
     tc::forward(x, contiguous_all(weights), contiguous_all(biases), pe, L, out);
   }

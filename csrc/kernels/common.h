@@ -108,6 +108,12 @@ TUBEVIT_HD void copy_run(scalar_t* dst, const scalar_t* src) {
     for (int u = 0; u < V; ++u) dst[u] = src[u];
   }
 #else
+  // the host emulations check what the GPU needs: both sides aligned to a one-access width
+  constexpr int kBytes = V * int(sizeof(scalar_t));
+  if constexpr (kBytes == 4 || kBytes == 8 || kBytes == 16) {
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(dst) % kBytes == 0 && reinterpret_cast<uintptr_t>(src) % kBytes == 0,
+                "a ", kBytes, "-byte access between misaligned addresses");
+  }
   std::memcpy(dst, src, V * sizeof(scalar_t));
 #endif
 }

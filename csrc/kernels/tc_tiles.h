@@ -153,6 +153,10 @@ TUBEVIT_HD void put_bytes(void* dst, const void* src) {
 #endif
   *static_cast<T*>(dst) = src != nullptr ? *static_cast<const T*>(src) : T{};
 #else
+  // the emulators check what the GPU needs: both addresses aligned to the width
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(dst) % BYTES == 0 &&
+                  (src == nullptr || reinterpret_cast<uintptr_t>(src) % BYTES == 0),
+              "a ", BYTES, "-byte copy between misaligned addresses");
   if (src != nullptr) std::memcpy(dst, src, BYTES);
   else std::memset(dst, 0, BYTES);
 #endif

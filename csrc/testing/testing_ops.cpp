@@ -29,6 +29,12 @@ TORCH_LIBRARY(tubevit_testing, m) {
       "Tensor? pos_embed) -> Tensor");
   m.def("tube_tokens_tc_emulated_dw(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor[]");
   m.def("tube_tokens_tc_emulated_dx(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes) -> Tensor");
+  // The ldmatrix + mma.sync forward's tile code (kernels/mma_tiles.h) run on the CPU
+  // with ldmatrix and mma.sync emulated from their PTX fragment layouts
+  // (testing/mma_emulation.cpp), fp16 and bf16. Test-only, CPU-only, not differentiable.
+  m.def(
+      "tube_tokens_mma_emulated(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
+      "Tensor? pos_embed) -> Tensor");
   // The CUDA backend's GEMM path (kernels/gemm_path.h: gather, GEMM, PE placement)
   // run on the CPU with ATen's CPU GEMMs: the forward output, the weight
   // gradients and the input gradient by the per-tube scatter (opt-in on

@@ -1,0 +1,223 @@
+// The sm_80+ tensor-core forward for fp16 / bf16 on ldmatrix + mma.sync
+// (TUBEVIT_TC_FORWARD=mma, csrc/options.h): one launch for all tubes and
+// samples, 128 x 128 tiles over (tube, 128 tokens flattened across samples)
+// x (128 channels), 8 warps of 64 x 32, a 3-stage cp.async pipeline of
+// 32-deep K steps, bias and position embedding added in fp32 from the
+// accumulator registers. Tile logic (which block, thread and lane touches
+// which element) is kernels/mma_tiles.h, run on the CPU by the emulator
+// (testing/mma_emulation.cpp) with ldmatrix and mma.sync written from the
+// PTX ISA's fragment layouts; here only shared memory, barriers, the
+// pipeline and the PTX. check_sass.py holds the compiled kernel to LDSM and
+// HMMA present, no local memory, at most 128 registers (two blocks of 256
+// threads per SM).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "../kernels/mma_tiles.h"
+#include "tube_tokens_mma.h"
+
+// Blocks per SM the register budget is sized for: two where two blocks'
+// shared memory fits (sm_80: 164 KiB per SM, sm_90: 228 KiB), one on sm_86
+// and sm_89 (100 KiB per SM hold one 61 KiB block; the cap of 128 registers
+// cost ptxas 16 bytes of spills there).
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 890)
+#define TUBEVIT_MMA_MIN_BLOCKS 1
+#else
+#define TUBEVIT_MMA_MIN_BLOCKS 2
+#endif
+
+namespace tubevit {
+namespace mma {
+namespace {
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// Four 8 x 8 matrices of 16-bit elements; lane l gives row l % 8 of matrix
+// l / 8 (16 contiguous bytes), receives in r[j] the two elements at row
+// l / 4, columns 2 (l % 4) + {0, 1} of matrix j.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// D = A B + D, m16n8k16, A row-major (16 x 16), B column-major (16 x 8),
+// fp32 accumulators.
+template <typename scalar_t>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// This thread's copies of all but the newest N committed groups are done.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// One staged K step (BK deep) of warp `warp`: per k16 slice, MT ldmatrix.x4
+// for A, NT / 2 for B, MT x NT MMAs.
+template <typename scalar_t>
+__device__ __forceinline__ void mma_step(float (&acc)[MT][NT][4], unsigned stage, int warp, int lane) {
+  TUBEVIT_UNROLL
+  for (int ks = 0; ks < BK / 16; ++ks) {
+    unsigned a[MT][4];
+    TUBEVIT_UNROLL
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], stage + 2u * a_frag_offset(warp, lane, mt, ks));
+    // B one pair of n8 tiles at a time: 4 fragment registers live, not 8
+    TUBEVIT_UNROLL
+    for (int np = 0; np < NT / 2; ++np) {
+      unsigned r[4];
+      ldmatrix_x4(r, stage + 2u * b_frag_offset(warp, lane, np, ks));
+      const unsigned b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+      TUBEVIT_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<scalar_t>(acc[mt][2 * np], a[mt], b0);
+        mma_16816<scalar_t>(acc[mt][2 * np + 1], a[mt], b1);
+      }
+    }
+  }
+}
+#endif
+
+// Pipeline (kStages = 3): steps 0 and 1 are issued before the loop; at step
+// s a thread waits for its own copies of step s (all but the newest group),
+// the barrier makes everyone's visible and tells that every warp is done
+// with step s - 1, whose stage ((s + 2) mod 3) then receives step s + 2's
+// copies, and the warps multiply stage s mod 3. A group is committed every
+// iteration, empty or not, so "all but the newest" always means step s.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+template <int VA, typename scalar_t>
+__device__ __forceinline__ void tile(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pe,
+                                     scalar_t* __restrict__ out, const Params& p, const Loc& l,
+                                     const RowTables& t, unsigned char* dsmem) {
+  scalar_t* stages = reinterpret_cast<scalar_t*>(dsmem);
+  const unsigned stages_addr = smem_addr(dsmem);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int* x_row = t.x_row;
+  const int steps = (static_cast<int>(p.g[l.i].patch_size) + BK - 1) / BK;
+  ACursor a = a_cursor(p, l, tid);
+
+  float acc[MT][NT][4];
+  TUBEVIT_UNROLL
+  for (int mt = 0; mt < MT; ++mt)
+    TUBEVIT_UNROLL
+    for (int nt = 0; nt < NT; ++nt)
+      TUBEVIT_UNROLL
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+
+  TUBEVIT_UNROLL
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) issue_step<VA>(p, l, x, x_row, a, s, tid, stages + s * kStageElems);
+    cp_async_commit();
+  }
+  StageRing ring;
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (s + kStages - 1 < steps)
+      issue_step<VA>(p, l, x, x_row, a, s + kStages - 1, tid, stages + ring.write * kStageElems);
+    cp_async_commit();
+    mma_step<scalar_t>(acc, stages_addr + 2u * static_cast<unsigned>(ring.read * kStageElems), warp, lane);
+    ring.advance();
+  }
+
+  TUBEVIT_UNROLL
+  for (int mt = 0; mt < MT; ++mt)
+    TUBEVIT_UNROLL
+    for (int nt = 0; nt < NT; ++nt)
+      TUBEVIT_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const AccPos q = acc_pos(warp, lane, mt, nt, half);
+        store_pair(p, l, t, q.r, q.n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1], pe, out);
+      }
+}
+#endif
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, TUBEVIT_MMA_MIN_BLOCKS)
+    tube_tokens_mma_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pe,
+                           scalar_t* __restrict__ out, const Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char dsmem[];
+  __shared__ int x_row[BM], out_row[BM], pe_row[BM];
+  const Loc l = locate(p, blockIdx.x);
+  const RowTables t{x_row, out_row, pe_row};
+  row_tables(p, l, threadIdx.x, t);
+  __syncthreads();  // row tables
+  switch (p.vec_x[l.i]) {  // uniform per block
+    case 8:
+      if constexpr (sizeof(scalar_t) == 2) tile<8>(x, pe, out, p, l, t, dsmem);
+      break;
+    case 4: tile<4>(x, pe, out, p, l, t, dsmem); break;
+    case 2: tile<2>(x, pe, out, p, l, t, dsmem); break;
+    default: tile<1>(x, pe, out, p, l, t, dsmem); break;
+  }
+#endif
+}
+
+template <typename scalar_t>
+void launch(const at::Tensor& x, const at::Tensor& pe, at::Tensor& out, const Params& p, unsigned grid,
+            cudaStream_t stream) {
+  constexpr int bytes = smem_bytes<scalar_t>();
+  static_assert(bytes > 48 * 1024, "the opt-in below is what lets a block have more than 48 KiB");
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(tube_tokens_mma_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  tube_tokens_mma_kernel<scalar_t><<<grid, kThreads, bytes, stream>>>(
+      x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
+      out.mutable_data_ptr<scalar_t>(), p);
+}
+
+}  // namespace
+
+bool supported(const at::Tensor& x, const TubeLayout& L) {
+  const auto t = x.scalar_type();
+  if (t != at::kHalf && t != at::kBFloat16) return false;
+  if (L.tubes.size() > size_t(kMaxTubes)) return false;
+  if (!fits_int32(L, x.sizes().data(), x.strides().data())) return false;
+  return at::cuda::getDeviceProperties(x.device().index())->major >= 8;
+}
+
+void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
+             const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
+  const void* wp[kMaxTubes];
+  const void* bp[kMaxTubes];
+  for (size_t i = 0; i < L.tubes.size(); ++i) {
+    wp[i] = w[i].const_data_ptr();
+    bp[i] = bias.empty() ? nullptr : bias[i].const_data_ptr();
+  }
+  const Params p =
+      make_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(), wp, bias.empty() ? nullptr : bp);
+  const int64_t n_blocks = blocks(p);
+  TORCH_CHECK(n_blocks < (int64_t(1) << 31), "tube_tokens (mma forward): problem too large for one launch (",
+              n_blocks, " tiles)");
+  if (n_blocks == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_tokens_mma",
+                     AT_DISPATCH_CASE(at::kHalf, [&] {
+                       launch<scalar_t>(x, pe, out, p, static_cast<unsigned>(n_blocks), stream);
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       launch<scalar_t>(x, pe, out, p, static_cast<unsigned>(n_blocks), stream);
+                     }));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace mma
+}  // namespace tubevit

@@ -1,0 +1,25 @@
+// The sm_80+ ldmatrix + mma.sync forward (tube_tokens_mma.cu; tile logic
+// kernels/mma_tiles.h). Arguments as in tube_tokens.h: `w` and `bias`
+// contiguous, `pe` contiguous (N, d) or undefined, `out` contiguous
+// (B, N, d), all fp16 or all bf16 on one GPU; x any strides.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "../tube_tokens.h"
+
+namespace tubevit {
+namespace mma {
+
+// fp16 / bf16, sm_80+, at most kMaxTubes tubes, and every input, weight,
+// output and position-embedding offset below 2^31 (the kernel indexes in
+// int32).
+bool supported(const at::Tensor& x, const TubeLayout& L);
+
+void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
+             const at::Tensor& pe, const TubeLayout& L, at::Tensor& out);
+
+}  // namespace mma
+}  // namespace tubevit

@@ -1,0 +1,337 @@
+// Tile logic of the sm_80+ forward kernel built on ldmatrix + mma.sync
+// (cuda/tube_tokens_mma.cu), written once for the GPU and for the host
+// emulator (testing/mma_emulation.cpp), like kernels/tc_tiles.h is for the
+// WMMA kernels.
+//
+// What it changes against the WMMA forward (tube_tokens_tc2_kernel), each a
+// measured cost of that kernel (bench/DESIGN.md):
+//   - token tiles are flattened across samples (a tile is 128 consecutive
+//     rows of tube i's B * n_i tokens): no tile padded at every sample's end
+//     (paper tubes, B = 32: 4,224 WMMA tiles of 64 rows held 31 % padding);
+//   - 128 x 128 block tiles, 8 warps of 64 x 32: each gathered A tile feeds 128
+//     channels (d = 768: 6 channel tiles, not 12), each warp's k16 step is
+//     6 ldmatrix.x4 for 16 mma.sync (WMMA: 16 generic 32-bit loads for 8);
+//   - fragments by ldmatrix from shared addresses (LDSM), mma.sync
+//     m16n8k16 with fp32 accumulators kept in registers through the
+//     epilogue (no fp32 tile in shared memory);
+//   - 3 shared-memory stages of 32-deep K steps with cp.async and
+//     wait_group(stages - 2): two steps' copies in flight during the MMAs;
+//     the stage is picked by offset arithmetic (no pointer tables: the WMMA
+//     kernel's `As[cur]` went to local memory);
+//   - 32-bit index math in the main loop: per-row input offsets computed
+//     once per tile, each thread's patch column advanced by a mixed-radix
+//     cursor of 32-bit digits (the host admits a call only when every input
+//     and output offset fits in int32; otherwise the WMMA kernel runs).
+// fp16 and bf16 (ldmatrix moves 16-bit elements); fp32 stays on the WMMA
+// kernel (as TF32) or the GEMM path.
+//
+// Shared memory (elements of scalar_t), per stage s of kStages, at
+// s * kStageElems: As[BM tokens][LDS] (A = patches, K along a row), then
+// Bs[BN channels][LDS] (B = W, K along a row: mma's column-major B).
+// LDS = BK + 8 = 40 elements (80 bytes): the eight 16-byte rows one
+// ldmatrix phase reads start at 80 r bytes, banks 20 r mod 32 = {0, 20, 8,
+// 28, 16, 4, 24, 12}: disjoint groups of four, no bank conflict (the
+// emulator checks every phase).
+#pragma once
+
+#include <cstdint>
+
+#include "tc_tiles.h"
+
+namespace tubevit {
+namespace mma {
+
+constexpr int BM = 128, BN = 128, BK = 32, kStages = 3;
+constexpr int kWarpsM = 2, kWarpsN = 4, kWarps = kWarpsM * kWarpsN, kThreads = 32 * kWarps;
+constexpr int WM = BM / kWarpsM, WN = BN / kWarpsN;  // a warp's tile: 64 x 32
+constexpr int MT = WM / 16, NT = WN / 8;             // m16 x n8 MMAs per warp and k16 step: 4 x 4
+constexpr int LDS = BK + 8;
+constexpr int kStageElems = (BM + BN) * LDS;
+static_assert(NT % 2 == 0, "B fragments come in pairs of n8 tiles (one ldmatrix.x4)");
+static_assert(BK % 16 == 0 && (LDS * 2) % 16 == 0, "16-byte ldmatrix rows and cp.async chunks");
+
+// Every offset the kernel forms (x, W, pe, out) fits in int32: the host
+// checks it (fits_int32) before choosing this kernel.
+struct Params {
+  TubeGeom g[kMaxTubes];
+  const void* w[kMaxTubes];     // (d, K_i) row-major, scalar_t
+  const void* bias[kMaxTubes];  // (d,) or nullptr
+  int vec_x[kMaxTubes];         // elements per patch-gather copy (tc::gather_vec: 8, 4, 2 or 1)
+  int vec_w[kMaxTubes];         // elements per weight copy (tc::weight_vec)
+  int tiles_before[kMaxTubes + 1];  // prefix over tubes of ceil(B n_i / BM) (row tiles)
+  int n_tubes, B, N, d;
+  int n_tiles;  // channel tiles: ceil(d / BN)
+  int xs[5];    // x strides (elements)
+};
+
+// Grid: every (row tile, channel tile), channel tile fastest so the blocks
+// that gather the same patch rows run together and share them through L2.
+TUBEVIT_HD int64_t blocks(const Params& p) { return int64_t(p.tiles_before[p.n_tubes]) * p.n_tiles; }
+
+struct Loc {
+  int i;       // tube
+  int m0, n0;  // first row of the tube's B * n_i flattened tokens, first channel
+};
+
+TUBEVIT_HD Loc locate(const Params& p, int blk) {
+  const int tile = blk / p.n_tiles, ct = blk % p.n_tiles;
+  int i = 0;
+  while (i + 1 < p.n_tubes && tile >= p.tiles_before[i + 1]) ++i;
+  return {i, (tile - p.tiles_before[i]) * BM, ct * BN};
+}
+
+// Per-row tables of a tile, written once by the block (thread r for row r):
+// x_row[r]: x offset of row m0 + r's first voxel; out_row[r]: its row of
+// the (B * N, d) output; pe_row[r]: its row of pe (N, d). -1 past B * n_i.
+struct RowTables {
+  int* x_row;
+  int* out_row;
+  int* pe_row;
+};
+
+TUBEVIT_HD void row_tables(const Params& p, const Loc& l, int tid, const RowTables& t) {
+  const TubeGeom& g = p.g[l.i];
+  const int n = static_cast<int>(g.num_tokens);
+  for (int r = tid; r < BM; r += kThreads) {
+    const int m = l.m0 + r;
+    if (m < p.B * n) {
+      const int b = m / n, tok = m % n;
+      t.x_row[r] = b * p.xs[0] + static_cast<int>(token_origin_offset(g, tok, p.xs[2], p.xs[3], p.xs[4]));
+      t.pe_row[r] = static_cast<int>(g.token_offset) + tok;
+      t.out_row[r] = b * p.N + t.pe_row[r];
+    } else {
+      t.x_row[r] = t.out_row[r] = t.pe_row[r] = -1;
+    }
+  }
+}
+
+// A producer thread's patch column: it always copies the chunk at column
+// kk = (tid mod BK / V) * V of a step, i.e. column k = s * BK + kk at step s,
+// for rows tid / (BK / V) + j * (kThreads / (BK / V)). The column's input
+// offset comes from 32-bit (c, kt, kh, kw) digits advanced by BK per step
+// (one carry per digit: every digit of BK's decomposition is below its
+// radix), so the main loop does no division.
+struct ACursor {
+  int k;               // this thread's column at the next step
+  int c, kt, kh, kw;   // its digits
+  int sc, skt, skh, skw;  // BK as digits
+};
+
+TUBEVIT_HD ACursor a_cursor(const Params& p, const Loc& l, int tid) {
+  const TubeGeom& g = p.g[l.i];
+  const int V = p.vec_x[l.i];
+  const int kk = (tid % (BK / V)) * V;
+  const int k0 = static_cast<int>(g.k[0]), k1 = static_cast<int>(g.k[1]), k2 = static_cast<int>(g.k[2]);
+  ACursor a;
+  a.k = kk;
+  a.kw = kk % k2;
+  a.kh = (kk / k2) % k1;
+  a.kt = (kk / k2 / k1) % k0;
+  a.c = kk / k2 / k1 / k0;
+  a.skw = BK % k2;
+  a.skh = (BK / k2) % k1;
+  a.skt = (BK / k2 / k1) % k0;
+  a.sc = BK / k2 / k1 / k0;
+  return a;
+}
+
+// The input offset of the cursor's column (-1 past K), then one step on.
+TUBEVIT_HD int a_cursor_next(const Params& p, const Loc& l, ACursor& a) {
+  const TubeGeom& g = p.g[l.i];
+  const int off = a.k < static_cast<int>(g.patch_size)
+                      ? a.c * p.xs[1] + a.kt * p.xs[2] + a.kh * p.xs[3] + a.kw * p.xs[4]
+                      : -1;
+  const int k0 = static_cast<int>(g.k[0]), k1 = static_cast<int>(g.k[1]), k2 = static_cast<int>(g.k[2]);
+  a.k += BK;
+  a.kw += a.skw;
+  int carry = a.kw >= k2;
+  a.kw -= carry * k2;
+  a.kh += a.skh + carry;
+  carry = a.kh >= k1;
+  a.kh -= carry * k1;
+  a.kt += a.skt + carry;
+  carry = a.kt >= k0;
+  a.kt -= carry * k0;
+  a.c += a.sc + carry;
+  return off;
+}
+
+// One element copy (V = 1: cp.async moves at least 4 bytes, so a plain
+// load and store), else put_bytes (a cp.async of 2V bytes on the GPU, zeros
+// where src is null).
+template <int V, typename scalar_t>
+TUBEVIT_HD void put_chunk(scalar_t* dst, const scalar_t* src) {
+  if constexpr (V == 1) {
+    *dst = src != nullptr ? *src : scalar_t(0.0f);
+  } else {
+    tc::put_bytes<V * int(sizeof(scalar_t)), true>(dst, src);
+  }
+}
+
+// Stage step s's A tile: As[r][kk..kk+V) = x[x_row[r] + koff ..], zero past
+// the tube's rows or past K (V divides kw and hence K: a chunk never
+// straddles either bound). koff: this thread's column offset for the step.
+template <int V, typename scalar_t>
+TUBEVIT_HD void fill_a(const scalar_t* x, const int* x_row, int koff, int tid, scalar_t* As) {
+  constexpr int kChunksPerRow = BK / V, kRowsPerPass = kThreads / kChunksPerRow;
+  static_assert(kThreads % kChunksPerRow == 0 && BM % kRowsPerPass == 0, "whole passes");
+  const int kk = (tid % kChunksPerRow) * V, r0 = tid / kChunksPerRow;
+  TUBEVIT_UNROLL
+  for (int j = 0; j < BM / kRowsPerPass; ++j) {
+    const int r = r0 + j * kRowsPerPass;
+    const int base = x_row[r];
+    put_chunk<V>(As + r * LDS + kk, base >= 0 && koff >= 0 ? x + base + koff : nullptr);
+  }
+}
+
+// Stage step s's B tile: Bs[n][kk..kk+V) = W[n0 + n, k0 + kk ..], zero past
+// d or K (V divides K).
+template <int V, typename scalar_t>
+TUBEVIT_HD void fill_b(const Params& p, const Loc& l, int k0, int tid, scalar_t* Bs) {
+  constexpr int kChunksPerRow = BK / V, kRowsPerPass = kThreads / kChunksPerRow;
+  static_assert(kThreads % kChunksPerRow == 0 && BN % kRowsPerPass == 0, "whole passes");
+  const int K = static_cast<int>(p.g[l.i].patch_size);
+  const scalar_t* w = static_cast<const scalar_t*>(p.w[l.i]);
+  const int kk = (tid % kChunksPerRow) * V, k = k0 + kk;
+  TUBEVIT_UNROLL
+  for (int j = 0; j < BN / kRowsPerPass; ++j) {
+    const int n = tid / kChunksPerRow + j * kRowsPerPass, col = l.n0 + n;
+    put_chunk<V>(Bs + n * LDS + kk, col < p.d && k < K ? w + col * K + k : nullptr);
+  }
+}
+
+// Issues step s (its copies land in `stage`), A in chunks of VA elements
+// (the block's p.vec_x[i]: the kernel is instantiated per width so each
+// instance holds one gather loop). The A column offset comes from the
+// thread's cursor, which steps must therefore issue in order.
+template <int VA, typename scalar_t>
+TUBEVIT_HD void issue_step(const Params& p, const Loc& l, const scalar_t* x, const int* x_row, ACursor& a, int s,
+                           int tid, scalar_t* stage) {
+  fill_a<VA>(x, x_row, a_cursor_next(p, l, a), tid, stage);
+  scalar_t* Bs = stage + BM * LDS;
+  switch (p.vec_w[l.i]) {  // uniform per block
+    case 8:
+      if constexpr (sizeof(scalar_t) == 2) fill_b<8>(p, l, s * BK, tid, Bs);
+      break;
+    case 4: fill_b<4>(p, l, s * BK, tid, Bs); break;
+    case 2: fill_b<2>(p, l, s * BK, tid, Bs); break;
+    default: fill_b<1>(p, l, s * BK, tid, Bs); break;
+  }
+}
+
+// The main loop's stage counters (kernel and emulator): step s is multiplied
+// from stage `read` while step s + kStages - 1 is issued into stage `write`,
+// the stage step s - 1 was multiplied from (steps 0 .. kStages - 2 are issued
+// before the loop into stages 0 .. kStages - 2).
+struct StageRing {
+  int read = 0, write = kStages - 1;
+  TUBEVIT_HD void advance() {
+    read = read + 1 == kStages ? 0 : read + 1;
+    write = write + 1 == kStages ? 0 : write + 1;
+  }
+};
+
+// ldmatrix.x4 row addresses (elements from the stage's start) of lane
+// `lane` of warp `warp`, k16 step ks:
+//  A, m16 tile mt: lanes 0-15 rows 0-15 at column 0, lanes 16-31 rows 0-15
+//    at column 8: matrices (rows 0-7, k 0-7), (8-15, 0-7), (0-7, 8-15),
+//    (8-15, 8-15) = mma's a0..a3 registers.
+//  B, n8 tiles 2 np and 2 np + 1: lane l reads channel row (l / 16) * 8 +
+//    l % 8 at column ((l / 8) % 2) * 8: matrices (n 0-7, k 0-7), (n 0-7,
+//    k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of tile 2 np, then
+//    b0, b1 of tile 2 np + 1.
+TUBEVIT_HD int a_frag_offset(int warp, int lane, int mt, int ks) {
+  const int row = (warp / kWarpsN) * WM + mt * 16 + (lane & 15);
+  return row * LDS + ks * 16 + (lane >> 4) * 8;
+}
+
+TUBEVIT_HD int b_frag_offset(int warp, int lane, int np, int ks) {
+  const int n = (warp % kWarpsN) * WN + np * 16 + (lane >> 4) * 8 + (lane & 7);
+  return BM * LDS + n * LDS + ks * 16 + ((lane >> 3) & 1) * 8;
+}
+
+// Where accumulator pair `half` (0: c0, c1; 1: c2, c3) of MMA tile (mt, nt)
+// of lane `lane` sits in the block tile: row, and the first of its two
+// adjacent columns.
+struct AccPos {
+  int r, n;
+};
+
+TUBEVIT_HD AccPos acc_pos(int warp, int lane, int mt, int nt, int half) {
+  return {(warp / kWarpsN) * WM + mt * 16 + (lane >> 2) + 8 * half, (warp % kWarpsN) * WN + nt * 8 + (lane & 3) * 2};
+}
+
+// out[out_row[r], n0 + n + u] = cast(v_u + bias + pe) for u = 0, 1 where the
+// row and column exist: one 4-byte store where both do and d is even (the
+// pair then starts at an even element), else element by element.
+template <typename scalar_t>
+TUBEVIT_HD void store_pair(const Params& p, const Loc& l, const RowTables& t, int r, int n, float v0, float v1,
+                           const scalar_t* pe, scalar_t* out) {
+  const int orow = t.out_row[r];
+  const int col = l.n0 + n;
+  if (orow < 0 || col >= p.d) return;
+  const scalar_t* bias = static_cast<const scalar_t*>(p.bias[l.i]);
+  const bool both = col + 1 < p.d;
+  float v[2] = {v0, v1};
+  TUBEVIT_UNROLL
+  for (int u = 0; u < 2; ++u) {
+    if (u == 1 && !both) break;
+    if (bias != nullptr) v[u] += static_cast<float>(bias[col + u]);
+    if (pe != nullptr) v[u] += static_cast<float>(pe[t.pe_row[r] * p.d + col + u]);
+  }
+  scalar_t* dst = out + orow * p.d + col;
+  if (both && p.d % 2 == 0) {
+    Vec<scalar_t, 2> pair;
+    pair.v[0] = static_cast<scalar_t>(v[0]);
+    pair.v[1] = static_cast<scalar_t>(v[1]);
+    store_vec<scalar_t, 2>(dst, pair);
+  } else {
+    dst[0] = static_cast<scalar_t>(v[0]);
+    if (both) dst[1] = static_cast<scalar_t>(v[1]);
+  }
+}
+
+// ------------------------------------------------------------- host side
+// Whether every offset the kernel forms fits in int32: the input's extent
+// (x strides times sizes), the weights' (d K_i), the output's (B N d) and
+// pe's (N d).
+inline bool fits_int32(const TubeLayout& L, const int64_t* x_sizes, const int64_t* xs) {
+  constexpr int64_t kMax = (int64_t(1) << 31) - 1;
+  int64_t extent = 1;
+  for (int a = 0; a < 5; ++a) extent += (x_sizes[a] - 1) * xs[a];
+  if (extent > kMax || L.batch * L.num_tokens * L.dim > kMax) return false;
+  for (const TubeGeom& g : L.tubes)
+    if (L.dim * g.patch_size > kMax || L.batch * g.num_tokens > kMax) return false;
+  return true;
+}
+
+inline Params make_params(const TubeLayout& L, const int64_t* xs, const void* x, int64_t elem_size,
+                          const void* const* w, const void* const* bias) {
+  Params p{};
+  p.n_tubes = static_cast<int>(L.tubes.size());
+  p.B = static_cast<int>(L.batch);
+  p.N = static_cast<int>(L.num_tokens);
+  p.d = static_cast<int>(L.dim);
+  p.n_tiles = (p.d + BN - 1) / BN;
+  for (int a = 0; a < 5; ++a) p.xs[a] = static_cast<int>(xs[a]);
+  p.tiles_before[0] = 0;
+  for (int i = 0; i < p.n_tubes; ++i) {
+    const TubeGeom& g = L.tubes[i];
+    p.g[i] = g;
+    p.w[i] = w[i];
+    p.bias[i] = bias == nullptr ? nullptr : bias[i];
+    p.vec_x[i] = tc::gather_vec(g, xs, x, elem_size);
+    p.vec_w[i] = tc::weight_vec(g.patch_size, w[i], elem_size);
+    p.tiles_before[i + 1] = p.tiles_before[i] + static_cast<int>((L.batch * g.num_tokens + BM - 1) / BM);
+  }
+  return p;
+}
+
+// Dynamic shared memory: the stages (the row tables are static).
+template <typename scalar_t>
+constexpr int smem_bytes() {
+  return kStages * kStageElems * int(sizeof(scalar_t));
+}
+
+}  // namespace mma
+}  // namespace tubevit

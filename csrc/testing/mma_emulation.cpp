@@ -1,0 +1,262 @@
+// Host emulator of the ldmatrix + mma.sync forward (cuda/tube_tokens_mma.cu),
+// as the test-only op tubevit_testing::tube_tokens_mma_emulated. It runs the
+// kernel's tile functions (kernels/mma_tiles.h, the code the GPU compiles)
+// block by block in the kernel's order: row tables, each thread's column
+// cursor, the three-stage pipeline (steps issued two ahead into the stage
+// the kernel's counters pick, then multiplied), and for every warp and k16
+// slice the 32 lanes' ldmatrix.x4 row addresses, with ldmatrix and
+// mma.sync.m16n8k16.row.col computed from the PTX ISA's fragment layouts
+// (written here independently of the kernel's address functions), then the
+// epilogue from the accumulator registers.
+//
+// It checks what a GPU would not report, or report only as wrong numbers:
+// every ldmatrix row 16-byte aligned and inside its operand's part of the
+// stage, the eight rows of each ldmatrix phase on disjoint banks (no bank
+// conflict), no shared-memory write past the stages, every read of x, W,
+// bias and pe inside its tensor (each is copied between NaN guard zones, so
+// a stray read poisons the result) and every output element written (the
+// output starts as NaN) and no write past it. Host builds of put_bytes
+// (kernels/tc_tiles.h) check that every copy is aligned to its width.
+// Slow by design (plain loops).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../kernels/mma_tiles.h"
+#include "../tube_tokens.h"
+
+namespace tubevit {
+namespace {
+
+using namespace mma;
+
+// A copy of t (same sizes and strides, same address modulo 16 bytes, so the
+// kernels choose the same copy widths) with kGuard NaN elements on both
+// sides of the storage it reaches.
+struct Guarded {
+  static constexpr int64_t kGuard = 256;
+  at::Tensor buf, view;
+  int64_t lead = 0, extent = 0;
+
+  explicit Guarded(const at::Tensor& t) {
+    if (!t.defined()) return;
+    extent = 1;
+    for (int64_t i = 0; i < t.dim(); ++i) extent += (t.size(i) - 1) * t.stride(i);
+    if (t.numel() == 0) extent = 0;
+    const int64_t es = t.element_size();
+    const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16) / es;
+    lead = kGuard + mis;
+    buf = at::full({lead + extent + kGuard}, std::numeric_limits<float>::quiet_NaN(), t.options());
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(buf.const_data_ptr()) % 16 == 0, "mma emulation: unaligned buffer");
+    view = buf.as_strided(t.sizes(), t.strides(), lead);
+    view.copy_(t);
+  }
+  // The guard zones still hold NaN (checked for the output).
+  bool guards_intact() const {
+    const at::Tensor f = buf.to(at::kFloat);
+    return f.narrow(0, 0, lead).isnan().all().item<bool>() &&
+           f.narrow(0, lead + extent, kGuard).isnan().all().item<bool>();
+  }
+};
+
+// Shared memory of one block: the stages, then a guard zone the tile
+// functions must never touch.
+struct Smem {
+  std::vector<unsigned char> bytes;
+  int used;
+  explicit Smem(int n) : bytes(n + 256, 0xA5), used(n) {}
+  void check() const {
+    for (size_t k = used; k < bytes.size(); ++k)
+      TORCH_CHECK(bytes[k] == 0xA5, "mma emulation: shared-memory write past the stages");
+  }
+};
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 for one warp: lane 8 j + i gives
+// the address of row i of matrix j (`offset`: elements from the stage's
+// start); lane l receives in register j the elements at row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1 of matrix j. Checks each row 16-byte aligned,
+// inside [lo, hi) (its operand's part of the stage) and each matrix's eight
+// rows on disjoint banks (a 16-byte row covers four 4-byte banks).
+template <typename scalar_t, class Offset>
+void ldmatrix_x4(const scalar_t* stage, int stage_byte0, const Offset& offset, int lo, int hi,
+                 float (&regs)[32][4][2]) {
+  int rows[32];
+  for (int l = 0; l < 32; ++l) {
+    rows[l] = offset(l);
+    TORCH_CHECK(rows[l] % 8 == 0, "mma emulation: ldmatrix row at element ", rows[l], " is not 16-byte aligned");
+    TORCH_CHECK(rows[l] >= lo && rows[l] + 8 <= hi, "mma emulation: ldmatrix row [", rows[l], ", ", rows[l] + 8,
+                ") outside its operand [", lo, ", ", hi, ")");
+  }
+  for (int j = 0; j < 4; ++j) {
+    bool bank_used[32] = {};
+    for (int i = 0; i < 8; ++i) {
+      const int bank0 = ((stage_byte0 + 2 * rows[8 * j + i]) / 4) % 32;
+      for (int q = 0; q < 4; ++q) {
+        TORCH_CHECK(!bank_used[(bank0 + q) % 32], "mma emulation: bank conflict in ldmatrix matrix ", j);
+        bank_used[(bank0 + q) % 32] = true;
+      }
+    }
+  }
+  for (int l = 0; l < 32; ++l)
+    for (int j = 0; j < 4; ++j)
+      for (int e = 0; e < 2; ++e)
+        regs[l][j][e] = static_cast<float>(stage[rows[8 * j + l / 4] + 2 * (l % 4) + e]);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32: lane l = 4 g + t holds A (16 x 16)
+// elements in register j (a0..a3) at row g + 8 (j % 2), columns 2 t + e +
+// 8 (j / 2); B (16 x 8, K x N) in register j at row 2 t + e + 8 j, column g;
+// C / D element e at row g + 8 (e / 2), column 2 t + e % 2.
+void mma_16816(float (&d)[32][4], const float (&a)[32][4][2], const float (&b)[32][2][2]) {
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int j = 0; j < 4; ++j)
+      for (int e = 0; e < 2; ++e) A[g + 8 * (j % 2)][2 * t + e + 8 * (j / 2)] = a[l][j][e];
+    for (int j = 0; j < 2; ++j)
+      for (int e = 0; e < 2; ++e) B[2 * t + e + 8 * j][g] = b[l][j][e];
+  }
+  for (int l = 0; l < 32; ++l)
+    for (int e = 0; e < 4; ++e) {
+      const int r = l / 4 + 8 * (e / 2), c = 2 * (l % 4) + e % 2;
+      float s = d[l][e];
+      for (int k = 0; k < 16; ++k) s += A[r][k] * B[k][c];
+      d[l][e] = s;
+    }
+}
+
+// acc[warp][mt][nt][lane][e]: every warp's accumulator registers.
+using BlockAcc = std::vector<float>;
+inline float& acc_at(BlockAcc& acc, int warp, int mt, int nt, int lane, int e) {
+  return acc[((((warp * MT + mt) * NT + nt) * 32) + lane) * 4 + e];
+}
+
+template <typename scalar_t>
+void mma_step(BlockAcc& acc, const scalar_t* stage, int stage_byte0) {
+  for (int warp = 0; warp < kWarps; ++warp)
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      float a[MT][32][4][2];
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(stage, stage_byte0, [&](int l) { return a_frag_offset(warp, l, mt, ks); }, 0, BM * LDS, a[mt]);
+      for (int np = 0; np < NT / 2; ++np) {
+        float r[32][4][2];
+        ldmatrix_x4(stage, stage_byte0, [&](int l) { return b_frag_offset(warp, l, np, ks); }, BM * LDS,
+                    kStageElems, r);
+        for (int half = 0; half < 2; ++half) {  // tile 2 np + half: registers 2 half, 2 half + 1
+          float b[32][2][2];
+          for (int l = 0; l < 32; ++l)
+            for (int j = 0; j < 2; ++j)
+              for (int e = 0; e < 2; ++e) b[l][j][e] = r[l][2 * half + j][e];
+          for (int mt = 0; mt < MT; ++mt) {
+            float d[32][4];
+            for (int l = 0; l < 32; ++l)
+              for (int e = 0; e < 4; ++e) d[l][e] = acc_at(acc, warp, mt, 2 * np + half, l, e);
+            mma_16816(d, a[mt], b);
+            for (int l = 0; l < 32; ++l)
+              for (int e = 0; e < 4; ++e) acc_at(acc, warp, mt, 2 * np + half, l, e) = d[l][e];
+          }
+        }
+      }
+    }
+}
+
+template <int VA, typename scalar_t>
+void issue_all(const Params& p, const Loc& l, const scalar_t* x, const int* x_row, std::vector<ACursor>& cur,
+               int s, scalar_t* stage) {
+  for (int tid = 0; tid < kThreads; ++tid) issue_step<VA>(p, l, x, x_row, cur[tid], s, tid, stage);
+}
+
+template <typename scalar_t>
+void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
+                     const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
+  const Guarded gx(x), gpe(pe);
+  std::vector<Guarded> gw, gb;
+  std::vector<const void*> wp, bp;
+  for (size_t i = 0; i < L.tubes.size(); ++i) {
+    gw.emplace_back(w[i]);
+    wp.push_back(gw.back().view.const_data_ptr());
+    if (!bias.empty()) {
+      gb.emplace_back(bias[i]);
+      bp.push_back(gb.back().view.const_data_ptr());
+    }
+  }
+  const Params p = make_params(L, gx.view.strides().data(), gx.view.const_data_ptr(), x.element_size(), wp.data(),
+                               bias.empty() ? nullptr : bp.data());
+  Guarded gout(out);  // NaN everywhere: an element no tile writes stays NaN
+  gout.view.fill_(std::numeric_limits<float>::quiet_NaN());
+  const scalar_t* xp = gx.view.const_data_ptr<scalar_t>();
+  const scalar_t* pep = pe.defined() ? gpe.view.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = gout.view.mutable_data_ptr<scalar_t>();
+  const int64_t n_blocks = blocks(p);
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    Smem smem(smem_bytes<scalar_t>());
+    scalar_t* stages = reinterpret_cast<scalar_t*>(smem.bytes.data());
+    int x_row[BM], out_row[BM], pe_row[BM];
+    const Loc l = locate(p, static_cast<int>(blk));
+    const RowTables t{x_row, out_row, pe_row};
+    for (int tid = 0; tid < kThreads; ++tid) row_tables(p, l, tid, t);
+    std::vector<ACursor> cur;  // per-thread registers
+    for (int tid = 0; tid < kThreads; ++tid) cur.push_back(a_cursor(p, l, tid));
+    const int steps = (static_cast<int>(p.g[l.i].patch_size) + BK - 1) / BK;
+    const int va = p.vec_x[l.i];
+    auto issue = [&](int s, int stage) {
+      scalar_t* dst = stages + stage * kStageElems;
+      if (va == 8) issue_all<8>(p, l, xp, x_row, cur, s, dst);
+      else if (va == 4) issue_all<4>(p, l, xp, x_row, cur, s, dst);
+      else if (va == 2) issue_all<2>(p, l, xp, x_row, cur, s, dst);
+      else issue_all<1>(p, l, xp, x_row, cur, s, dst);
+    };
+    BlockAcc acc(size_t(kWarps) * MT * NT * 32 * 4, 0.0f);
+    // the kernel's order: steps issued kStages - 1 ahead, its stage counters
+    for (int s = 0; s < kStages - 1; ++s)
+      if (s < steps) issue(s, s);
+    StageRing ring;
+    for (int s = 0; s < steps; ++s) {
+      if (s + kStages - 1 < steps) issue(s + kStages - 1, ring.write);
+      mma_step(acc, stages + ring.read * kStageElems, 2 * ring.read * kStageElems);
+      ring.advance();
+    }
+    for (int warp = 0; warp < kWarps; ++warp)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int mt = 0; mt < MT; ++mt)
+          for (int nt = 0; nt < NT; ++nt)
+            for (int half = 0; half < 2; ++half) {
+              const AccPos q = acc_pos(warp, lane, mt, nt, half);
+              store_pair(p, l, t, q.r, q.n, acc_at(acc, warp, mt, nt, lane, 2 * half),
+                         acc_at(acc, warp, mt, nt, lane, 2 * half + 1), pep, op);
+            }
+    smem.check();
+  }
+  TORCH_CHECK(gout.guards_intact(), "mma emulation: a write past the output");
+  out.copy_(gout.view);
+}
+
+at::Tensor mma_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                            at::IntArrayRef tubes, const c10::optional<at::Tensor>& pos_embed) {
+  const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                    "the mma forward takes float16 and bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(L.tubes.size() <= size_t(kMaxTubes), "the mma forward takes at most ", kMaxTubes,
+                    " tubes, got ", L.tubes.size());
+  TORCH_CHECK_VALUE(fits_int32(L, x.sizes().data(), x.strides().data()),
+                    "the mma forward indexes in int32; this call's offsets do not fit");
+  at::Tensor out = at::empty({L.batch, L.num_tokens, L.dim}, x.options());
+  if (out.numel() == 0) return out;
+  at::Tensor pe;
+  if (pos_embed.has_value() && pos_embed->defined()) pe = pos_embed->contiguous();
+  const auto w = contiguous_all(weights);
+  const auto b = contiguous_all(biases);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_tokens_mma_emulated",
+                     AT_DISPATCH_CASE(at::kHalf, [&] { emulate_forward<scalar_t>(x, w, b, pe, L, out); })
+                         AT_DISPATCH_CASE(at::kBFloat16, [&] { emulate_forward<scalar_t>(x, w, b, pe, L, out); }));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) { m.impl("tube_tokens_mma_emulated", &mma_emulated_cpu); }
+
+}  // namespace tubevit

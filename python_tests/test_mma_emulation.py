@@ -1,0 +1,201 @@
+"""The ldmatrix + mma.sync forward (csrc/cuda/tube_tokens_mma.cu, TUBEVIT_TC_MMA=1): its tile code
+(csrc/kernels/mma_tiles.h) run on the CPU by tubevit_testing::tube_tokens_mma_emulated, with ldmatrix
+and mma.sync computed from the PTX ISA's fragment layouts, against the fp64 reference; the emulator
+also checks ldmatrix alignment and bank conflicts, copy alignment, reads inside every tensor, every
+output element written (csrc/testing/mma_emulation.cpp). Then, on a GPU, the kernel itself.
+
+Shapes: 128-row tiles flattened across samples (tiles that start mid-sample), partial channel tiles,
+K steps of 32 with fewer steps than pipeline stages, odd d (element stores), every copy width."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tubevit_ext as tv
+from conftest import check_rounded, make_params, set_switch
+from test_tc_emulation import CASES as TC_CASES
+from test_tc_emulation import _tc_problems, as_mma_input, fuzz_inputs, make_x
+
+from tubevit_ext.testing import ops
+
+DTYPES = [torch.float16, torch.bfloat16]
+CASES = dict(TC_CASES)
+CASES.update({
+    # n = 100 tokens, B = 3 below: 300 rows = 3 tiles, two starting inside a sample; d = 200: a
+    # partial second channel tile; K = 2*2*4*4 = 64: two steps (fewer than the pipeline's stages + 1)
+    "flat": ([tv.Tube((2, 4, 4), (2, 4, 4), (0, 0, 0))], (8, 20, 20), 2, 200),
+    # d odd: the epilogue's element-by-element stores; K = 12 (one step, partial)
+    "odd_d": ([tv.Tube((1, 2, 2), (1, 2, 2), (0, 1, 1)), tv.Tube((1, 1, 3), (1, 2, 3))], (3, 15, 16), 3, 129),
+    # K = 3*3*3*3 = 81: weight rows of odd length (one-element weight copies), kw = 3 (one-element gathers)
+    "odd_k": ([tv.Tube((3, 3, 3), (2, 2, 2), (0, 1, 0))], (7, 12, 12), 3, 40),
+})
+
+
+def _x(case, dtype, layout, B=3, seed=1):
+    tubes, size, C, d = CASES[case]
+    return make_x(B, C, size, dtype, layout, torch.Generator().manual_seed(seed))
+
+
+def _want(x, ws, bias, tubes, pos, dtype):
+    return tv.reference.tube_tokens(as_mma_input(x, dtype), [as_mma_input(w, dtype) for w in ws],
+                                    [b.double() for b in bias] or None, tubes, None if pos is None else pos.double())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
+def test_forward_tiles(case, dtype, layout):
+    tubes, size, C, d = CASES[case]
+    x = _x(case, dtype, layout)
+    ws, bs = make_params(tubes, C, d, dtype)
+    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype)
+    flat = tv.flatten_tubes(tubes)
+    for bias, pos in [(bs, pe), ([], None)]:
+        got = ops.tube_tokens_mma_emulated(x, ws, bias, flat, pos)
+        want = _want(x, ws, bias, tubes, pos, dtype)
+        assert got.dtype == dtype and got.shape == want.shape
+        check_rounded(got, want, dtype, f"{case} {layout} (bias={bool(bias)})", 0)
+
+
+def test_misaligned_input_takes_narrow_copies():
+    # x starting one element past a 16-byte boundary: every gather copy is one element wide; the
+    # emulator's put_bytes checks would raise if any wider copy were attempted at that address
+    tubes, size, C, d = CASES["paper"]
+    base = torch.randn(2 * C * size[0] * size[1] * size[2] + 1, dtype=torch.bfloat16)
+    x = base[1:].view(2, C, *size)
+    ws, bs = make_params(tubes, C, d, torch.bfloat16)
+    got = ops.tube_tokens_mma_emulated(x, ws, bs, tv.flatten_tubes(tubes), None)
+    check_rounded(got, _want(x, ws, bs, tubes, None, torch.bfloat16), torch.bfloat16, "misaligned", 0)
+
+
+def test_emulation_detects_a_wrong_result():
+    tubes, size, C, d = CASES["flat"]
+    x = _x("flat", torch.bfloat16, "contiguous")
+    ws, bs = make_params(tubes, C, d, torch.bfloat16)
+    got = ops.tube_tokens_mma_emulated(x, ws, bs, tv.flatten_tubes(tubes), None)
+    x2 = x.clone()
+    x2[1, 1, 3, 5, 7] += 4  # a sample inside a tile that starts mid-sample
+    with pytest.raises(AssertionError):
+        check_rounded(got, _want(x2, ws, bs, tubes, None, torch.bfloat16), torch.bfloat16, "perturbed", 0)
+
+
+def test_refusals_and_empty_batch():
+    tubes, size, C, d = CASES["one_tube"]
+    flat = tv.flatten_tubes(tubes)
+    ws, _ = make_params(tubes, C, d, torch.float16)
+    x = torch.randn(0, C, *size, dtype=torch.float16)
+    assert ops.tube_tokens_mma_emulated(x, ws, [], flat, None).shape == (0, 450, d)
+    for dtype in (torch.float32, torch.float64):
+        w, _ = make_params(tubes, C, d, dtype)
+        with pytest.raises(ValueError, match="float16 and bfloat16"):
+            ops.tube_tokens_mma_emulated(torch.randn(1, C, *size, dtype=dtype), w, [], flat, None)
+    many = [tv.Tube((1, 1, 1), (1, 1, 1))] * 17
+    with pytest.raises(ValueError, match="at most 16 tubes, got 17"):
+        ops.tube_tokens_mma_emulated(torch.randn(1, 1, 2, 2, 2, dtype=torch.float16),
+                                     [torch.randn(4, 1, 1, 1, 1, dtype=torch.float16)] * 17, [],
+                                     tv.flatten_tubes(many), None)
+
+
+def test_switch_is_read_and_checked(monkeypatch):
+    # TUBEVIT_TC_MMA takes 0 or 1 (read again by reload_options); the CPU backend does not depend on it
+    tubes, size, C, d = CASES["one_tube"]
+    x = _x("one_tube", torch.bfloat16, "contiguous")
+    ws, bs = make_params(tubes, C, d, torch.bfloat16)
+    outs = []
+    for v in ("0", "1"):
+        set_switch(monkeypatch, "TUBEVIT_TC_MMA", v)
+        outs.append(tv.tube_tokens(x, ws, bs, tubes))
+    assert torch.equal(*outs)
+    monkeypatch.setenv("TUBEVIT_TC_MMA", "2")
+    with pytest.raises(ValueError, match="TUBEVIT_TC_MMA must be 0 or 1, got '2'"):
+        tv.reload_options()
+    set_switch(monkeypatch, "TUBEVIT_TC_MMA", None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_tc_problems().filter(lambda p: p["dtype"] != torch.float32))
+def test_fuzz_forward(prob):
+    tubes, dtype = prob["tubes"], prob["dtype"]
+    x, ws, bs, pe, flat, _ = fuzz_inputs(prob)
+    out = ops.tube_tokens_mma_emulated(x, ws, bs, flat, pe)
+    check_rounded(out, _want(x, ws, bs, tubes, pe, dtype), dtype, "out", 0)
+
+
+# ---------------------------------------------------------------- the kernel on a GPU
+MMA_GPU = pytest.mark.skipif(
+    not (torch.cuda.is_available() and tv.cuda_compiled() and torch.cuda.get_device_capability()[0] >= 8),
+    reason="needs an sm_80+ GPU")
+
+
+def _kernels_in(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _on_cuda(t):
+    """t on the GPU with the same strides (the non-contiguous case keeps its base's storage)."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last_3d):
+        return t.cuda()
+    return t._base.cuda().as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+@MMA_GPU
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
+def test_cuda_mma_forward_matches_the_reference(monkeypatch, case, dtype, layout):
+    """TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1: the profiler sees the mma kernel, the result is within two
+    roundings of the fp64 result on the same operands, and two calls agree bitwise."""
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "tc")
+    set_switch(monkeypatch, "TUBEVIT_TC_MMA", "1")
+    tubes, size, C, d = CASES[case]
+    x = _x(case, dtype, layout)
+    ws, bs = make_params(tubes, C, d, dtype)
+    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype)
+    xc, wc, bc, pc = _on_cuda(x), [w.cuda() for w in ws], [b.cuda() for b in bs], pe.cuda()
+    assert xc.stride() == x.stride()
+    names = _kernels_in(lambda: tv.tube_tokens(xc, wc, bc, tubes, pc))
+    assert any("tube_tokens_mma_kernel" in n for n in names), names
+    got = tv.tube_tokens(xc, wc, bc, tubes, pc)
+    check_rounded(got.cpu(), _want(x, ws, bs, tubes, pe, dtype), dtype, f"{case} {layout}", 0)
+    assert torch.equal(got, tv.tube_tokens(xc, wc, bc, tubes, pc)), "two calls differ"
+
+
+@MMA_GPU
+def test_cuda_mma_forward_paper_batch_and_graph(monkeypatch):
+    """Paper tubes, 32 x 224 x 224, B = 4, bf16: against the WMMA kernel (both within two roundings of fp32
+    accumulation), and under CUDA-graph replay."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 224, 224, device="cuda", dtype=torch.bfloat16)
+    ws, bs = make_params(tv.PAPER_TUBES, 3, 768, dtype=torch.bfloat16, device="cuda")
+    pe = tv.sincos_pos_embed(tv.PAPER_TUBES, (32, 224, 224), 768, dtype=torch.bfloat16, device="cuda")
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "tc")
+    want = tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)
+    set_switch(monkeypatch, "TUBEVIT_TC_MMA", "1")
+    got = tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 4 * 2.0 ** -8 * want.float().abs().max().item(), err
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)  # warm-up outside the capture
+        with torch.cuda.graph(g, stream=s):
+            out = tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, got)
+
+
+@MMA_GPU
+def test_cuda_mma_switch_leaves_fp32_on_the_wmma_kernel(monkeypatch):
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "tc")
+    set_switch(monkeypatch, "TUBEVIT_TC_MMA", "1")
+    tubes, size, C, d = CASES["one_tube"]
+    x = torch.randn(2, C, *size, device="cuda")
+    ws, bs = make_params(tubes, C, d, device="cuda")
+    names = _kernels_in(lambda: tv.tube_tokens(x, ws, bs, tubes))
+    assert not any("tube_tokens_mma_kernel" in n for n in names), names
