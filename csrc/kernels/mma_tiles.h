@@ -58,14 +58,17 @@ struct Params {
   const void* bias[kMaxTubes];  // (d,) or nullptr
   int vec_x[kMaxTubes];         // elements per patch-gather copy (tc::gather_vec: 8, 4, 2 or 1)
   int vec_w[kMaxTubes];         // elements per weight copy (tc::weight_vec)
-  int tiles_before[kMaxTubes + 1];  // prefix over tubes of ceil(B n_i / BM) (row tiles)
+  int order[kMaxTubes];             // tubes by decreasing K_i (ties: list order): the grid's tube order
+  int tiles_before[kMaxTubes + 1];  // prefix over order[] of ceil(B n_i / BM) (row tiles)
   int n_tubes, B, N, d;
   int n_tiles;  // channel tiles: ceil(d / BN)
   int xs[5];    // x strides (elements)
 };
 
 // Grid: every (row tile, channel tile), channel tile fastest so the blocks
-// that gather the same patch rows run together and share them through L2.
+// that gather the same patch rows run together and share them through L2;
+// the tubes with the longest K first, so the short blocks fill the last wave
+// (paper tubes: K = 1728 and 1536 before the two of 768).
 TUBEVIT_HD int64_t blocks(const Params& p) { return int64_t(p.tiles_before[p.n_tubes]) * p.n_tiles; }
 
 struct Loc {
@@ -75,9 +78,9 @@ struct Loc {
 
 TUBEVIT_HD Loc locate(const Params& p, int blk) {
   const int tile = blk / p.n_tiles, ct = blk % p.n_tiles;
-  int i = 0;
-  while (i + 1 < p.n_tubes && tile >= p.tiles_before[i + 1]) ++i;
-  return {i, (tile - p.tiles_before[i]) * BM, ct * BN};
+  int q = 0;
+  while (q + 1 < p.n_tubes && tile >= p.tiles_before[q + 1]) ++q;
+  return {p.order[q], (tile - p.tiles_before[q]) * BM, ct * BN};
 }
 
 // Per-row tables of a tile, written once by the block (thread r for row r):
@@ -314,7 +317,6 @@ inline Params make_params(const TubeLayout& L, const int64_t* xs, const void* x,
   p.d = static_cast<int>(L.dim);
   p.n_tiles = (p.d + BN - 1) / BN;
   for (int a = 0; a < 5; ++a) p.xs[a] = static_cast<int>(xs[a]);
-  p.tiles_before[0] = 0;
   for (int i = 0; i < p.n_tubes; ++i) {
     const TubeGeom& g = L.tubes[i];
     p.g[i] = g;
@@ -322,8 +324,18 @@ inline Params make_params(const TubeLayout& L, const int64_t* xs, const void* x,
     p.bias[i] = bias == nullptr ? nullptr : bias[i];
     p.vec_x[i] = tc::gather_vec(g, xs, x, elem_size);
     p.vec_w[i] = tc::weight_vec(g.patch_size, w[i], elem_size);
-    p.tiles_before[i + 1] = p.tiles_before[i] + static_cast<int>((L.batch * g.num_tokens + BM - 1) / BM);
+    // insertion into order[], stable: decreasing K, list order among equals
+    int q = i;
+    while (q > 0 && L.tubes[p.order[q - 1]].patch_size < g.patch_size) {
+      p.order[q] = p.order[q - 1];
+      --q;
+    }
+    p.order[q] = i;
   }
+  p.tiles_before[0] = 0;
+  for (int q = 0; q < p.n_tubes; ++q)
+    p.tiles_before[q + 1] =
+        p.tiles_before[q] + static_cast<int>((L.batch * L.tubes[p.order[q]].num_tokens + BM - 1) / BM);
   return p;
 }
 
