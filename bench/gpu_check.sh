@@ -15,9 +15,10 @@
 #                  db, dP + the dx writer), then bf16 forward, forward + backward and forward +
 #                  backward with the input gradient at B = 1, 8, 32 against unfold + cuBLAS and the
 #                  GEMM path, same run
-#   tests-mma      the same with the opt-in ldmatrix + mma.sync forward (TUBEVIT_CUDA_PATH=tc
-#                  TUBEVIT_TC_MMA=1), then bf16 forwards at B = 1, 8, 32: fused_mma vs fused_tc (the WMMA
-#                  forward) vs unfold + cuBLAS, same run; then memcheck, racecheck and synccheck of it
+#   tests-mma      the same with the opt-in ldmatrix + mma.sync forward and dW (TUBEVIT_CUDA_PATH=tc
+#                  TUBEVIT_TC_MMA=1), then bf16 forward and forward + backward at B = 1, 8, 32: fused_mma
+#                  vs fused_tc (the WMMA kernels) vs unfold + cuBLAS, same run; then memcheck, racecheck
+#                  and synccheck of them
 #   tests-naive    the same with the naive kernels                      (TUBEVIT_CUDA_PATH=naive)
 #   memcheck       compute-sanitizer memcheck on bench/sanitize_case.py, all paths
 #                  (GEMM forced, tensor-core kernels, naive, and the Hopper kernels where built)
@@ -46,7 +47,7 @@
 #   ncu            optional: Nsight Compute text report of one bf16 forward + backward
 #   ncu-hopper     Nsight Compute report of the Hopper kernels and the dx writer (bf16, B = 32),
 #                  ncu-hopper.txt
-#   ncu-mma        optional: the same for the ldmatrix + mma.sync forward, ncu-mma.txt
+#   ncu-mma        optional: the same for the ldmatrix + mma.sync forward and dW, ncu-mma.txt
 # A step starts only if the budget still holds its estimate, and runs under
 # `timeout` with what is left, so a killed call still returns its results.
 #
@@ -191,8 +192,8 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
     tests-mma)
       # the opt-in ldmatrix + mma.sync forward: tests, its benchmark rows, the sanitizers on it alone
       TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 run_step tests-mma 60 pytest_by_file
-      run_step bench-mma 40 bench bench-mma.json --impls unfold_gemm fused_tc fused_mma \
-        --dtypes bfloat16 --modes fwd --batch 1 8 32
+      run_step bench-mma 50 bench bench-mma.json --impls unfold_gemm fused_tc fused_mma \
+        --dtypes bfloat16 --modes fwd fwd_bwd --batch 1 8 32
       grep -E "^paper|fused_mma" "$LOGS/bench-mma.log" | sed "s/^/mma: /" | tee -a "$SUMMARY"
       for tool in memcheck racecheck synccheck; do
         TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 run_step "mma-$tool" 20 compute-sanitizer --tool "$tool" \
@@ -312,10 +313,10 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         "$PY" bench/gpu_profile.py --once bf16 --input-grad
       cp "$LOGS/ncu-hopper.log" "$RES/ncu-hopper.txt" ;;
     ncu-mma)
-      # optional: the ldmatrix + mma.sync forward, bf16, B = 32
-      TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 run_step ncu-mma 40 ncu --clock-control none --section SpeedOfLight \
+      # optional: the ldmatrix + mma.sync forward and dW (with its reduction), bf16, B = 32
+      TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 run_step ncu-mma 50 ncu --clock-control none --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-        --section ComputeWorkloadAnalysis -k "regex:tube_tokens_mma" -c 1 "$PY" bench/gpu_profile.py --once bf16
+        --section ComputeWorkloadAnalysis -k "regex:_mma_" -c 3 "$PY" bench/gpu_profile.py --once bf16
       cp "$LOGS/ncu-mma.log" "$RES/ncu-mma.txt" ;;
     *) log "unknown step $step" ;;
   esac

@@ -9,7 +9,8 @@ Implementations (all compute the same (B, N, d) tokens, bias and PE included):
   fused_tc            the same with TUBEVIT_CUDA_PATH=tc (CUDA only, opt-in: the tensor-core kernels, the
                       WMMA forward)
   fused_mma           the same with TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 (CUDA only, opt-in: the forward
-                      of fp16 / bf16 by the ldmatrix + mma.sync kernel; the backward as fused_tc)
+                      and weight gradient of fp16 / bf16 by the ldmatrix + mma.sync kernels; the rest
+                      as fused_tc)
   fused_hopper        the same with TUBEVIT_CUDA_PATH=hopper (CUDA only, opt-in: the sm_90a wgmma forward
                       where it applies; the backward as auto)
 

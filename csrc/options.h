@@ -17,13 +17,14 @@
 //   TUBEVIT_DX_SCATTER       1: the input gradient by per-tube scatter
 //                            (dx::DxScatterElem) instead of the gather, on
 //                            both fast CUDA paths. Default 0.
-//   TUBEVIT_TC_MMA           1: the tensor-core forward of fp16 / bf16
-//                            (wherever the tc path runs) by the ldmatrix +
-//                            mma.sync kernel (cuda/tube_tokens_mma.cu:
-//                            128 x 128 tiles flattened across samples, three
-//                            cp.async stages) where it applies
-//                            (mma::supported), the WMMA kernel otherwise.
-//                            Default 0.
+//   TUBEVIT_TC_MMA           1: the tensor-core forward and weight gradient
+//                            of fp16 / bf16 (wherever the tc path runs) by
+//                            the ldmatrix + mma.sync kernels
+//                            (cuda/tube_tokens_mma.cu: 128 x 128 tiles, the
+//                            forward's flattened across samples, three
+//                            cp.async stages) where they apply
+//                            (mma::supported, mma::grad_weight_supported),
+//                            the WMMA kernels otherwise. Default 0.
 //   TUBEVIT_CPU_CHUNK_BYTES  bytes: the CPU kernels process a batch in
 //                            chunks whose patch (or GEMM result) rows stay
 //                            under this (at least one sample per chunk).

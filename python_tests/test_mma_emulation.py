@@ -1,8 +1,9 @@
-"""The ldmatrix + mma.sync forward (csrc/cuda/tube_tokens_mma.cu, TUBEVIT_TC_MMA=1): its tile code
-(csrc/kernels/mma_tiles.h) run on the CPU by tubevit_testing::tube_tokens_mma_emulated, with ldmatrix
-and mma.sync computed from the PTX ISA's fragment layouts, against the fp64 reference; the emulator
-also checks ldmatrix alignment and bank conflicts, copy alignment, reads inside every tensor, every
-output element written (csrc/testing/mma_emulation.cpp). Then, on a GPU, the kernel itself.
+"""The ldmatrix + mma.sync forward and weight gradient (csrc/cuda/tube_tokens_mma.cu,
+TUBEVIT_TC_MMA=1): their tile code (csrc/kernels/mma_tiles.h) run on the CPU by
+tubevit_testing::tube_tokens_mma_emulated{,_dw}, with ldmatrix (.trans for dW) and mma.sync computed
+from the PTX ISA's fragment layouts, against the fp64 reference; the emulator also checks ldmatrix
+alignment and bank conflicts, copy alignment, reads inside every tensor, every output element
+written (csrc/testing/mma_emulation.cpp). Then, on a GPU, the kernels themselves.
 
 Shapes: 128-row tiles flattened across samples (tiles that start mid-sample), partial channel tiles,
 K steps of 32 with fewer steps than pipeline stages, odd d (element stores), every copy width."""
@@ -121,7 +122,91 @@ def test_fuzz_forward(prob):
     check_rounded(out, _want(x, ws, bs, tubes, pe, dtype), dtype, "out", 0)
 
 
-# ---------------------------------------------------------------- the kernel on a GPU
+# ---------------------------------------------------------------- weight gradient
+def _dw_case(case):
+    """The case with d rounded up to a multiple of 8 (the mma dW copies gradient rows 16 bytes at a time)."""
+    tubes, size, C, d = CASES[case]
+    return tubes, size, C, -(-d // 8) * 8
+
+
+def _dw_want(gout, x, ws, tubes, dtype):
+    w64 = [w.double().requires_grad_() for w in ws]
+    out = tv.reference.tube_tokens(as_mma_input(x, dtype), w64, None, tubes)
+    return torch.autograd.grad(out, w64, as_mma_input(gout, dtype))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
+def test_weight_gradient_tiles(case, dtype, layout):
+    # target 1: one split per tube (dW written by the blocks); 10**6: as many splits as the steps allow
+    # (fp32 partials, then the reduction)
+    tubes, size, C, d = _dw_case(case)
+    x = _x(case, dtype, layout, B=3, seed=2)
+    ws, _ = make_params(tubes, C, d, dtype)
+    gout = torch.randn(3, tv.num_tokens(tubes, size), d, generator=torch.Generator().manual_seed(5),
+                       dtype=torch.float64).to(dtype)
+    want = _dw_want(gout, x, ws, tubes, dtype)
+    flat = tv.flatten_tubes(tubes)
+    for target in (1, 10 ** 6):
+        got = ops.tube_tokens_mma_emulated_dw(gout, x, ws, flat, target)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.dtype == dtype and a.shape == b.shape
+            check_rounded(a, b, dtype, f"{case} {layout} target={target} dW[{i}]", 0)
+
+
+def test_weight_gradient_split_plan():
+    # splits: about `target` tiles, each split at least 8 token steps of 32, none empty; the kernel's
+    # result does not depend on the plan beyond fp32 summation order
+    tubes, size, C, d = _dw_case("paper")
+    x = _x("paper", torch.bfloat16, "contiguous", B=4)
+    ws, _ = make_params(tubes, C, d, torch.bfloat16)
+    gout = torch.randn(4, tv.num_tokens(tubes, size), d, dtype=torch.bfloat16)
+    flat = tv.flatten_tubes(tubes)
+    for target in (1, 7, 40, 10 ** 6):
+        plan = ops.mma_dw_splits(gout, x, ws, flat, target)
+        for t, (splits, per) in zip(tubes, zip(plan[::2], plan[1::2])):
+            steps = -(-4 * tv.num_tokens([t], size) // 32)
+            assert splits >= 1 and (splits - 1) * per < steps <= splits * per, (target, t, splits, per)
+            assert splits == 1 or per >= 8
+            if target == 1:
+                assert splits == 1
+    # B = 32 paper tubes on 132 SMs (target 528): several splits, each >= 8 steps
+    xb = torch.empty(32, 3, 32, 224, 224, dtype=torch.bfloat16)
+    wb = [torch.empty(768, 3, *t.kernel, dtype=torch.bfloat16) for t in tv.PAPER_TUBES]
+    plan = ops.mma_dw_splits(torch.empty(32, 539, 768, dtype=torch.bfloat16), xb, wb,
+                             tv.flatten_tubes(tv.PAPER_TUBES), 528)
+    assert plan[::2] == [3, 3, 3, 3] and min(plan[1::2]) >= 8, plan
+
+
+def test_weight_gradient_empty_batch_and_refusals():
+    tubes, size, C, d = _dw_case("one_tube")
+    flat = tv.flatten_tubes(tubes)
+    ws, _ = make_params(tubes, C, d, torch.float16)
+    x = torch.randn(0, C, *size, dtype=torch.float16)
+    dws = ops.tube_tokens_mma_emulated_dw(torch.zeros(0, 450, d, dtype=torch.float16), x, ws, flat, 528)
+    assert all(torch.equal(w, torch.zeros_like(w)) for w in dws)  # empty reduction: zeros, every entry written
+    x = torch.randn(1, C, *size, dtype=torch.float16)
+    w70, _ = make_params(tubes, C, 70, torch.float16)
+    with pytest.raises(ValueError, match=r"d % 8 == 0 \(got d = 70\)"):
+        ops.tube_tokens_mma_emulated_dw(torch.zeros(1, 450, 70, dtype=torch.float16), x, w70, flat, 528)
+    w32, _ = make_params(tubes, C, d, torch.float32)
+    with pytest.raises(ValueError, match="float16 and bfloat16"):
+        ops.tube_tokens_mma_emulated_dw(torch.zeros(1, 450, d), x.float(), w32, flat, 528)
+
+
+@settings(max_examples=30, deadline=None)
+@given(_tc_problems().filter(lambda p: p["dtype"] != torch.float32), st.sampled_from([1, 3, 10 ** 6]))
+def test_fuzz_weight_gradient(prob, target):
+    prob = dict(prob, d=-(-prob["d"] // 8) * 8)
+    tubes, dtype = prob["tubes"], prob["dtype"]
+    x, ws, _, _, flat, gout = fuzz_inputs(prob)
+    got = ops.tube_tokens_mma_emulated_dw(gout, x, ws, flat, target)
+    for i, (a, b) in enumerate(zip(got, _dw_want(gout, x, ws, tubes, dtype))):
+        check_rounded(a, b, dtype, f"dW[{i}]", 0)
+
+
+# ---------------------------------------------------------------- the kernels on a GPU
 MMA_GPU = pytest.mark.skipif(
     not (torch.cuda.is_available() and tv.cuda_compiled() and torch.cuda.get_device_capability()[0] >= 8),
     reason="needs an sm_80+ GPU")
@@ -199,3 +284,69 @@ def test_cuda_mma_switch_leaves_fp32_on_the_wmma_kernel(monkeypatch):
     ws, bs = make_params(tubes, C, d, device="cuda")
     names = _kernels_in(lambda: tv.tube_tokens(x, ws, bs, tubes))
     assert not any("tube_tokens_mma_kernel" in n for n in names), names
+
+
+@MMA_GPU
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
+def test_cuda_mma_grad_weight_matches_the_reference(monkeypatch, case, dtype, layout):
+    """The weight gradient under TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1: the profiler sees the mma dW kernel,
+    dW within two roundings of the fp64 result on the same operands, bitwise repeatable."""
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "tc")
+    set_switch(monkeypatch, "TUBEVIT_TC_MMA", "1")
+    tubes, size, C, d = _dw_case(case)
+    x = _x(case, dtype, layout, B=3, seed=2)
+    ws, _ = make_params(tubes, C, d, dtype)
+    gout = torch.randn(3, tv.num_tokens(tubes, size), d, generator=torch.Generator().manual_seed(5),
+                       dtype=torch.float64).to(dtype)
+    xc = _on_cuda(x)
+
+    def dws():
+        wc = [w.cuda().requires_grad_() for w in ws]
+        tv.tube_tokens(xc, wc, None, tubes).backward(gout.cuda())
+        return [w.grad for w in wc]
+
+    names = _kernels_in(dws)
+    assert any("tube_dw_mma_kernel" in n for n in names), names
+    got = dws()
+    for i, (a, b) in enumerate(zip(got, _dw_want(gout, x, ws, tubes, dtype))):
+        check_rounded(a.cpu(), b, dtype, f"{case} {layout} dW[{i}]", 0)
+    assert all(torch.equal(a, b) for a, b in zip(got, dws())), "two calls differ"
+
+
+@MMA_GPU
+def test_cuda_mma_grad_weight_paper_batch(monkeypatch):
+    """Paper tubes, 32 x 224 x 224, B = 4, bf16 (split tokens, the reduction launch): against the WMMA dW
+    (both within two roundings of fp32 accumulation), and under CUDA-graph replay."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 224, 224, device="cuda", dtype=torch.bfloat16)
+    ws, _ = make_params(tv.PAPER_TUBES, 3, 768, dtype=torch.bfloat16, device="cuda")
+    grad = torch.randn(4, 539, 768, device="cuda", dtype=torch.bfloat16)
+
+    def dws():
+        wc = [w.detach().clone().requires_grad_() for w in ws]
+        tv.tube_tokens(x, wc, None, tv.PAPER_TUBES).backward(grad)
+        return [w.grad for w in wc]
+
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", "tc")
+    want = dws()
+    set_switch(monkeypatch, "TUBEVIT_TC_MMA", "1")
+    got = dws()
+    for a, b in zip(got, want):
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= 4 * 2.0 ** -8 * b.float().abs().max().item(), err
+    wc = [w.detach().clone().requires_grad_() for w in ws]
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tv.tube_tokens(x, wc, None, tv.PAPER_TUBES).backward(grad)  # warm-up outside the capture
+        for w in wc:
+            w.grad = None
+        with torch.cuda.graph(g, stream=s):
+            tv.tube_tokens(x, wc, None, tv.PAPER_TUBES).backward(grad)
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(w.grad, b) for w, b in zip(wc, got))

@@ -3,8 +3,8 @@ built library without a GPU): no kernel uses more than 255 registers, the Hopper
 local memory (spills, stack arrays, parameters copied to local memory), the Hopper forward, dW and dP
 kernels' sm_90a code issues wgmma (HGMMA), cp.async (LDGSTS), mbarrier operations (SYNCS) and the
 async-proxy fence, within their register budget, the dx writer stays in 85 registers without
-local memory, and the ldmatrix + mma.sync forward has LDSM, HMMA and LDGSTS and no local memory on
-every arch built. Needs a CUDA build and a cuobjdump (the toolkit's, or the copy
+local memory, and the ldmatrix + mma.sync forward and dW have LDSM, HMMA and LDGSTS and no local
+memory on every arch built. Needs a CUDA build and a cuobjdump (the toolkit's, or the copy
 triton ships); skipped without them."""
 import json
 
@@ -62,5 +62,6 @@ def test_built_kernels_keep_their_contracts(tmp_path):
         mma = [r for r in hopper if any(k in r["kernel"] for k in ("forward_kernel", "dw_kernel<", "dp_kernel<"))]
         assert len(mma) == 6 and all(r["hgmma"] for r in mma)  # forward, dW and dP, bf16 and fp16
         assert len(hopper) == 8  # and the two dW reductions
-    mma_rows = [r for r in rows if "tube_tokens_mma_kernel" in r["kernel"]]
-    assert mma_rows and len(mma_rows) % 2 == 0  # fp16 and bf16 on every arch built
+    for name in ("tube_tokens_mma_kernel", "tube_dw_mma_kernel"):
+        mma_rows = [r for r in rows if name in r["kernel"]]
+        assert mma_rows and len(mma_rows) % 2 == 0, name  # fp16 and bf16 on every arch built

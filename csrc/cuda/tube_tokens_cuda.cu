@@ -10,8 +10,8 @@
 //   * the handwritten tensor-core implicit-GEMM kernels (tube_tokens_tc.cu;
 //     sm_80+, fp16 / bf16, fp32 as TF32 while torch.backends.cudnn.allow_tf32):
 //     one kernel per pass, fastest for small problems (fewer launches); the
-//     forward of fp16 / bf16 by the ldmatrix + mma.sync kernel
-//     (tube_tokens_mma.cu) under TUBEVIT_TC_MMA=1;
+//     forward and weight gradient of fp16 / bf16 by the ldmatrix + mma.sync
+//     kernels (tube_tokens_mma.cu) under TUBEVIT_TC_MMA=1;
 //   * the correctness-first kernels of kernels/naive_kernels.h as grid-stride
 //     kernels (one thread per output element, fp32 summed in fp64): fp64,
 //     and whatever the others do not take.
@@ -206,7 +206,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
     if (output_mask[0]) dx = dx::from_dp(x, gemm_grad_dp(x, g, w, L, a), L, dx::default_pass());
   } else {
     if (output_mask[0]) dx = dx::from_dp(x, tc::grad_dp(x, grad, w, L), L, dx::default_pass());
-    if (output_mask[1]) tc::grad_weight(x, grad, L, dws);
+    if (output_mask[1]) {
+      if (options().tc_mma && mma::grad_weight_supported(x, grad, L)) mma::grad_weight(x, grad, L, dws);
+      else tc::grad_weight(x, grad, L, dws);
+    }
   }
   return {dx, dws, dbs};
 }

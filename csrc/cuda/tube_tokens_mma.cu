@@ -1,18 +1,23 @@
-// The sm_80+ tensor-core forward for fp16 / bf16 on ldmatrix + mma.sync
-// (TUBEVIT_TC_FORWARD=mma, csrc/options.h): one launch for all tubes and
-// samples, 128 x 128 tiles over (tube, 128 tokens flattened across samples)
-// x (128 channels), 8 warps of 64 x 32, a 3-stage cp.async pipeline of
-// 32-deep K steps, bias and position embedding added in fp32 from the
-// accumulator registers. Tile logic (which block, thread and lane touches
-// which element) is kernels/mma_tiles.h, run on the CPU by the emulator
+// The sm_80+ tensor-core forward and weight gradient for fp16 / bf16 on
+// ldmatrix + mma.sync (TUBEVIT_TC_MMA=1, csrc/options.h). Forward: one
+// launch for all tubes and samples, 128 x 128 tiles over (tube, 128 tokens
+// flattened across samples) x (128 channels), 8 warps of 64 x 32, a 3-stage
+// cp.async pipeline of 32-deep K steps, bias and position embedding added in
+// fp32 from the accumulator registers. dW: the same warps and pipeline over
+// (tube, token split, 128 patch columns, 128 channels) tiles reduced over
+// 32-token steps, operands read by ldmatrix.trans, then (where tokens were
+// split) one launch summing the fp32 partials in split order. Tile logic
+// (which block, thread and lane touches which element) is
+// kernels/mma_tiles.h, run on the CPU by the emulator
 // (testing/mma_emulation.cpp) with ldmatrix and mma.sync written from the
 // PTX ISA's fragment layouts; here only shared memory, barriers, the
-// pipeline and the PTX. check_sass.py holds the compiled kernel to LDSM and
-// HMMA present, no local memory, at most 128 registers (two blocks of 256
-// threads per SM).
+// pipeline and the PTX. check_sass.py holds both kernels to LDSM, HMMA and
+// LDGSTS present and no local memory on every arch built.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
 
 #include "../kernels/mma_tiles.h"
 #include "tube_tokens_mma.h"
@@ -41,6 +46,14 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 // l / 4, columns 2 (l % 4) + {0, 1} of matrix j.
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// The same four matrices transposed: lane l receives in r[j] the elements at
+// stored row 2 (l % 4) + {0, 1}, column l / 4 of matrix j.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
@@ -94,6 +107,37 @@ __device__ __forceinline__ void mma_step(float (&acc)[MT][NT][4], unsigned stage
       }
     }
   }
+}
+// dW's step: the same MMAs, both operands by ldmatrix.trans (kernels/mma_tiles.h).
+template <typename scalar_t>
+__device__ __forceinline__ void dw_mma_step(float (&acc)[MT][NT][4], unsigned stage, int warp, int lane) {
+  TUBEVIT_UNROLL
+  for (int ks = 0; ks < BK / 16; ++ks) {
+    unsigned a[MT][4];
+    TUBEVIT_UNROLL
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4_trans(a[mt], stage + 2u * dw_a_frag_offset(warp, lane, mt, ks));
+    TUBEVIT_UNROLL
+    for (int np = 0; np < NT / 2; ++np) {
+      unsigned r[4];
+      ldmatrix_x4_trans(r, stage + 2u * dw_b_frag_offset(warp, lane, np, ks));
+      const unsigned b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+      TUBEVIT_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<scalar_t>(acc[mt][2 * np], a[mt], b0);
+        mma_16816<scalar_t>(acc[mt][2 * np + 1], a[mt], b1);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
+  TUBEVIT_UNROLL
+  for (int mt = 0; mt < MT; ++mt)
+    TUBEVIT_UNROLL
+    for (int nt = 0; nt < NT; ++nt)
+      TUBEVIT_UNROLL
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
 }
 #endif
 
@@ -173,6 +217,74 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_MMA_MIN_BLOCKS)
 #endif
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// dW: the forward's pipeline over the split's token steps (kernels/mma_tiles.h).
+template <int VX, typename scalar_t>
+__device__ __forceinline__ void dw_tile(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad,
+                                        float* __restrict__ ws, const DwParams& p, const DwLoc& l, const int* koff,
+                                        unsigned char* dsmem) {
+  scalar_t* stages = reinterpret_cast<scalar_t*>(dsmem);
+  const unsigned stages_addr = smem_addr(dsmem);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int steps = dw_steps(l);
+  float acc[MT][NT][4];
+  zero<scalar_t>(acc);
+  TUBEVIT_UNROLL
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) issue_dw_step<VX>(p, l, x, grad, koff, s, tid, stages + s * kDwStageElems);
+    cp_async_commit();
+  }
+  StageRing ring;
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (s + kStages - 1 < steps)
+      issue_dw_step<VX>(p, l, x, grad, koff, s + kStages - 1, tid, stages + ring.write * kDwStageElems);
+    cp_async_commit();
+    dw_mma_step<scalar_t>(acc, stages_addr + 2u * static_cast<unsigned>(ring.read * kDwStageElems), warp, lane);
+    ring.advance();
+  }
+  TUBEVIT_UNROLL
+  for (int mt = 0; mt < MT; ++mt)
+    TUBEVIT_UNROLL
+    for (int nt = 0; nt < NT; ++nt)
+      TUBEVIT_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const AccPos q = acc_pos(warp, lane, mt, nt, half);
+        dw_store_pair<scalar_t>(p, l, ws, q.r, q.n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+      }
+}
+#endif
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, TUBEVIT_MMA_MIN_BLOCKS)
+    tube_dw_mma_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad, float* __restrict__ ws,
+                       const DwParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char dsmem[];
+  __shared__ int koff[BN];
+  const DwLoc l = dw_locate(p, blockIdx.x);
+  dw_koff(p, l, threadIdx.x, koff);
+  __syncthreads();  // koff
+  switch (p.vec_x[l.i]) {  // uniform per block
+    case 8:
+      if constexpr (sizeof(scalar_t) == 2) dw_tile<8>(x, grad, ws, p, l, koff, dsmem);
+      break;
+    case 4: dw_tile<4>(x, grad, ws, p, l, koff, dsmem); break;
+    case 2: dw_tile<2>(x, grad, ws, p, l, koff, dsmem); break;
+    default: dw_tile<1>(x, grad, ws, p, l, koff, dsmem); break;
+  }
+#endif
+}
+
+// The splits' sum, in split order (dw_reduce), one element per thread.
+template <typename scalar_t>
+__global__ void tube_dw_mma_reduce_kernel(const float* __restrict__ ws, const DwParams p) {
+  const int total = p.reduce_before[p.n_tubes];
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x)
+    dw_reduce<scalar_t>(p, ws, e);
+}
+
 template <typename scalar_t>
 void launch(const at::Tensor& x, const at::Tensor& pe, at::Tensor& out, const Params& p, unsigned grid,
             cudaStream_t stream) {
@@ -186,6 +298,25 @@ void launch(const at::Tensor& x, const at::Tensor& pe, at::Tensor& out, const Pa
 }
 
 }  // namespace
+
+template <typename scalar_t>
+void launch_dw(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& ws, const DwParams& p,
+               unsigned grid, cudaStream_t stream) {
+  constexpr int bytes = dw_smem_bytes<scalar_t>();
+  static_assert(bytes > 48 * 1024, "the opt-in below is what lets a block have more than 48 KiB");
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(tube_dw_mma_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  float* wsp = ws.defined() ? ws.mutable_data_ptr<float>() : nullptr;
+  tube_dw_mma_kernel<scalar_t><<<grid, kThreads, bytes, stream>>>(x.const_data_ptr<scalar_t>(),
+                                                                  grad.const_data_ptr<scalar_t>(), wsp, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int total = p.reduce_before[p.n_tubes];
+  if (total > 0) {
+    const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65535));
+    tube_dw_mma_reduce_kernel<scalar_t><<<blocks, 256, 0, stream>>>(wsp, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
 
 bool supported(const at::Tensor& x, const TubeLayout& L) {
   const auto t = x.scalar_type();
@@ -217,6 +348,32 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
                        launch<scalar_t>(x, pe, out, p, static_cast<unsigned>(n_blocks), stream);
                      }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+
+bool grad_weight_supported(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& L) {
+  return supported(x, L) && dw_takes(L, grad.const_data_ptr());
+}
+
+void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& L, std::vector<at::Tensor>& dws) {
+  void* dp[kMaxTubes];
+  for (size_t i = 0; i < L.tubes.size(); ++i) dp[i] = dws[i].mutable_data_ptr();
+  const int sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
+  int64_t ws_elems = 0;
+  const DwParams p =
+      make_dw_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(), dp, 4 * int64_t(sms), &ws_elems);
+  const int64_t n_blocks = dw_blocks(p);
+  TORCH_CHECK(n_blocks < (int64_t(1) << 31), "tube_tokens_backward (mma dW): too many tiles (", n_blocks, ")");
+  if (n_blocks == 0) return;
+  at::Tensor ws;
+  if (ws_elems > 0) ws = at::empty({ws_elems}, x.options().dtype(at::kFloat));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_dw_mma",
+                     AT_DISPATCH_CASE(at::kHalf, [&] {
+                       launch_dw<scalar_t>(x, grad, ws, p, static_cast<unsigned>(n_blocks), stream);
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       launch_dw<scalar_t>(x, grad, ws, p, static_cast<unsigned>(n_blocks), stream);
+                     }));
 }
 
 }  // namespace mma

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "tube_geometry.h"
@@ -82,6 +83,37 @@ struct FastDiv {
     return n - *q * d;
   }
 };
+
+#if !defined(__CUDA_ARCH__)
+// Host emulations of the kernels: the byte ranges their device reads may
+// touch, registered by an emulator for the tensors it hands the tile code
+// (HostReadScope); the host builds of the copy helpers check every source
+// against them. None registered: unchecked.
+inline std::vector<std::pair<uintptr_t, uintptr_t>>& host_read_ranges() {
+  static thread_local std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  return ranges;
+}
+
+inline void check_host_read(const void* src, size_t bytes) {
+  const auto& ranges = host_read_ranges();
+  if (ranges.empty()) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
+  for (const auto& r : ranges)
+    if (a >= r.first && a + bytes <= r.second) return;
+  TORCH_CHECK(false, "a ", bytes, "-byte read outside every tensor the kernel was given");
+}
+
+// Registers [begin, end) byte ranges for the scope's lifetime.
+class HostReadScope {
+ public:
+  explicit HostReadScope(std::vector<std::pair<uintptr_t, uintptr_t>> ranges) {
+    host_read_ranges() = std::move(ranges);
+  }
+  ~HostReadScope() { host_read_ranges().clear(); }
+  HostReadScope(const HostReadScope&) = delete;
+  HostReadScope& operator=(const HostReadScope&) = delete;
+};
+#endif
 
 // V contiguous elements, aligned for one access of their size (callers keep
 // V * sizeof(scalar_t) <= 16).

@@ -1,7 +1,8 @@
-// Tile logic of the sm_80+ forward kernel built on ldmatrix + mma.sync
-// (cuda/tube_tokens_mma.cu), written once for the GPU and for the host
-// emulator (testing/mma_emulation.cpp), like kernels/tc_tiles.h is for the
-// WMMA kernels.
+// Tile logic of the sm_80+ forward and weight-gradient kernels built on
+// ldmatrix + mma.sync (cuda/tube_tokens_mma.cu), written once for the GPU
+// and for the host emulator (testing/mma_emulation.cpp), like
+// kernels/tc_tiles.h is for the WMMA kernels. The forward first; dW (same
+// warp layout, operands read by ldmatrix.trans) below it.
 //
 // What it changes against the WMMA forward (tube_tokens_tc2_kernel), each a
 // measured cost of that kernel (bench/DESIGN.md):
@@ -165,6 +166,9 @@ TUBEVIT_HD int a_cursor_next(const Params& p, const Loc& l, ACursor& a) {
 template <int V, typename scalar_t>
 TUBEVIT_HD void put_chunk(scalar_t* dst, const scalar_t* src) {
   if constexpr (V == 1) {
+#if !defined(__CUDA_ARCH__)
+    if (src != nullptr) check_host_read(src, sizeof(scalar_t));
+#endif
     *dst = src != nullptr ? *src : scalar_t(0.0f);
   } else {
     tc::put_bytes<V * int(sizeof(scalar_t)), true>(dst, src);
@@ -294,6 +298,201 @@ TUBEVIT_HD void store_pair(const Params& p, const Loc& l, const RowTables& t, in
   }
 }
 
+// ------------------------------------------------- weight gradient (dW)
+// dW_i (d x K_i) = G_i^T P_i over the M_i = B n_i tokens of tube i (G_i: the
+// tube's rows of the output gradient, P_i its patch rows), on the same warp
+// layout: block tiles of BM channels j x BN patch columns c, warp tiles of
+// 64 j x 32 c, reduced over BK tokens per step through kStages cp.async
+// stages. Each tube's token range is split S_i ways so the grid has several
+// blocks per SM (paper tubes at B = 32 have 228 unsplit tiles, under two
+// per SM); with S_i > 1 each block writes fp32 partials and a second launch
+// sums them in split order and casts (dw_reduce): deterministic, no atomics.
+//
+// Stage: Ga[BK tokens][LDW] (G rows, channels contiguous: 16-byte copies, d a
+// multiple of 8), then Pb[BK tokens][LDW] (patch rows, columns contiguous:
+// the forward's gather widths along kw). Both are read transposed by
+// ldmatrix.trans: A = G^T (row j, column m) and B = P (row m, column c).
+// LDW = BM + 8 = 136 elements (272 bytes): the eight rows of a phase start
+// at banks 4 r mod 32, disjoint.
+constexpr int LDW = BM + 8;
+constexpr int kDwStageElems = 2 * BK * LDW;
+constexpr int kMinSplitSteps = 8;  // a split reduces at least this many token steps
+static_assert(BM == BN, "the dW tile shares the forward's warp layout");
+
+struct DwParams {
+  TubeGeom g[kMaxTubes];
+  void* dw[kMaxTubes];  // (d, K_i) row-major, scalar_t
+  FastDiv n_div[kMaxTubes], n2_div[kMaxTubes], n1_div[kMaxTubes];  // n_i, its grid's W and H extents
+  int vec_x[kMaxTubes];            // patch-gather copy width (tc::gather_vec)
+  int c_tiles[kMaxTubes];          // ceil(K_i / BN)
+  int splits[kMaxTubes];           // S_i
+  int steps_per_split[kMaxTubes];  // token steps per split (the last may have fewer)
+  int ws_offset[kMaxTubes];        // tube i's (S_i, d, K_i) fp32 partials; -1 when S_i = 1
+  int reduce_before[kMaxTubes + 1];  // prefix of d K_i over tubes with S_i > 1 (dw_reduce's range)
+  int tiles_before[kMaxTubes + 1];   // prefix of S_i * c_tiles * j_tiles
+  int n_tubes, B, N, d, j_tiles;
+  int xs[5];
+};
+
+static_assert(sizeof(Params) <= 4096 && sizeof(DwParams) <= 4096, "kernel parameters: at most 4 KiB");
+
+TUBEVIT_HD int64_t dw_blocks(const DwParams& p) { return p.tiles_before[p.n_tubes]; }
+
+struct DwLoc {
+  int i, split;
+  int j0, c0;          // first channel, first patch column
+  int m_begin, m_end;  // the split's tokens of the tube's B n_i
+};
+
+// Tubes in list order, then splits, then column tiles, channel tiles fastest
+// (the blocks that gather the same patch columns run together).
+TUBEVIT_HD DwLoc dw_locate(const DwParams& p, int blk) {
+  int i = 0;
+  while (i + 1 < p.n_tubes && blk >= p.tiles_before[i + 1]) ++i;
+  const int local = blk - p.tiles_before[i];
+  const int jt = local % p.j_tiles, rest = local / p.j_tiles;
+  const int ct = rest % p.c_tiles[i], split = rest / p.c_tiles[i];
+  const int M = p.B * static_cast<int>(p.g[i].num_tokens);
+  const int m_begin = split * p.steps_per_split[i] * BK;
+  const int m_end = m_begin + p.steps_per_split[i] * BK < M ? m_begin + p.steps_per_split[i] * BK : M;
+  return {i, split, jt * BM, ct * BN, m_begin, m_end};
+}
+
+TUBEVIT_HD int dw_steps(const DwLoc& l) { return l.m_end > l.m_begin ? (l.m_end - l.m_begin + BK - 1) / BK : 0; }
+
+// The block's patch columns: koff[c] = input offset of column c0 + c
+// relative to a token's first voxel, -1 past K (thread c, once per block).
+TUBEVIT_HD void dw_koff(const DwParams& p, const DwLoc& l, int tid, int* koff) {
+  const TubeGeom& g = p.g[l.i];
+  for (int c = tid; c < BN; c += kThreads) {
+    const int k = l.c0 + c;
+    koff[c] = k < static_cast<int>(g.patch_size)
+                  ? static_cast<int>(patch_column_offset(g, k, p.xs[1], p.xs[2], p.xs[3], p.xs[4]))
+                  : -1;
+  }
+}
+
+// Token m of tube i (of its B n_i): its first voxel's input offset and its
+// row of the (B N, d) gradient; token_origin_offset's arithmetic with the
+// divisions as multiply-shifts.
+struct TokenRows {
+  int x_row, g_row;
+};
+
+TUBEVIT_HD TokenRows token_rows(const DwParams& p, int i, int m) {
+  const TubeGeom& g = p.g[i];
+  uint32_t b, r, it;
+  const uint32_t tok = p.n_div[i].divmod(static_cast<uint32_t>(m), &b);
+  const uint32_t iw = p.n2_div[i].divmod(tok, &r);
+  const uint32_t ih = p.n1_div[i].divmod(r, &it);
+  const int t = static_cast<int>(g.o[0] + g.s[0] * int(it)), h = static_cast<int>(g.o[1] + g.s[1] * int(ih)),
+            w = static_cast<int>(g.o[2] + g.s[2] * int(iw));
+  return {int(b) * p.xs[0] + t * p.xs[2] + h * p.xs[3] + w * p.xs[4],
+          int(b) * p.N + static_cast<int>(g.token_offset) + int(tok)};
+}
+
+// Issues step s of the block's split: Ga rows from grad (16-byte copies, zero
+// past the split's tokens or past d) and Pb rows gathered from x in chunks
+// of VX columns (zero past the tokens or K). With VX = 8 both tiles use the
+// same (row, 8-wide chunk) per copy, so a thread computes each token's rows
+// once for both.
+template <int VX, typename scalar_t>
+TUBEVIT_HD void issue_dw_step(const DwParams& p, const DwLoc& l, const scalar_t* x, const scalar_t* grad,
+                              const int* koff, int s, int tid, scalar_t* stage) {
+  constexpr int kG = BM / 8;  // 16-byte chunks per Ga row
+  scalar_t* Ga = stage;
+  scalar_t* Pb = stage + BK * LDW;
+  const int m0 = l.m_begin + s * BK;
+  TUBEVIT_UNROLL
+  for (int pass = 0; pass < BK * kG / kThreads; ++pass) {
+    const int e = tid + pass * kThreads, mm = e / kG, jj = (e % kG) * 8, m = m0 + mm;
+    const bool row_ok = m < l.m_end;
+    const TokenRows rows = row_ok ? token_rows(p, l.i, m) : TokenRows{-1, -1};
+    tc::put_bytes<16, true>(Ga + mm * LDW + jj,
+                            row_ok && l.j0 + jj < p.d ? grad + rows.g_row * p.d + l.j0 + jj : nullptr);
+    if constexpr (VX == 8) {
+      const int off = koff[jj];
+      put_chunk<8>(Pb + mm * LDW + jj, row_ok && off >= 0 ? x + rows.x_row + off : nullptr);
+    }
+  }
+  if constexpr (VX != 8) {
+    constexpr int kChunksPerRow = BN / VX;
+    TUBEVIT_UNROLL
+    for (int pass = 0; pass < BK * kChunksPerRow / kThreads; ++pass) {
+      const int e = tid + pass * kThreads, mm = e / kChunksPerRow, cc = (e % kChunksPerRow) * VX, m = m0 + mm;
+      const int off = koff[cc];
+      const bool ok = m < l.m_end && off >= 0;
+      put_chunk<VX>(Pb + mm * LDW + cc, ok ? x + token_rows(p, l.i, m).x_row + off : nullptr);
+    }
+  }
+}
+
+// ldmatrix.x4.trans row addresses (elements from the stage's start), lane
+// `lane` of warp `warp`, k16 step ks. ldmatrix.trans hands lane l, from
+// matrix q, the elements at stored (row 2 (l % 4) + e, column l / 4): the
+// transposed block, which is mma's fragment of an operand stored with its
+// reduction index (tokens) along the rows.
+//  A = G^T, m16 tile mt: matrices (j 0-7, m 0-7), (j 8-15, m 0-7),
+//    (j 0-7, m 8-15), (j 8-15, m 8-15) = a0..a3: lane l gives token row
+//    ks 16 + (l / 16) 8 + l % 8 at channel ((l / 8) % 2) 8.
+//  B = P, n8 tiles 2 np and 2 np + 1: matrices (c 0-7, m 0-7), (c 0-7,
+//    m 8-15), (c 8-15, m 0-7), (c 8-15, m 8-15): lane l gives token row
+//    ks 16 + ((l / 8) % 2) 8 + l % 8 at column (l / 16) 8.
+TUBEVIT_HD int dw_a_frag_offset(int warp, int lane, int mt, int ks) {
+  const int m = ks * 16 + (lane >> 4) * 8 + (lane & 7);
+  return m * LDW + (warp / kWarpsN) * WM + mt * 16 + ((lane >> 3) & 1) * 8;
+}
+
+TUBEVIT_HD int dw_b_frag_offset(int warp, int lane, int np, int ks) {
+  const int m = ks * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+  return BK * LDW + m * LDW + (warp % kWarpsN) * WN + np * 16 + (lane >> 4) * 8;
+}
+
+// Accumulator pair (v0, v1) at block-tile (r, n) = dW[j0 + r, c0 + n .. + 1]:
+// cast into dW (S_i = 1) or fp32 into the split's partials; one 4- / 8-byte
+// store where both columns exist and K is even, else element by element.
+template <typename scalar_t>
+TUBEVIT_HD void dw_store_pair(const DwParams& p, const DwLoc& l, float* ws, int r, int n, float v0, float v1) {
+  const int j = l.j0 + r, c = l.c0 + n, K = static_cast<int>(p.g[l.i].patch_size);
+  if (j >= p.d || c >= K) return;
+  const bool both = c + 1 < K, pair = both && K % 2 == 0;
+  if (p.splits[l.i] == 1) {
+    scalar_t* dst = static_cast<scalar_t*>(p.dw[l.i]) + j * K + c;
+    if (pair) {
+      Vec<scalar_t, 2> v;
+      v.v[0] = static_cast<scalar_t>(v0);
+      v.v[1] = static_cast<scalar_t>(v1);
+      store_vec<scalar_t, 2>(dst, v);
+    } else {
+      dst[0] = static_cast<scalar_t>(v0);
+      if (both) dst[1] = static_cast<scalar_t>(v1);
+    }
+  } else {
+    float* dst = ws + p.ws_offset[l.i] + (l.split * p.d + j) * K + c;
+    if (pair) {
+      Vec<float, 2> v;
+      v.v[0] = v0;
+      v.v[1] = v1;
+      store_vec<float, 2>(dst, v);
+    } else {
+      dst[0] = v0;
+      if (both) dst[1] = v1;
+    }
+  }
+}
+
+// The second launch where any S_i > 1: element e of reduce_before's range
+// (tube i, entry (j, k)) = cast(sum over splits in order of the partials).
+template <typename scalar_t>
+TUBEVIT_HD void dw_reduce(const DwParams& p, const float* ws, int e) {
+  int i = 0;
+  while (e >= p.reduce_before[i + 1]) ++i;  // tubes with S_i = 1 have empty ranges
+  const int idx = e - p.reduce_before[i], dk = p.d * static_cast<int>(p.g[i].patch_size);
+  float sum = 0.0f;
+  for (int sp = 0; sp < p.splits[i]; ++sp) sum += ws[p.ws_offset[i] + sp * dk + idx];
+  static_cast<scalar_t*>(p.dw[i])[idx] = static_cast<scalar_t>(sum);
+}
+
 // ------------------------------------------------------------- host side
 // Whether every offset the kernel forms fits in int32: the input's extent
 // (x strides times sizes), the weights' (d K_i), the output's (B N d) and
@@ -337,6 +536,62 @@ inline Params make_params(const TubeLayout& L, const int64_t* xs, const void* x,
     p.tiles_before[q + 1] =
         p.tiles_before[q] + static_cast<int>((L.batch * L.tubes[p.order[q]].num_tokens + BM - 1) / BM);
   return p;
+}
+
+// dW needs, besides fits_int32: d a multiple of 8 and grad 16-byte aligned
+// (its rows copied 16 bytes at a time), and the partials' workspace in int32
+// range (checked by make_dw_params).
+inline bool dw_takes(const TubeLayout& L, const void* grad) {
+  return L.dim % 8 == 0 && reinterpret_cast<uintptr_t>(grad) % 16 == 0;
+}
+
+// target: the tile count the splits aim at (the launcher: 4 per SM); the
+// workspace size (fp32 elements) goes to *ws_elems.
+inline DwParams make_dw_params(const TubeLayout& L, const int64_t* xs, const void* x, int64_t elem_size,
+                               void* const* dw, int64_t target, int64_t* ws_elems) {
+  DwParams p{};
+  p.n_tubes = static_cast<int>(L.tubes.size());
+  p.B = static_cast<int>(L.batch);
+  p.N = static_cast<int>(L.num_tokens);
+  p.d = static_cast<int>(L.dim);
+  p.j_tiles = (p.d + BM - 1) / BM;
+  for (int a = 0; a < 5; ++a) p.xs[a] = static_cast<int>(xs[a]);
+  int64_t unsplit = 0;
+  for (const TubeGeom& g : L.tubes) unsplit += p.j_tiles * ((g.patch_size + BN - 1) / BN);
+  const int64_t want = unsplit > 0 ? (target + unsplit - 1) / unsplit : 1;  // splits per tube asked for
+  int64_t ws = 0, reduce = 0;
+  p.tiles_before[0] = p.reduce_before[0] = 0;
+  for (int i = 0; i < p.n_tubes; ++i) {
+    const TubeGeom& g = L.tubes[i];
+    p.g[i] = g;
+    p.dw[i] = dw[i];
+    p.n_div[i] = FastDiv(static_cast<uint32_t>(g.num_tokens > 0 ? g.num_tokens : 1));
+    p.n2_div[i] = FastDiv(static_cast<uint32_t>(g.n[2] > 0 ? g.n[2] : 1));
+    p.n1_div[i] = FastDiv(static_cast<uint32_t>(g.n[1] > 0 ? g.n[1] : 1));
+    p.vec_x[i] = tc::gather_vec(g, xs, x, elem_size);
+    p.c_tiles[i] = static_cast<int>((g.patch_size + BN - 1) / BN);
+    const int64_t steps = (L.batch * g.num_tokens + BK - 1) / BK;
+    int64_t s = want < steps / kMinSplitSteps ? want : steps / kMinSplitSteps;
+    if (s < 1) s = 1;
+    const int64_t per = steps > 0 ? (steps + s - 1) / s : 0;
+    s = per > 0 ? (steps + per - 1) / per : 1;  // no empty split
+    p.splits[i] = static_cast<int>(s);
+    p.steps_per_split[i] = static_cast<int>(per);
+    p.ws_offset[i] = s > 1 ? static_cast<int>(ws) : -1;
+    if (s > 1) ws += s * L.dim * g.patch_size;
+    reduce += s > 1 ? L.dim * g.patch_size : 0;
+    p.reduce_before[i + 1] = static_cast<int>(reduce);
+    p.tiles_before[i + 1] = p.tiles_before[i] + static_cast<int>(s * p.c_tiles[i] * p.j_tiles);
+  }
+  TORCH_CHECK(ws < (int64_t(1) << 31), "tube_tokens_backward (mma dW): partials workspace too large (", ws,
+              " elements)");
+  *ws_elems = ws;
+  return p;
+}
+
+template <typename scalar_t>
+constexpr int dw_smem_bytes() {
+  return kStages * kDwStageElems * int(sizeof(scalar_t));
 }
 
 // Dynamic shared memory: the stages (the row tables are static).

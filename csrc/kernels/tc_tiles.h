@@ -157,6 +157,7 @@ TUBEVIT_HD void put_bytes(void* dst, const void* src) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(dst) % BYTES == 0 &&
                   (src == nullptr || reinterpret_cast<uintptr_t>(src) % BYTES == 0),
               "a ", BYTES, "-byte copy between misaligned addresses");
+  if (src != nullptr) check_host_read(src, BYTES);
   if (src != nullptr) std::memcpy(dst, src, BYTES);
   else std::memset(dst, 0, BYTES);
 #endif

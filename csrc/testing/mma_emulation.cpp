@@ -1,5 +1,6 @@
-// Host emulator of the ldmatrix + mma.sync forward (cuda/tube_tokens_mma.cu),
-// as the test-only op tubevit_testing::tube_tokens_mma_emulated. It runs the
+// Host emulator of the ldmatrix + mma.sync forward and weight gradient
+// (cuda/tube_tokens_mma.cu), as the test-only ops
+// tubevit_testing::tube_tokens_mma_emulated{,_dw}. It runs the
 // kernel's tile functions (kernels/mma_tiles.h, the code the GPU compiles)
 // block by block in the kernel's order: row tables, each thread's column
 // cursor, the three-stage pipeline (steps issued two ahead into the stage
@@ -7,22 +8,25 @@
 // slice the 32 lanes' ldmatrix.x4 row addresses, with ldmatrix and
 // mma.sync.m16n8k16.row.col computed from the PTX ISA's fragment layouts
 // (written here independently of the kernel's address functions), then the
-// epilogue from the accumulator registers.
+// epilogue from the accumulator registers; for dW the same with
+// ldmatrix.trans, the token splits' fp32 partials and their reduction.
 //
 // It checks what a GPU would not report, or report only as wrong numbers:
 // every ldmatrix row 16-byte aligned and inside its operand's part of the
 // stage, the eight rows of each ldmatrix phase on disjoint banks (no bank
-// conflict), no shared-memory write past the stages, every read of x, W,
-// bias and pe inside its tensor (each is copied between NaN guard zones, so
-// a stray read poisons the result) and every output element written (the
-// output starts as NaN) and no write past it. Host builds of put_bytes
-// (kernels/tc_tiles.h) check that every copy is aligned to its width.
+// conflict), no shared-memory write past the stages, every producer copy
+// from x, W and G inside its tensor (HostReadScope, kernels/common.h) and
+// aligned to its width, bias and pe reads inside theirs (every input is
+// copied between NaN guard zones, so a stray read poisons the result), every
+// output element written (outputs and dW partials start as NaN) and no
+// write past them.
 // Slow by design (plain loops).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../kernels/mma_tiles.h"
@@ -54,6 +58,11 @@ struct Guarded {
     view = buf.as_strided(t.sizes(), t.strides(), lead);
     view.copy_(t);
   }
+  // The bytes of the copy proper (what the kernel may read), for HostReadScope.
+  std::pair<uintptr_t, uintptr_t> range() const {
+    const uintptr_t a = view.defined() ? reinterpret_cast<uintptr_t>(view.const_data_ptr()) : 0;
+    return {a, a + static_cast<uintptr_t>(extent * (view.defined() ? view.element_size() : 0))};
+  }
   // The guard zones still hold NaN (checked for the output).
   bool guards_intact() const {
     const at::Tensor f = buf.to(at::kFloat);
@@ -77,12 +86,13 @@ struct Smem {
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16 for one warp: lane 8 j + i gives
 // the address of row i of matrix j (`offset`: elements from the stage's
 // start); lane l receives in register j the elements at row l / 4, columns
-// 2 (l % 4) and 2 (l % 4) + 1 of matrix j. Checks each row 16-byte aligned,
+// 2 (l % 4) and 2 (l % 4) + 1 of matrix j; with .trans (trans) the elements
+// at rows 2 (l % 4) and 2 (l % 4) + 1, column l / 4. Checks each row 16-byte aligned,
 // inside [lo, hi) (its operand's part of the stage) and each matrix's eight
 // rows on disjoint banks (a 16-byte row covers four 4-byte banks).
 template <typename scalar_t, class Offset>
 void ldmatrix_x4(const scalar_t* stage, int stage_byte0, const Offset& offset, int lo, int hi,
-                 float (&regs)[32][4][2]) {
+                 float (&regs)[32][4][2], bool trans = false) {
   int rows[32];
   for (int l = 0; l < 32; ++l) {
     rows[l] = offset(l);
@@ -103,7 +113,8 @@ void ldmatrix_x4(const scalar_t* stage, int stage_byte0, const Offset& offset, i
   for (int l = 0; l < 32; ++l)
     for (int j = 0; j < 4; ++j)
       for (int e = 0; e < 2; ++e)
-        regs[l][j][e] = static_cast<float>(stage[rows[8 * j + l / 4] + 2 * (l % 4) + e]);
+        regs[l][j][e] = static_cast<float>(trans ? stage[rows[8 * j + 2 * (l % 4) + e] + l / 4]
+                                                 : stage[rows[8 * j + l / 4] + 2 * (l % 4) + e]);
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32: lane l = 4 g + t holds A (16 x 16)
@@ -134,17 +145,26 @@ inline float& acc_at(BlockAcc& acc, int warp, int mt, int nt, int lane, int e) {
   return acc[((((warp * MT + mt) * NT + nt) * 32) + lane) * 4 + e];
 }
 
+// One staged step of every warp. Fragments: the forward's (a_frag_offset,
+// b_frag_offset, plain ldmatrix; A rows [0, BM LDS) of the stage, B the rest)
+// or dW's (dw_*_frag_offset, ldmatrix.trans; Ga [0, BK LDW), Pb the rest).
 template <typename scalar_t>
-void mma_step(BlockAcc& acc, const scalar_t* stage, int stage_byte0) {
+void mma_step(BlockAcc& acc, const scalar_t* stage, int stage_byte0, bool dw) {
+  const int a_end = dw ? BK * LDW : BM * LDS, stage_end = dw ? kDwStageElems : kStageElems;
   for (int warp = 0; warp < kWarps; ++warp)
     for (int ks = 0; ks < BK / 16; ++ks) {
       float a[MT][32][4][2];
       for (int mt = 0; mt < MT; ++mt)
-        ldmatrix_x4(stage, stage_byte0, [&](int l) { return a_frag_offset(warp, l, mt, ks); }, 0, BM * LDS, a[mt]);
+        ldmatrix_x4(
+            stage, stage_byte0,
+            [&](int l) { return dw ? dw_a_frag_offset(warp, l, mt, ks) : a_frag_offset(warp, l, mt, ks); }, 0,
+            a_end, a[mt], dw);
       for (int np = 0; np < NT / 2; ++np) {
         float r[32][4][2];
-        ldmatrix_x4(stage, stage_byte0, [&](int l) { return b_frag_offset(warp, l, np, ks); }, BM * LDS,
-                    kStageElems, r);
+        ldmatrix_x4(
+            stage, stage_byte0,
+            [&](int l) { return dw ? dw_b_frag_offset(warp, l, np, ks) : b_frag_offset(warp, l, np, ks); }, a_end,
+            stage_end, r, dw);
         for (int half = 0; half < 2; ++half) {  // tile 2 np + half: registers 2 half, 2 half + 1
           float b[32][2][2];
           for (int l = 0; l < 32; ++l)
@@ -185,6 +205,9 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
   }
   const Params p = make_params(L, gx.view.strides().data(), gx.view.const_data_ptr(), x.element_size(), wp.data(),
                                bias.empty() ? nullptr : bp.data());
+  std::vector<std::pair<uintptr_t, uintptr_t>> readable = {gx.range()};
+  for (const auto& g : gw) readable.push_back(g.range());
+  const HostReadScope reads(readable);  // x and W: the producers' copies
   Guarded gout(out);  // NaN everywhere: an element no tile writes stays NaN
   gout.view.fill_(std::numeric_limits<float>::quiet_NaN());
   const scalar_t* xp = gx.view.const_data_ptr<scalar_t>();
@@ -216,7 +239,7 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
     StageRing ring;
     for (int s = 0; s < steps; ++s) {
       if (s + kStages - 1 < steps) issue(s + kStages - 1, ring.write);
-      mma_step(acc, stages + ring.read * kStageElems, 2 * ring.read * kStageElems);
+      mma_step(acc, stages + ring.read * kStageElems, 2 * ring.read * kStageElems, /*dw=*/false);
       ring.advance();
     }
     for (int warp = 0; warp < kWarps; ++warp)
@@ -234,15 +257,122 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
   out.copy_(gout.view);
 }
 
+template <int VX, typename scalar_t>
+void issue_all_dw(const DwParams& p, const DwLoc& l, const scalar_t* x, const scalar_t* grad, const int* koff, int s,
+                  scalar_t* stage) {
+  for (int tid = 0; tid < kThreads; ++tid) issue_dw_step<VX>(p, l, x, grad, koff, s, tid, stage);
+}
+
+template <typename scalar_t>
+void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& L, int64_t target,
+                         std::vector<at::Tensor>& dws) {
+  const Guarded gx(x), gg(grad);
+  std::vector<Guarded> gdw;
+  std::vector<void*> dp;
+  for (auto& t : dws) {
+    gdw.emplace_back(t);
+    gdw.back().view.fill_(std::numeric_limits<float>::quiet_NaN());  // an entry nobody writes stays NaN
+    dp.push_back(gdw.back().view.mutable_data_ptr());
+  }
+  int64_t ws_elems = 0;
+  const DwParams p = make_dw_params(L, gx.view.strides().data(), gx.view.const_data_ptr(), x.element_size(),
+                                    dp.data(), target, &ws_elems);
+  // the partials start as NaN too: the reduction may read only what the blocks wrote
+  Guarded gws(at::full({ws_elems}, std::numeric_limits<float>::quiet_NaN(), x.options().dtype(at::kFloat)));
+  float* ws = ws_elems > 0 ? gws.view.mutable_data_ptr<float>() : nullptr;
+  const HostReadScope reads({gx.range(), gg.range()});  // x and G: the producers' copies
+  const scalar_t* xp = gx.view.const_data_ptr<scalar_t>();
+  const scalar_t* gp = gg.view.const_data_ptr<scalar_t>();
+  for (int64_t blk = 0; blk < dw_blocks(p); ++blk) {
+    Smem smem(dw_smem_bytes<scalar_t>());
+    scalar_t* stages = reinterpret_cast<scalar_t*>(smem.bytes.data());
+    int koff[BN];
+    const DwLoc l = dw_locate(p, static_cast<int>(blk));
+    for (int tid = 0; tid < kThreads; ++tid) dw_koff(p, l, tid, koff);
+    const int steps = dw_steps(l);
+    const int vx = p.vec_x[l.i];
+    auto issue = [&](int s, int stage) {
+      scalar_t* dst = stages + stage * kDwStageElems;
+      if (vx == 8) issue_all_dw<8>(p, l, xp, gp, koff, s, dst);
+      else if (vx == 4) issue_all_dw<4>(p, l, xp, gp, koff, s, dst);
+      else if (vx == 2) issue_all_dw<2>(p, l, xp, gp, koff, s, dst);
+      else issue_all_dw<1>(p, l, xp, gp, koff, s, dst);
+    };
+    BlockAcc acc(size_t(kWarps) * MT * NT * 32 * 4, 0.0f);
+    for (int s = 0; s < kStages - 1; ++s)
+      if (s < steps) issue(s, s);
+    StageRing ring;
+    for (int s = 0; s < steps; ++s) {
+      if (s + kStages - 1 < steps) issue(s + kStages - 1, ring.write);
+      mma_step(acc, stages + ring.read * kDwStageElems, 2 * ring.read * kDwStageElems, /*dw=*/true);
+      ring.advance();
+    }
+    for (int warp = 0; warp < kWarps; ++warp)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int mt = 0; mt < MT; ++mt)
+          for (int nt = 0; nt < NT; ++nt)
+            for (int half = 0; half < 2; ++half) {
+              const AccPos q = acc_pos(warp, lane, mt, nt, half);
+              dw_store_pair<scalar_t>(p, l, ws, q.r, q.n, acc_at(acc, warp, mt, nt, lane, 2 * half),
+                                      acc_at(acc, warp, mt, nt, lane, 2 * half + 1));
+            }
+    smem.check();
+  }
+  for (int e = 0; e < p.reduce_before[p.n_tubes]; ++e) dw_reduce<scalar_t>(p, ws, e);
+  TORCH_CHECK(gws.guards_intact(), "mma emulation: a write past the dW partials");
+  for (size_t i = 0; i < dws.size(); ++i) {
+    TORCH_CHECK(gdw[i].guards_intact(), "mma emulation: a write past dW[", i, "]");
+    dws[i].copy_(gdw[i].view);
+  }
+}
+
+void check_takes(const at::Tensor& x, const TubeLayout& L) {
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                    "the mma kernels take float16 and bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(L.tubes.size() <= size_t(kMaxTubes), "the mma kernels take at most ", kMaxTubes,
+                    " tubes, got ", L.tubes.size());
+  TORCH_CHECK_VALUE(fits_int32(L, x.sizes().data(), x.strides().data()),
+                    "the mma kernels index in int32; this call's offsets do not fit");
+}
+
+std::vector<at::Tensor> mma_emulated_dw_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                                            at::IntArrayRef tubes, int64_t target) {
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  check_takes(x, L);
+  const at::Tensor grad = grad_out.contiguous();
+  TORCH_CHECK_VALUE(dw_takes(L, grad.const_data_ptr()), "the mma weight gradient needs d % 8 == 0 (got d = ",
+                    L.dim, ") and a 16-byte aligned gradient");
+  TORCH_CHECK_VALUE(target >= 1, "target must be positive, got ", target);
+  std::vector<at::Tensor> dws;
+  for (const auto& w : weights) dws.push_back(at::empty(w.sizes(), x.options()));
+  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_tokens_mma_emulated_dw",
+                     AT_DISPATCH_CASE(at::kHalf, [&] { emulate_grad_weight<scalar_t>(x, grad, L, target, dws); })
+                         AT_DISPATCH_CASE(at::kBFloat16,
+                                          [&] { emulate_grad_weight<scalar_t>(x, grad, L, target, dws); }));
+  return dws;
+}
+
+// [splits_0, steps_per_split_0, splits_1, ...] of make_dw_params for this call and target.
+std::vector<int64_t> mma_dw_splits_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                                       at::IntArrayRef tubes, int64_t target) {
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  check_takes(x, L);
+  std::vector<void*> dp(L.tubes.size(), nullptr);
+  int64_t ws_elems = 0;
+  const DwParams p =
+      make_dw_params(L, x.strides().data(), x.const_data_ptr(), x.element_size(), dp.data(), target, &ws_elems);
+  std::vector<int64_t> out;
+  for (int i = 0; i < p.n_tubes; ++i) {
+    out.push_back(p.splits[i]);
+    out.push_back(p.steps_per_split[i]);
+  }
+  return out;
+}
+
 at::Tensor mma_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                             at::IntArrayRef tubes, const c10::optional<at::Tensor>& pos_embed) {
   const TubeLayout L = check_forward_args(x, weights, biases, tubes, pos_embed);
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                    "the mma forward takes float16 and bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(L.tubes.size() <= size_t(kMaxTubes), "the mma forward takes at most ", kMaxTubes,
-                    " tubes, got ", L.tubes.size());
-  TORCH_CHECK_VALUE(fits_int32(L, x.sizes().data(), x.strides().data()),
-                    "the mma forward indexes in int32; this call's offsets do not fit");
+  check_takes(x, L);
   at::Tensor out = at::empty({L.batch, L.num_tokens, L.dim}, x.options());
   if (out.numel() == 0) return out;
   at::Tensor pe;
@@ -257,6 +387,10 @@ at::Tensor mma_emulated_cpu(const at::Tensor& x, at::TensorList weights, at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) { m.impl("tube_tokens_mma_emulated", &mma_emulated_cpu); }
+TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) {
+  m.impl("tube_tokens_mma_emulated", &mma_emulated_cpu);
+  m.impl("tube_tokens_mma_emulated_dw", &mma_emulated_dw_cpu);
+  m.impl("mma_dw_splits", &mma_dw_splits_cpu);
+}
 
 }  // namespace tubevit

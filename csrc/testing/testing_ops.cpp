@@ -35,6 +35,12 @@ TORCH_LIBRARY(tubevit_testing, m) {
   m.def(
       "tube_tokens_mma_emulated(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
       "Tensor? pos_embed) -> Tensor");
+  // The mma weight gradient the same way (ldmatrix.trans; `target`: the tile count its token splits
+  // aim at, the kernel's 4 per SM), and its split plan [splits_0, steps_per_split_0, splits_1, ...].
+  m.def(
+      "tube_tokens_mma_emulated_dw(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, int target=528) "
+      "-> Tensor[]");
+  m.def("mma_dw_splits(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, int target) -> int[]");
   // The CUDA backend's GEMM path (kernels/gemm_path.h: gather, GEMM, PE placement)
   // run on the CPU with ATen's CPU GEMMs: the forward output, the weight
   // gradients and the input gradient by the per-tube scatter (opt-in on
