@@ -42,6 +42,23 @@ def set_switch(monkeypatch, name, value):
     tv.reload_options()
 
 
+def cuda_graph_replay(fn):
+    """fn() run once on a side stream (warm-up outside the capture, as PyTorch's docs ask), then captured
+    in a CUDA graph and replayed once; returns what the captured call returned, which now holds the
+    replay's result."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        with torch.cuda.graph(g, stream=s):
+            out = fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 def random_tubes(rng: random.Random, n_tubes: int, size=None, max_kernel=6):
     """Random tube list that fits ``size`` (T, H, W): kernel < stride,
     kernel > stride (overlapping windows) and non-zero offsets all occur."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tubevit_ext as tv
-from conftest import UNIT_ROUNDOFF, check_rounded, make_params, max_err, set_switch
+from conftest import UNIT_ROUNDOFF, check_rounded, cuda_graph_replay, make_params, max_err, set_switch
 from tubevit_ext.testing import ops
 
 CASES = {
@@ -243,17 +243,7 @@ def test_cuda_hopper_forward_paper_batch_and_graph(monkeypatch):
     got = tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)
     err = (got.float() - want.float()).abs().max().item()
     assert err <= 4 * 2.0 ** -8 * want.float().abs().max().item(), err
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)  # warm-up outside the capture
-        with torch.cuda.graph(g, stream=s):
-            out = tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)
-    torch.cuda.current_stream().wait_stream(s)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, got)
+    assert torch.equal(cuda_graph_replay(lambda: tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)), got)
 
 
 @HOPPER_GPU
@@ -469,14 +459,4 @@ def test_cuda_hopper_grad_input_paper_batch(monkeypatch):
     # the backward op (dP kernel + writer) captured in a CUDA graph and replayed: the same bits
     flat = tv.flatten_tubes(tv.PAPER_TUBES)
     bwd = lambda: torch.ops.tubevit.tube_tokens_backward(grad, x, ws, [], flat, [True, False, False])[0]
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        bwd()  # warm-up outside the capture
-        with torch.cuda.graph(g, stream=s):
-            out = bwd()
-    torch.cuda.current_stream().wait_stream(s)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out.float(), got)
+    assert torch.equal(cuda_graph_replay(bwd).float(), got)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tubevit_ext as tv
-from conftest import check_rounded, make_params, set_switch
+from conftest import check_rounded, cuda_graph_replay, make_params, set_switch
 from test_tc_emulation import CASES as TC_CASES
 from test_tc_emulation import _tc_problems, as_mma_input, fuzz_inputs, make_x
 
@@ -262,17 +262,7 @@ def test_cuda_mma_forward_paper_batch_and_graph(monkeypatch):
     got = tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)
     err = (got.float() - want.float()).abs().max().item()
     assert err <= 4 * 2.0 ** -8 * want.float().abs().max().item(), err
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)  # warm-up outside the capture
-        with torch.cuda.graph(g, stream=s):
-            out = tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)
-    torch.cuda.current_stream().wait_stream(s)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, got)
+    assert torch.equal(cuda_graph_replay(lambda: tv.tube_tokens(x, ws, bs, tv.PAPER_TUBES, pe)), got)
 
 
 @MMA_GPU
@@ -336,17 +326,7 @@ def test_cuda_mma_grad_weight_paper_batch(monkeypatch):
     for a, b in zip(got, want):
         err = (a.float() - b.float()).abs().max().item()
         assert err <= 4 * 2.0 ** -8 * b.float().abs().max().item(), err
-    wc = [w.detach().clone().requires_grad_() for w in ws]
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        tv.tube_tokens(x, wc, None, tv.PAPER_TUBES).backward(grad)  # warm-up outside the capture
-        for w in wc:
-            w.grad = None
-        with torch.cuda.graph(g, stream=s):
-            tv.tube_tokens(x, wc, None, tv.PAPER_TUBES).backward(grad)
-    torch.cuda.current_stream().wait_stream(s)
-    g.replay()
-    torch.cuda.synchronize()
-    assert all(torch.equal(w.grad, b) for w, b in zip(wc, got))
+    # the backward op (dW kernel + the splits' reduction) captured in a CUDA graph and replayed: the same bits
+    flat = tv.flatten_tubes(tv.PAPER_TUBES)
+    bwd = lambda: torch.ops.tubevit.tube_tokens_backward(grad, x, ws, [], flat, [False, True, False])[1]
+    assert all(torch.equal(a, b) for a, b in zip(cuda_graph_replay(bwd), got))

@@ -86,40 +86,24 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // One staged K step (BK deep) of warp `warp`: per k16 slice, MT ldmatrix.x4
-// for A, NT / 2 for B, MT x NT MMAs.
-template <typename scalar_t>
+// for A, NT / 2 for B (one pair of n8 tiles at a time: 4 fragment registers
+// live, not 8), MT x NT MMAs. The forward's fragments (a/b_frag_offset,
+// plain ldmatrix) or dW's (dw_a/b_frag_offset, ldmatrix.trans).
+template <bool kDw, typename scalar_t>
 __device__ __forceinline__ void mma_step(float (&acc)[MT][NT][4], unsigned stage, int warp, int lane) {
   TUBEVIT_UNROLL
   for (int ks = 0; ks < BK / 16; ++ks) {
     unsigned a[MT][4];
     TUBEVIT_UNROLL
-    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], stage + 2u * a_frag_offset(warp, lane, mt, ks));
-    // B one pair of n8 tiles at a time: 4 fragment registers live, not 8
-    TUBEVIT_UNROLL
-    for (int np = 0; np < NT / 2; ++np) {
-      unsigned r[4];
-      ldmatrix_x4(r, stage + 2u * b_frag_offset(warp, lane, np, ks));
-      const unsigned b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-      TUBEVIT_UNROLL
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<scalar_t>(acc[mt][2 * np], a[mt], b0);
-        mma_16816<scalar_t>(acc[mt][2 * np + 1], a[mt], b1);
-      }
+    for (int mt = 0; mt < MT; ++mt) {
+      if constexpr (kDw) ldmatrix_x4_trans(a[mt], stage + 2u * dw_a_frag_offset(warp, lane, mt, ks));
+      else ldmatrix_x4(a[mt], stage + 2u * a_frag_offset(warp, lane, mt, ks));
     }
-  }
-}
-// dW's step: the same MMAs, both operands by ldmatrix.trans (kernels/mma_tiles.h).
-template <typename scalar_t>
-__device__ __forceinline__ void dw_mma_step(float (&acc)[MT][NT][4], unsigned stage, int warp, int lane) {
-  TUBEVIT_UNROLL
-  for (int ks = 0; ks < BK / 16; ++ks) {
-    unsigned a[MT][4];
-    TUBEVIT_UNROLL
-    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4_trans(a[mt], stage + 2u * dw_a_frag_offset(warp, lane, mt, ks));
     TUBEVIT_UNROLL
     for (int np = 0; np < NT / 2; ++np) {
       unsigned r[4];
-      ldmatrix_x4_trans(r, stage + 2u * dw_b_frag_offset(warp, lane, np, ks));
+      if constexpr (kDw) ldmatrix_x4_trans(r, stage + 2u * dw_b_frag_offset(warp, lane, np, ks));
+      else ldmatrix_x4(r, stage + 2u * b_frag_offset(warp, lane, np, ks));
       const unsigned b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
       TUBEVIT_UNROLL
       for (int mt = 0; mt < MT; ++mt) {
@@ -130,7 +114,26 @@ __device__ __forceinline__ void dw_mma_step(float (&acc)[MT][NT][4], unsigned st
   }
 }
 
-template <typename scalar_t>
+// The pipeline of both kernels (run_stages, kernels/mma_tiles.h) with
+// issue(s, stage pointer) and the MMAs on shared-memory stages of kElems
+// elements from dsmem.
+template <bool kDw, int kElems, typename scalar_t, class Issue>
+__device__ __forceinline__ void mainloop(float (&acc)[MT][NT][4], int steps, unsigned char* dsmem,
+                                         const Issue& issue) {
+  scalar_t* stages = reinterpret_cast<scalar_t*>(dsmem);
+  const unsigned stages_addr = smem_addr(dsmem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  run_stages(
+      steps, [&](int s, int stage) { issue(s, stages + stage * kElems); }, [] { cp_async_commit(); },
+      [] {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+      },
+      [&](int stage) {
+        mma_step<kDw, scalar_t>(acc, stages_addr + 2u * static_cast<unsigned>(stage * kElems), warp, lane);
+      });
+}
+
 __device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
   TUBEVIT_UNROLL
   for (int mt = 0; mt < MT; ++mt)
@@ -141,48 +144,19 @@ __device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
 }
 #endif
 
-// Pipeline (kStages = 3): steps 0 and 1 are issued before the loop; at step
-// s a thread waits for its own copies of step s (all but the newest group),
-// the barrier makes everyone's visible and tells that every warp is done
-// with step s - 1, whose stage ((s + 2) mod 3) then receives step s + 2's
-// copies, and the warps multiply stage s mod 3. A group is committed every
-// iteration, empty or not, so "all but the newest" always means step s.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 template <int VA, typename scalar_t>
 __device__ __forceinline__ void tile(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pe,
                                      scalar_t* __restrict__ out, const Params& p, const Loc& l,
                                      const RowTables& t, unsigned char* dsmem) {
-  scalar_t* stages = reinterpret_cast<scalar_t*>(dsmem);
-  const unsigned stages_addr = smem_addr(dsmem);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int* x_row = t.x_row;
-  const int steps = (static_cast<int>(p.g[l.i].patch_size) + BK - 1) / BK;
   ACursor a = a_cursor(p, l, tid);
-
   float acc[MT][NT][4];
-  TUBEVIT_UNROLL
-  for (int mt = 0; mt < MT; ++mt)
-    TUBEVIT_UNROLL
-    for (int nt = 0; nt < NT; ++nt)
-      TUBEVIT_UNROLL
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
-
-  TUBEVIT_UNROLL
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) issue_step<VA>(p, l, x, x_row, a, s, tid, stages + s * kStageElems);
-    cp_async_commit();
-  }
-  StageRing ring;
-  for (int s = 0; s < steps; ++s) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (s + kStages - 1 < steps)
-      issue_step<VA>(p, l, x, x_row, a, s + kStages - 1, tid, stages + ring.write * kStageElems);
-    cp_async_commit();
-    mma_step<scalar_t>(acc, stages_addr + 2u * static_cast<unsigned>(ring.read * kStageElems), warp, lane);
-    ring.advance();
-  }
-
+  zero(acc);
+  mainloop<false, kStageElems, scalar_t>(acc, (static_cast<int>(p.g[l.i].patch_size) + BK - 1) / BK, dsmem,
+                                         [&](int s, scalar_t* stage) {
+                                           issue_step<VA>(p, l, x, t.x_row, a, s, tid, stage);
+                                         });
   TUBEVIT_UNROLL
   for (int mt = 0; mt < MT; ++mt)
     TUBEVIT_UNROLL
@@ -223,27 +197,12 @@ template <int VX, typename scalar_t>
 __device__ __forceinline__ void dw_tile(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad,
                                         float* __restrict__ ws, const DwParams& p, const DwLoc& l, const int* koff,
                                         unsigned char* dsmem) {
-  scalar_t* stages = reinterpret_cast<scalar_t*>(dsmem);
-  const unsigned stages_addr = smem_addr(dsmem);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int steps = dw_steps(l);
   float acc[MT][NT][4];
-  zero<scalar_t>(acc);
-  TUBEVIT_UNROLL
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) issue_dw_step<VX>(p, l, x, grad, koff, s, tid, stages + s * kDwStageElems);
-    cp_async_commit();
-  }
-  StageRing ring;
-  for (int s = 0; s < steps; ++s) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (s + kStages - 1 < steps)
-      issue_dw_step<VX>(p, l, x, grad, koff, s + kStages - 1, tid, stages + ring.write * kDwStageElems);
-    cp_async_commit();
-    dw_mma_step<scalar_t>(acc, stages_addr + 2u * static_cast<unsigned>(ring.read * kDwStageElems), warp, lane);
-    ring.advance();
-  }
+  zero(acc);
+  mainloop<true, kDwStageElems, scalar_t>(acc, dw_steps(l), dsmem, [&](int s, scalar_t* stage) {
+    issue_dw_step<VX>(p, l, x, grad, koff, s, tid, stage);
+  });
   TUBEVIT_UNROLL
   for (int mt = 0; mt < MT; ++mt)
     TUBEVIT_UNROLL

@@ -226,10 +226,9 @@ TUBEVIT_HD void issue_step(const Params& p, const Loc& l, const scalar_t* x, con
   }
 }
 
-// The main loop's stage counters (kernel and emulator): step s is multiplied
-// from stage `read` while step s + kStages - 1 is issued into stage `write`,
-// the stage step s - 1 was multiplied from (steps 0 .. kStages - 2 are issued
-// before the loop into stages 0 .. kStages - 2).
+// The main loop's stage counters (run_stages): step s is multiplied from
+// stage `read` while step s + kStages - 1 is issued into stage `write`, the
+// stage step s - 1 was multiplied from.
 struct StageRing {
   int read = 0, write = kStages - 1;
   TUBEVIT_HD void advance() {
@@ -237,6 +236,33 @@ struct StageRing {
     write = write + 1 == kStages ? 0 : write + 1;
   }
 };
+
+// The main loop's schedule, one definition for the kernels and the emulator
+// (kStages = 3): steps 0 .. kStages - 2 are issued before the loop; at step
+// s, top() (the kernel: wait for this thread's copies of step s, i.e. all
+// but the newest group, then a barrier that makes everyone's visible and
+// tells that every warp is done with step s - 1), step s + kStages - 1 is
+// issued into the stage step s - 1 was multiplied from, and step s is
+// multiplied. commit() follows every issue point, empty or not, so "all but
+// the newest group" always means step s. issue(s, stage) copies step s into
+// stage `stage`; compute(stage) multiplies it.
+template <class Issue, class Commit, class Top, class Compute>
+TUBEVIT_HD void run_stages(int steps, const Issue& issue, const Commit& commit, const Top& top,
+                           const Compute& compute) {
+  TUBEVIT_UNROLL
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) issue(s, s);
+    commit();
+  }
+  StageRing ring;
+  for (int s = 0; s < steps; ++s) {
+    top();
+    if (s + kStages - 1 < steps) issue(s + kStages - 1, ring.write);
+    commit();
+    compute(ring.read);
+    ring.advance();
+  }
+}
 
 // ldmatrix.x4 row addresses (elements from the stage's start) of lane
 // `lane` of warp `warp`, k16 step ks:

@@ -233,15 +233,10 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
       else issue_all<1>(p, l, xp, x_row, cur, s, dst);
     };
     BlockAcc acc(size_t(kWarps) * MT * NT * 32 * 4, 0.0f);
-    // the kernel's order: steps issued kStages - 1 ahead, its stage counters
-    for (int s = 0; s < kStages - 1; ++s)
-      if (s < steps) issue(s, s);
-    StageRing ring;
-    for (int s = 0; s < steps; ++s) {
-      if (s + kStages - 1 < steps) issue(s + kStages - 1, ring.write);
-      mma_step(acc, stages + ring.read * kStageElems, 2 * ring.read * kStageElems, /*dw=*/false);
-      ring.advance();
-    }
+    // the kernel's schedule (no copies in flight here: commit and top do nothing)
+    run_stages(steps, issue, [] {}, [] {}, [&](int stage) {
+      mma_step(acc, stages + stage * kStageElems, 2 * stage * kStageElems, /*dw=*/false);
+    });
     for (int warp = 0; warp < kWarps; ++warp)
       for (int lane = 0; lane < 32; ++lane)
         for (int mt = 0; mt < MT; ++mt)
@@ -299,14 +294,9 @@ void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const Tube
       else issue_all_dw<1>(p, l, xp, gp, koff, s, dst);
     };
     BlockAcc acc(size_t(kWarps) * MT * NT * 32 * 4, 0.0f);
-    for (int s = 0; s < kStages - 1; ++s)
-      if (s < steps) issue(s, s);
-    StageRing ring;
-    for (int s = 0; s < steps; ++s) {
-      if (s + kStages - 1 < steps) issue(s + kStages - 1, ring.write);
-      mma_step(acc, stages + ring.read * kDwStageElems, 2 * ring.read * kDwStageElems, /*dw=*/true);
-      ring.advance();
-    }
+    run_stages(steps, issue, [] {}, [] {}, [&](int stage) {
+      mma_step(acc, stages + stage * kDwStageElems, 2 * stage * kDwStageElems, /*dw=*/true);
+    });
     for (int warp = 0; warp < kWarps; ++warp)
       for (int lane = 0; lane < 32; ++lane)
         for (int mt = 0; mt < MT; ++mt)
