@@ -157,15 +157,9 @@ __device__ __forceinline__ void tile(const scalar_t* __restrict__ x, const scala
                                          [&](int s, scalar_t* stage) {
                                            issue_step<VA>(p, l, x, t.x_row, a, s, tid, stage);
                                          });
-  TUBEVIT_UNROLL
-  for (int mt = 0; mt < MT; ++mt)
-    TUBEVIT_UNROLL
-    for (int nt = 0; nt < NT; ++nt)
-      TUBEVIT_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        const AccPos q = acc_pos(warp, lane, mt, nt, half);
-        store_pair(p, l, t, q.r, q.n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1], pe, out);
-      }
+  for_each_acc_pair(warp, lane, [&](int r, int n, int mt, int nt, int half) {
+    store_pair(p, l, t, r, n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1], pe, out);
+  });
 }
 #endif
 
@@ -180,14 +174,7 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_MMA_MIN_BLOCKS)
   const RowTables t{x_row, out_row, pe_row};
   row_tables(p, l, threadIdx.x, t);
   __syncthreads();  // row tables
-  switch (p.vec_x[l.i]) {  // uniform per block
-    case 8:
-      if constexpr (sizeof(scalar_t) == 2) tile<8>(x, pe, out, p, l, t, dsmem);
-      break;
-    case 4: tile<4>(x, pe, out, p, l, t, dsmem); break;
-    case 2: tile<2>(x, pe, out, p, l, t, dsmem); break;
-    default: tile<1>(x, pe, out, p, l, t, dsmem); break;
-  }
+  with_width(p.vec_x[l.i], [&](auto v) { tile<decltype(v)::value>(x, pe, out, p, l, t, dsmem); });
 #endif
 }
 
@@ -203,15 +190,9 @@ __device__ __forceinline__ void dw_tile(const scalar_t* __restrict__ x, const sc
   mainloop<true, kDwStageElems, scalar_t>(acc, dw_steps(l), dsmem, [&](int s, scalar_t* stage) {
     issue_dw_step<VX>(p, l, x, grad, koff, s, tid, stage);
   });
-  TUBEVIT_UNROLL
-  for (int mt = 0; mt < MT; ++mt)
-    TUBEVIT_UNROLL
-    for (int nt = 0; nt < NT; ++nt)
-      TUBEVIT_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        const AccPos q = acc_pos(warp, lane, mt, nt, half);
-        dw_store_pair<scalar_t>(p, l, ws, q.r, q.n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
-      }
+  for_each_acc_pair(warp, lane, [&](int r, int n, int mt, int nt, int half) {
+    dw_store_pair<scalar_t>(p, l, ws, r, n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+  });
 }
 #endif
 
@@ -225,14 +206,7 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_MMA_MIN_BLOCKS)
   const DwLoc l = dw_locate(p, blockIdx.x);
   dw_koff(p, l, threadIdx.x, koff);
   __syncthreads();  // koff
-  switch (p.vec_x[l.i]) {  // uniform per block
-    case 8:
-      if constexpr (sizeof(scalar_t) == 2) dw_tile<8>(x, grad, ws, p, l, koff, dsmem);
-      break;
-    case 4: dw_tile<4>(x, grad, ws, p, l, koff, dsmem); break;
-    case 2: dw_tile<2>(x, grad, ws, p, l, koff, dsmem); break;
-    default: dw_tile<1>(x, grad, ws, p, l, koff, dsmem); break;
-  }
+  with_width(p.vec_x[l.i], [&](auto v) { dw_tile<decltype(v)::value>(x, grad, ws, p, l, koff, dsmem); });
 #endif
 }
 

@@ -36,6 +36,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tc_tiles.h"
 
@@ -158,6 +159,19 @@ TUBEVIT_HD int a_cursor_next(const Params& p, const Loc& l, ACursor& a) {
   a.kt -= carry * k0;
   a.c += a.sc + carry;
   return off;
+}
+
+// f(std::integral_constant<int, V>{}) for the gather width v (8, 4, 2, else
+// 1): the kernels instantiate their tile body once per width and pick one
+// per block (a runtime width inside the main loop cost ptxas spills).
+template <class F>
+TUBEVIT_HD void with_width(int v, const F& f) {
+  switch (v) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
 }
 
 // One element copy (V = 1: cp.async moves at least 4 bytes, so a plain
@@ -292,6 +306,21 @@ struct AccPos {
 
 TUBEVIT_HD AccPos acc_pos(int warp, int lane, int mt, int nt, int half) {
   return {(warp / kWarpsN) * WM + mt * 16 + (lane >> 2) + 8 * half, (warp % kWarpsN) * WN + nt * 8 + (lane & 3) * 2};
+}
+
+// f(r, n, mt, nt, half) for each accumulator pair of lane `lane` of warp
+// `warp` (acc_pos), in the kernels' epilogue order.
+template <class F>
+TUBEVIT_HD void for_each_acc_pair(int warp, int lane, const F& f) {
+  TUBEVIT_UNROLL
+  for (int mt = 0; mt < MT; ++mt)
+    TUBEVIT_UNROLL
+    for (int nt = 0; nt < NT; ++nt)
+      TUBEVIT_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const AccPos q = acc_pos(warp, lane, mt, nt, half);
+        f(q.r, q.n, mt, nt, half);
+      }
 }
 
 // out[out_row[r], n0 + n + u] = cast(v_u + bias + pe) for u = 0, 1 where the

@@ -183,12 +183,6 @@ void mma_step(BlockAcc& acc, const scalar_t* stage, int stage_byte0, bool dw) {
     }
 }
 
-template <int VA, typename scalar_t>
-void issue_all(const Params& p, const Loc& l, const scalar_t* x, const int* x_row, std::vector<ACursor>& cur,
-               int s, scalar_t* stage) {
-  for (int tid = 0; tid < kThreads; ++tid) issue_step<VA>(p, l, x, x_row, cur[tid], s, tid, stage);
-}
-
 template <typename scalar_t>
 void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
                      const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
@@ -226,11 +220,10 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
     const int steps = (static_cast<int>(p.g[l.i].patch_size) + BK - 1) / BK;
     const int va = p.vec_x[l.i];
     auto issue = [&](int s, int stage) {
-      scalar_t* dst = stages + stage * kStageElems;
-      if (va == 8) issue_all<8>(p, l, xp, x_row, cur, s, dst);
-      else if (va == 4) issue_all<4>(p, l, xp, x_row, cur, s, dst);
-      else if (va == 2) issue_all<2>(p, l, xp, x_row, cur, s, dst);
-      else issue_all<1>(p, l, xp, x_row, cur, s, dst);
+      with_width(va, [&](auto v) {
+        for (int tid = 0; tid < kThreads; ++tid)
+          issue_step<decltype(v)::value>(p, l, xp, x_row, cur[tid], s, tid, stages + stage * kStageElems);
+      });
     };
     BlockAcc acc(size_t(kWarps) * MT * NT * 32 * 4, 0.0f);
     // the kernel's schedule (no copies in flight here: commit and top do nothing)
@@ -239,23 +232,14 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
     });
     for (int warp = 0; warp < kWarps; ++warp)
       for (int lane = 0; lane < 32; ++lane)
-        for (int mt = 0; mt < MT; ++mt)
-          for (int nt = 0; nt < NT; ++nt)
-            for (int half = 0; half < 2; ++half) {
-              const AccPos q = acc_pos(warp, lane, mt, nt, half);
-              store_pair(p, l, t, q.r, q.n, acc_at(acc, warp, mt, nt, lane, 2 * half),
-                         acc_at(acc, warp, mt, nt, lane, 2 * half + 1), pep, op);
-            }
+        for_each_acc_pair(warp, lane, [&](int r, int n, int mt, int nt, int half) {
+          store_pair(p, l, t, r, n, acc_at(acc, warp, mt, nt, lane, 2 * half),
+                     acc_at(acc, warp, mt, nt, lane, 2 * half + 1), pep, op);
+        });
     smem.check();
   }
   TORCH_CHECK(gout.guards_intact(), "mma emulation: a write past the output");
   out.copy_(gout.view);
-}
-
-template <int VX, typename scalar_t>
-void issue_all_dw(const DwParams& p, const DwLoc& l, const scalar_t* x, const scalar_t* grad, const int* koff, int s,
-                  scalar_t* stage) {
-  for (int tid = 0; tid < kThreads; ++tid) issue_dw_step<VX>(p, l, x, grad, koff, s, tid, stage);
 }
 
 template <typename scalar_t>
@@ -287,11 +271,10 @@ void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const Tube
     const int steps = dw_steps(l);
     const int vx = p.vec_x[l.i];
     auto issue = [&](int s, int stage) {
-      scalar_t* dst = stages + stage * kDwStageElems;
-      if (vx == 8) issue_all_dw<8>(p, l, xp, gp, koff, s, dst);
-      else if (vx == 4) issue_all_dw<4>(p, l, xp, gp, koff, s, dst);
-      else if (vx == 2) issue_all_dw<2>(p, l, xp, gp, koff, s, dst);
-      else issue_all_dw<1>(p, l, xp, gp, koff, s, dst);
+      with_width(vx, [&](auto v) {
+        for (int tid = 0; tid < kThreads; ++tid)
+          issue_dw_step<decltype(v)::value>(p, l, xp, gp, koff, s, tid, stages + stage * kDwStageElems);
+      });
     };
     BlockAcc acc(size_t(kWarps) * MT * NT * 32 * 4, 0.0f);
     run_stages(steps, issue, [] {}, [] {}, [&](int stage) {
@@ -299,13 +282,10 @@ void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const Tube
     });
     for (int warp = 0; warp < kWarps; ++warp)
       for (int lane = 0; lane < 32; ++lane)
-        for (int mt = 0; mt < MT; ++mt)
-          for (int nt = 0; nt < NT; ++nt)
-            for (int half = 0; half < 2; ++half) {
-              const AccPos q = acc_pos(warp, lane, mt, nt, half);
-              dw_store_pair<scalar_t>(p, l, ws, q.r, q.n, acc_at(acc, warp, mt, nt, lane, 2 * half),
-                                      acc_at(acc, warp, mt, nt, lane, 2 * half + 1));
-            }
+        for_each_acc_pair(warp, lane, [&](int r, int n, int mt, int nt, int half) {
+          dw_store_pair<scalar_t>(p, l, ws, r, n, acc_at(acc, warp, mt, nt, lane, 2 * half),
+                                  acc_at(acc, warp, mt, nt, lane, 2 * half + 1));
+        });
     smem.check();
   }
   for (int e = 0; e < p.reduce_before[p.n_tubes]; ++e) dw_reduce<scalar_t>(p, ws, e);
