@@ -112,9 +112,11 @@ FP32_TC_REL = 2.0 ** -20
 #: forward rounds twice by construction (oneDNN's bf16 GEMM, reached through ATen, writes bf16 and
 #: has no fp32-output form on the CPU; bias and PE are then added in fp32 and rounded again), and a
 #: fuzz example with d = 1 and K = 10 (B = 2, seed 691) lands 1.97 roundings from the fp64 oracle
-#: where PyTorch's bias-inside-conv path happens to be 0.2 away. The property-based fuzz
-#: (test_fuzz.py) holds to this rule.
-ATOL_ULPS = {torch.float64: 16, torch.float32: 8, torch.bfloat16: 2, torch.float16: 1}
+#: where PyTorch's bias-inside-conv path happens to be 0.2 away. fp64 allows 32: there PyTorch's
+#: path is the oracle itself (its error is 0), so the slack alone covers another summation order,
+#: and a fuzz example with K = 288 (seven tubes, d = 2, seed 131) needs 16.9 roundings of the
+#: largest output. The property-based fuzz (test_fuzz.py) holds to this rule.
+ATOL_ULPS = {torch.float64: 32, torch.float32: 8, torch.bfloat16: 2, torch.float16: 1}
 
 
 def reference_rule_bound(ref_err, oracle, dtype):
