@@ -25,6 +25,7 @@
 #include "../kernels/hopper_tiles.h"
 #include "../tube_tokens.h"
 #include "dx_emulation.h"
+#include "tensor_extent.h"
 #ifdef TUBEVIT_WITH_HOPPER
 #include "../kernels/hopper_layouts.h"
 #endif
@@ -33,14 +34,6 @@ namespace tubevit {
 namespace {
 
 using namespace hopper;
-
-// Elements of t's storage a view can reach: 1 + sum (size - 1) * stride (0 if empty).
-int64_t extent_of(const at::Tensor& t) {
-  if (t.numel() == 0) return 0;
-  int64_t e = 1;
-  for (int64_t i = 0; i < t.dim(); ++i) e += (t.size(i) - 1) * t.stride(i);
-  return e;
-}
 
 // A chunk of v elements from base[src] stays inside the `extent` elements the tensor reaches.
 void check_inside(int64_t src, int v, int64_t extent, const char* what) {

@@ -31,6 +31,7 @@
 
 #include "../kernels/mma_tiles.h"
 #include "../tube_tokens.h"
+#include "tensor_extent.h"
 
 namespace tubevit {
 namespace {
@@ -47,9 +48,7 @@ struct Guarded {
 
   explicit Guarded(const at::Tensor& t) {
     if (!t.defined()) return;
-    extent = 1;
-    for (int64_t i = 0; i < t.dim(); ++i) extent += (t.size(i) - 1) * t.stride(i);
-    if (t.numel() == 0) extent = 0;
+    extent = extent_of(t);
     const int64_t es = t.element_size();
     const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16) / es;
     lead = kGuard + mis;
