@@ -3,6 +3,11 @@
 # inside a wall-clock budget (the device tool allows 10 min per command and
 # 15 min of device time in all, machine start included):
 #   build          editable install, no deps (no internet there), this GPU's arch only
+#   probe          bench/kernel_probe.py: each kernel family's passes on small cases, each in its own
+#                  process under a 40 s watchdog: ok / wrong (with a fingerprint of where) / hang /
+#                  error / routing, into the summary. A family that hung (mma, hopper) has its CUDA
+#                  tests deselected (-k "cuda and not cuda_<family>") and its own steps skipped, so
+#                  one deadlocked pipeline cannot eat the run (PROBE_ARGS: more arguments for it)
 #   tests          CUDA-parametrized tests, default paths (by size)   (-k cuda); every tests* step runs
 #                  each test file in its own process under a watchdog (FILE_TIMEOUT_S, default 150),
 #                  so a hung kernel costs its file, not the step
@@ -51,10 +56,10 @@
 # A step starts only if the budget still holds its estimate, and runs under
 # `timeout` with what is left, so a killed call still returns its results.
 #
-# The device tool returns at most 8 files from $OUT; this script writes:
-#   summary.txt (env, one line per step, target checks), bench-default.json,
-#   bench-naive.json, bench-compile.json, profile.txt, ncu.txt, logs.tar.gz (every
-#   log, refreshed after each step).
+# The device tool returns at most 8 files from $OUT; this script writes three, refreshed after
+# each step: summary.txt (env, one line per step, the probe's table, target checks),
+# results.tar.gz (the JSON, plots and reports: probe.json, bench-*.json, e2e.json, ncu-*.txt, ...)
+# and logs.tar.gz (every step's log).
 # Usage (device tool):  TUBEVIT_COMMIT=<short sha> bash bench/gpu_check.sh   with timeout_s=600
 #   (the device's copy of .git may be older than the tree it runs, so name the commit)
 #   BUDGET_S=540 (default)  STEPS="build tests bench"  PY=python3
@@ -68,10 +73,11 @@ START=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}
 RES=${OUT:-bench/out/gpu-$(date +%F)}
 LOGS=$(mktemp -d)
+DATA=$(mktemp -d)
 mkdir -p "$RES"
-STEPS=${STEPS:-"build tests tests-hopper sanitize-hopper tests-mma ncu-hopper bench-host bench-e2e memcheck bench racecheck initcheck"}
+STEPS=${STEPS:-"build probe tests tests-hopper sanitize-hopper tests-mma ncu-hopper bench-host bench-e2e memcheck bench racecheck initcheck"}
 PY=${PY:-$(command -v python3 || command -v python)}
-export PY RES LOGS PYTHONUNBUFFERED=1
+export PY RES LOGS DATA PYTHONUNBUFFERED=1
 # the repo root on the path: the carried build is used without an install
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # a hung kernel must cost one test, not the step (pytest-timeout is on the machine)
@@ -86,7 +92,17 @@ fi
 SUMMARY="$RES/summary.txt"
 log() { echo "== $(date +%T) +$(( $(date +%s) - START ))s $*" | tee -a "$SUMMARY"; }
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
-pack() { tar -czf "$RES/logs.tar.gz" -C "$LOGS" . 2>/dev/null; }
+# $OUT holds three files (the device tool returns at most 8): summary.txt, results.tar.gz (every
+# JSON, plot and report the steps write, under $DATA) and logs.tar.gz (every step's log)
+pack() { tar -czf "$RES/results.tar.gz" -C "$DATA" . 2>/dev/null; tar -czf "$RES/logs.tar.gz" -C "$LOGS" . 2>/dev/null; }
+# probe_status FAMILY: what the probe step found for a kernel family (unknown before or without it)
+probe_status() { sed -n "s/^PROBE_$1=//p" "$LOGS/probe.env" 2>/dev/null | grep . || echo unknown; }
+hung() { [ "$(probe_status "$1")" = hang ]; }
+# the CUDA tests pytest_by_file selects: all, less the families whose probe hung
+KEXPR=cuda
+export KEXPR
+# skip_hung FAMILY STEP: true (and logged) when the family's probe hung
+skip_hung() { hung "$1" && log "$2 SKIPPED: the $1 kernels hung in the probe (summary above)"; }
 # run_step NAME ESTIMATE_S CMD...: skipped when less than the estimate is left
 run_step() {
   local name=$1 est=$2; shift 2
@@ -94,7 +110,7 @@ run_step() {
   if [ "$rem" -lt "$est" ]; then log "$name SKIPPED (needs ~${est}s, ${rem}s left)"; return 0; fi
   log "$name (timeout ${rem}s)"
   # shell functions run through bash -c (timeout only runs programs)
-  timeout --kill-after=5 "$rem" bash -c "$(declare -f sanitize bench pytest_by_file); \"\$@\"" _ "$@" > "$LOGS/$name.log" 2>&1
+  timeout --kill-after=5 "$rem" bash -c "$(declare -f sanitize bench pytest_by_file probe_status hung); \"\$@\"" _ "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   log "$name rc=$rc$([ $rc -eq 124 ] && echo ' (TIMED OUT)') :: $(grep -E 'passed|failed|skipped|ERROR SUMMARY|RACECHECK SUMMARY|rror|^by file' "$LOGS/$name.log" | tail -n 1)"
   # failing test names into the summary (the device reply carries its tail)
@@ -108,13 +124,13 @@ run_step() {
 pytest_by_file() {
   local f r dir passed=0 failed=0 files=0 bad=""
   if [ ! -s "$LOGS/cuda-test-files" ]; then
-    "$PY" -m pytest python_tests --collect-only -q -k cuda -p no:cacheprovider 2>/dev/null \
+    "$PY" -m pytest python_tests --collect-only -q -k "$KEXPR" -p no:cacheprovider 2>/dev/null \
       | grep -oE "^python_tests/test_[A-Za-z0-9_]+\.py" | sort -u > "$LOGS/cuda-test-files"
   fi
   dir=$(mktemp -d)
   for f in $(cat "$LOGS/cuda-test-files"); do
     while [ "$(jobs -rp | wc -l)" -ge "${FILE_JOBS:-3}" ]; do wait -n; done
-    ( timeout --kill-after=5 "${FILE_TIMEOUT_S:-150}" "$PY" -m pytest "$f" -q -k cuda -p no:cacheprovider -rfE \
+    ( timeout --kill-after=5 "${FILE_TIMEOUT_S:-150}" "$PY" -m pytest "$f" -q -k "$KEXPR" -p no:cacheprovider -rfE \
         $TIMEOUT_OPT "$@" > "$dir/$(basename "$f").log" 2>&1
       echo $? > "$dir/$(basename "$f").rc" ) &
   done
@@ -138,14 +154,14 @@ sanitize() {  # sanitize TOOL: GEMM path (default, and with the opt-in kernels),
   TUBEVIT_CUDA_PATH=tc compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_PATH=naive compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
-  # the opt-in Hopper forward, where this build has its sm_90a code
-  if "$PY" -c "import sys, tubevit_ext as tv; sys.exit(0 if tv._C._hopper_compiled() else 1)"; then
+  # the opt-in Hopper kernels, where this build has their sm_90a code and their probe did not hang
+  if ! hung hopper && "$PY" -c "import sys, tubevit_ext as tv; sys.exit(0 if tv._C._hopper_compiled() else 1)"; then
     TUBEVIT_CUDA_PATH=hopper compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py
   fi
 }
 bench() {  # bench JSON_NAME ARGS...: table into the log, targets into the summary
   local json=$1; shift
-  "$PY" bench/tube_bench.py --preset gpu-targets --json "$RES/$json" --plot "$LOGS/${json%.json}.png" "$@"
+  "$PY" bench/tube_bench.py --preset gpu-targets --json "$DATA/$json" --plot "$DATA/${json%.json}.png" "$@"
 }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
@@ -174,6 +190,12 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       run_step build 60 env FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e . \
         || { log "build failed: stopping"; break; }
       "$PY" -c "import tubevit_ext as tv; print('cuda kernels built:', tv.cuda_compiled())" 2>&1 | tee -a "$SUMMARY" ;;
+    probe)
+      run_step probe 45 "$PY" bench/kernel_probe.py --timeout 40 ${PROBE_ARGS:-} --json "$DATA/probe.json" --env "$LOGS/probe.env"
+      grep -vE "^==|^$" "$LOGS/probe.log" | head -n 60 | cut -c1-400 | tee -a "$SUMMARY"
+      for fam in mma hopper; do hung $fam && KEXPR="$KEXPR and not cuda_$fam"; done
+      [ "$KEXPR" != cuda ] && log "CUDA tests selected by -k \"$KEXPR\""
+      rm -f "$LOGS/cuda-test-files" ;;
     tests)
       run_step tests 60 pytest_by_file ;;
     tests-gemm)
@@ -183,6 +205,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 run_step tests-optin-tc 60 pytest_by_file ;;
     tests-hopper)
       # the opt-in sm_90a wgmma kernels, and their rows of the benchmark
+      skip_hung hopper tests-hopper && continue
       TUBEVIT_CUDA_PATH=hopper run_step tests-hopper 60 pytest_by_file
       run_step bench-hopper 60 bench bench-hopper.json --impls unfold_gemm fused_gemm fused_hopper \
         --dtypes bfloat16 --modes fwd fwd_bwd fwd_bwd_input --batch 1 8 32
@@ -191,6 +214,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       TUBEVIT_CUDA_PATH=tc run_step tests-tc 60 pytest_by_file ;;
     tests-mma)
       # the opt-in ldmatrix + mma.sync forward: tests, its benchmark rows, the sanitizers on it alone
+      skip_hung mma tests-mma && continue
       TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 run_step tests-mma 60 pytest_by_file
       run_step bench-mma 50 bench bench-mma.json --impls unfold_gemm fused_tc fused_mma \
         --dtypes bfloat16 --modes fwd fwd_bwd --batch 1 8 32
@@ -205,6 +229,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       run_step "$step" 60 sanitize "$step" ;;
     sanitize-hopper)
       # the opt-in Hopper kernels alone under every tool (their mbarrier pipelines: racecheck, synccheck)
+      skip_hung hopper sanitize-hopper && continue
       for tool in memcheck racecheck synccheck initcheck; do
         TUBEVIT_CUDA_PATH=hopper run_step "hopper-$tool" 30 compute-sanitizer --tool "$tool" --error-exitcode 9 \
           "$PY" bench/sanitize_case.py
@@ -226,13 +251,13 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       # (the size thresholds of choose_path in csrc/cuda/tube_tokens_cuda.cu)
       run_step bench-paths 100 "$PY" bench/tube_bench.py --preset gpu-targets \
         --impls reference unfold_gemm fused fused_gemm fused_tc --batch 1 4 8 16 32 --rounds 2 \
-        --json "$RES/bench-paths.json" --plot "$LOGS/bench-paths.png"
+        --json "$DATA/bench-paths.json" --plot "$DATA/bench-paths.png"
       grep -E "^paper" "$LOGS/bench-paths.log" | tee -a "$SUMMARY" ;;
     bench-gather)
       # the GEMM path with the scalar and the V-wide gather, same run (fused rows only)
       for g in 0 1; do
         run_step "bench-gather-$g" 30 env TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=$g "$PY" bench/tube_bench.py \
-          --preset gpu-targets --impls fused --batch 8 32 --json "$RES/bench-gather-$g.json" --plot "$LOGS/bench-gather-$g.png"
+          --preset gpu-targets --impls fused --batch 8 32 --json "$DATA/bench-gather-$g.json" --plot "$DATA/bench-gather-$g.png"
         grep -E "^paper" "$LOGS/bench-gather-$g.log" | sed "s/^/gather_vec=$g: /" | tee -a "$SUMMARY"
       done ;;
     bench-dx)
@@ -241,7 +266,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       for g in 0 1; do
         run_step "bench-dx-$g" 30 env TUBEVIT_DX_SCATTER=$g "$PY" bench/tube_bench.py \
           --preset gpu-targets --impls fused_gemm fused_tc --dtypes bfloat16 --modes fwd_bwd_input \
-          --json "$RES/bench-dx-$g.json" --plot "$LOGS/bench-dx-$g.png"
+          --json "$DATA/bench-dx-$g.json" --plot "$DATA/bench-dx-$g.png"
         grep -E "^paper" "$LOGS/bench-dx-$g.log" | sed "s/^/dx_scatter=$g: /" | tee -a "$SUMMARY"
       done ;;
     bench-naive)
@@ -254,15 +279,15 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       # host vs device shares per call: the tiny-input host overhead table (bench/host_overhead.py),
       # then bf16 forwards B = 1 .. 32 with median_ms / pipelined_ms / kernel_ms / graph_ms
       run_step bench-host-tiny 40 "$PY" bench/host_overhead.py --device cuda --calls 1000 \
-        --json "$RES/host-overhead.json"
+        --json "$DATA/host-overhead.json"
       grep -E "no_grad|require grad|backward" "$LOGS/bench-host-tiny.log" | tee -a "$SUMMARY"
       run_step bench-host 90 "$PY" bench/tube_bench.py --preset gpu-targets --impls reference unfold_gemm fused \
         --dtypes bfloat16 --modes fwd --batch 1 2 4 8 16 32 --repeats 20 --cuda-graph \
-        --json "$RES/bench-host.json" --plot "$LOGS/bench-host.png"
+        --json "$DATA/bench-host.json" --plot "$DATA/bench-host.png"
       grep -E "^paper" "$LOGS/bench-host.log" | tee -a "$SUMMARY" ;;
     bench-e2e)
       run_step bench-e2e 150 "$PY" bench/e2e_bench.py --sizes b --batch 8 32 --frames 32 --repeats 5 \
-        --json "$RES/e2e.json" --plot "$RES/e2e.png"
+        --json "$DATA/e2e.json" --plot "$DATA/e2e.png"
       grep -E "^b " "$LOGS/bench-e2e.log" | tee -a "$SUMMARY" ;;
     tests-all)
       run_step tests-all 90 "$PY" -m pytest python_tests -q -p no:cacheprovider -rfE $TIMEOUT_OPT ;;
@@ -282,7 +307,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
             run_step "variant-$name-tests" 45 "$PY" -m pytest python_tests -q -k cuda -p no:cacheprovider -rfE $TIMEOUT_OPT
           fi
           run_step "variant-$name" 30 bash -c "\"\$PY\" bench/tube_bench.py --preset gpu-targets --impls fused \
-            --json \"\$RES/variant-$name.json\" --plot \"\$LOGS/variant-$name.png\" && \"\$PY\" bench/gpu_profile.py"
+            --json \"\$DATA/variant-$name.json\" --plot \"\$DATA/variant-$name.png\" && \"\$PY\" bench/gpu_profile.py"
           grep -E "^paper" "$LOGS/variant-$name.log" | sed "s/^/$name: /" | tee -a "$SUMMARY"
         done
         cp "$LOGS/main.so" "$so"
@@ -291,33 +316,35 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       fi ;;
     profile)
       run_step profile 40 bash -c '"$PY" bench/gpu_profile.py && "$PY" bench/gpu_profile.py --input-grad'
-      cp "$LOGS/profile.log" "$RES/profile.txt" ;;
+      cp "$LOGS/profile.log" "$DATA/profile.txt" ;;
     profile-host)
       # host-side op tables at B = 4 (where launch overhead decides), both fast paths forced
       run_step profile-host 50 bash -c 'TUBEVIT_CUDA_PATH=gemm "$PY" bench/gpu_profile.py --host --batch 4 --dtypes bf16 \
         && TUBEVIT_CUDA_PATH=tc "$PY" bench/gpu_profile.py --host --batch 4 --dtypes bf16'
-      cp "$LOGS/profile-host.log" "$RES/profile-host.txt" ;;
+      cp "$LOGS/profile-host.log" "$DATA/profile-host.txt" ;;
     ncu)
       # one bf16 forward + backward at B = 32: the tube kernels and the naive
       # ones (grid_stride_kernel); text report (clocks left as they are)
       run_step ncu 90 ncu --clock-control none --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         -k "regex:tube_|grid_stride" -c 8 "$PY" bench/gpu_profile.py --once bf16 --input-grad
-      cp "$LOGS/ncu.log" "$RES/ncu.txt" ;;
+      cp "$LOGS/ncu.log" "$DATA/ncu.txt" ;;
     ncu-hopper)
+      skip_hung hopper ncu-hopper && continue
       # the Hopper kernels, bf16, B = 32 (gpu_profile.py --once --input-grad: one forward + backward):
       # forward, dW, its reduction, dP, the dx writer
       TUBEVIT_CUDA_PATH=hopper run_step ncu-hopper 60 ncu --clock-control none --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --kernel-name-base demangled -k "regex:hopper::|tube_dx_writer" -c 5 \
         "$PY" bench/gpu_profile.py --once bf16 --input-grad
-      cp "$LOGS/ncu-hopper.log" "$RES/ncu-hopper.txt" ;;
+      cp "$LOGS/ncu-hopper.log" "$DATA/ncu-hopper.txt" ;;
     ncu-mma)
+      skip_hung mma ncu-mma && continue
       # optional: the ldmatrix + mma.sync forward and dW (with its reduction), bf16, B = 32
       TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 run_step ncu-mma 50 ncu --clock-control none --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis -k "regex:_mma_" -c 3 "$PY" bench/gpu_profile.py --once bf16
-      cp "$LOGS/ncu-mma.log" "$RES/ncu-mma.txt" ;;
+      cp "$LOGS/ncu-mma.log" "$DATA/ncu-mma.txt" ;;
     *) log "unknown step $step" ;;
   esac
 done
