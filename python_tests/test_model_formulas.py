@@ -484,3 +484,49 @@ def test_varlen_attention_switch_off_cuda_keeps_the_per_group_path():
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 6, 10]
     m.use_varlen_attention(False)
     assert not any(b.attn.varlen for b in m.blocks)
+
+
+def _varlen_attn_reference(q, k, v, cu_q, cu_k, max_q, max_k):
+    """varlen_attn's documented contract (torch.nn.attention.varlen: (total, heads, head_dim) q, k, v,
+    int32 cumulative offsets of the samples, the longest sample's length), computed per sample with
+    scaled_dot_product_attention; it checks the arguments as the CUDA kernel requires them."""
+    assert q.dim() == 3 and q.shape == k.shape == v.shape and q.is_contiguous() and k.is_contiguous()
+    assert v.is_contiguous() and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    cu = cu_q.tolist()
+    assert cu[0] == 0 and cu[-1] == q.shape[0] and max_q == max_k == max(b - a for a, b in zip(cu, cu[1:]))
+    out = torch.empty_like(q)
+    for a, b in zip(cu, cu[1:]):
+        o = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)))  # (heads, n, hd)
+        out[a:b] = o.transpose(0, 1)
+    return out
+
+
+def test_varlen_attention_packing_on_the_cpu(monkeypatch):
+    """The varlen branch of Attention.forward (q, k, v split from the packed qkv, the cumulative
+    offsets, the longest sample, the output's reshape) with FlashAttention's kernel replaced by its
+    contract computed per sample on the CPU: a joint batch of three shape groups gives each sample's
+    logits and gradients as the per-group SDPA path does, in one call per block."""
+    import tubevit_ext.models.tubevit as tvm
+    torch.manual_seed(0)
+    m = TubeViT(**SMALL, num_classes=3)
+    samples = [torch.randn(3, 20, 32, 32), torch.randn(3, 32, 32), torch.randn(3, 24, 48, 40),
+               torch.randn(3, 20, 32, 32)]
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        logits = m(samples)
+        sum(lg.square().sum() for lg in logits).backward()
+        return logits, [p.grad.clone() for p in m.parameters()]
+
+    want_logits, want_grads = run()
+    calls = []
+    monkeypatch.setattr(tvm, "_varlen_attn", lambda *a: calls.append(a[3].tolist()) or _varlen_attn_reference(*a))
+    monkeypatch.setattr(tvm.Attention, "_varlen_applies", lambda self, qkv, layout, p: self.varlen)
+    m.use_varlen_attention()
+    got_logits, got_grads = run()
+    assert len(calls) == len(m.blocks)
+    assert len(set(map(tuple, calls))) == 1 and len(calls[0]) == len(samples) + 1
+    for g, w in zip(got_logits, want_logits):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
