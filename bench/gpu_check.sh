@@ -13,8 +13,8 @@
 #                  so a hung kernel costs its file, not the step
 #   tests-gemm     the same on the GEMM path wherever it applies      (TUBEVIT_CUDA_PATH=gemm)
 #   tests-optin    the GEMM path with its opt-in kernels (TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1
-#                  TUBEVIT_DX_SCATTER=1: V-wide gather, per-tube dX scatter), then the tensor-core
-#                  path with the scatter (TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1)
+#                  TUBEVIT_DX_PASS=scatter: V-wide gather, per-tube dX scatter), then the tensor-core
+#                  path with the dx writer (TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_PASS=writer)
 #   tests-tc       the same on the handwritten tensor-core kernels      (TUBEVIT_CUDA_PATH=tc)
 #   tests-hopper   the same with the opt-in sm_90a wgmma kernels (TUBEVIT_CUDA_PATH=hopper: forward, dW,
 #                  db, dP + the dx writer), then bf16 forward, forward + backward and forward +
@@ -34,7 +34,8 @@
 #   bench-paths    B = 1, 4, 8, 16, 32: reference, unfold_gemm, fused (default choice),
 #                  fused_gemm and fused_tc (each path forced), interleaved in one run
 #   bench-gather   the GEMM path at B = 8, 32 with the scalar and the V-wide gather
-#   bench-dx       bf16 fwd_bwd_input at B = 32, both fast paths: dX gather vs per-tube scatter
+#   bench-dx       bf16 fwd_bwd_input at B = 8 and 32, both fast paths and unfold + cuBLAS: the dX gather
+#                  vs the per-tube scatter vs the writer (TUBEVIT_DX_PASS)
 #   bench-naive    optional: the same on the naive kernels (slow: ~60 ms a forward)
 #   racecheck      compute-sanitizer racecheck, all three paths
 #   initcheck      compute-sanitizer initcheck, all three paths
@@ -75,7 +76,7 @@ RES=${OUT:-bench/out/gpu-$(date +%F)}
 LOGS=$(mktemp -d)
 DATA=$(mktemp -d)
 mkdir -p "$RES"
-STEPS=${STEPS:-"build probe tests tests-hopper sanitize-hopper tests-mma ncu-hopper bench-host bench-e2e memcheck bench racecheck initcheck"}
+STEPS=${STEPS:-"build probe tests tests-hopper sanitize-hopper tests-mma bench-dx ncu-hopper bench-host bench-e2e memcheck bench racecheck initcheck"}
 PY=${PY:-$(command -v python3 || command -v python)}
 export PY RES LOGS DATA PYTHONUNBUFFERED=1
 # the repo root on the path: the carried build is used without an install
@@ -150,9 +151,9 @@ pytest_by_file() {
 }
 sanitize() {  # sanitize TOOL: GEMM path (default, and with the opt-in kernels), tensor-core kernels, naive kernels
   TUBEVIT_CUDA_PATH=gemm compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
-  TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_PASS=scatter compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_PATH=tc compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
-  TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
+  TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_PASS=writer compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   TUBEVIT_CUDA_PATH=naive compute-sanitizer --tool "$1" --error-exitcode 9 "$PY" bench/sanitize_case.py || return $?
   # the opt-in Hopper kernels, where this build has their sm_90a code and their probe did not hang
   if ! hung hopper && "$PY" -c "import sys, tubevit_ext as tv; sys.exit(0 if tv._C._hopper_compiled() else 1)"; then
@@ -201,8 +202,8 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
     tests-gemm)
       TUBEVIT_CUDA_PATH=gemm run_step tests-gemm 60 pytest_by_file ;;
     tests-optin)
-      TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_SCATTER=1 run_step tests-optin 60 pytest_by_file
-      TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_SCATTER=1 run_step tests-optin-tc 60 pytest_by_file ;;
+      TUBEVIT_CUDA_PATH=gemm TUBEVIT_GEMM_GATHER_VEC=1 TUBEVIT_DX_PASS=scatter run_step tests-optin 60 pytest_by_file
+      TUBEVIT_CUDA_PATH=tc TUBEVIT_DX_PASS=writer run_step tests-optin-tc 60 pytest_by_file ;;
     tests-hopper)
       # the opt-in sm_90a wgmma kernels, and their rows of the benchmark
       skip_hung hopper tests-hopper && continue
@@ -261,13 +262,13 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         grep -E "^paper" "$LOGS/bench-gather-$g.log" | sed "s/^/gather_vec=$g: /" | tee -a "$SUMMARY"
       done ;;
     bench-dx)
-      # bf16 forward + backward with the input gradient, both fast paths (fused_gemm, fused_tc):
-      # the dX gather vs the per-tube scatter
-      for g in 0 1; do
-        run_step "bench-dx-$g" 30 env TUBEVIT_DX_SCATTER=$g "$PY" bench/tube_bench.py \
-          --preset gpu-targets --impls fused_gemm fused_tc --dtypes bfloat16 --modes fwd_bwd_input \
-          --json "$DATA/bench-dx-$g.json" --plot "$DATA/bench-dx-$g.png"
-        grep -E "^paper" "$LOGS/bench-dx-$g.log" | sed "s/^/dx_scatter=$g: /" | tee -a "$SUMMARY"
+      # bf16 forward + backward with the input gradient, both fast paths (fused_gemm, fused_tc) and
+      # unfold + cuBLAS: the dX gather vs the per-tube scatter vs the writer
+      for g in gather scatter writer; do
+        run_step "bench-dx-$g" 30 env TUBEVIT_DX_PASS=$g "$PY" bench/tube_bench.py \
+          --preset gpu-targets --impls unfold_gemm fused_gemm fused_tc --dtypes bfloat16 --modes fwd_bwd_input \
+          --batch 8 32 --json "$DATA/bench-dx-$g.json" --plot "$DATA/bench-dx-$g.png"
+        grep -E "^paper" "$LOGS/bench-dx-$g.log" | sed "s/^/dx_pass=$g: /" | tee -a "$SUMMARY"
       done ;;
     bench-naive)
       TUBEVIT_CUDA_PATH=naive run_step bench-naive 90 bench bench-naive.json --impls reference unfold_gemm fused

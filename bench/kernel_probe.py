@@ -53,6 +53,7 @@ HOPPER = {"TUBEVIT_CUDA_PATH": "hopper"}
 PROBES = {
     "gemm-fwd": ({"TUBEVIT_CUDA_PATH": "gemm"}, "fwd", ()),
     "gemm-bwd": ({"TUBEVIT_CUDA_PATH": "gemm"}, "bwd", ()),
+    "gemm-dxw": ({"TUBEVIT_CUDA_PATH": "gemm", "TUBEVIT_DX_PASS": "writer"}, "dx", ("tube_dx_writer",)),
     "mma-fwd": (MMA, "fwd", ("tube_tokens_mma_kernel",)),
     "mma-dw": (MMA, "dw", ("tube_dw_mma_kernel", "tube_dw_mma_reduce_kernel")),
     "hopper-fwd": (HOPPER, "fwd", ("hopper::*forward_kernel",)),
@@ -272,7 +273,13 @@ def run_pass(kind, case, emulate):
     if emulate:
         names = None
         dx, dws, dbs = None, None, None
-        if family == "gemm":
+        if family == "gemm" and kind[1] == "dx":  # dP as cuBLAS makes it (fp32), then the writer
+            offs, dp = _offsets(tubes, size), []
+            for w, t, o in zip(ws, tubes, offs):
+                n = tv.num_tokens([t], size)
+                dp.append((grad[:, o:o + n].reshape(B * n, d).float() @ w.float().reshape(d, -1)).flatten())
+            dx = ops.dx_from_dp(grad, x, ws, flat, torch.cat(dp), 2)
+        elif family == "gemm":
             dws, dx = ops.tube_tokens_gemm_path_dw(grad, x, ws, flat), ops.tube_tokens_gemm_path_dx(grad, x, ws, flat)
         elif family == "mma":
             dws = ops.tube_tokens_mma_emulated_dw(grad, x, ws, flat, 528)

@@ -31,7 +31,12 @@ Options read_env() {
   else if (path == "hopper") o.cuda_path = CudaPath::Hopper;
   else TORCH_CHECK_VALUE(false, "TUBEVIT_CUDA_PATH must be one of auto, gemm, tc, naive, hopper; got '", path, "'");
   o.gemm_gather_vec = read_flag("TUBEVIT_GEMM_GATHER_VEC");
-  o.dx_scatter = read_flag("TUBEVIT_DX_SCATTER");
+  const char* dxp = std::getenv("TUBEVIT_DX_PASS");
+  const std::string dx = dxp == nullptr ? "" : dxp;
+  if (dx.empty() || dx == "gather") o.dx_pass = DxPass::Gather;
+  else if (dx == "scatter") o.dx_pass = DxPass::Scatter;
+  else if (dx == "writer") o.dx_pass = DxPass::Writer;
+  else TORCH_CHECK_VALUE(false, "TUBEVIT_DX_PASS must be one of gather, scatter, writer; got '", dx, "'");
   o.tc_mma = read_flag("TUBEVIT_TC_MMA");
   const char* c = std::getenv("TUBEVIT_CPU_CHUNK_BYTES");
   if (c != nullptr && *c != '\0') {

@@ -14,9 +14,14 @@
 //                            applicable, auto otherwise.
 //   TUBEVIT_GEMM_GATHER_VEC  1: the GEMM path gathers V patch columns per
 //                            thread (gemm::GatherVecElem). Default 0.
-//   TUBEVIT_DX_SCATTER       1: the input gradient by per-tube scatter
-//                            (dx::DxScatterElem) instead of the gather, on
-//                            both fast CUDA paths. Default 0.
+//   TUBEVIT_DX_PASS          gather (default) | scatter | writer: the pass
+//                            that turns dP into the input gradient on both
+//                            fast CUDA paths (cuda/grad_input_cuda.cu):
+//                            the gather, the per-tube scatter
+//                            (dx::DxScatterElem), or the writer (the
+//                            gather's sums in the gather's order, 16-byte
+//                            stores: the same bits). The Hopper path's
+//                            input gradient always takes the writer.
 //   TUBEVIT_TC_MMA           1: the tensor-core forward and weight gradient
 //                            of fp16 / bf16 (wherever the tc path runs) by
 //                            the ldmatrix + mma.sync kernels
@@ -40,10 +45,14 @@ namespace tubevit {
 
 enum class CudaPath { Auto, Gemm, TensorCore, Naive, Hopper };
 
+// The dP -> dx pass (kernels/grad_input.h); numbered as the test op
+// tubevit_testing::dx_from_dp's dx_pass argument.
+enum class DxPass { Gather = 0, Scatter = 1, Writer = 2 };
+
 struct Options {
   CudaPath cuda_path = CudaPath::Auto;
   bool gemm_gather_vec = false;
-  bool dx_scatter = false;
+  DxPass dx_pass = DxPass::Gather;
   bool tc_mma = false;
   long long cpu_chunk_bytes = 32ll << 20;
 };

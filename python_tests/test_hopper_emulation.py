@@ -411,6 +411,47 @@ def test_cuda_dx_passes_match_their_emulation(shape, dtype):
     assert torch.equal(writer.cpu(), want) and torch.equal(gather.cpu(), want)
 
 
+def test_dx_pass_switch_takes_its_three_values(monkeypatch):
+    # TUBEVIT_DX_PASS names the pass (read again by reload_options); anything else is refused, naming
+    # the variable; the CPU backend does not depend on it
+    tubes, x, ws, grad, _ = _dp_inputs("w_ragged", torch.float32)
+    flat = tv.flatten_tubes(tubes)
+    want = torch.ops.tubevit.tube_tokens_backward(grad, x, ws, [], flat, [True, False, False])[0]
+    for value in ("gather", "scatter", "writer", "", None):
+        set_switch(monkeypatch, "TUBEVIT_DX_PASS", value)
+        got = torch.ops.tubevit.tube_tokens_backward(grad, x, ws, [], flat, [True, False, False])[0]
+        assert torch.equal(got, want)
+    monkeypatch.setenv("TUBEVIT_DX_PASS", "1")
+    with pytest.raises(ValueError, match="TUBEVIT_DX_PASS must be one of gather, scatter, writer; got '1'"):
+        tv.reload_options()
+
+
+@ANY_CUDA
+@pytest.mark.parametrize("path", ["gemm", "tc"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_dx_pass_switch_on_both_fast_paths(monkeypatch, path, dtype):
+    """TUBEVIT_DX_PASS=writer on the GEMM and tensor-core paths: the profiler sees the writer, and the
+    input gradient equals the gather's bit for bit (same dP, same sums in the same order);
+    TUBEVIT_DX_PASS=scatter stays within its one rounding per tube of it."""
+    tubes, size, C = DX_SHAPES["w_ragged"]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, C, *size, generator=g).to(dtype).cuda()
+    ws = [torch.randn(24, C, *t.kernel, generator=g).to(dtype).cuda() for t in tubes]
+    grad = torch.randn(3, tv.num_tokens(tubes, size), 24, generator=g).to(dtype).cuda()
+    flat = tv.flatten_tubes(tubes)
+    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", path)
+    dx_of = lambda: torch.ops.tubevit.tube_tokens_backward(grad, x, ws, [], flat, [True, False, False])[0]
+    set_switch(monkeypatch, "TUBEVIT_DX_PASS", "gather")
+    want = dx_of()
+    set_switch(monkeypatch, "TUBEVIT_DX_PASS", "writer")
+    names = _hopper_kernels_in(dx_of)
+    assert any("tube_dx_writer_kernel" in n for n in names), names
+    assert torch.equal(dx_of(), want)
+    set_switch(monkeypatch, "TUBEVIT_DX_PASS", "scatter")
+    rel = 2.0 ** -20 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
+    assert max_err(dx_of(), want) <= 2 * len(tubes) * rel * want.abs().max().item() + 1e-5
+
+
 @HOPPER_GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", sorted(CASES))

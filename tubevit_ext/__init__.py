@@ -26,7 +26,7 @@ def cuda_compiled() -> bool:
 
 def reload_options() -> None:
     """Read the library's environment switches again (``TUBEVIT_CUDA_PATH``,
-    ``TUBEVIT_GEMM_GATHER_VEC``, ``TUBEVIT_DX_SCATTER``; csrc/options.h). They
+    ``TUBEVIT_GEMM_GATHER_VEC``, ``TUBEVIT_DX_PASS``, ``TUBEVIT_TC_MMA``; csrc/options.h). They
     are read once, at the first op call; call this after changing one in-process
     (tests, benchmarks), not while ops run on other threads. Raises ValueError
     for a value the switch does not know."""

@@ -3,9 +3,9 @@
 // gather kernel below is the default: one block per (b, c, t, GH x GW) tile
 // of dx, grid-stride over tiles, every voxel summing the dP entries of the
 // tokens that cover it (tile logic in kernels/grad_input.h). The per-tube
-// scatter is opt-in (TUBEVIT_DX_SCATTER=1, csrc/options.h); the writer (the
-// gather's sums, 8 voxels and one 16-byte store per thread) is the Hopper
-// path's (TUBEVIT_CUDA_PATH=hopper).
+// scatter and the writer (the gather's sums, 8 voxels and one 16-byte store
+// per thread) are opt-in (TUBEVIT_DX_PASS=scatter | writer, csrc/options.h);
+// the Hopper path's input gradient (TUBEVIT_CUDA_PATH=hopper) takes the writer.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -108,7 +108,7 @@ at::Tensor gather(const at::Tensor& x, const at::Tensor& dp, const ParamsDX& p, 
 
 }  // namespace
 
-DxPass default_pass() { return options().dx_scatter ? DxPass::Scatter : DxPass::Gather; }
+DxPass default_pass() { return options().dx_pass; }
 
 at::Tensor from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L, DxPass pass) {
   int64_t dp_elems = 0;

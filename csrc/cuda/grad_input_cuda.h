@@ -4,15 +4,15 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "../options.h"
 #include "../tube_tokens.h"
 
 namespace tubevit {
 namespace dx {
 
-// The pass that turns dP into dx (kernels/grad_input.h): the gather, the
-// per-tube scatter, or the writer (the gather's sums, one 16-byte store per
-// 8 voxels). Gather and writer give the same bits.
-enum class DxPass { Gather, Scatter, Writer };
+// DxPass (options.h): the pass that turns dP into dx (kernels/grad_input.h):
+// the gather, the per-tube scatter, or the writer (the gather's sums, one
+// 16-byte store per 8 voxels). Gather and writer give the same bits.
 
 // dp: contiguous fp32, the dP workspace of make_dp_layout(L) (tube i's
 // (B n_i, K_i) block of G_i W_i at its dp_offset). Returns dx (B, C, T, H, W)
@@ -21,8 +21,8 @@ enum class DxPass { Gather, Scatter, Writer };
 // fit). At most kMaxTubes tubes.
 at::Tensor from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L, DxPass pass);
 
-// The pass the switches choose (csrc/options.h): the scatter where
-// TUBEVIT_DX_SCATTER=1, else the gather.
+// The pass the switches choose (csrc/options.h: TUBEVIT_DX_PASS, default
+// the gather).
 DxPass default_pass();
 
 }  // namespace dx

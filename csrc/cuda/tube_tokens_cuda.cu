@@ -184,7 +184,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> tube_to
   }
   // opt-in: the Hopper input gradient (dP by wgmma, then the writer)
   if (output_mask[0] && options().cuda_path == CudaPath::Hopper && hopper::grad_input_supported(x, L)) {
-    dx = dx::from_dp(x, hopper::grad_dp(grad, contiguous_all(weights), L), L, dx::DxPass::Writer);
+    dx = dx::from_dp(x, hopper::grad_dp(grad, contiguous_all(weights), L), L, DxPass::Writer);
     output_mask[0] = false;
   }
 #endif

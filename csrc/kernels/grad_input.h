@@ -110,8 +110,8 @@ TUBEVIT_HD void dx_gather_voxels(const ParamsDX& p, const float* dp, int64_t C, 
   }
 }
 
-// The writer (TUBEVIT_CUDA_PATH=hopper until a GPU run has timed it; the
-// Hopper dP kernel's second step, cuda/grad_input_cuda.cu): the gather's
+// The writer (opt-in, TUBEVIT_DX_PASS=writer, until a GPU run has timed it;
+// always the Hopper dP kernel's second step; cuda/grad_input_cuda.cu): the gather's
 // sums, in the gather's order (tubes in list order, then it, ih, iw: the
 // same bits), with what made the gather instruction-bound taken out. A
 // thread owns kWriterVec consecutive voxels of one row and writes them with
@@ -155,6 +155,9 @@ inline DxWriter make_dx_writer(const TubeLayout& L) {
 // The block's shared table, int32 pairs [lo, hi] (empty when lo > hi):
 // t ranges (n_tubes), h ranges (n_tubes x rows), w ranges (n_tubes x cols).
 TUBEVIT_HD int dx_writer_table_ints(const DxWriter& s) { return 2 * s.n_tubes * (1 + s.rows + s.cols); }
+// rows + cols = 256 / cpr + 8 cpr is largest at cpr = 1 or 32 (264): the table then fits the 48 KiB of
+// shared memory a launch gets without opting in
+static_assert(2 * kMaxTubes * (1 + kWriterThreads + kWriterVec) * 4 <= 48 * 1024, "writer table > 48 KiB");
 TUBEVIT_HD int32_t* dx_writer_t(const DxWriter&, int32_t* tb, int i) { return tb + 2 * i; }
 TUBEVIT_HD int32_t* dx_writer_h(const DxWriter& s, int32_t* tb, int i, int r) {
   return tb + 2 * (s.n_tubes + i * s.rows + r);
@@ -250,7 +253,7 @@ TUBEVIT_HD void dx_writer_chunk(const ParamsDX& p, const DxWriter& s, const floa
   store((((tl.b * C + tl.c) * T + tl.t) * H + h) * W + w, acc, left < kWriterVec ? int(left) : kWriterVec);
 }
 
-// The scatter (opt-in: TUBEVIT_DX_SCATTER=1, csrc/options.h):
+// The scatter (opt-in: TUBEVIT_DX_PASS=scatter, csrc/options.h):
 // dx = sum over tubes of col2im(dP_i), one launch per tube over the voxels
 // that tube covers (its windows' union: n*k positions per axis where
 // windows do not overlap, the spanned range where they do), each voxel

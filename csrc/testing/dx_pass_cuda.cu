@@ -17,7 +17,7 @@ at::Tensor dx_from_dp_cuda(const at::Tensor& grad_out, const at::Tensor& x, at::
   const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
   TORCH_CHECK_VALUE(pass >= 0 && pass <= 2, "dx_pass must be 0 (gather), 1 (scatter) or 2 (writer), got ", pass);
   TORCH_CHECK(dp.device() == x.device(), "dp must be on x's device (", x.device(), "), got ", dp.device());
-  const dx::DxPass which = pass == 0 ? dx::DxPass::Gather : pass == 1 ? dx::DxPass::Scatter : dx::DxPass::Writer;
+  const DxPass which = static_cast<DxPass>(pass);  // numbered alike (options.h)
   return dx::from_dp(x, dp, L, which);
 }
 
