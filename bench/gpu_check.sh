@@ -120,7 +120,9 @@ run_step() {
   return $rc
 }
 # pytest_by_file ARGS...: the CUDA tests (-k cuda), one process per test file that has any (the list
-# collected once per run), FILE_JOBS (3) files at a time, each under a watchdog of FILE_TIMEOUT_S (150 s);
+# collected once per run), FILE_JOBS (6) files at a time, each under a watchdog of FILE_TIMEOUT_S (150 s)
+# and with nproc / FILE_JOBS CPU threads (the fp64 references run on the CPU; 16 threads in each of six
+# processes would oversubscribe the cores);
 # then each file's log and one summary line; the step fails if any file does (rc 5: nothing selected)
 pytest_by_file() {
   local f r dir passed=0 failed=0 files=0 bad=""
@@ -129,9 +131,11 @@ pytest_by_file() {
       | grep -oE "^python_tests/test_[A-Za-z0-9_]+\.py" | sort -u > "$LOGS/cuda-test-files"
   fi
   dir=$(mktemp -d)
+  local threads=$(( $(nproc) / ${FILE_JOBS:-6} ))
+  [ "$threads" -ge 1 ] || threads=1
   for f in $(cat "$LOGS/cuda-test-files"); do
-    while [ "$(jobs -rp | wc -l)" -ge "${FILE_JOBS:-3}" ]; do wait -n; done
-    ( timeout --kill-after=5 "${FILE_TIMEOUT_S:-150}" "$PY" -m pytest "$f" -q -k "$KEXPR" -p no:cacheprovider -rfE \
+    while [ "$(jobs -rp | wc -l)" -ge "${FILE_JOBS:-6}" ]; do wait -n; done
+    ( OMP_NUM_THREADS=$threads timeout --kill-after=5 "${FILE_TIMEOUT_S:-150}" "$PY" -m pytest "$f" -q -k "$KEXPR" -p no:cacheprovider -rfE \
         $TIMEOUT_OPT "$@" > "$dir/$(basename "$f").log" 2>&1
       echo $? > "$dir/$(basename "$f").rc" ) &
   done
