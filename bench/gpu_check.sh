@@ -8,6 +8,10 @@
 #                  error / routing, into the summary. A family that hung (mma, hopper) has its CUDA
 #                  tests deselected (-k "cuda and not cuda_<family>") and its own steps skipped, so
 #                  one deadlocked pipeline cannot eat the run (PROBE_ARGS: more arguments for it)
+#   glimpse        the speed targets in one short benchmark, before the long steps: bf16 B = 32, fwd,
+#                  fwd_bwd, fwd_bwd_input; reference, unfold + cuBLAS, the library's choice, the WMMA,
+#                  mma and Hopper kernels (less the families whose probe hung); target lines into the
+#                  summary (glimpse.json)
 #   tests          CUDA-parametrized tests, default paths (by size)   (-k cuda); every tests* step runs
 #                  each test file in its own process under a watchdog (FILE_TIMEOUT_S, default 150),
 #                  so a hung kernel costs its file, not the step
@@ -76,7 +80,7 @@ RES=${OUT:-bench/out/gpu-$(date +%F)}
 LOGS=$(mktemp -d)
 DATA=$(mktemp -d)
 mkdir -p "$RES"
-STEPS=${STEPS:-"build probe tests tests-hopper sanitize-hopper tests-mma bench-dx ncu-hopper bench-host bench-e2e memcheck bench racecheck initcheck"}
+STEPS=${STEPS:-"build probe glimpse tests tests-hopper sanitize-hopper tests-mma bench-dx ncu-hopper bench-host bench-e2e memcheck bench racecheck initcheck"}
 PY=${PY:-$(command -v python3 || command -v python)}
 export PY RES LOGS DATA PYTHONUNBUFFERED=1
 # the repo root on the path: the carried build is used without an install
@@ -201,6 +205,13 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
       for fam in mma hopper; do hung $fam && KEXPR="$KEXPR and not cuda_$fam"; done
       [ "$KEXPR" != cuda ] && log "CUDA tests selected by -k \"$KEXPR\""
       rm -f "$LOGS/cuda-test-files" ;;
+    glimpse)
+      impls="reference unfold_gemm fused fused_tc"
+      hung mma || impls="$impls fused_mma"
+      hung hopper || impls="$impls fused_hopper"
+      log "glimpse impls: $impls"
+      run_step glimpse 60 bench glimpse.json --impls $impls --dtypes bfloat16 --batch 32 --repeats 10 --rounds 1
+      grep -E "^paper|target|matmul peak" "$LOGS/glimpse.log" | sed "s/^/glimpse: /" | tee -a "$SUMMARY" ;;
     tests)
       run_step tests 60 pytest_by_file ;;
     tests-gemm)

@@ -11,8 +11,8 @@ Implementations (all compute the same (B, N, d) tokens, bias and PE included):
   fused_mma           the same with TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 (CUDA only, opt-in: the forward
                       and weight gradient of fp16 / bf16 by the ldmatrix + mma.sync kernels; the rest
                       as fused_tc)
-  fused_hopper        the same with TUBEVIT_CUDA_PATH=hopper (CUDA only, opt-in: the sm_90a wgmma forward
-                      where it applies; the backward as auto)
+  fused_hopper        the same with TUBEVIT_CUDA_PATH=hopper (CUDA only, opt-in: the sm_90a wgmma forward,
+                      weight and bias gradients, and dP + the dx writer, where they apply)
 
 Modes: fwd; fwd_bwd (weights and bias require grad, input does not);
 fwd_bwd_input (input requires grad too).
@@ -456,12 +456,12 @@ def plot(rows, path):
 
 
 def check_targets(rows, device):
-    """Prints the issue targets that this run can judge (ratios from the same run)."""
-    def med(impl, mode, dtype, **kw):
+    """Prints the targets that this run can judge (ratios from the same run)."""
+    def med(impl, mode, dtype, field="median_ms", **kw):
         for r in rows:
             if r["impl"] == impl and r["mode"] == mode and r["dtype"] == dtype and "median_ms" in r \
                     and not r.get("cudnn_benchmark", False) and all(r[k] == v for k, v in kw.items()):
-                return r["median_ms"]
+                return r.get(field, r["median_ms"])
         return None
 
     print("\ntargets (ratio of medians, same run):")
@@ -478,18 +478,28 @@ def check_targets(rows, device):
         if a and b:
             print(f"  {dt} {mode}: fused vs {other}: {b / a:.2f}x (target >= {goal}x) {'OK' if b / a >= goal else 'MISSED'}")
     if device.type == "cuda":
-        a, b = med("fused", "fwd", "float32", **kw), med("reference", "fwd", "float32", **kw)
-        if a and b:
-            print(f"  float32 fwd: fused vs reference: {b / a:.2f}x (target >= 3x) {'OK' if b / a >= 3 else 'MISSED'}")
+        # the fused kernels' targets (bench/DESIGN.md), for the path the library picks and the forced
+        # Hopper kernels: ratios of pipelined_ms (back-to-back calls, what a training loop sees)
+        kernel_checks = [("fwd", "bfloat16", "unfold_gemm", 2.5), ("fwd", "bfloat16", "reference", 25.0),
+                         ("fwd_bwd", "bfloat16", "unfold_gemm", 2.5), ("fwd_bwd_input", "bfloat16", "unfold_gemm", 2.0),
+                         ("fwd", "float32", "reference", 10.0)]
+        for impl in ("fused", "fused_hopper"):
+            for mode, dt2, other, goal in kernel_checks:
+                a = med(impl, mode, dt2, "pipelined_ms", **kw)
+                b = med(other, mode, dt2, "pipelined_ms", **kw)
+                if a and b:
+                    print(f"  {dt2} {mode}: {impl} vs {other}: {b / a:.2f}x pipelined (target >= {goal}x) "
+                          f"{'OK' if b / a >= goal else 'MISSED'}")
+            for r in rows:
+                if r["impl"] == impl and r["mode"] == "fwd" and r["dtype"] == "bfloat16" \
+                        and "frac_of_matmul_peak" in r and all(r[k] == v for k, v in kw.items()):
+                    frac = r["frac_of_matmul_peak"] * r["median_ms"] / r.get("pipelined_ms", r["median_ms"])
+                    print(f"  bf16 fwd: {impl} achieved {frac * 100:.0f}% of matmul peak pipelined "
+                          f"({r['frac_of_matmul_peak'] * 100:.0f}% one call between events) (target >= 50%)")
         # the ldmatrix + mma.sync forward against the WMMA one it is to replace on sm_80-89 (same GPU, same run)
         a, b = med("fused_mma", "fwd", "bfloat16", **kw), med("fused_tc", "fwd", "bfloat16", **kw)
         if a and b:
             print(f"  bf16 fwd: fused_mma vs fused_tc: {b / a:.2f}x (target >= 2x) {'OK' if b / a >= 2 else 'MISSED'}")
-        for r in rows:
-            if r["impl"] == "fused" and r["mode"] == "fwd" and r["dtype"] == "bfloat16" and "frac_of_matmul_peak" in r \
-                    and all(r[k] == v for k, v in kw.items()):
-                print(f"  bf16 fwd achieved {r['frac_of_matmul_peak'] * 100:.0f}% of matmul peak (target >= 50%)")
-
 
 PRESETS = {
     # the shared CPU VM drifts: three interleaved rounds (see run_config)

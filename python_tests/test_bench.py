@@ -120,3 +120,26 @@ def test_cuda_rows_report_host_and_device_times(tmp_path):
         assert "timing_error" not in row, row
         assert 0 < row["kernel_ms"] <= 1.05 * row["pipelined_ms"], row
         assert ("graph_ms" in row) == (row["mode"] == "fwd"), row
+
+
+def test_cuda_targets_read_from_rows(capsys):
+    # the fused kernels' target lines, judged from synthetic CUDA rows: ratios of pipelined_ms for the
+    # library's choice and the forced Hopper path, the share of the matmul rate, the mma forward
+    kw = dict(tubes="paper", batch=32, frames=32, dim=768)
+    rows = [dict(impl=i, mode=m, dtype=d, median_ms=med, pipelined_ms=pipe, **kw) for i, m, d, med, pipe in [
+        ("unfold_gemm", "fwd", "bfloat16", 0.30, 0.26), ("reference", "fwd", "bfloat16", 0.9, 0.9),
+        ("fused", "fwd", "bfloat16", 0.20, 0.13), ("fused_hopper", "fwd", "bfloat16", 0.12, 0.08),
+        ("unfold_gemm", "fwd_bwd_input", "bfloat16", 3.0, 2.8), ("fused_hopper", "fwd_bwd_input", "bfloat16", 1.0, 1.0),
+        ("fused_tc", "fwd", "bfloat16", 0.52, 0.50), ("fused_mma", "fwd", "bfloat16", 0.20, 0.20),
+        ("reference", "fwd", "float32", 4.0, 4.0), ("fused", "fwd", "float32", 0.5, 0.35)]]
+    rows[3]["frac_of_matmul_peak"] = 0.30  # at the median; pipelined 0.12 / 0.08 x 0.30 = 45 %
+    _bench().check_targets(rows, torch.device("cuda"))
+    out = capsys.readouterr().out
+    assert "bfloat16 fwd: fused_hopper vs unfold_gemm: 3.25x pipelined (target >= 2.5x) OK" in out
+    assert "bfloat16 fwd: fused vs unfold_gemm: 2.00x pipelined (target >= 2.5x) MISSED" in out
+    assert "bfloat16 fwd: fused_hopper vs reference: 11.25x pipelined (target >= 25.0x) MISSED" in out
+    assert "bfloat16 fwd_bwd_input: fused_hopper vs unfold_gemm: 2.80x pipelined (target >= 2.0x) OK" in out
+    assert "float32 fwd: fused vs reference: 11.43x pipelined (target >= 10.0x) OK" in out
+    assert "bf16 fwd: fused_hopper achieved 45% of matmul peak pipelined (30% one call between events)" in out
+    assert "fused_mma vs fused_tc: 2.60x (target >= 2x) OK" in out
+    assert "fwd_bwd: fused_hopper" not in out  # no rows, no line

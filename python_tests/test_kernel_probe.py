@@ -160,7 +160,7 @@ def test_gpu_check_skips_the_steps_of_a_family_that_hung(tmp_path):
     """bench/gpu_check.sh on this machine with the probe's watchdog too short for any probe: every
     family hangs, so the mma and Hopper steps are skipped and their CUDA tests deselected; $OUT holds
     three files (the device tool brings back at most eight)."""
-    files, summary, results = _gpu_check(tmp_path, "probe tests-mma sanitize-hopper ncu-hopper",
+    files, summary, results = _gpu_check(tmp_path, "probe glimpse tests-mma sanitize-hopper ncu-hopper",
                                          "--emulate --timeout 0.5")
     assert files == ["logs.tar.gz", "results.tar.gz", "summary.txt"]
     assert "probe.json" in results
@@ -168,8 +168,11 @@ def test_gpu_check_skips_the_steps_of_a_family_that_hung(tmp_path):
     assert 'CUDA tests selected by -k "cuda and not cuda_mma and not cuda_hopper"' in summary
     for step in ("tests-mma", "sanitize-hopper", "ncu-hopper"):
         assert f"{step} SKIPPED: the" in summary
+    assert "glimpse impls: reference unfold_gemm fused fused_tc\n" in summary  # no mma, no Hopper rows
     files, summary, _ = _gpu_check(tmp_path, "probe", "--emulate --probes mma-fwd hopper-fwd")
     assert "mma-fwd     OK" in summary and "hopper-fwd  OK" in summary and "CUDA tests selected" not in summary
+    files, summary, _ = _gpu_check(tmp_path, "probe glimpse", "--emulate --probes mma-fwd")
+    assert "glimpse impls: reference unfold_gemm fused fused_tc fused_mma fused_hopper\n" in summary
 
 
 def test_gpu_check_writes_only_its_three_files():
