@@ -18,7 +18,10 @@ and which tiles hold the wrong elements, the median ratio got/want of the produc
 wrong rows (columns) the offset to the row (column) of the same tile whose reference they match
 (a fragment or ldmatrix lane map that sends a row to the wrong place shows as a constant offset).
 Input gradients: by w % 8 (the dx writer's eight-voxel chunks), by the number of windows covering
-the voxel (0: uncovered voxels must be written as zeros), by sample and channel.
+the voxel (0: uncovered voxels must be written as zeros), by sample and channel. A wrong forward or
+dW also gets a map of its reduction index (reduction_maps: one-hot weights or gradients on one case,
+so each patch column or token row can be followed to where the kernel used it): offsets, sums of
+several indices (a fragment that reads one k twice), zeros (an index that never reaches the product).
 
     python bench/kernel_probe.py [--probes NAME ...] [--json PATH] [--env PATH] [--timeout S] [--jobs N]
     python bench/kernel_probe.py --emulate   # the same cases through the kernels' CPU emulators
@@ -234,6 +237,114 @@ def kernels_seen(fn):
     return out, sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
 
 
+def forward_call(family, emulate, x, ws, bs, tubes, pe):
+    """The family's forward on CPU tensors (emulated) or their CUDA copies; the result on the CPU."""
+    from tubevit_ext.testing import ops
+    if emulate:
+        emu = {"gemm": ops.tube_tokens_gemm_path, "mma": ops.tube_tokens_mma_emulated,
+               "hopper": ops.tube_tokens_hopper_emulated}[family]
+        return emu(x, ws, bs or [], tv.flatten_tubes(tubes), pe)
+    c = lambda t: None if t is None else t.cuda()
+    return tv.tube_tokens(c(x), [c(w) for w in ws], [c(b) for b in bs] or None, tubes, c(pe)).cpu()
+
+
+def weight_grad_call(family, emulate, grad, x, ws, tubes):
+    """The family's dW list (emulated, or the CUDA backward op with only dW asked), on the CPU."""
+    from tubevit_ext.testing import ops
+    flat = tv.flatten_tubes(tubes)
+    if emulate:
+        if family == "mma":
+            return list(ops.tube_tokens_mma_emulated_dw(grad, x, ws, flat, 528))
+        if family == "hopper":
+            return list(ops.tube_tokens_hopper_dw_emulated(grad, x, ws, flat, False)[0])
+        return list(ops.tube_tokens_gemm_path_dw(grad, x, ws, flat))
+    dws = torch.ops.tubevit.tube_tokens_backward(grad.cuda(), x.cuda(), [w.cuda() for w in ws], [], flat,
+                                                 [False, True, False])[1]
+    return [w.cpu() for w in dws]
+
+
+def _index_map(got, candidates, tol):
+    """got (n,) against the columns of candidates (n, m): the index of the column got equals within tol;
+    else 'zero' where got is zero; else the list of (at most 4) columns whose plain sum got is, within
+    a 16-bit rounding (a fragment that reads one k twice and another never); else 'none'."""
+    dist = (candidates - got.unsqueeze(1)).abs().amax(dim=0)
+    best = int(torch.argmin(dist))
+    if dist[best].item() <= tol:
+        return best
+    if bool((got == 0).all()):
+        return "zero"
+    coef = torch.linalg.lstsq(candidates, got.unsqueeze(1)).solution.flatten()
+    src = torch.nonzero(coef.abs() > 0.5).flatten().tolist()
+    if 1 < len(src) <= 4:
+        err = (candidates[:, src].sum(dim=1) - got).abs().max().item()
+        if err <= 2.0 ** -7 * got.abs().max().item() + tol:
+            return src
+    return "none"
+
+
+def summarize_map(mapping):
+    """{i: j, [j1, j2], 'zero' or 'none'} -> {'+8': '0-7', 'sum(+0,+8)': '16-23', 'zero': '24-31', ...}:
+    the indices whose result came from another index (or a sum of several), grouped by offset; {} when
+    every index maps to itself."""
+    groups = {}
+    for i, j in mapping.items():
+        if isinstance(j, str):
+            key = j
+        elif isinstance(j, list):
+            key = "sum(" + ",".join(f"{s - i:+d}" for s in j) + ")"
+        else:
+            key = f"{j - i:+d}"
+        if key != "+0":
+            groups.setdefault(key, []).append(i)
+    return {k: ranges(v) for k, v in groups.items()}
+
+
+def reduction_maps(family, kind, emulate):
+    """Where a wrong result's reduction index comes from, on the flat case (K = 64 patch columns, 300
+    token rows). Forward: with W_i one-hot in patch column k (every channel), each token's output
+    must equal its patch entry k; the column k' it equals instead is recorded (a k-fragment or stage
+    mix-up shows as offsets). dW: with G one-hot in token row r, dW's channel 0 must equal patch row
+    r; the row r' it equals instead is recorded (the first 64 rows: the first K steps)."""
+    _, tubes, size, C, d, B, dtype = cases()[0]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, C, *size, generator=g).to(dtype)
+    t = tubes[0]
+    K = C * t.kernel[0] * t.kernel[1] * t.kernel[2]
+    eye = torch.eye(K, dtype=torch.float64).view(K, C, *t.kernel)
+    patches = tv.reference.tube_tokens(x.double(), [eye], None, tubes, None)  # (B, n, K)
+    n = patches.shape[1]
+    flat_p = patches.reshape(B * n, K)
+    tol = 1e-6 * max(1.0, flat_p.abs().max().item())
+    mapping = {}
+    if kind == "fwd":
+        outs = []
+        for k in range(K):
+            w = torch.zeros(d, K, dtype=dtype)
+            w[:, k] = 1
+            y = forward_call(family, emulate, x, [w.view(d, C, *t.kernel)], [], tubes, None)
+            outs.append(y[..., 0].reshape(B * n).double())
+            mapping[k] = _index_map(outs[-1], flat_p, tol)
+        res = {"k_map": summarize_map(mapping)}
+        if "none" in mapping.values():
+            # rows that take their k from different places (an A fragment's per-lane rows): the map
+            # per class of rows mod 16 (a fragment's rows), classes with the same map together
+            same = {}
+            for g16 in range(16):
+                rows = torch.arange(g16, B * n, 16)
+                m = summarize_map({k: _index_map(o[rows], flat_p[rows], tol) for k, o in enumerate(outs)})
+                if m:
+                    same.setdefault(json.dumps(m, sort_keys=True), []).append(g16)
+            res["k_map_by_row16"] = {ranges(g): json.loads(m) for m, g in same.items()}
+        return res
+    for r in range(min(64, B * n)):
+        grad = torch.zeros(B * n, d, dtype=dtype)
+        grad[r] = 1
+        w0 = torch.zeros(d, C, *t.kernel, dtype=dtype)
+        dw = weight_grad_call(family, emulate, grad.view(B, n, d), x, [w0], tubes)[0]
+        mapping[r] = _index_map(dw.reshape(d, K)[0].double(), flat_p.t(), tol)
+    return {"token_map": summarize_map(mapping)}
+
+
 def run_pass(kind, case, emulate):
     """Computes the probe's pass on one case: (dict of name -> (got, want, fingerprint kind, extra),
     kernel names seen or None under emulation)."""
@@ -247,9 +358,7 @@ def run_pass(kind, case, emulate):
     results = {}
     if kind[1] == "fwd":
         if emulate:
-            emu = {"gemm": ops.tube_tokens_gemm_path, "mma": ops.tube_tokens_mma_emulated,
-                   "hopper": ops.tube_tokens_hopper_emulated}[family]
-            got, names = emu(x, ws, bs, flat, pe), None
+            got, names = forward_call(family, True, x, ws, bs, tubes, pe), None
         else:
             got, names = kernels_seen(lambda: tv.tube_tokens(xc, wc, bc, tubes, pc))
         want = tv.reference.tube_tokens(x.double(), [w.double() for w in ws], [b.double() for b in bs], tubes,
@@ -282,7 +391,7 @@ def run_pass(kind, case, emulate):
         elif family == "gemm":
             dws, dx = ops.tube_tokens_gemm_path_dw(grad, x, ws, flat), ops.tube_tokens_gemm_path_dx(grad, x, ws, flat)
         elif family == "mma":
-            dws = ops.tube_tokens_mma_emulated_dw(grad, x, ws, flat, 528)
+            dws = weight_grad_call(family, True, grad, x, ws, tubes)
         elif kind[1] == "dw":
             dws, dbs = ops.tube_tokens_hopper_dw_emulated(grad, x, ws, flat, True)
         else:
@@ -356,6 +465,8 @@ def probe_one(name, emulate):
                 rec[key] = fp
                 out["status"] = "wrong"
         out["cases"][case[0]] = rec
+    if out["status"] == "wrong" and kind in ("fwd", "dw"):
+        out.update(reduction_maps(name.split("-")[0], kind, emulate))
     if not emulate:
         out["kernels"] = sorted(seen)
         missing = missing_kernels(want_names, seen)
@@ -408,6 +519,10 @@ def describe(res):
             for sub, f in parts:
                 text = ", ".join(f"{k}={v}" for k, v in f.items())
                 lines.append(f"    {case} {key} {sub}: {text}".replace("  :", ":").replace(" :", ":"))
+    for key in ("k_map", "k_map_by_row16", "token_map"):
+        if key in res:
+            lines.append(f"    {key} (flat case; index: offset of the index its result came from): "
+                         f"{res[key] or 'every index its own'}")
     return lines
 
 

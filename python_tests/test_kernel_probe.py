@@ -179,3 +179,74 @@ def test_gpu_check_writes_only_its_three_files():
     text = open(GPU_CHECK).read()
     named = set(re.findall(r'\$RES/([A-Za-z0-9_.${}%-]+)', text))
     assert named == {"summary.txt", "results.tar.gz", "logs.tar.gz"}, named
+
+
+def test_reduction_maps_name_where_a_reduction_index_came_from(monkeypatch):
+    # the emulated kernels: every patch column (forward) and token row (dW) maps to itself
+    for family in ("mma", "hopper"):
+        assert kp.reduction_maps(family, "fwd", True) == {"k_map": {}}
+        assert kp.reduction_maps(family, "dw", True) == {"token_map": {}}
+    assert kp.summarize_map({0: 8, 1: 9, 2: "zero", 3: 3, 4: "none", 5: 1}) == {
+        "+8": "0-1", "zero": "2", "none": "4", "-4": "5"}
+    # a forward whose k16 slices pair the wrong halves: patch columns 0-7 and 8-15 exchanged
+    perm = torch.arange(64)
+    perm[:16] = torch.cat([torch.arange(8, 16), torch.arange(8)])
+
+    def fwd_swapped(family, emulate, x, ws, bs, tubes, pe):
+        d = ws[0].shape[0]
+        w = ws[0].reshape(d, -1)[:, perm].reshape(ws[0].shape)
+        return tv.reference.tube_tokens(x.double(), [w.double()], None, tubes, None).to(x.dtype)
+    monkeypatch.setattr(kp, "forward_call", fwd_swapped)
+    assert kp.reduction_maps("mma", "fwd", True) == {"k_map": {"+8": "0-7", "-8": "8-15"}}
+
+    # a weight gradient that pairs each gradient row with the next token's patch row
+    def dw_shifted(family, emulate, grad, x, ws, tubes):
+        g = torch.roll(grad.reshape(-1, grad.shape[-1]), 1, dims=0)
+        eye = torch.eye(ws[0][0].numel(), dtype=torch.float64).view(-1, *ws[0].shape[1:])
+        p = tv.reference.tube_tokens(x.double(), [eye], None, tubes, None).reshape(g.shape[0], -1)
+        return [(g.double().t() @ p).reshape(ws[0].shape).to(x.dtype)]
+    monkeypatch.setattr(kp, "weight_grad_call", dw_shifted)
+    assert kp.reduction_maps("mma", "dw", True) == {"token_map": {"+1": "0-63"}}
+
+
+def test_reduction_map_of_a_fragment_that_reads_one_half_twice(monkeypatch):
+    # B fragments of every k16 slice taking their k from the first half for both halves: a one-hot
+    # column in 0-7 is counted twice (with its partner 8 on), one in 8-15 never reaches the product
+    src = torch.arange(64).view(4, 2, 8)
+    src[:, 1] = src[:, 0]
+    src = src.flatten()
+
+    def fwd_half(family, emulate, x, ws, bs, tubes, pe):
+        d = ws[0].shape[0]
+        w = ws[0].reshape(d, -1)[:, src].reshape(ws[0].shape)  # column j of the product uses w[src[j]]
+        return tv.reference.tube_tokens(x.double(), [w.double()], None, tubes, None).to(x.dtype)
+    monkeypatch.setattr(kp, "forward_call", fwd_half)
+    assert kp.reduction_maps("mma", "fwd", True) == {
+        "k_map": {"sum(+0,+8)": "0-7,16-23,32-39,48-55", "zero": "8-15,24-31,40-47,56-63"}}
+    assert kp.summarize_map({3: [3, 11], 4: "none"}) == {"sum(+0,+8)": "3", "none": "4"}
+
+
+def test_reduction_map_per_row_class_of_an_a_fragment_bug(monkeypatch):
+    # rows 0-7 of every 16 read patch column k - 8 where k is in an upper half of its k16 slice, rows
+    # 8-15 read k + 8 where k is in a lower half (an A fragment whose lanes load the wrong half): no
+    # single map holds for all rows, the per-row-class one does
+    def fwd_rows(family, emulate, x, ws, bs, tubes, pe):
+        d = ws[0].shape[0]
+        eye = torch.eye(ws[0][0].numel(), dtype=torch.float64).view(-1, *ws[0].shape[1:])
+        p = tv.reference.tube_tokens(x.double(), [eye], None, tubes, None)
+        B, n, K = p.shape
+        p = p.reshape(B * n, K)
+        low = torch.arange(K).view(-1, 2, 8)[:, 0].flatten()
+        src_top, src_bottom = torch.arange(K), torch.arange(K)
+        src_top[low + 8] = low
+        src_bottom[low] = low + 8
+        rows = torch.arange(B * n) % 16
+        out = torch.zeros(B * n, d, dtype=torch.float64)
+        for src, sel in ((src_top, rows < 8), (src_bottom, rows >= 8)):
+            out[sel] = p[sel][:, src] @ ws[0].reshape(d, K).double().t()
+        return out.view(B, n, d).to(x.dtype)
+    monkeypatch.setattr(kp, "forward_call", fwd_rows)
+    res = kp.reduction_maps("mma", "fwd", True)
+    assert res["k_map"] == {"none": "0-63"}
+    assert res["k_map_by_row16"] == {"0-7": {"-8": "8-15,24-31,40-47,56-63"},
+                                     "8-15": {"+8": "0-7,16-23,32-39,48-55"}}
