@@ -4,7 +4,7 @@
 # 15 min of device time in all, machine start included):
 #   build          editable install, no deps (no internet there), this GPU's arch only
 #   probe          bench/kernel_probe.py: each kernel family's passes on small cases, each in its own
-#                  process under a 40 s watchdog: ok / wrong (with a fingerprint of where) / hang /
+#                  process under a 40 s watchdog, all at once: ok / wrong (with a fingerprint of where) / hang /
 #                  error / routing, into the summary. A family that hung (mma, hopper) has its CUDA
 #                  tests deselected (-k "cuda and not cuda_<family>") and its own steps skipped, so
 #                  one deadlocked pipeline cannot eat the run (PROBE_ARGS: more arguments for it)
@@ -200,7 +200,7 @@ print('carried build works:', tv._C.__file__)" 2>&1 | tee -a "$SUMMARY" | grep -
         || { log "build failed: stopping"; break; }
       "$PY" -c "import tubevit_ext as tv; print('cuda kernels built:', tv.cuda_compiled())" 2>&1 | tee -a "$SUMMARY" ;;
     probe)
-      run_step probe 45 "$PY" bench/kernel_probe.py --timeout 40 ${PROBE_ARGS:-} --json "$DATA/probe.json" --env "$LOGS/probe.env"
+      run_step probe 45 "$PY" bench/kernel_probe.py --timeout 40 --jobs 9 ${PROBE_ARGS:-} --json "$DATA/probe.json" --env "$LOGS/probe.env"
       grep -vE "^==|^$" "$LOGS/probe.log" | head -n 60 | cut -c1-400 | tee -a "$SUMMARY"
       for fam in mma hopper; do hung $fam && KEXPR="$KEXPR and not cuda_$fam"; done
       [ "$KEXPR" != cuda ] && log "CUDA tests selected by -k \"$KEXPR\""
