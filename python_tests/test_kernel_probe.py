@@ -148,7 +148,9 @@ GPU_CHECK = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.sh
 
 def _gpu_check(tmp_path, steps, probe_args):
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), STEPS=steps, PY=sys.executable, PROBE_ARGS=probe_args, BUDGET_S="300")
+    # no GPU for the script even where there is one: its benchmark steps then fail at once, as here
+    env = dict(os.environ, OUT=str(out), STEPS=steps, PY=sys.executable, PROBE_ARGS=probe_args, BUDGET_S="300",
+               CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(["bash", GPU_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with tarfile.open(out / "results.tar.gz") as t:
