@@ -123,7 +123,8 @@ run_step() {
   pack
   return $rc
 }
-# pytest_by_file ARGS...: the CUDA tests (-k cuda), one process per test file that has any (the list
+# pytest_by_file ARGS...: the CUDA tests (-k "$KEXPR": cuda, less the families whose probe hung), one
+# process per test file that has any (the list
 # collected once per run), FILE_JOBS (6) files at a time, each under a watchdog of FILE_TIMEOUT_S (150 s)
 # and with nproc / FILE_JOBS CPU threads (the fp64 references run on the CPU; 16 threads in each of six
 # processes would oversubscribe the cores);
