@@ -69,12 +69,15 @@ RANK = ["ok", "skipped", "routing", "wrong", "error", "hang"]  # worst last
 
 def cases():
     """(name, tubes, (T, H, W), C, d, B, dtype): tiles that start inside a sample and a partial
-    channel tile (flat), the paper's four tubes with several tiles each (paper), fp16."""
+    channel tile (flat), the paper's four tubes with several tiles each (paper), fp16, and x in
+    channels_last_3d (a name ending in -cl: element-wide gathers, the Hopper producer's plain loads
+    and proxy fence instead of cp.async)."""
     flat = [tv.Tube((2, 4, 4), (2, 4, 4), (0, 0, 0))]
     return [
         ("flat", flat, (8, 20, 20), 2, 200, 3, torch.bfloat16),
         ("paper", list(tv.PAPER_TUBES), (32, 64, 64), 3, 256, 8, torch.bfloat16),
         ("flat-fp16", flat, (8, 20, 20), 2, 200, 3, torch.float16),
+        ("flat-cl", flat, (8, 20, 20), 2, 200, 3, torch.bfloat16),
     ]
 
 
@@ -351,6 +354,8 @@ def run_pass(kind, case, emulate):
     from tubevit_ext.testing import ops
     name, tubes, size, C, d, B, dtype = case
     x, ws, bs, pe, grad = make_inputs(tubes, size, C, d, B, dtype)
+    if name.endswith("-cl"):
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     flat = tv.flatten_tubes(tubes)
     family = kind[0]
     dev = (lambda t: t) if emulate else (lambda t: t.cuda())
