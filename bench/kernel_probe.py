@@ -71,14 +71,27 @@ def cases():
     """(name, tubes, (T, H, W), C, d, B, dtype): tiles that start inside a sample and a partial
     channel tile (flat), the paper's four tubes with several tiles each (paper), fp16, and x in
     channels_last_3d (a name ending in -cl: element-wide gathers, the Hopper producer's plain loads
-    and proxy fence instead of cp.async)."""
+    and proxy fence instead of cp.async), and odd d and K (the mma forward's element stores and
+    one-element weight copies; forward probes of the families that take it, case_applies)."""
     flat = [tv.Tube((2, 4, 4), (2, 4, 4), (0, 0, 0))]
     return [
         ("flat", flat, (8, 20, 20), 2, 200, 3, torch.bfloat16),
         ("paper", list(tv.PAPER_TUBES), (32, 64, 64), 3, 256, 8, torch.bfloat16),
         ("flat-fp16", flat, (8, 20, 20), 2, 200, 3, torch.float16),
         ("flat-cl", flat, (8, 20, 20), 2, 200, 3, torch.bfloat16),
+        ("odd", [tv.Tube((3, 3, 3), (2, 2, 2), (0, 1, 0))], (7, 12, 12), 3, 129, 3, torch.bfloat16),
     ]
+
+
+def case_applies(case_name, probe):
+    """Whether a probe runs a case: the odd case (d = 129) only where the kernel takes it (the GEMM
+    path's and the mma forward; the Hopper kernels and the mma dW need d % 8 == 0), the dP -> dx
+    writer on the flat case."""
+    if probe == "dx-writer":
+        return case_name == "flat"
+    if case_name == "odd":
+        return probe in ("gemm-fwd", "mma-fwd")
+    return True
 
 
 def make_inputs(tubes, size, C, d, B, dtype, seed=0):
@@ -450,7 +463,7 @@ def probe_one(name, emulate):
     out = {"probe": name, "status": "ok", "cases": {}}
     seen = set()
     for case in cases():
-        if kind == "writer" and case[0] != "flat":
+        if not case_applies(case[0], name):
             continue
         t0 = time.perf_counter()
         results, names = run_pass((name.split("-")[0], kind), case, emulate)
