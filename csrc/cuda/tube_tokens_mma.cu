@@ -274,12 +274,9 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
               n_blocks, " tiles)");
   if (n_blocks == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_tokens_mma",
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       launch<scalar_t>(x, pe, out, p, static_cast<unsigned>(n_blocks), stream);
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       launch<scalar_t>(x, pe, out, p, static_cast<unsigned>(n_blocks), stream);
-                     }));
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "tube_tokens_mma", [&] {  // fp16, bf16
+    launch<scalar_t>(x, pe, out, p, static_cast<unsigned>(n_blocks), stream);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -301,12 +298,9 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& 
   at::Tensor ws;
   if (ws_elems > 0) ws = at::empty({ws_elems}, x.options().dtype(at::kFloat));
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "tube_dw_mma",
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       launch_dw<scalar_t>(x, grad, ws, p, static_cast<unsigned>(n_blocks), stream);
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       launch_dw<scalar_t>(x, grad, ws, p, static_cast<unsigned>(n_blocks), stream);
-                     }));
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "tube_dw_mma", [&] {  // fp16, bf16
+    launch_dw<scalar_t>(x, grad, ws, p, static_cast<unsigned>(n_blocks), stream);
+  });
 }
 
 }  // namespace mma

@@ -562,15 +562,22 @@ inline bool fits_int32(const TubeLayout& L, const int64_t* x_sizes, const int64_
   return true;
 }
 
-inline Params make_params(const TubeLayout& L, const int64_t* xs, const void* x, int64_t elem_size,
-                          const void* const* w, const void* const* bias) {
-  Params p{};
+// The fields Params and DwParams share: tube count, batch, tokens per sample, d and x's strides, in
+// int32 (fits_int32 admitted the call).
+template <class P>
+inline void set_call_shape(P& p, const TubeLayout& L, const int64_t* xs) {
   p.n_tubes = static_cast<int>(L.tubes.size());
   p.B = static_cast<int>(L.batch);
   p.N = static_cast<int>(L.num_tokens);
   p.d = static_cast<int>(L.dim);
-  p.n_tiles = (p.d + BN - 1) / BN;
   for (int a = 0; a < 5; ++a) p.xs[a] = static_cast<int>(xs[a]);
+}
+
+inline Params make_params(const TubeLayout& L, const int64_t* xs, const void* x, int64_t elem_size,
+                          const void* const* w, const void* const* bias) {
+  Params p{};
+  set_call_shape(p, L, xs);
+  p.n_tiles = (p.d + BN - 1) / BN;
   for (int i = 0; i < p.n_tubes; ++i) {
     const TubeGeom& g = L.tubes[i];
     p.g[i] = g;
@@ -605,12 +612,8 @@ inline bool dw_takes(const TubeLayout& L, const void* grad) {
 inline DwParams make_dw_params(const TubeLayout& L, const int64_t* xs, const void* x, int64_t elem_size,
                                void* const* dw, int64_t target, int64_t* ws_elems) {
   DwParams p{};
-  p.n_tubes = static_cast<int>(L.tubes.size());
-  p.B = static_cast<int>(L.batch);
-  p.N = static_cast<int>(L.num_tokens);
-  p.d = static_cast<int>(L.dim);
+  set_call_shape(p, L, xs);
   p.j_tiles = (p.d + BM - 1) / BM;
-  for (int a = 0; a < 5; ++a) p.xs[a] = static_cast<int>(xs[a]);
   int64_t unsplit = 0;
   for (const TubeGeom& g : L.tubes) unsplit += p.j_tiles * ((g.patch_size + BN - 1) / BN);
   const int64_t want = unsplit > 0 ? (target + unsplit - 1) / unsplit : 1;  // splits per tube asked for

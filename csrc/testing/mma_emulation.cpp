@@ -182,6 +182,22 @@ void mma_step(BlockAcc& acc, const scalar_t* stage, int stage_byte0, bool dw) {
     }
 }
 
+// One block's mainloop on the kernels' schedule (run_stages; no copies in flight here, so commit and
+// top do nothing) and its accumulator walk: issue(s, stage) fills stage `stage` (stage_elems
+// elements each) with K step s, store(r, n, v0, v1) takes each pair of accumulators.
+template <typename scalar_t, class Issue, class Store>
+void run_block(int steps, scalar_t* stages, int stage_elems, bool dw, const Issue& issue, const Store& store) {
+  BlockAcc acc(size_t(kWarps) * MT * NT * 32 * 4, 0.0f);
+  run_stages(steps, issue, [] {}, [] {}, [&](int stage) {
+    mma_step(acc, stages + stage * stage_elems, 2 * stage * stage_elems, dw);
+  });
+  for (int warp = 0; warp < kWarps; ++warp)
+    for (int lane = 0; lane < 32; ++lane)
+      for_each_acc_pair(warp, lane, [&](int r, int n, int mt, int nt, int half) {
+        store(r, n, acc_at(acc, warp, mt, nt, lane, 2 * half), acc_at(acc, warp, mt, nt, lane, 2 * half + 1));
+      });
+}
+
 template <typename scalar_t>
 void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
                      const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
@@ -224,17 +240,8 @@ void emulate_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, cons
           issue_step<decltype(v)::value>(p, l, xp, x_row, cur[tid], s, tid, stages + stage * kStageElems);
       });
     };
-    BlockAcc acc(size_t(kWarps) * MT * NT * 32 * 4, 0.0f);
-    // the kernel's schedule (no copies in flight here: commit and top do nothing)
-    run_stages(steps, issue, [] {}, [] {}, [&](int stage) {
-      mma_step(acc, stages + stage * kStageElems, 2 * stage * kStageElems, /*dw=*/false);
-    });
-    for (int warp = 0; warp < kWarps; ++warp)
-      for (int lane = 0; lane < 32; ++lane)
-        for_each_acc_pair(warp, lane, [&](int r, int n, int mt, int nt, int half) {
-          store_pair(p, l, t, r, n, acc_at(acc, warp, mt, nt, lane, 2 * half),
-                     acc_at(acc, warp, mt, nt, lane, 2 * half + 1), pep, op);
-        });
+    run_block(steps, stages, kStageElems, /*dw=*/false, issue,
+              [&](int r, int n, float v0, float v1) { store_pair(p, l, t, r, n, v0, v1, pep, op); });
     smem.check();
   }
   TORCH_CHECK(gout.guards_intact(), "mma emulation: a write past the output");
@@ -275,16 +282,8 @@ void emulate_grad_weight(const at::Tensor& x, const at::Tensor& grad, const Tube
           issue_dw_step<decltype(v)::value>(p, l, xp, gp, koff, s, tid, stages + stage * kDwStageElems);
       });
     };
-    BlockAcc acc(size_t(kWarps) * MT * NT * 32 * 4, 0.0f);
-    run_stages(steps, issue, [] {}, [] {}, [&](int stage) {
-      mma_step(acc, stages + stage * kDwStageElems, 2 * stage * kDwStageElems, /*dw=*/true);
-    });
-    for (int warp = 0; warp < kWarps; ++warp)
-      for (int lane = 0; lane < 32; ++lane)
-        for_each_acc_pair(warp, lane, [&](int r, int n, int mt, int nt, int half) {
-          dw_store_pair<scalar_t>(p, l, ws, r, n, acc_at(acc, warp, mt, nt, lane, 2 * half),
-                                  acc_at(acc, warp, mt, nt, lane, 2 * half + 1));
-        });
+    run_block(steps, stages, kDwStageElems, /*dw=*/true, issue,
+              [&](int r, int n, float v0, float v1) { dw_store_pair<scalar_t>(p, l, ws, r, n, v0, v1); });
     smem.check();
   }
   for (int e = 0; e < p.reduce_before[p.n_tubes]; ++e) dw_reduce<scalar_t>(p, ws, e);
