@@ -1,7 +1,8 @@
 // The CUDA launcher for the per-element functors (kernels/naive_kernels.h,
 // kernels/gemm_path.h, kernels/grad_input.h): f(i) for every i in [0, n) as
 // a grid-stride kernel on the current stream, checked after the launch. The
-// CPU twin is testing/cpu_launcher.h.
+// CPU twin is testing/cpu_launcher.h. Also the dynamic shared-memory opt-in
+// of the kernels that need more than 48 KiB (allow_smem).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -9,8 +10,21 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 
 namespace tubevit {
+
+// Raises `kernel`'s dynamic shared-memory limit to `bytes`, once per device
+// (the attribute is the device context's; setting it on every call would
+// put a driver call on each launch's host path); Tag: a type unique to the
+// kernel instantiation.
+template <class Tag>
+void allow_smem(const void* kernel, size_t bytes, int device) {
+  static std::once_flag flags[64];
+  std::call_once(flags[device % 64], [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  });
+}
 
 constexpr int kLaunchThreads = 256;
 

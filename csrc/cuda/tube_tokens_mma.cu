@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "../kernels/mma_tiles.h"
+#include "cuda_launcher.cuh"
 #include "tube_tokens_mma.h"
 
 // Blocks per SM the register budget is sized for: two where two blocks'
@@ -223,8 +224,8 @@ void launch(const at::Tensor& x, const at::Tensor& pe, at::Tensor& out, const Pa
             cudaStream_t stream) {
   constexpr int bytes = smem_bytes<scalar_t>();
   static_assert(bytes > 48 * 1024, "the opt-in below is what lets a block have more than 48 KiB");
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(tube_tokens_mma_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  const auto kernel = tube_tokens_mma_kernel<scalar_t>;
+  allow_smem<decltype(kernel)>(reinterpret_cast<const void*>(kernel), bytes, x.device().index());
   tube_tokens_mma_kernel<scalar_t><<<grid, kThreads, bytes, stream>>>(
       x.const_data_ptr<scalar_t>(), pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
       out.mutable_data_ptr<scalar_t>(), p);
@@ -237,8 +238,8 @@ void launch_dw(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& ws
                unsigned grid, cudaStream_t stream) {
   constexpr int bytes = dw_smem_bytes<scalar_t>();
   static_assert(bytes > 48 * 1024, "the opt-in below is what lets a block have more than 48 KiB");
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(tube_dw_mma_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  const auto kernel = tube_dw_mma_kernel<scalar_t>;
+  allow_smem<decltype(kernel)>(reinterpret_cast<const void*>(kernel), bytes, x.device().index());
   float* wsp = ws.defined() ? ws.mutable_data_ptr<float>() : nullptr;
   tube_dw_mma_kernel<scalar_t><<<grid, kThreads, bytes, stream>>>(x.const_data_ptr<scalar_t>(),
                                                                   grad.const_data_ptr<scalar_t>(), wsp, p);

@@ -29,6 +29,7 @@
 #include <torch/version.h>
 
 #include "../kernels/tc_tiles.h"
+#include "cuda_launcher.cuh"
 #include "tube_tokens_tc.h"
 
 namespace tubevit {
@@ -411,9 +412,9 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
     if (TUBEVIT_TC_STAGES == 2) {
       constexpr int bytes = fwd_smem_bytes<scalar_t>(2);
       // above 48 KiB (fp32: 74 KiB) a kernel must opt in to that much dynamic shared memory
+      const auto kernel = tube_tokens_tc2_kernel<scalar_t>;
       if (bytes > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(tube_tokens_tc2_kernel<scalar_t>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+        allow_smem<decltype(kernel)>(reinterpret_cast<const void*>(kernel), bytes, x.device().index());
       tube_tokens_tc2_kernel<scalar_t><<<grid, kThreads, bytes, stream>>>(x.const_data_ptr<scalar_t>(), pe_ptr,
                                                                           out.mutable_data_ptr<scalar_t>(), p);
     } else {
@@ -456,9 +457,9 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& 
   TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_dw_tc", [&] {
     if (TUBEVIT_TC_STAGES == 2) {  // a plain if: both kernels are always compiled
       constexpr int bytes = dw_smem_bytes<scalar_t>(2);
+      const auto kernel = tube_dw_tc2_kernel<scalar_t>;
       if (bytes > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(tube_dw_tc2_kernel<scalar_t>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+        allow_smem<decltype(kernel)>(reinterpret_cast<const void*>(kernel), bytes, x.device().index());
       tube_dw_tc2_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, bytes, stream>>>(
           x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
     } else {

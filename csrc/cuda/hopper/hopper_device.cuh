@@ -1,7 +1,6 @@
 // Device and launch helpers shared by the Hopper kernels (hopper_forward.cu,
 // hopper_grad_weight.cu, hopper_grad_input.cu): torch -> CuTe 16-bit types, the producers' chunk
-// copy, named barriers, the dynamic shared-memory opt-in and the fp16 / bf16
-// dispatch, the shared-memory traits and the consumers' mainloop. The operand
+// copy, named barriers, the fp16 / bf16 dispatch, the shared-memory traits and the consumers' mainloop. The operand
 // layouts and wgmma atoms: kernels/hopper_layouts.h.
 #pragma once
 
@@ -15,10 +14,10 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include <cstdint>
-#include <mutex>
 
 #include "../../kernels/hopper_layouts.h"
 #include "../../kernels/hopper_tiles.h"
+#include "../cuda_launcher.cuh"
 
 namespace tubevit {
 namespace hopper {
@@ -167,16 +166,6 @@ __device__ __forceinline__ typename Traits::Pipeline start_pipeline(typename Tra
   Pipeline pipe(s.pipe, pipeline_params<Pipeline>(warpgroup, kProducerThreads, kConsumerThreads));
   __syncthreads();
   return pipe;
-}
-
-// Raises `kernel`'s dynamic shared-memory limit to `bytes`, once per device;
-// Tag: a type unique to the kernel instantiation.
-template <class Tag>
-void allow_smem(const void* kernel, size_t bytes, int device) {
-  static std::once_flag flags[64];
-  std::call_once(flags[device % 64], [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  });
 }
 
 }  // namespace hopper
