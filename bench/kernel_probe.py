@@ -406,10 +406,9 @@ def run_pass(kind, case, emulate):
                 n = tv.num_tokens([t], size)
                 dp.append((grad[:, o:o + n].reshape(B * n, d).float() @ w.float().reshape(d, -1)).flatten())
             dx = ops.dx_from_dp(grad, x, ws, flat, torch.cat(dp), 2)
-        elif family == "gemm":
-            dws, dx = ops.tube_tokens_gemm_path_dw(grad, x, ws, flat), ops.tube_tokens_gemm_path_dx(grad, x, ws, flat)
-        elif family == "mma":
+        elif family in ("gemm", "mma"):  # the GEMM path also gives dx (its per-tube scatter)
             dws = weight_grad_call(family, True, grad, x, ws, tubes)
+            dx = ops.tube_tokens_gemm_path_dx(grad, x, ws, flat) if family == "gemm" else None
         elif kind[1] == "dw":
             dws, dbs = ops.tube_tokens_hopper_dw_emulated(grad, x, ws, flat, True)
         else:
@@ -456,7 +455,7 @@ def missing_kernels(wanted, seen):
 
 def probe_one(name, emulate):
     """Runs in the child process: every case of one probe, one JSON object."""
-    env, kind, want_names = PROBES[name]
+    _, kind, want_names = PROBES[name]
     why = available(name, emulate)
     if why:
         return {"probe": name, "status": "skipped", "why": why}
