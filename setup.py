@@ -6,16 +6,17 @@ are present, whether or not a GPU is visible (build machines have none).
 Environment:
   FORCE_CUDA=1            fail instead of silently building CPU-only
   FORCE_CUDA=0            build CPU-only even when CUDA is available
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default: 8.0;8.6;8.9;9.0a; 9.0a, not
-                          9.0: wgmma needs the arch-specific target, whose
-                          code runs on exactly the sm_90 GPUs, H100 / H200)
-  CUTLASS_INCLUDE         CUTLASS/CuTe headers for the Hopper kernels
-                          (csrc/cuda/hopper/); default: those of the
-                          nvidia-cutlass wheel (cutlass_library/source/include)
-                          when it is installed. Without them the build leaves
-                          the Hopper kernels out and says so.
-  TUBEVIT_REQUIRE_HOPPER=1  fail instead of leaving them out (no headers, or
-                          no 9.0a in TORCH_CUDA_ARCH_LIST)
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default: 8.0;8.6;8.9;9.0)
+  TUBEVIT_PROTOTYPE=1     also build the prototype folder (csrc/prototype/:
+                          the sm_90a wgmma kernels and the dx writer, taken
+                          only under TUBEVIT_CUDA_PATH=hopper, with their CPU
+                          emulators); needs the CUTLASS/CuTe headers and 9.0a
+                          in TORCH_CUDA_ARCH_LIST (wgmma needs the
+                          arch-specific target), and fails without them.
+                          Default 0: the product build has none of it.
+  CUTLASS_INCLUDE         CUTLASS/CuTe headers for the prototype; default:
+                          those of the nvidia-cutlass wheel
+                          (cutlass_library/source/include) when installed
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
   CUDA_HOME               CUDA toolkit root; /usr/local/cuda is tried when unset
                           (a wrapper `nvcc` on PATH makes torch guess wrong)
@@ -28,9 +29,6 @@ Environment:
                           (`python setup.py build_ext --inplace`, which keeps
                           its objects in build/ and recompiles only what
                           changed; .ci/setup_env does this)
-  TUBEVIT_DEFINES         extra macros for every compiler, e.g. the tensor-core
-                          kernels' tuning knobs (csrc/kernels/tc_tiles.h):
-                          "TUBEVIT_TC_DEPTH=32 TUBEVIT_TC_MIN_BLOCKS=4"
 
 Install with `pip install --no-build-isolation .` (or `-e .`): the extension
 must be compiled against the torch that will import it.
@@ -44,7 +42,7 @@ from setuptools import find_packages, setup
 if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
     if os.path.exists("/usr/local/cuda/bin/nvcc"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0a")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
 
 try:
     import torch
@@ -106,9 +104,6 @@ def extensions():
     # the runtime torch ships and has already loaded, so one runtime is used.
     cxx += ["-fopenmp"]
     macros = [("TUBEVIT_WITH_TESTING_OPS", None)] if testing else []
-    for d in os.environ.get("TUBEVIT_DEFINES", "").split():
-        name, _, value = d.partition("=")
-        macros.append((name, value or None))
     includes = [os.path.join(ROOT, "csrc")]
     ext = cpp_extension.CppExtension
     extra = {"cxx": cxx}
@@ -119,28 +114,22 @@ def extensions():
         includes += pip_cuda_includes()
         extra["nvcc"] = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"])
         print(f"tubevit_ext: building with CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
-        cutlass = cutlass_include()
-        sm90a = "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
-        require = os.environ.get("TUBEVIT_REQUIRE_HOPPER") == "1"
-        if cutlass is not None:
-            sources += rel("csrc/cuda/hopper/*.cu")
+        if os.environ.get("TUBEVIT_PROTOTYPE") == "1":
+            cutlass = cutlass_include()
+            archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
+            if cutlass is None or "9.0a" not in archs:
+                sys.exit("TUBEVIT_PROTOTYPE=1 needs " + ("the CUTLASS/CuTe headers (pip install --no-deps "
+                         "nvidia-cutlass, or set CUTLASS_INCLUDE)" if cutlass is None
+                         else "9.0a in TORCH_CUDA_ARCH_LIST"))
+            sources += rel("csrc/prototype/*.cu") + (rel("csrc/prototype/*.cpp") if testing else [])
             includes.append(cutlass)
             # CuTe's host code (the emulators evaluate the kernels' shared-memory layouts) needs
             # libcu++ (cuda/std/...), which nvcc finds by itself and the host compiler does not
             cccl = os.path.join(cpp_extension.CUDA_HOME or "", "include", "cccl")
             if os.path.isdir(cccl):
                 includes.append(cccl)
-            macros.append(("TUBEVIT_WITH_HOPPER", None))
-            if sm90a:
-                macros.append(("TUBEVIT_HOPPER_SM90A", None))
-            print(f"tubevit_ext: Hopper kernels with CUTLASS/CuTe from {cutlass}"
-                  + ("" if sm90a else " (no 9.0a in TORCH_CUDA_ARCH_LIST: built without their sm_90a code)"))
-        else:
-            print("tubevit_ext: Hopper kernels left out: no CUTLASS/CuTe headers "
-                  "(pip install --no-deps nvidia-cutlass, or set CUTLASS_INCLUDE)")
-        if require and (cutlass is None or not sm90a):
-            sys.exit("TUBEVIT_REQUIRE_HOPPER=1 but " + ("no CUTLASS/CuTe headers were found" if cutlass is None
-                                                         else "TORCH_CUDA_ARCH_LIST has no 9.0a"))
+            macros.append(("TUBEVIT_WITH_PROTOTYPE", None))
+            print(f"tubevit_ext: with the prototype (csrc/prototype/), CUTLASS/CuTe from {cutlass}")
     else:
         print("tubevit_ext: building CPU-only (no CUDA build of torch or no CUDA_HOME)")
     return [ext("tubevit_ext._C", sources, include_dirs=includes,

@@ -47,7 +47,7 @@ def nvcc_ptx(tree, defines, out, source):
     # the CUDA wheels' headers (cuda_bf16.h etc.), as setup.py adds them
     site = os.path.dirname(os.path.dirname(cpp_extension.__file__))
     includes += sorted(glob.glob(os.path.join(os.path.dirname(site), "nvidia", "*", "include")))
-    # the CUTLASS/CuTe headers of the Hopper kernels (csrc/cuda/hopper/), as setup.py finds them; at
+    # the CUTLASS/CuTe headers of the prototype's Hopper kernels (csrc/prototype/), as setup.py finds them; at
     # sm_90 (not 9.0a) their wgmma bodies compile empty, so those kernels are listed, not compared
     includes += [p for p in [os.environ.get("CUTLASS_INCLUDE") or _wheel_cutlass()] if p]
     cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-ptx", "-arch=sm_90", "-O3", "-std=c++20",
@@ -105,7 +105,7 @@ def all_kernels(tree, defines, tmp, tag, only):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base")
-    ap.add_argument("--base-defines", default="", help="macros for the base build (TUBEVIT_DEFINES syntax)")
+    ap.add_argument("--base-defines", default="", help="macros for the base build: \"NAME[=VALUE] ...\"")
     ap.add_argument("--defines", default="", help="macros for the working-tree build")
     ap.add_argument("--source", default=None, help="one .cu file to compare (default: every .cu under csrc/)")
     a = ap.parse_args()

@@ -3,10 +3,9 @@ forward and backward of every CUDA path on odd shapes, every dtype, several
 layouts, batch 0, and the naive kernels. Exits non-zero on a mismatch.
 bench/gpu_check.sh runs it once per CUDA path: TUBEVIT_CUDA_PATH=gemm (the GEMM
 path, our gather + cuBLAS), TUBEVIT_CUDA_PATH=tc (the handwritten tensor-core
-kernels: fp16/bf16, and fp32 as TF32; with TUBEVIT_TC_MMA=1 the fp16/bf16 forward by the
-ldmatrix + mma.sync kernel), TUBEVIT_CUDA_PATH=naive (the naive kernels) and, where the
-build has it, TUBEVIT_CUDA_PATH=hopper (the sm_90a wgmma kernels for fp16/bf16: forward,
-weight and bias gradients, dP and the dx writer)."""
+kernels: fp16/bf16, and fp32 as TF32), TUBEVIT_CUDA_PATH=naive (the naive kernels) and, where
+the build has the prototype, TUBEVIT_CUDA_PATH=hopper (the sm_90a wgmma kernels for fp16/bf16:
+forward, weight and bias gradients, dP and the dx writer)."""
 import os
 
 import torch
@@ -24,8 +23,7 @@ CASES = [
     # odd sizes, kw = 4 / 4 / 3: every vector width falls back to 1
     ([tv.Tube((3, 5, 4), (2, 3, 5), (1, 0, 2)), tv.Tube((1, 4, 4), (4, 4, 4)), tv.Tube((4, 2, 3), (1, 5, 2), (0, 1, 1))],
      (9, 13, 11), 7),
-    # kw = 4 / 8, W = 24, d = 16: the V-wide gather (TUBEVIT_GEMM_GATHER_VEC=1) with aligned vector
-    # reads, and 8-wide placement
+    # kw = 4 / 8, W = 24, d = 16: 8-wide placement
     ([tv.Tube((2, 4, 4), (2, 4, 4)), tv.Tube((1, 2, 8), (2, 3, 8), (0, 1, 0))], (6, 10, 24), 16),
     # d = 136: the Hopper forward's partial second column tile; 4-byte chunks (kw 4 and 2 at w
     # offsets 2), 1-element chunks under channels_last_3d

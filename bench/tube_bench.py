@@ -8,11 +8,9 @@ Implementations (all compute the same (B, N, d) tokens, bias and PE included):
   fused_gemm          the same with TUBEVIT_CUDA_PATH=gemm (CUDA only, opt-in: the GEMM path forced)
   fused_tc            the same with TUBEVIT_CUDA_PATH=tc (CUDA only, opt-in: the tensor-core kernels, the
                       WMMA forward)
-  fused_mma           the same with TUBEVIT_CUDA_PATH=tc TUBEVIT_TC_MMA=1 (CUDA only, opt-in: the forward
-                      and weight gradient of fp16 / bf16 by the ldmatrix + mma.sync kernels; the rest
-                      as fused_tc)
-  fused_hopper        the same with TUBEVIT_CUDA_PATH=hopper (CUDA only, opt-in: the sm_90a wgmma forward,
-                      weight and bias gradients, and dP + the dx writer, where they apply)
+  fused_hopper        the same with TUBEVIT_CUDA_PATH=hopper (CUDA only, a build with csrc/prototype: the
+                      sm_90a wgmma forward, weight and bias gradients, and dP + the dx writer, where
+                      they apply)
 
 Modes: fwd; fwd_bwd (weights and bias require grad, input does not);
 fwd_bwd_input (input requires grad too).
@@ -61,14 +59,13 @@ TUBE_SETS = {
 }
 # compiled_reference last in each configuration: torch.compile leaves compile
 # workers behind that would otherwise share the CPU with the next timings.
-IMPLS = ["reference", "unfold_gemm", "fused", "fused_gemm", "fused_tc", "fused_mma", "fused_hopper",
+IMPLS = ["reference", "unfold_gemm", "fused", "fused_gemm", "fused_tc", "fused_hopper",
          "compiled_reference"]
 DEFAULT_IMPLS = ["reference", "unfold_gemm", "fused", "compiled_reference"]
 # the fused module with one CUDA path forced: the environment the op reads per
 # call, set for the whole step (forward and backward)
 PATH_ENV = {"fused_gemm": {"TUBEVIT_CUDA_PATH": "gemm"},
-            "fused_tc": {"TUBEVIT_CUDA_PATH": "tc", "TUBEVIT_TC_MMA": "0"},
-            "fused_mma": {"TUBEVIT_CUDA_PATH": "tc", "TUBEVIT_TC_MMA": "1"},
+            "fused_tc": {"TUBEVIT_CUDA_PATH": "tc"},
             "fused_hopper": {"TUBEVIT_CUDA_PATH": "hopper"}}
 MODES = ["fwd", "fwd_bwd", "fwd_bwd_input"]
 
@@ -219,7 +216,7 @@ def matmul_peak(device, dtype, n=8192):
 
 
 class pinned_env:
-    """Environment variables set inside (for the fused_gemm / fused_tc / fused_mma / fused_hopper variants),
+    """Environment variables set inside (for the fused_gemm / fused_tc / fused_hopper variants),
     restored after."""
 
     def __init__(self, env):
@@ -496,10 +493,6 @@ def check_targets(rows, device):
                     frac = r["frac_of_matmul_peak"] * r["median_ms"] / r.get("pipelined_ms", r["median_ms"])
                     print(f"  bf16 fwd: {impl} achieved {frac * 100:.0f}% of matmul peak pipelined "
                           f"({r['frac_of_matmul_peak'] * 100:.0f}% one call between events) (target >= 50%)")
-        # the ldmatrix + mma.sync forward against the WMMA one it is to replace on sm_80-89 (same GPU, same run)
-        a, b = med("fused_mma", "fwd", "bfloat16", **kw), med("fused_tc", "fwd", "bfloat16", **kw)
-        if a and b:
-            print(f"  bf16 fwd: fused_mma vs fused_tc: {b / a:.2f}x (target >= 2x) {'OK' if b / a >= 2 else 'MISSED'}")
 
 PRESETS = {
     # the shared CPU VM drifts: three interleaved rounds (see run_config)

@@ -12,39 +12,34 @@ namespace {
 Options g_options;
 std::once_flag g_once;
 
-bool read_flag(const char* name) {
+std::string read(const char* name) {
   const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return false;
-  const std::string s(v);
-  TORCH_CHECK_VALUE(s == "0" || s == "1", name, " must be 0 or 1, got '", s, "'");
-  return s == "1";
+  return v == nullptr ? std::string() : std::string(v);
+}
+
+// A whole-string integer >= min_value, or the default when unset.
+long long read_int(const char* name, long long min_value, long long fallback) {
+  const std::string s = read(name);
+  if (s.empty()) return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && v >= min_value, name, " must be an integer >= ", min_value, ", got '", s, "'");
+  return v;
 }
 
 Options read_env() {
   Options o;
-  const char* p = std::getenv("TUBEVIT_CUDA_PATH");
-  const std::string path = p == nullptr ? "" : p;
+  const std::string path = read("TUBEVIT_CUDA_PATH");
   if (path.empty() || path == "auto") o.cuda_path = CudaPath::Auto;
   else if (path == "gemm") o.cuda_path = CudaPath::Gemm;
   else if (path == "tc") o.cuda_path = CudaPath::TensorCore;
   else if (path == "naive") o.cuda_path = CudaPath::Naive;
   else if (path == "hopper") o.cuda_path = CudaPath::Hopper;
   else TORCH_CHECK_VALUE(false, "TUBEVIT_CUDA_PATH must be one of auto, gemm, tc, naive, hopper; got '", path, "'");
-  o.gemm_gather_vec = read_flag("TUBEVIT_GEMM_GATHER_VEC");
-  const char* dxp = std::getenv("TUBEVIT_DX_PASS");
-  const std::string dx = dxp == nullptr ? "" : dxp;
-  if (dx.empty() || dx == "gather") o.dx_pass = DxPass::Gather;
-  else if (dx == "scatter") o.dx_pass = DxPass::Scatter;
-  else if (dx == "writer") o.dx_pass = DxPass::Writer;
-  else TORCH_CHECK_VALUE(false, "TUBEVIT_DX_PASS must be one of gather, scatter, writer; got '", dx, "'");
-  o.tc_mma = read_flag("TUBEVIT_TC_MMA");
-  const char* c = std::getenv("TUBEVIT_CPU_CHUNK_BYTES");
-  if (c != nullptr && *c != '\0') {
-    char* end = nullptr;
-    const long long b = std::strtoll(c, &end, 10);
-    TORCH_CHECK_VALUE(*end == '\0' && b > 0, "TUBEVIT_CPU_CHUNK_BYTES must be a positive integer, got '", c, "'");
-    o.cpu_chunk_bytes = b;
-  }
+  o.cpu_chunk_bytes = read_int("TUBEVIT_CPU_CHUNK_BYTES", 1, o.cpu_chunk_bytes);
+  o.cpu_patch_cache_bytes =
+      static_cast<size_t>(read_int("TUBEVIT_CPU_PATCH_CACHE_MB", 0, static_cast<long long>(o.cpu_patch_cache_bytes >> 20)))
+      << 20;
   return o;
 }
 

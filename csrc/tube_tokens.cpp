@@ -158,10 +158,10 @@ void check_patches(at::TensorList patches, const at::Tensor& x, const TubeLayout
 }  // namespace tubevit
 
 // The schemas of the ops users call. Backends: cpu/tube_tokens_cpu.cpp,
-// cuda/tube_tokens_cuda.cu. Fake (meta) kernels and autograd are registered
-// from Python (tubevit_ext/_ops.py) so that they share
-// tubevit_ext/geometry.py. Test-only ops live in the tubevit_testing
-// namespace (testing/testing_ops.cpp).
+// cuda/tube_tokens_cuda.cu; autograd: tube_tokens_autograd.cpp. Fake (meta)
+// kernels and vmap rules are registered from Python (tubevit_ext/_ops.py) so
+// that they share tubevit_ext/geometry.py. Test-only ops live in the
+// tubevit_testing namespace (testing/testing_ops.cpp).
 TORCH_LIBRARY(tubevit, m) {
   // x (B,C,T,H,W); weights[i] (d,C,kt,kh,kw); biases [] or [(d,)]*n;
   // tubes: 9 ints per tube; pos_embed (N,d) or None -> tokens (B,N,d).

@@ -23,8 +23,8 @@
 //   tokens' tangent = F(x_t; W) + F(x; W_t, b_t) + pe_t, and for the
 //   backward op dx_t = Bx(G_t, W) + Bx(G, W_t), dW_t = Bw(G_t, x) + Bw(G, x_t),
 //   db_t = Bb(G_t).
-// torch.func transforms use the Python autograd.Functions of
-// tubevit_ext/_ops.py (same formulas), which call these ops.
+// torch.func.vmap uses the vmap rules of tubevit_ext/_ops.py, which fold the
+// vmapped dimension into the batch and call these ops.
 //
 // Edge order of each node (= the op's differentiable inputs in schema order):
 //   TubeTokensBackward0:          x, weights[0..n), biases[0..m), pos_embed

@@ -1,8 +1,10 @@
 """Shared fixtures and helpers. GPU tests are the same tests parametrized on
 ``cuda``; they are skipped (not weakened) when no GPU is visible."""
+import contextlib
 import importlib.util
 import os
 import random
+import signal
 
 import pytest
 import torch
@@ -59,6 +61,22 @@ def cuda_graph_replay(fn):
     return out
 
 
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str):
+    """Fails (TimeoutError naming ``what``) when the block runs longer than ``seconds``: a test of
+    something that can hang (decoding, pipelines) fails instead of stalling the suite. SIGALRM
+    interrupts Python code, and FFmpeg calls return to Python between packets and frames."""
+    def fire(signum, frame):
+        raise TimeoutError(f"{what} took more than {seconds} s")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def random_tubes(rng: random.Random, n_tubes: int, size=None, max_kernel=6):
     """Random tube list that fits ``size`` (T, H, W): kernel < stride,
     kernel > stride (overlapping windows) and non-zero offsets all occur."""
@@ -90,6 +108,45 @@ def make_params(tubes, C, d, dtype=torch.float32, device="cpu", bias=True, seed=
           .to(device=device, dtype=dtype) for t in tubes]
     bs = [torch.randn(d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for _ in tubes] if bias else None
     return ws, bs
+
+
+# dx from a given dP (tubevit_testing::dx_from_dp, and the prototype's writer): shapes chosen for the
+# gather's and the writer's tiles: W a multiple of 8 (16-byte stores),
+# W not (partial chunks at row ends), W < 8 (one chunk per row, 256 rows per tile), W > 256 (several
+# column tiles, W % 8 == 4: no 16-byte stores), overlapping windows along every axis
+DX_SHAPES = {
+    "w_multiple_of_8": ([tv.Tube((2, 3, 4), (2, 2, 4), (1, 0, 0)), tv.Tube((1, 2, 8), (1, 3, 8))], (5, 9, 32), 2),
+    "w_ragged": ([tv.Tube((2, 2, 3), (1, 3, 2), (0, 1, 1)), tv.Tube((3, 1, 5), (2, 1, 4))], (6, 7, 19), 3),
+    "w_narrow": ([tv.Tube((1, 2, 2), (1, 1, 1)), tv.Tube((2, 3, 3), (3, 2, 2), (0, 1, 1))], (4, 300, 5), 2),
+    "w_wide": ([tv.Tube((1, 1, 16), (2, 2, 16), (0, 0, 3)), tv.Tube((2, 2, 7), (2, 3, 9))], (3, 4, 532), 1),
+}
+
+
+def dp_inputs(shape, dtype, B=2, d=16, seed=0):
+    tubes, size, C = DX_SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(B, C, *size, dtype=dtype)
+    ws = [torch.zeros(d, C, *t.kernel, dtype=dtype) for t in tubes]
+    grad = torch.zeros(B, tv.num_tokens(tubes, size), d, dtype=dtype)
+    elems = sum(B * tv.num_tokens([t], size) * C * t.kernel[0] * t.kernel[1] * t.kernel[2] for t in tubes)
+    dp = torch.randn(elems, generator=g)
+    return tubes, x, ws, grad, dp
+
+
+def dx_from_dp_fp64(tubes, x, dp):
+    """dx = sum over tubes of col2im(dP_i) in fp64: the adjoint of the reference's patch extraction."""
+    B, C = x.shape[:2]
+    xd = torch.zeros(x.shape, dtype=torch.float64, requires_grad=True)
+    off, total = 0, 0.0
+    for t in tubes:
+        n = tv.num_tokens([t], x.shape[2:])
+        K = C * t.kernel[0] * t.kernel[1] * t.kernel[2]
+        w = torch.eye(K, dtype=torch.float64).view(K, C, *t.kernel)  # tokens = patches
+        p = tv.reference.tube_tokens(xd, [w], None, [t], None)  # (B, n, K)
+        total = total + (p * dp[off:off + B * n * K].double().view(B, n, K)).sum()
+        off += B * n * K
+    total.backward()
+    return xd.grad
 
 
 # ---- tolerances: every numeric bound of the suite comes from these tables ----

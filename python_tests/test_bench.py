@@ -34,7 +34,7 @@ def test_harness_json_format(tmp_path, capsys):
 
 
 def test_cuda_path_variants_pin_the_environment(tmp_path, monkeypatch):
-    # fused_gemm / fused_tc / fused_mma / fused_hopper time the fused module with TUBEVIT_CUDA_PATH pinned for the whole
+    # fused_gemm / fused_tc / fused_hopper time the fused module with TUBEVIT_CUDA_PATH pinned for the whole
     # step and restore the caller's value after; off CUDA they are recorded as skipped
     bench = _bench()
     seen = []
@@ -52,13 +52,12 @@ def test_cuda_path_variants_pin_the_environment(tmp_path, monkeypatch):
     assert step(None) == "gemm" and os.environ["TUBEVIT_CUDA_PATH"] == "tc"
     out = tmp_path / "r.json"
     bench.main(["--device", "cpu", "--batch", "1", "--frames", "20", "--dim", "12", "--size", "32", "40",
-                "--tubes", "paper", "--modes", "fwd", "--impls", "reference", "fused", "fused_gemm", "fused_tc", "fused_mma",
-                "fused_hopper",
+                "--tubes", "paper", "--modes", "fwd", "--impls", "reference", "fused", "fused_gemm", "fused_tc", "fused_hopper",
                 "--dtypes", "float32", "--warmup", "1", "--repeats", "1", "--json", str(out),
                 "--plot", str(tmp_path / "p.png")])
     rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
     assert "median_ms" in rows["fused"]
-    for impl in ("fused_gemm", "fused_tc", "fused_mma", "fused_hopper"):
+    for impl in ("fused_gemm", "fused_tc", "fused_hopper"):
         assert "CUDA only" in rows[impl]["error"] and "median_ms" not in rows[impl]
 
 
@@ -124,13 +123,12 @@ def test_cuda_rows_report_host_and_device_times(tmp_path):
 
 def test_cuda_targets_read_from_rows(capsys):
     # the fused kernels' target lines, judged from synthetic CUDA rows: ratios of pipelined_ms for the
-    # library's choice and the forced Hopper path, the share of the matmul rate, the mma forward
+    # library's choice and the forced Hopper path, the share of the matmul rate
     kw = dict(tubes="paper", batch=32, frames=32, dim=768)
     rows = [dict(impl=i, mode=m, dtype=d, median_ms=med, pipelined_ms=pipe, **kw) for i, m, d, med, pipe in [
         ("unfold_gemm", "fwd", "bfloat16", 0.30, 0.26), ("reference", "fwd", "bfloat16", 0.9, 0.9),
         ("fused", "fwd", "bfloat16", 0.20, 0.13), ("fused_hopper", "fwd", "bfloat16", 0.12, 0.08),
         ("unfold_gemm", "fwd_bwd_input", "bfloat16", 3.0, 2.8), ("fused_hopper", "fwd_bwd_input", "bfloat16", 1.0, 1.0),
-        ("fused_tc", "fwd", "bfloat16", 0.52, 0.50), ("fused_mma", "fwd", "bfloat16", 0.20, 0.20),
         ("reference", "fwd", "float32", 4.0, 4.0), ("fused", "fwd", "float32", 0.5, 0.35)]]
     rows[3]["frac_of_matmul_peak"] = 0.30  # at the median; pipelined 0.12 / 0.08 x 0.30 = 45 %
     _bench().check_targets(rows, torch.device("cuda"))
@@ -141,5 +139,4 @@ def test_cuda_targets_read_from_rows(capsys):
     assert "bfloat16 fwd_bwd_input: fused_hopper vs unfold_gemm: 2.80x pipelined (target >= 2.0x) OK" in out
     assert "float32 fwd: fused vs reference: 11.43x pipelined (target >= 10.0x) OK" in out
     assert "bf16 fwd: fused_hopper achieved 45% of matmul peak pipelined (30% one call between events)" in out
-    assert "fused_mma vs fused_tc: 2.60x (target >= 2x) OK" in out
     assert "fwd_bwd: fused_hopper" not in out  # no rows, no line

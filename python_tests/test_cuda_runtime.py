@@ -245,7 +245,7 @@ def test_cuda_naive_ops_ignore_tensor_core_switch(monkeypatch):
 
 
 def test_cuda_default_path_follows_problem_size(monkeypatch):
-    # choose_path (csrc/cuda/tube_tokens_cuda.cu): with no switch set, 16-bit calls take the
+    # the planner (csrc/cuda_plan.h, its table in test_cuda_plan.py): with no switch set, 16-bit calls take the
     # tensor-core kernels below 2^20 output elements (forward) / 12 * 2^20 (backward) and the
     # GEMM path from there on; the fp32 forward takes the GEMM path at any size. Each default
     # result must be bitwise the forced path's (both paths are deterministic) and the two
@@ -271,7 +271,12 @@ def test_cuda_default_path_follows_problem_size(monkeypatch):
     prev = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True  # the tensor-core kernels take fp32 (as TF32) only then
     try:
+        sm = torch.cuda.get_device_capability()[0]
         for B, dtype, backward, want in cases:
+            # what runs is what the planner says, for this GPU
+            names = tv._C._cuda_plan(str(dtype).split(".")[1], B, 512, d, 1, sm, True,
+                                     torch.backends.cuda.matmul.allow_tf32, True)
+            assert names[1 if backward else 0] == {"gemm": "gemm", "tensor_core": "tc"}[want], (B, dtype, names)
             got = {p: run(B, p, dtype, backward) for p in ("default", "gemm", "tensor_core")}
             assert not torch.equal(got["gemm"], got["tensor_core"]), (B, dtype, backward)
             assert torch.equal(got["default"], got[want]), (B, dtype, backward, want)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 
 import tubevit_ext as tv
-from conftest import FP32_BLAS_REL, UNIT_ROUNDOFF, check_rounded, make_params, set_switch
+from conftest import FP32_BLAS_REL, UNIT_ROUNDOFF, check_rounded, make_params
 from test_tc_emulation import CASES, _tc_problems, fuzz_inputs, make_x
 
 from tubevit_ext.testing import ops
@@ -41,18 +41,10 @@ def problem(case, dtype, seed, layout="contiguous", B=2):
     return tubes, size, d, x, ws, bs, tv.sincos_pos_embed(tubes, size, d, dtype=dtype), gout
 
 
-@pytest.fixture(params=["scalar", "vec"])
-def gather(request, monkeypatch):
-    """Both gathers of the GEMM path: one element per call (the default) and V-wide runs
-    (TUBEVIT_GEMM_GATHER_VEC=1, GatherVecElem; falls back to the scalar one where V = 1)."""
-    set_switch(monkeypatch, "TUBEVIT_GEMM_GATHER_VEC", "1" if request.param == "vec" else None)
-    return request.param
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
-def test_forward(case, dtype, layout, gather):
+def test_forward(case, dtype, layout):
     tubes, size, d, x, ws, bs, pe, _ = problem(case, dtype, 11, layout)
     flat = tv.flatten_tubes(tubes)
     for bias, pos in [(bs, pe), ([], None), (bs, None), ([], pe)]:
@@ -65,7 +57,7 @@ def test_forward(case, dtype, layout, gather):
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
-def test_weight_gradient(case, dtype, layout, gather):
+def test_weight_gradient(case, dtype, layout):
     tubes, size, d, x, ws, _, _, gout = problem(case, dtype, 12, layout, B=3)
     got = ops.tube_tokens_gemm_path_dw(gout, x, ws, tv.flatten_tubes(tubes))
     want = oracle_weight_grads(x, ws, gout, tubes)
@@ -77,10 +69,10 @@ def test_weight_gradient(case, dtype, layout, gather):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_input_gradient_by_scatter(case, dtype):
-    # dP in fp32, then every tube's covered voxels add their sum once to dx (one rounding per
-    # tube, like PyTorch's autograd summing per-convolution input gradients): within twice
-    # the unit roundoff per tube of the largest value
+def test_input_gradient_by_gather(case, dtype):
+    # dP in fp32, then every voxel sums its covering tokens' entries over all tubes in fp32 and
+    # rounds once: within twice the unit roundoff per tube of the largest value (the bound of
+    # PyTorch's autograd, which rounds once per convolution's input gradient)
     tubes, size, d, x, ws, _, _, gout = problem(case, dtype, 17)
     got = ops.tube_tokens_gemm_path_dx(gout, x, ws, tv.flatten_tubes(tubes))
     x64 = x.double().requires_grad_()
@@ -96,22 +88,6 @@ def test_input_gradient_by_scatter(case, dtype):
                                                                  for w in ws], None, tubes),
                                   x64, torch.ones(gout.shape, dtype=torch.float64))[0] != 0
     assert torch.equal(got[~covered], torch.zeros_like(got[~covered]))
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "noncontiguous"])
-def test_vector_gather_is_the_same_copy(case, dtype, layout, monkeypatch):
-    # a gather is a copy: the V-wide one must give bitwise the same tokens and weight gradients
-    tubes, size, d, x, ws, bs, _, gout = problem(case, dtype, 16, layout)
-    flat = tv.flatten_tubes(tubes)
-    runs = []
-    for env in ("0", "1"):
-        set_switch(monkeypatch, "TUBEVIT_GEMM_GATHER_VEC", env)
-        runs.append([ops.tube_tokens_gemm_path(x, ws, bs, flat, None)]
-                    + list(ops.tube_tokens_gemm_path_dw(gout, x, ws, flat)))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
 
 
 def test_matches_the_cpu_backend_in_fp32():

@@ -174,7 +174,7 @@ def test_patch_arguments_are_checked(device):
 
 
 def test_patch_buffers_are_recycled(monkeypatch):
-    monkeypatch.delenv("TUBEVIT_CPU_PATCH_CACHE_MB", raising=False)
+    set_switch(monkeypatch, "TUBEVIT_CPU_PATCH_CACHE_MB", None)
     m = tv.SparseTubeTokenizer(2, 5, TUBES)
     x = torch.randn(2, 2, *SIZE)
     tv.empty_patch_cache()
@@ -189,7 +189,7 @@ def test_patch_buffers_are_recycled(monkeypatch):
     assert tv.patch_cache_bytes() == held
     tv.empty_patch_cache()
     assert tv.patch_cache_bytes() == 0
-    monkeypatch.setenv("TUBEVIT_CPU_PATCH_CACHE_MB", "0")
+    set_switch(monkeypatch, "TUBEVIT_CPU_PATCH_CACHE_MB", "0")
     m(x).sum().backward()
     assert tv.patch_cache_bytes() == 0  # limit 0: freed blocks go back to the system
 
@@ -199,7 +199,7 @@ def test_input_gradient_comes_from_the_pool_and_is_an_ordinary_tensor(monkeypatc
     """The CPU input gradient (as large as the video) is a pool block: freed,
     it is reused by the next backward instead of fresh pages; handed to the
     user, it behaves like any tensor (resize, numpy, share_memory_, save)."""
-    monkeypatch.delenv("TUBEVIT_CPU_PATCH_CACHE_MB", raising=False)
+    set_switch(monkeypatch, "TUBEVIT_CPU_PATCH_CACHE_MB", None)
     torch.manual_seed(0)
     m = tv.SparseTubeTokenizer(2, 5, TUBES).to(dtype)
     x = torch.randn(2, 2, *SIZE, dtype=dtype, requires_grad=True)
@@ -238,7 +238,7 @@ def test_input_gradient_comes_from_the_pool_and_is_an_ordinary_tensor(monkeypatc
 
 
 def test_token_output_comes_from_the_pool(monkeypatch):
-    monkeypatch.delenv("TUBEVIT_CPU_PATCH_CACHE_MB", raising=False)
+    set_switch(monkeypatch, "TUBEVIT_CPU_PATCH_CACHE_MB", None)
     m = tv.SparseTubeTokenizer(2, 5, TUBES).eval()
     x = torch.randn(2, 2, *SIZE)
     with torch.no_grad():

@@ -1,8 +1,9 @@
 """tubevit_ext: TubeViT's sparse video tubes as one fused PyTorch op.
 
 Importing the package loads the native library (``_C``, which registers the
-``torch.ops.tubevit`` ops), then the Python registrations (fake kernels,
-autograd) in ``_ops``.
+``torch.ops.tubevit`` ops with their CPU, CUDA and autograd kernels, the
+autograd one in C++: csrc/tube_tokens_autograd.cpp), then the fake kernels
+(``_ops``).
 """
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
@@ -26,7 +27,7 @@ def cuda_compiled() -> bool:
 
 def reload_options() -> None:
     """Read the library's environment switches again (``TUBEVIT_CUDA_PATH``,
-    ``TUBEVIT_GEMM_GATHER_VEC``, ``TUBEVIT_DX_PASS``, ``TUBEVIT_TC_MMA``; csrc/options.h). They
+    ``TUBEVIT_CPU_CHUNK_BYTES``, ``TUBEVIT_CPU_PATCH_CACHE_MB``; csrc/options.h). They
     are read once, at the first op call; call this after changing one in-process
     (tests, benchmarks), not while ops run on other threads. Raises ValueError
     for a value the switch does not know."""

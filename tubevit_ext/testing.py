@@ -2,8 +2,10 @@
 
 These ops run the CUDA backend's kernels' logic where the test suite can check
 it against the fp64 reference: the per-element "naive" kernels (CPU and
-CUDA), the tensor-core kernels' tile code through a host emulator, and the
-GEMM path's orchestration on the CPU (schemas in csrc/testing/testing_ops.cpp).
+CUDA), the tensor-core kernels' tile code through a host emulator, the GEMM
+path's orchestration on the CPU and the dP -> dx gather on a given dP
+(schemas in csrc/testing/testing_ops.cpp); in a build with the prototype,
+its emulators too (csrc/prototype/hopper_emulation.cpp).
 They are not part of the library's interface. Importing this module fails
 with ImportError on a build made with ``TUBEVIT_TESTING_OPS=0``.
 """

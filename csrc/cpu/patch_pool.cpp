@@ -1,12 +1,13 @@
 // See patch_pool.h for why this exists.
 #include "patch_pool.h"
 
+#include "../options.h"
+
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -28,14 +29,7 @@ Pool& pool() {
   return *p;
 }
 
-size_t cache_limit() {
-  const char* v = std::getenv("TUBEVIT_CPU_PATCH_CACHE_MB");
-  if (v != nullptr) {
-    const long long mb = std::atoll(v);
-    if (mb >= 0) return static_cast<size_t>(mb) << 20;
-  }
-  return size_t(256) << 20;
-}
+size_t cache_limit() { return options().cpu_patch_cache_bytes; }
 
 void* acquire(size_t bytes) {
   Pool& p = pool();

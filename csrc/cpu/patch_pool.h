@@ -31,7 +31,7 @@ namespace tubevit {
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Bytes held by the pool (freed blocks waiting for reuse). At most
-// TUBEVIT_CPU_PATCH_CACHE_MB (read per release; default 256) MiB are kept;
+// TUBEVIT_CPU_PATCH_CACHE_MB (csrc/options.h; default 256) MiB are kept;
 // a block that would exceed it goes straight back to the system.
 int64_t patch_pool_cached_bytes();
 

@@ -63,7 +63,7 @@ struct Mma<float> {
   static constexpr int kK = MmaDepth<float>::value;
 };
 
-// dW's A fragment layout (kernels/tc_tiles.h, TUBEVIT_TC_DW_VEC)
+// dW's A fragment layout (kernels/tc_tiles.h, kDwTokenMajorA)
 using DwLayoutA = std::conditional<kDwTokenMajorA, wmma::col_major, wmma::row_major>::type;
 
 template <typename scalar_t>
@@ -147,54 +147,15 @@ __device__ __forceinline__ void finish_tile(AccFrag<scalar_t> (&acc)[2][2], floa
   epilogue();
 }
 
-// The forward. Tile logic (what each block / thread / warp does) is in
-// kernels/tc_tiles.h, shared with the host emulator; here only shared memory, the
-// barriers and the WMMA fragments.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
-    tube_tokens_tc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pe,
-                          scalar_t* __restrict__ out, const Params p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  // Staged as at::Half / at::BFloat16 / float (the 16-bit ones convert from
-  // float under torch's __CUDA_NO_HALF_CONVERSIONS__), read by WMMA as the
-  // bit-identical half / __nv_bfloat16 / float. The fp32 accumulator tile
-  // reuses the staging bytes after the last MMA.
-  __shared__ __align__(32) unsigned char smem[fwd_smem_bytes<scalar_t>()];
-  __shared__ int64_t row_base[BM];
-  __shared__ int64_t koff[BK];
-  scalar_t* As = reinterpret_cast<scalar_t*>(smem);
-  scalar_t* Bs = As + BM * LDS;
-  float* Cs = reinterpret_cast<float*>(smem);
-  const int tid = threadIdx.x, warp = tid / 32;
-  const FwdLoc l = fwd_locate(p, blockIdx.x);
-  const int64_t K = p.g[l.i].patch_size;
-  fwd_row_base(p, l, tid, row_base);
-  FwdCols cols = fwd_cols_init(p, l, tid);
-
-  AccFrag<scalar_t> acc[2][2];
-  zero_acc<scalar_t>(acc);
-
-  for (int64_t k0 = 0; k0 < K; k0 += BK) {
-    __syncthreads();  // previous tiles and column offsets consumed
-    fwd_koff(p, l, cols, tid, koff);
-    __syncthreads();  // row_base (first pass) and koff ready
-    fwd_fill_a(p, l, x, row_base, koff, tid, As);
-    fwd_fill_b(p, l, k0, tid, Bs);
-    __syncthreads();
-    fwd_mma_step<scalar_t>(acc, As, Bs, warp);
-  }
-  finish_tile<scalar_t>(acc, Cs, warp, [&] { fwd_epilogue(p, l, Cs, pe, tid, out); });
-#endif
-}
-
 // cp.async bookkeeping of the 2-stage kernels (sm_80+).
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-// The forward with two shared-memory stages (TUBEVIT_TC_STAGES = 2): step
+// The forward. Tile logic (what each block / thread / warp does) is in
+// kernels/tc_tiles.h, shared with the host emulator; here only shared
+// memory, the barriers and the WMMA fragments. Two shared-memory stages: step
 // s + 1's tiles are issued as cp.async before step s's MMAs, so their load
-// latency overlaps the tensor-core work. Same tile functions as the 1-stage
-// kernel (their index math is emulator-tested); the buffer / barrier order:
+// latency overlaps the tensor-core work; the buffer / barrier order:
 //   iteration s: koff of step s+1 -> koff[nxt]; wait for this thread's
 //   copies of step s; barrier (step s's tiles and koff[nxt] visible, every
 //   warp done with step s-1, whose buffers step s+1 now overwrites); issue
@@ -202,7 +163,7 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // Dynamic shared memory: 2 x (As + Bs), the fp32 accumulator tile aliases it
 // after the loop.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
+__global__ void __launch_bounds__(kThreads, Traits::kMinBlocks)
     tube_tokens_tc2_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pe,
                            scalar_t* __restrict__ out, const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -245,43 +206,11 @@ __global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
 }
 
 // ---- weight gradient: dW_i = G_i^T P_i (see kernels/tc_tiles.h) ----
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
-    tube_dw_tc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad, const ParamsDW p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  __shared__ __align__(32) unsigned char smem[dw_smem_bytes<scalar_t>()];
-  __shared__ int64_t row_base[DM];  // x offset of each token's first voxel
-  __shared__ int64_t grad_row[DM];  // row of grad for each token (-1 past M)
-  __shared__ int64_t koff[BN];      // input offset of this block's patch columns (-1 past K)
-  scalar_t* As = reinterpret_cast<scalar_t*>(smem);  // [BM j][LDA2], or [DM m][LDA2] (TUBEVIT_TC_DW_VEC)
-  scalar_t* Bs = As + kDwARows * LDA2;                // [DM m][LDB2]
-  float* Cs = reinterpret_cast<float*>(smem);
-  const int tid = threadIdx.x, warp = tid / 32;
-  const DwLoc l = dw_locate(p, blockIdx.x);
-  const int64_t M = p.B * p.g[l.i].num_tokens;
-  dw_koff(p, l, tid, koff);  // published by the loop's first barrier
-
-  AccFrag<scalar_t> acc[2][2];
-  zero_acc<scalar_t>(acc);
-
-  for (int64_t m0 = 0; m0 < M; m0 += DM) {
-    __syncthreads();  // previous step's tiles consumed
-    dw_rows(p, l, m0, tid, row_base, grad_row);
-    __syncthreads();
-    dw_fill_a(p, l, grad, grad_row, tid, As);
-    dw_fill_b(p, l, x, row_base, koff, tid, Bs);
-    __syncthreads();
-    dw_mma_step<scalar_t>(acc, As, Bs, warp);
-  }
-  finish_tile<scalar_t>(acc, Cs, warp, [&] { dw_epilogue<scalar_t>(p, l, Cs, tid); });
-#endif
-}
-
-// dW with two shared-memory stages (TUBEVIT_TC_STAGES = 2), the same buffer /
-// barrier order as tube_tokens_tc2_kernel: step s + 1's token rows go to
+// Two shared-memory stages, the same buffer / barrier order as
+// tube_tokens_tc2_kernel: step s + 1's token rows go to
 // [nxt] before the barrier, its tiles are issued after it, then step s's MMAs.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, TUBEVIT_TC_MIN_BLOCKS)
+__global__ void __launch_bounds__(kThreads, Traits::kMinBlocks)
     tube_dw_tc2_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad, const ParamsDW p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char dsmem[];
@@ -379,17 +308,6 @@ bool tf32_matmul_allowed() {
 #endif
 }
 
-bool supported(const at::Tensor& x, const TubeLayout& L) {
-  const auto t = x.scalar_type();
-  // fp32 only where PyTorch lets convolutions use TF32 (cuDNN's switch,
-  // torch.backends.cudnn.allow_tf32, on by default); else exact fp32 kernels.
-  const bool tf32 = t == at::kFloat && tf32_conv_allowed();
-  if (t != at::kHalf && t != at::kBFloat16 && !tf32) return false;
-  if (L.tubes.size() > size_t(kMaxTubes)) return false;
-  const auto* prop = at::cuda::getDeviceProperties(x.device().index());
-  return prop->major >= 8;
-}
-
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
              const at::Tensor& pe, const TubeLayout& L, at::Tensor& out) {
   const void* wp[kMaxTubes];
@@ -408,19 +326,13 @@ void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::v
   auto stream = at::cuda::getCurrentCUDAStream();
   TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_tokens_tc", [&] {
     const scalar_t* pe_ptr = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
-    // a plain if: both kernels are always compiled (CI builds the 2-stage one too)
-    if (TUBEVIT_TC_STAGES == 2) {
-      constexpr int bytes = fwd_smem_bytes<scalar_t>(2);
-      // above 48 KiB (fp32: 74 KiB) a kernel must opt in to that much dynamic shared memory
-      const auto kernel = tube_tokens_tc2_kernel<scalar_t>;
-      if (bytes > 48 * 1024)
-        allow_smem<decltype(kernel)>(reinterpret_cast<const void*>(kernel), bytes, x.device().index());
-      tube_tokens_tc2_kernel<scalar_t><<<grid, kThreads, bytes, stream>>>(x.const_data_ptr<scalar_t>(), pe_ptr,
-                                                                          out.mutable_data_ptr<scalar_t>(), p);
-    } else {
-      tube_tokens_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), pe_ptr,
-                                                                      out.mutable_data_ptr<scalar_t>(), p);
-    }
+    constexpr int bytes = fwd_smem_bytes<scalar_t>(2);
+    // above 48 KiB (fp32: 74 KiB) a kernel must opt in to that much dynamic shared memory
+    const auto kernel = tube_tokens_tc2_kernel<scalar_t>;
+    if (bytes > 48 * 1024)
+      allow_smem<decltype(kernel)>(reinterpret_cast<const void*>(kernel), bytes, x.device().index());
+    tube_tokens_tc2_kernel<scalar_t><<<grid, kThreads, bytes, stream>>>(x.const_data_ptr<scalar_t>(), pe_ptr,
+                                                                        out.mutable_data_ptr<scalar_t>(), p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -455,17 +367,12 @@ void grad_weight(const at::Tensor& x, const at::Tensor& grad, const TubeLayout& 
   if (tiles == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   TUBEVIT_DISPATCH_TC_TYPES(x.scalar_type(), "tube_dw_tc", [&] {
-    if (TUBEVIT_TC_STAGES == 2) {  // a plain if: both kernels are always compiled
-      constexpr int bytes = dw_smem_bytes<scalar_t>(2);
-      const auto kernel = tube_dw_tc2_kernel<scalar_t>;
-      if (bytes > 48 * 1024)
-        allow_smem<decltype(kernel)>(reinterpret_cast<const void*>(kernel), bytes, x.device().index());
-      tube_dw_tc2_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, bytes, stream>>>(
-          x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
-    } else {
-      tube_dw_tc_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
-    }
+    constexpr int bytes = dw_smem_bytes<scalar_t>(2);
+    const auto kernel = tube_dw_tc2_kernel<scalar_t>;
+    if (bytes > 48 * 1024)
+      allow_smem<decltype(kernel)>(reinterpret_cast<const void*>(kernel), bytes, x.device().index());
+    tube_dw_tc2_kernel<scalar_t><<<static_cast<unsigned>(tiles), kThreads, bytes, stream>>>(
+        x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

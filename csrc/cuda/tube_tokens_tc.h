@@ -1,4 +1,6 @@
-// Tensor-core forward (see tube_tokens_tc.cu). Arguments as in
+// Tensor-core kernels (see tube_tokens_tc.cu), for the calls the planner
+// (csrc/cuda_plan.h) sends them: sm_80+, at most kMaxTubes tubes, fp16 /
+// bf16, or fp32 while torch.backends.cudnn.allow_tf32 is on. Arguments as in
 // tube_tokens.h; `w` and `bias` contiguous, `pe` contiguous (N, d) or
 // undefined, `out` contiguous (B, N, d), all fp16, all bf16 or all fp32 (run
 // as TF32) on one GPU.
@@ -18,10 +20,6 @@ bool tf32_conv_allowed();
 // torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision: whether
 // ATen's fp32 GEMMs (the GEMM path's) may run below fp32 precision.
 bool tf32_matmul_allowed();
-
-// Whether the tensor-core kernels handle this call: sm_80+, at most kMaxTubes tubes,
-// fp16 / bf16, or fp32 while torch.backends.cudnn.allow_tf32 is on.
-bool supported(const at::Tensor& x, const TubeLayout& L);
 
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& bias,
              const at::Tensor& pe, const TubeLayout& L, at::Tensor& out);

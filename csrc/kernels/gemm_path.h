@@ -45,7 +45,6 @@
 #include <vector>
 
 #include "common.h"
-#include "options.h"
 #include "tube_tokens.h"
 
 namespace tubevit {
@@ -141,36 +140,6 @@ struct GatherElem {
   TUBEVIT_HD void operator()(int64_t e) const {
     const int64_t off = gather_source(a, xs, e);
     p[e] = x[off];
-  }
-};
-
-// GatherElem with V consecutive patch columns per call (one V-wide store;
-// READ_VEC: one V-wide load too). Index: element / V of the P workspace.
-// Legal when V divides every tube's kw (a V-run never leaves a kw-run, and V
-// divides every K_i and block start); READ_VEC when x's W stride is 1 and
-// the base pointer, the other strides and every run's first voxel
-// (o_w + s_w * iw + w) are multiples of V — gather_vec_width checks both.
-// Opt-in (TUBEVIT_GEMM_GATHER_VEC=1, csrc/options.h) until a GPU run has
-// checked and timed it; the scalar GatherElem takes 134 us of a 0.26 ms bf16
-// forward at B = 32 on the H200: one thread per 2-byte element is bound by
-// instruction issue, not by bandwidth. CPU-tested through the same functor.
-template <typename scalar_t, int V, bool READ_VEC>
-struct GatherVecElem {
-  const scalar_t* x;
-  Strides5 xs;
-  Layout a;
-  scalar_t* p;
-
-  TUBEVIT_HD void operator()(int64_t ev) const {
-    const int64_t e = ev * V;
-    const int64_t off = gather_source(a, xs, e);
-    if constexpr (READ_VEC) {
-      store_vec<scalar_t, V>(p + e, load_vec<scalar_t, V>(x + off));
-    } else {
-      Vec<scalar_t, V> r;
-      for (int u = 0; u < V; ++u) r.v[u] = x[off + u * xs.w];
-      store_vec<scalar_t, V>(p + e, r);
-    }
   }
 };
 
@@ -271,51 +240,14 @@ void place(const Layout& a, const at::Tensor& src, at::Tensor& dst, const std::v
   else run(std::integral_constant<int, 1>());
 }
 
-// Widest V (8, 4 or 2 elements, at most 16 bytes) dividing every tube's kw,
-// or 1; *read_vec: whether the V-runs of x can be loaded as one access too.
-template <typename scalar_t>
-int gather_vec_width(const at::Tensor& x, const TubeLayout& L, bool* read_vec) {
-  int v = std::min(8, int(16 / sizeof(scalar_t)));
-  for (; v > 1; v /= 2) {
-    bool ok = true;
-    for (const auto& g : L.tubes) ok = ok && g.k[2] % v == 0;
-    if (ok) break;
-  }
-  bool rv = v > 1 && x.stride(4) == 1 &&
-            reinterpret_cast<uintptr_t>(x.const_data_ptr()) % (v * sizeof(scalar_t)) == 0;
-  for (int ax = 0; ax < 4 && rv; ++ax) rv = x.stride(ax) % v == 0;
-  for (const auto& g : L.tubes) rv = rv && g.o[2] % v == 0 && g.s[2] % v == 0;
-  *read_vec = rv;
-  return v;
-}
-
 // The P workspace (all tubes) in x's dtype, gathered from x (any strides).
 template <class Launcher>
 at::Tensor gather_patches(const at::Tensor& x, const TubeLayout& L, const Layout& a) {
   at::Tensor p = at::empty({a.p_elems}, x.options());
   if (a.p_elems == 0) return p;
-  const bool vec = options().gemm_gather_vec;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tube_tokens_gather", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* pp = p.mutable_data_ptr<scalar_t>();
-    bool read_vec = false;
-    const int v = vec ? gather_vec_width<scalar_t>(x, L, &read_vec) : 1;
-    auto run = [&](auto width, auto rv) {
-      constexpr int V = decltype(width)::value;
-      constexpr bool R = decltype(rv)::value;
-      Launcher::run(a.p_elems / V, GatherVecElem<scalar_t, V, R>{xp, strides_of(x), a, pp});
-    };
-    using T = std::true_type;
-    using F = std::false_type;
-    if (v == 8) {
-      read_vec ? run(std::integral_constant<int, 8>(), T()) : run(std::integral_constant<int, 8>(), F());
-    } else if (v == 4) {
-      read_vec ? run(std::integral_constant<int, 4>(), T()) : run(std::integral_constant<int, 4>(), F());
-    } else if (v == 2) {
-      read_vec ? run(std::integral_constant<int, 2>(), T()) : run(std::integral_constant<int, 2>(), F());
-    } else {
-      Launcher::run(a.p_elems, GatherElem<scalar_t>{xp, strides_of(x), a, pp});
-    }
+    Launcher::run(a.p_elems,
+                  GatherElem<scalar_t>{x.const_data_ptr<scalar_t>(), strides_of(x), a, p.mutable_data_ptr<scalar_t>()});
   });
   return p;
 }

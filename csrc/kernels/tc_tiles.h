@@ -18,8 +18,8 @@
 //   forward: As[BM tokens][LDS] (A = patches, row-major, K along a row),
 //            Bs[BN channels][LDS] (B = W^T read column-major: Bs[n][k]),
 //            Cs[BM][LDC] fp32 (accumulators, aliasing As/Bs after the MMAs)
-//   dW:      As[BM channels j][LDA2] (A = G^T; TUBEVIT_TC_DW_VEC = 1: As[DM tokens][LDA2],
-//            A read column-major), Bs[DM tokens][LDB2] (B = P,
+//   dW:      As[DM tokens][LDA2] (A = G^T read column-major; As[BM channels j][LDA2]
+//            where !kDwTokenMajorA), Bs[DM tokens][LDB2] (B = P,
 //            row-major), Cs as above.
 #pragma once
 
@@ -36,52 +36,30 @@
 namespace tubevit {
 namespace tc {
 
-// Tuning knobs, overridable at build time (setup.py: TUBEVIT_DEFINES); the
-// host emulator is compiled with the same values, so the tests cover them.
-// TUBEVIT_TC_DEPTH: the reduction depth of one staged step (BK, and DM for
-// dW), 32 or 64 (at 32 a step is 8 MMAs per warp against two or three
-// barriers and a global-load latency). TUBEVIT_TC_MIN_BLOCKS: blocks per SM
-// the compiler must fit (__launch_bounds__ of the forward and dW kernels;
-// 1 = no register cap). Measured on an H200 (single-stage kernels, the
-// transposing dW copy; bench/DESIGN.md), kernel time per call at B = 32, bf16
-// forward / dW: depth 32 uncapped 0.93 / 3.05 ms, depth 64 uncapped 1.18 /
-// 3.14 ms (168 / 166 registers: 3 blocks per SM), depth 64 with 4 blocks per
-// SM (128 registers) 0.76 / 2.08 ms — the default.
-#ifndef TUBEVIT_TC_DEPTH
-#define TUBEVIT_TC_DEPTH 64
-#endif
-#ifndef TUBEVIT_TC_MIN_BLOCKS
-#define TUBEVIT_TC_MIN_BLOCKS 4
-#endif
-// TUBEVIT_TC_STAGES: shared-memory stages of the forward's and dW's reduction
-// loops. 1 = load, barrier, multiply; 2 = the next
-// step's tiles are staged with cp.async (sm_80+) while the tensor cores work
-// on the current ones. dW's copies are asynchronous only with
-// TUBEVIT_TC_DW_VEC = 1 for its A tile (the transposing copy stays synchronous).
-// TUBEVIT_TC_DW_VEC: how dW stages its A tile (G^T, channels j x tokens m).
-// 0 = As[j][m]: a transposing copy, one 2-byte load and a bank-conflicted
-// 2-byte store per element (dW was 2.7x slower per FLOP than the forward).
-// 1 = As[m][j], copied along j in 16/8/4-byte chunks (grad rows are
-// contiguous in j) and read by the tensor cores as a column-major A.
-// Measured on an H200 (B = 32, paper tubes, the CUDA suite passing on each
-// build; bench/DESIGN.md), (STAGES, DW_VEC) per call, bf16 forward /
-// forward + dW: (1, 0) 0.83 / 3.04 ms, (2, 0) 0.59 / 2.84, (1, 1) 0.82 /
-// 1.79, (2, 1) 0.58 / 1.27 ms — the default (kernels: forward 0.76 -> 0.52
-// ms, dW 2.08 -> 0.52 ms).
-#ifndef TUBEVIT_TC_STAGES
-#define TUBEVIT_TC_STAGES 2
-#endif
-static_assert(TUBEVIT_TC_STAGES == 1 || TUBEVIT_TC_STAGES == 2, "TUBEVIT_TC_STAGES: 1 or 2");
-#ifndef TUBEVIT_TC_DW_VEC
-#define TUBEVIT_TC_DW_VEC 1
-#endif
-constexpr bool kDwTokenMajorA = TUBEVIT_TC_DW_VEC != 0;
-static_assert(TUBEVIT_TC_DEPTH == 32 || TUBEVIT_TC_DEPTH == 64, "TUBEVIT_TC_DEPTH: 32 or 64");
-constexpr int BM = 64, BN = 64, BK = TUBEVIT_TC_DEPTH;
+// The kernels' tuning constants, in one place (the host emulator compiles
+// the same values, so the tests cover them). The values, and the
+// alternatives measured on an H200 before they were chosen, are in
+// bench/DESIGN.md ("Tensor-core kernels").
+struct Traits {
+  // reduction depth of one staged step (BK, and DM for dW): 32 or 64
+  static constexpr int kDepth = 64;
+  // blocks per SM the compiler must fit (__launch_bounds__ of the forward and
+  // dW kernels): 4 caps them at 128 registers (kernel time at B = 32, bf16:
+  // 0.76 ms against 1.18 ms uncapped)
+  static constexpr int kMinBlocks = 4;
+  // dW stages its A tile (G^T, channels j x tokens m) token-major, As[m][j],
+  // copied along j in 16/8/4-byte chunks (grad rows are contiguous in j) and
+  // read by the tensor cores as a column-major A; the transposing copy it
+  // replaced made dW 2.7x slower per FLOP than the forward
+  static constexpr bool kDwTokenMajorA = true;
+};
+static_assert(Traits::kDepth == 32 || Traits::kDepth == 64, "Traits::kDepth: 32 or 64");
+constexpr bool kDwTokenMajorA = Traits::kDwTokenMajorA;
+constexpr int BM = 64, BN = 64, BK = Traits::kDepth;
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int LDS = BK + 8;   // padded staging row (elements) to spread banks
 constexpr int LDC = BN + 4;   // padded fp32 accumulator row
-constexpr int DM = TUBEVIT_TC_DEPTH;  // dW: tokens per reduction step
+constexpr int DM = Traits::kDepth;  // dW: tokens per reduction step
 constexpr int LDA2 = (kDwTokenMajorA ? BM : DM) + 8;  // dW: As[m][j] or As[j][m]
 constexpr int kDwARows = kDwTokenMajorA ? DM : BM;     // dW: rows of As
 constexpr int LDB2 = BN + 8;  // dW: Bs[m][k]
@@ -113,7 +91,7 @@ struct ParamsDW {
   TubeGeom g[kMaxTubes];
   void* dw[kMaxTubes];                  // (d, K) row-major, scalar_t
   int vec_x[kMaxTubes];                 // elements per patch-gather access (gather_vec)
-  int vec_g;                              // elements per grad-row access (TUBEVIT_TC_DW_VEC = 1)
+  int vec_g;                              // elements per grad-row access (kDwTokenMajorA)
   int64_t tiles_before[kMaxTubes + 1];  // prefix of ceil(d/BM) * ceil(K_i/BN)
   int n_tubes;
   int64_t B, N, d;
@@ -132,7 +110,7 @@ struct MmaArgs {
 // gather_vec / weight_vec): BYTES (4, 8 or 16) copied from src, or zeros
 // when src is null. On the GPU a single load/store instead of V scalar ones
 // (ASYNC: a cp.async into shared memory that completes at the kernel's next
-// cp.async wait, for the pipelined forward, TUBEVIT_TC_STAGES = 2; zeros are
+// cp.async wait, for the two-stage pipelines; zeros are
 // a plain store); on the host a memcpy / memset.
 template <int BYTES, bool ASYNC = false>
 TUBEVIT_HD void put_bytes(void* dst, const void* src) {
@@ -431,7 +409,7 @@ TUBEVIT_HD void dw_fill_a_transposed(const ParamsDW& p, const DwLoc& l, const sc
   }
 }
 
-// TUBEVIT_TC_DW_VEC = 1: As[mm][j] = grad[grad_row[mm], j0 + j], V channels
+// kDwTokenMajorA: As[mm][j] = grad[grad_row[mm], j0 + j], V channels
 // per access (V divides d and j0, grad aligned: a chunk is wholly inside or
 // wholly past the row).
 template <int V, bool ASYNC, typename scalar_t>
@@ -479,7 +457,7 @@ TUBEVIT_HD MmaArgs dw_mma_args(int warp, int ks) {
   const int wj = (warp / 2) * 32, wk = (warp % 2) * 32;
   // B staged as Bs[m][k]: row-major; 16 columns apart = 16 elements.
   // A: As[j][m] row-major (16 rows of j apart = 16 * LDA2), or with
-  // TUBEVIT_TC_DW_VEC = 1 As[m][j], i.e. A column-major (16 rows apart = 16).
+  // kDwTokenMajorA: As[m][j], i.e. A column-major (16 rows apart = 16).
   if (kDwTokenMajorA) return {ks * LDA2 + wj, 16, LDA2, ks * LDB2 + wk, 16, LDB2};
   return {wj * LDA2 + ks, 16 * LDA2, LDA2, ks * LDB2 + wk, 16, LDB2};
 }

@@ -2,8 +2,8 @@
 // functor in a host loop and the same ATen orchestration (views, GEMMs, the
 // position-embedding placement), registered as the test ops
 // tubevit_testing::tube_tokens_gemm_path (forward), tube_tokens_gemm_path_dw
-// (weight gradients) and tube_tokens_gemm_path_dx (input gradient by the
-// per-tube scatter), checked against the Conv3d reference by
+// (weight gradients) and tube_tokens_gemm_path_dx (input gradient: dP by
+// the GEMMs, then the gather), checked against the Conv3d reference by
 // python_tests/test_gemm_path.py. Not used by the library itself: the CPU
 // backend proper is tube_tokens_cpu.cpp.
 #include <torch/library.h>
@@ -11,6 +11,7 @@
 #include "../kernels/gemm_path.h"
 #include "../kernels/grad_input.h"
 #include "cpu_launcher.h"
+#include "dx_emulation.h"
 
 namespace tubevit {
 namespace {
@@ -46,26 +47,29 @@ std::vector<at::Tensor> gemm_path_dw_cpu(const at::Tensor& grad_out, const at::T
 }
 
 // dP_i = G_i W_i in fp32 (the CUDA path's cuBLAS GEMMs, here ATen's CPU
-// ones on fp32 copies), then the per-tube scatter of kernels/grad_input.h.
+// ones on fp32 copies), then the gather of kernels/grad_input.h as its
+// kernel runs.
 at::Tensor gemm_path_dx_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
                             at::IntArrayRef tubes) {
   const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
   const gemm::Layout a = checked_layout(L, "tube_tokens_gemm_path_dx");
   const at::Tensor g = gemm::grad_rows<CpuLauncher>(grad_out.contiguous(), a);
-  at::Tensor dp = at::empty({a.p_elems}, x.options().dtype(at::kFloat));
-  std::vector<int64_t> dp_off;
+  int64_t dp_elems = 0;
+  const ParamsDX p = make_dp_layout(L, nullptr, &dp_elems);
+  at::Tensor dp = at::empty({dp_elems}, x.options().dtype(at::kFloat));
   for (int i = 0; i < a.n_tubes; ++i) {
     const TubeGeom& tg = L.tubes[i];
     const int64_t rows = L.batch * tg.num_tokens;
-    dp_off.push_back(a.t[i].p_start);
     if (rows == 0) continue;
-    at::Tensor dp_i = gemm::block(dp, a.t[i].p_start, rows, tg.patch_size);
+    at::Tensor dp_i = gemm::block(dp, p.dp_offset[i], rows, tg.patch_size);
     at::mm_out(dp_i, gemm::block(g, a.t[i].y_start, rows, L.dim).to(at::kFloat),
                weights[i].reshape({L.dim, tg.patch_size}).to(at::kFloat));
   }
-  at::Tensor dx;
-  TORCH_CHECK(dx::grad_input_scatter<CpuLauncher>(dp, dp_off, L, &dx, x.options()),
-              "tube_tokens_gemm_path_dx: covered voxels exceed 32-bit indices");
+  at::Tensor dx = at::empty({L.batch, L.channels, L.size[0], L.size[1], L.size[2]}, x.options());
+  if (dx.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tube_tokens_gemm_path_dx", [&] {
+    dx::emulate_gather<scalar_t>(p, dp.const_data_ptr<float>(), L, dx.mutable_data_ptr<scalar_t>());
+  });
   return dx;
 }
 

@@ -1,5 +1,5 @@
 // Forward of all tubes on Hopper tensor cores: one persistent,
-// warp-specialized launch over the tile list of kernels/hopper_tiles.h.
+// warp-specialized launch over the tile list of hopper_tiles.h.
 // Warpgroup 0 gathers, per K step, the A tile (patch rows of x, each thread
 // walking its row's columns) and the B tile (W_i rows) into 128-byte-
 // swizzled K-major shared memory with cp.async (zero-filled at the edges);
@@ -24,8 +24,8 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
-#include "../../kernels/hopper_tiles.h"
-#include "../hopper_forward.h"
+#include "hopper_tiles.h"
+#include "hopper.h"
 #include "hopper_device.cuh"
 
 namespace tubevit {

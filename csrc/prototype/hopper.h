@@ -1,11 +1,11 @@
-// The Hopper kernels (cuda/hopper/: the forward, hopper_forward.cu; the
-// weight and bias gradients, hopper_grad_weight.cu; the input gradient's dP,
-// hopper_grad_input.cu; sm_90a wgmma through CuTe). Built only where the CUTLASS/CuTe headers are found (setup.py:
-// TUBEVIT_WITH_HOPPER) and run only when TUBEVIT_CUDA_PATH=hopper asks for
-// them (csrc/options.h): their tile logic is CPU-tested
-// (testing/hopper_emulation.cpp); the hardware side is checked by
-// bench/gpu_check.sh (tests-hopper, sanitize-hopper), and the path is opt-in
-// until that has passed.
+// The prototype's host API (csrc/prototype/README.md): the sm_90a wgmma
+// kernels through CuTe (the forward, hopper_forward.cu; the weight and bias
+// gradients, hopper_grad_weight.cu; the input gradient's dP,
+// hopper_grad_input.cu) and the dx writer (dx_writer.cu). Built only with
+// TUBEVIT_PROTOTYPE=1 (setup.py) / -DTUBEVIT_PROTOTYPE=ON (CMake), which
+// defines TUBEVIT_WITH_PROTOTYPE; taken only under TUBEVIT_CUDA_PATH=hopper
+// (csrc/options.h, the planner in csrc/cuda_plan.h). Their tile logic runs
+// on the CPU (hopper_emulation.cpp, test_hopper_prototype.py).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,7 +20,7 @@ namespace hopper {
 // Whether the kernel takes this call: built with sm_90a code, an sm_90 GPU
 // with the shared memory a CTA needs, fp16 / bf16, at most kMaxTubes tubes,
 // d a multiple of 8 (the epilogue's 16-byte stores). Any strides and tube
-// geometry: chunk widths follow from them (kernels/hopper_tiles.h).
+// geometry: chunk widths follow from them (hopper_tiles.h).
 bool supported(const at::Tensor& x, const TubeLayout& L);
 
 // x (B, C, T, H, W) fp16 / bf16, any strides; weights (d, C, kt, kh, kw)
@@ -52,4 +52,12 @@ bool grad_input_supported(const at::Tensor& x, const TubeLayout& L);
 at::Tensor grad_dp(const at::Tensor& grad_out, const std::vector<at::Tensor>& weights, const TubeLayout& L);
 
 }  // namespace hopper
+
+namespace dx {
+// dx (B, C, T, H, W) contiguous in x's dtype from the dP workspace of
+// make_dp_layout(L) (contiguous fp32) by the writer: the gather's sums in the
+// gather's order (the same bits as dx::from_dp), one 16-byte store per 8
+// voxels where W % 8 == 0. On the current stream.
+at::Tensor write_from_dp(const at::Tensor& x, const at::Tensor& dp, const TubeLayout& L);
+}  // namespace dx
 }  // namespace tubevit

@@ -1,7 +1,7 @@
 // Device and launch helpers shared by the Hopper kernels (hopper_forward.cu,
 // hopper_grad_weight.cu, hopper_grad_input.cu): torch -> CuTe 16-bit types, the producers' chunk
 // copy, named barriers, the fp16 / bf16 dispatch, the shared-memory traits and the consumers' mainloop. The operand
-// layouts and wgmma atoms: kernels/hopper_layouts.h.
+// layouts and wgmma atoms: hopper_layouts.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,9 +15,9 @@
 
 #include <cstdint>
 
-#include "../../kernels/hopper_layouts.h"
-#include "../../kernels/hopper_tiles.h"
-#include "../cuda_launcher.cuh"
+#include "hopper_layouts.h"
+#include "hopper_tiles.h"
+#include "../cuda/cuda_launcher.cuh"
 
 namespace tubevit {
 namespace hopper {

@@ -1,6 +1,7 @@
-"""The Hopper kernels' tile code, run on the CPU (tubevit_testing::tube_tokens_hopper_emulated and its
-_dw / _dx versions, see csrc/kernels/hopper_tiles.h and csrc/testing/hopper_emulation.cpp), the dP -> dx
-passes on a given dP (tubevit_testing::dx_from_dp), and, on an sm_90 GPU, the kernels themselves.
+"""The prototype (csrc/prototype/): the Hopper kernels' tile code, run on the CPU
+(tubevit_testing::tube_tokens_hopper_emulated and its _dw / _dx versions, see hopper_tiles.h and
+hopper_emulation.cpp), the dx writer on a given dP (tubevit_testing::dx_writer_from_dp), and, on an
+sm_90 GPU, the kernels themselves (their first light: bench/gpu_check.sh, step prototype).
 Forward: the persistent schedule over
 the tile list (tubes by decreasing K, row tiles that cross sample boundaries), every producer
 thread's chunks (column walk, chunk widths 8 / 4 / 2 / 1, alignment, zero fill, each stage element
@@ -12,8 +13,12 @@ import pytest
 import torch
 
 import tubevit_ext as tv
-from conftest import UNIT_ROUNDOFF, check_rounded, cuda_graph_replay, make_params, max_err, set_switch
-from tubevit_ext.testing import ops
+from conftest import (DX_SHAPES, _reread_switches, check_rounded, cuda_graph_replay, dp_inputs,  # noqa: F401
+                      dx_from_dp_fp64, make_params, set_switch)
+
+if not tv._C._prototype_compiled():
+    pytest.skip("a build without csrc/prototype (TUBEVIT_PROTOTYPE=1 builds it)", allow_module_level=True)
+from tubevit_ext.testing import ops  # noqa: E402
 
 CASES = {
     # rows of 3 samples in one tile list: 3 * 90 = 270 rows (3 tiles, the last partial), K = 54, d = 136
@@ -81,13 +86,6 @@ def test_hopper_schedule_any_grid(grid):
     got = ops.tube_tokens_hopper_emulated(x, ws, bs, tv.flatten_tubes(tubes), pe, grid)
     want = tv.reference.tube_tokens(x, ws, bs, tubes, pe)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_hopper_emulators_check_the_swizzled_layouts():
-    """With the CuTe headers (every build that has the Hopper kernels) the emulators place each producer
-    chunk through the kernels' own shared-memory layouts (kernels/hopper_layouts.h), so the tests above
-    also check that every chunk is contiguous and aligned in the 128-byte-swizzled stage."""
-    assert ops.hopper_swizzle_checked() == bool(tv.cuda_compiled() and tv._C._hopper_compiled())
 
 
 def test_hopper_chunk_widths():
@@ -193,9 +191,9 @@ def test_hopper_dw_splits():
 
 
 HOPPER_GPU = pytest.mark.skipif(
-    not (torch.cuda.is_available() and tv.cuda_compiled() and tv._C._hopper_compiled()
+    not (torch.cuda.is_available() and tv.cuda_compiled() and tv._C._prototype_compiled()
          and torch.cuda.get_device_capability() == (9, 0)),
-    reason="needs an sm_90 GPU and a build with the Hopper kernels")
+    reason="needs an sm_90 GPU")
 
 
 def _hopper_kernels_in(fn):
@@ -327,70 +325,25 @@ def test_hopper_dx_empty_batch_and_refusals():
         ops.tube_tokens_hopper_dx_emulated(grad[..., :130], x, [w[:130] for w in ws], tv.flatten_tubes(tubes))
 
 
-# dx from a given dP: shapes chosen for the writer's tile shapes: W a multiple of 8 (16-byte stores),
-# W not (partial chunks at row ends), W < 8 (one chunk per row, 256 rows per tile), W > 256 (several
-# column tiles, W % 8 == 4: no 16-byte stores), overlapping windows along every axis
-DX_SHAPES = {
-    "w_multiple_of_8": ([tv.Tube((2, 3, 4), (2, 2, 4), (1, 0, 0)), tv.Tube((1, 2, 8), (1, 3, 8))], (5, 9, 32), 2),
-    "w_ragged": ([tv.Tube((2, 2, 3), (1, 3, 2), (0, 1, 1)), tv.Tube((3, 1, 5), (2, 1, 4))], (6, 7, 19), 3),
-    "w_narrow": ([tv.Tube((1, 2, 2), (1, 1, 1)), tv.Tube((2, 3, 3), (3, 2, 2), (0, 1, 1))], (4, 300, 5), 2),
-    "w_wide": ([tv.Tube((1, 1, 16), (2, 2, 16), (0, 0, 3)), tv.Tube((2, 2, 7), (2, 3, 9))], (3, 4, 532), 1),
-}
-
-
-def _dp_inputs(shape, dtype, B=2, d=16, seed=0):
-    tubes, size, C = DX_SHAPES[shape]
-    g = torch.Generator().manual_seed(seed)
-    x = torch.zeros(B, C, *size, dtype=dtype)
-    ws = [torch.zeros(d, C, *t.kernel, dtype=dtype) for t in tubes]
-    grad = torch.zeros(B, tv.num_tokens(tubes, size), d, dtype=dtype)
-    elems = sum(B * tv.num_tokens([t], size) * C * t.kernel[0] * t.kernel[1] * t.kernel[2] for t in tubes)
-    dp = torch.randn(elems, generator=g)
-    return tubes, x, ws, grad, dp
-
-
-def _dx_from_dp_fp64(tubes, x, dp):
-    """dx = sum over tubes of col2im(dP_i) in fp64: the adjoint of the reference's patch extraction."""
-    B, C = x.shape[:2]
-    xd = torch.zeros(x.shape, dtype=torch.float64, requires_grad=True)
-    off, total = 0, 0.0
-    for t in tubes:
-        n = tv.num_tokens([t], x.shape[2:])
-        K = C * t.kernel[0] * t.kernel[1] * t.kernel[2]
-        w = torch.eye(K, dtype=torch.float64).view(K, C, *t.kernel)  # tokens = patches
-        p = tv.reference.tube_tokens(xd, [w], None, [t], None)  # (B, n, K)
-        total = total + (p * dp[off:off + B * n * K].double().view(B, n, K)).sum()
-        off += B * n * K
-    total.backward()
-    return xd.grad
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", sorted(DX_SHAPES))
 def test_dx_writer_equals_the_gather(shape, dtype):
     """On the same dP the writer and the gather give the same bits (the same fp32 sums in the same
-    order), both within one rounding of the fp64 col2im; the per-tube scatter agrees within its extra
-    roundings (one per tube)."""
-    tubes, x, ws, grad, dp = _dp_inputs(shape, dtype)
+    order), both within one rounding of the fp64 col2im."""
+    tubes, x, ws, grad, dp = dp_inputs(shape, dtype)
     flat = tv.flatten_tubes(tubes)
-    gather = ops.dx_from_dp(grad, x, ws, flat, dp, 0)
-    writer = ops.dx_from_dp(grad, x, ws, flat, dp, 2)
+    gather = ops.dx_from_dp(grad, x, ws, flat, dp)
+    writer = ops.dx_writer_from_dp(grad, x, ws, flat, dp)
     assert not torch.isnan(writer).any()
     assert torch.equal(writer, gather)
-    check_rounded(writer, _dx_from_dp_fp64(tubes, x, dp), dtype, shape, fp32_rel=2.0 ** -20)
-    scatter = ops.dx_from_dp(grad, x, ws, flat, dp, 1)  # rounds once per tube
-    want = _dx_from_dp_fp64(tubes, x, dp)
-    rel = 2.0 ** -20 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
-    assert max_err(scatter, want) <= 2 * len(tubes) * rel * want.abs().max().item() + 1e-5
+    check_rounded(writer, dx_from_dp_fp64(tubes, x, dp), dtype, shape, fp32_rel=2.0 ** -20)
 
 
-def test_dx_from_dp_refuses_bad_arguments():
-    tubes, x, ws, grad, dp = _dp_inputs("w_ragged", torch.float32)
+def test_dx_writer_refuses_bad_arguments():
+    tubes, x, ws, grad, dp = dp_inputs("w_ragged", torch.float32)
     flat = tv.flatten_tubes(tubes)
     with pytest.raises(ValueError, match="dp must be a contiguous fp32 tensor of"):
-        ops.dx_from_dp(grad, x, ws, flat, dp[1:], 2)
-    with pytest.raises(ValueError, match="dx_pass must be"):
-        ops.dx_from_dp(grad, x, ws, flat, dp, 3)
+        ops.dx_writer_from_dp(grad, x, ws, flat, dp[1:])
 
 
 ANY_CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and tv.cuda_compiled()), reason="needs a CUDA GPU")
@@ -399,57 +352,16 @@ ANY_CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and tv.cuda_compile
 @ANY_CUDA
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", sorted(DX_SHAPES))
-def test_cuda_dx_passes_match_their_emulation(shape, dtype):
-    """The gather and writer kernels on a GPU: bitwise equal to each other and to their CPU emulation
-    on the same dP (fp32 sums in the same order, no contraction: adds only)."""
-    tubes, x, ws, grad, dp = _dp_inputs(shape, dtype, seed=1)
+def test_cuda_dx_writer_matches_its_emulation(shape, dtype):
+    """The writer kernel on a GPU: bitwise equal to its CPU emulation and to the gather kernel on the
+    same dP (fp32 sums in the same order, no contraction: adds only)."""
+    tubes, x, ws, grad, dp = dp_inputs(shape, dtype, seed=1)
     flat = tv.flatten_tubes(tubes)
-    want = ops.dx_from_dp(grad, x, ws, flat, dp, 2)
+    want = ops.dx_writer_from_dp(grad, x, ws, flat, dp)
     c = lambda t: t.cuda()
-    writer = ops.dx_from_dp(c(grad), c(x), [c(w) for w in ws], flat, c(dp), 2)
-    gather = ops.dx_from_dp(c(grad), c(x), [c(w) for w in ws], flat, c(dp), 0)
+    writer = ops.dx_writer_from_dp(c(grad), c(x), [c(w) for w in ws], flat, c(dp))
+    gather = ops.dx_from_dp(c(grad), c(x), [c(w) for w in ws], flat, c(dp))
     assert torch.equal(writer.cpu(), want) and torch.equal(gather.cpu(), want)
-
-
-def test_dx_pass_switch_takes_its_three_values(monkeypatch):
-    # TUBEVIT_DX_PASS names the pass (read again by reload_options); anything else is refused, naming
-    # the variable; the CPU backend does not depend on it
-    tubes, x, ws, grad, _ = _dp_inputs("w_ragged", torch.float32)
-    flat = tv.flatten_tubes(tubes)
-    want = torch.ops.tubevit.tube_tokens_backward(grad, x, ws, [], flat, [True, False, False])[0]
-    for value in ("gather", "scatter", "writer", "", None):
-        set_switch(monkeypatch, "TUBEVIT_DX_PASS", value)
-        got = torch.ops.tubevit.tube_tokens_backward(grad, x, ws, [], flat, [True, False, False])[0]
-        assert torch.equal(got, want)
-    monkeypatch.setenv("TUBEVIT_DX_PASS", "1")
-    with pytest.raises(ValueError, match="TUBEVIT_DX_PASS must be one of gather, scatter, writer; got '1'"):
-        tv.reload_options()
-
-
-@ANY_CUDA
-@pytest.mark.parametrize("path", ["gemm", "tc"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_dx_pass_switch_on_both_fast_paths(monkeypatch, path, dtype):
-    """TUBEVIT_DX_PASS=writer on the GEMM and tensor-core paths: the profiler sees the writer, and the
-    input gradient equals the gather's bit for bit (same dP, same sums in the same order);
-    TUBEVIT_DX_PASS=scatter stays within its one rounding per tube of it."""
-    tubes, size, C = DX_SHAPES["w_ragged"]
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, C, *size, generator=g).to(dtype).cuda()
-    ws = [torch.randn(24, C, *t.kernel, generator=g).to(dtype).cuda() for t in tubes]
-    grad = torch.randn(3, tv.num_tokens(tubes, size), 24, generator=g).to(dtype).cuda()
-    flat = tv.flatten_tubes(tubes)
-    set_switch(monkeypatch, "TUBEVIT_CUDA_PATH", path)
-    dx_of = lambda: torch.ops.tubevit.tube_tokens_backward(grad, x, ws, [], flat, [True, False, False])[0]
-    set_switch(monkeypatch, "TUBEVIT_DX_PASS", "gather")
-    want = dx_of()
-    set_switch(monkeypatch, "TUBEVIT_DX_PASS", "writer")
-    names = _hopper_kernels_in(dx_of)
-    assert any("tube_dx_writer_kernel" in n for n in names), names
-    assert torch.equal(dx_of(), want)
-    set_switch(monkeypatch, "TUBEVIT_DX_PASS", "scatter")
-    rel = 2.0 ** -20 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
-    assert max_err(dx_of(), want) <= 2 * len(tubes) * rel * want.abs().max().item() + 1e-5
 
 
 @HOPPER_GPU

@@ -1,6 +1,6 @@
 // Weight and bias gradients of all tubes on Hopper tensor cores, the
-// forward's skeleton (cuda/hopper/hopper_forward.cu) turned around: per tile
-// (tube, token split, patch-column tile, channel tile; kernels/hopper_tiles.h)
+// forward's skeleton (hopper_forward.cu) turned around: per tile
+// (tube, token split, patch-column tile, channel tile; hopper_tiles.h)
 // warpgroup 0 gathers per K step 64 token rows of G (16-byte cp.async of the
 // tile's 128 channels) and of the patch matrix (cp.async chunks of kw runs
 // through a per-tile column table), both into 128-byte-swizzled MN-major
@@ -20,8 +20,8 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
-#include "../../kernels/hopper_tiles.h"
-#include "../hopper_forward.h"
+#include "hopper_tiles.h"
+#include "hopper.h"
 #include "hopper_device.cuh"
 
 namespace tubevit {

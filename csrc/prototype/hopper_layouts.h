@@ -1,6 +1,6 @@
 // The Hopper kernels' shared-memory operand layouts and wgmma atoms as CuTe
-// types, host + device: the kernels (cuda/hopper/) build their stage
-// buffers from them, and the CPU emulator (testing/hopper_emulation.cpp)
+// types, host + device: the kernels (hopper_*.cu) build their stage
+// buffers from them, and the CPU emulator (hopper_emulation.cpp)
 // evaluates the same layouts on the host, so that the CPU suite checks the
 // producers' swizzled addresses (every chunk of V elements contiguous and
 // 2V-byte aligned in shared memory, every stage element written once).

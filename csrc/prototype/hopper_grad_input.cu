@@ -1,6 +1,6 @@
 // Input gradient on Hopper tensor cores, step 1: dP_i = G_i W_i (fp32) for
 // every tube in one persistent, warp-specialized launch (tile logic:
-// kernels/hopper_tiles.h, DpParams). Per tile (tube, 128 token rows, 128
+// hopper_tiles.h, DpParams). Per tile (tube, 128 token rows, 128
 // patch columns) warpgroup 0 copies, per step of 64 channels, the tile's G
 // rows (16-byte cp.async, K-major) and the W_i rows of those channels (the
 // widest cp.async K_i and W_i's alignment allow, MN-major) into 128-byte-
@@ -20,8 +20,8 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
-#include "../../kernels/hopper_tiles.h"
-#include "../hopper_forward.h"
+#include "hopper_tiles.h"
+#include "hopper.h"
 #include "hopper_device.cuh"
 
 namespace tubevit {

@@ -1,7 +1,7 @@
 """What the compiler made of the CUDA kernels, checked without a GPU: reads the built library's
 resource report and SASS (cuobjdump) and fails when a kernel breaks its contract.
 
-    python bench/check_sass.py [--lib tubevit_ext/_C....so] [--cuobjdump PATH] [--json out.json]
+    python csrc/prototype/check_sass.py [--lib tubevit_ext/_C....so] [--cuobjdump PATH] [--json out.json]
 
 Contracts (per kernel, matched on the demangled name):
   every kernel          at most 255 registers; its local memory (LOCAL, STACK) is printed
@@ -12,8 +12,6 @@ Contracts (per kernel, matched on the demangled name):
                         fence after the 1-element chunks' plain shared stores), within 168
                         registers (384 threads, one CTA per SM: 65536 / 384)
   dx writer             no local memory, at most 85 registers (three 256-thread blocks per SM)
-  mma forward, dW       (cuda/tube_tokens_mma.cu) on every arch built: LDSM (ldmatrix), HMMA
-                        (mma.sync), LDGSTS (cp.async), no local memory, at most 168 registers
 (The WMMA tensor-core kernels of cuda/tube_tokens_tc.cu keep stage-pointer tables on the stack, 24-192
 bytes: printed, not failed.)
 cuobjdump comes with the CUDA toolkit; without one, the copy that triton (a torch dependency) ships is
@@ -30,7 +28,7 @@ import shutil
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # name pattern -> (SASS mnemonics its code must contain, register budget, no local memory, the archs the
 # mnemonics are required on: "sm_90a" for wgmma, None for every arch); the first pattern that matches applies
@@ -41,11 +39,6 @@ CONTRACTS = [
     # the dx writer: bandwidth-bound, three blocks per SM (__launch_bounds__), acc[8] in registers
     (re.compile(r"dx::.*tube_dx_writer_kernel"), (), 85, True, "sm_90a"),
     (re.compile(r"hopper::"), (), 255, True, "sm_90a"),
-    # the ldmatrix + mma.sync forward and dW, on every arch they are built for (sm_80+): fragments by ldmatrix
-    # (LDSM), mma.sync (HMMA), cp.async (LDGSTS); 128 registers where two blocks fit an SM, 168 on
-    # sm_86 / sm_89 (one block: __launch_bounds__ in cuda/tube_tokens_mma.cu)
-    (re.compile(r"mma::.*tube_tokens_mma_kernel"), ("LDSM", "HMMA", "LDGSTS"), 168, True, None),
-    (re.compile(r"mma::.*tube_dw_mma_kernel"), ("LDSM", "HMMA", "LDGSTS"), 168, True, None),
 ]
 DEFAULT_CONTRACT = ((), 255, False, "sm_90a")
 

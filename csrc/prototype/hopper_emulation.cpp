@@ -1,6 +1,6 @@
-// Host emulator of the Hopper forward kernel (cuda/hopper/hopper_forward.cu),
+// Host emulator of the Hopper forward kernel (hopper_forward.cu),
 // as the test-only op tubevit_testing::tube_tokens_hopper_emulated. It runs
-// the kernel's tile functions (kernels/hopper_tiles.h, the code the GPU
+// the kernel's tile functions (hopper_tiles.h, the code the GPU
 // compiles) in the kernel's order: the persistent schedule of a grid of
 // `grid` CTAs, every producer thread's chunks per K step (source offsets
 // from its column walk, chunk widths, zero fill), an fp32 product in place of
@@ -22,13 +22,12 @@
 #include <limits>
 #include <vector>
 
-#include "../kernels/hopper_tiles.h"
+#include "hopper_tiles.h"
 #include "../tube_tokens.h"
-#include "dx_emulation.h"
-#include "tensor_extent.h"
-#ifdef TUBEVIT_WITH_HOPPER
-#include "../kernels/hopper_layouts.h"
-#endif
+#include "../testing/dx_emulation.h"
+#include "dx_writer_emulation.h"
+#include "../testing/tensor_extent.h"
+#include "hopper_layouts.h"
 
 namespace tubevit {
 namespace {
@@ -41,26 +40,9 @@ void check_inside(int64_t src, int v, int64_t extent, const char* what) {
               src + v, ") of ", extent);
 }
 
-// Without CuTe: stages as plain unswizzled tiles with the kernel's
-// major-ness (K-major: a row's BK elements contiguous; MN-major: a column's
-// Rows elements), so the producers' chunks are still checked contiguous,
-// aligned and written once (the swizzle is then unchecked).
-template <int Rows, bool MnMajor>
-struct PlainStages {
-  int64_t operator()(int r, int k, int s) const {
-    return MnMajor ? (int64_t(s) * BK + k) * Rows + r : (int64_t(s) * Rows + r) * BK + k;
-  }
-};
-
-#ifdef TUBEVIT_WITH_HOPPER
-constexpr bool kSwizzleChecked = true;
-#else
-constexpr bool kSwizzleChecked = false;
-#endif
-
 // One operand's kStages stages as the kernel's shared memory holds them:
 // element (row, k) of stage s at offset Layout{}(row, k, s), with CuTe the
-// 128-byte-swizzled layout the kernel declares (kernels/hopper_layouts.h;
+// 128-byte-swizzled layout the kernel declares (hopper_layouts.h;
 // 2-byte elements). put() takes one producer chunk of v elements along k
 // (K-major operands) or along the rows (MN-major) and checks what cp.async
 // needs: the v elements contiguous in shared memory, their start 2v-byte
@@ -108,7 +90,6 @@ class Stages {
   int stage_ = 0;
 };
 
-#ifdef TUBEVIT_WITH_HOPPER
 using L16 = cutlass::bfloat16_t;  // the layouts of fp16 and bf16 are the same (2-byte elements)
 template <typename acc_t> using FwdA = Stages<BM, layouts::ForwardA<L16>, acc_t>;
 template <typename acc_t> using FwdB = Stages<BN, layouts::ForwardB<L16>, acc_t>;
@@ -116,14 +97,6 @@ using DwStA = Stages<BM, layouts::DwA<L16>, float>;
 using DwStB = Stages<BN, layouts::DwB<L16>, float>;
 using DpStA = Stages<BM, layouts::DpA<L16>, float>;
 using DpStB = Stages<BN, layouts::DpB<L16>, float>;
-#else
-template <typename acc_t> using FwdA = Stages<BM, PlainStages<BM, false>, acc_t>;
-template <typename acc_t> using FwdB = Stages<BN, PlainStages<BN, false>, acc_t>;
-using DwStA = Stages<BM, PlainStages<BM, true>, float>;
-using DwStB = Stages<BN, PlainStages<BN, true>, float>;
-using DpStA = Stages<BM, PlainStages<BM, false>, float>;
-using DpStB = Stages<BN, PlainStages<BN, true>, float>;
-#endif
 
 template <typename scalar_t>
 void emulate(const Params& p, int64_t grid, int64_t batch, int64_t x_extent) {
@@ -471,9 +444,56 @@ at::Tensor hopper_dx_emulated_cpu(const at::Tensor& grad_out, const at::Tensor& 
   return dx;
 }
 
+
+// tubevit_testing::dx_writer_from_dp on the CPU: the writer's emulation on a given dP.
+at::Tensor dx_writer_from_dp_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                                 at::IntArrayRef tubes, const at::Tensor& dp) {
+  const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
+  int64_t dp_elems = 0;
+  const ParamsDX p = make_dp_layout(L, nullptr, &dp_elems);
+  TORCH_CHECK_VALUE(dp.scalar_type() == at::kFloat && dp.is_contiguous() && dp.numel() == dp_elems,
+                    "dp must be a contiguous fp32 tensor of ", dp_elems, " elements, got ", dp.scalar_type(),
+                    " with ", dp.numel());
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat, "x must be fp16, bf16 or fp32, got ",
+                   t);
+  at::Tensor dx = at::full({L.batch, L.channels, L.size[0], L.size[1], L.size[2]},
+                           std::numeric_limits<double>::quiet_NaN(), x.options());
+  if (dx.numel() == 0) return dx;
+  TUBEVIT_DISPATCH_HALF_BF16_FLOAT(t, "dx_writer_from_dp", [&] {
+    dx::emulate_writer<scalar_t>(p, dp.const_data_ptr<float>(), L, dx.mutable_data_ptr<scalar_t>(), 2);
+  });
+  return dx;
+}
+
 }  // namespace
 
-bool hopper_swizzle_checked() { return kSwizzleChecked; }
+TORCH_LIBRARY_FRAGMENT(tubevit_testing, m) {
+  // The Hopper forward kernel's tile code (hopper_tiles.h) run on the CPU with a
+  // plain product for wgmma (this file). Test-only, CPU-only, not
+  // differentiable.
+  m.def(
+      "tube_tokens_hopper_emulated(Tensor x, Tensor[] weights, Tensor[] biases, int[] tubes, "
+      "Tensor? pos_embed, int grid=132) -> Tensor");
+  // [va_0, vb_0, va_1, vb_1, ...]: the elements per copy of A and of B the Hopper kernel
+  // uses for each tube of this call (8 / 4 / 2: 16 / 8 / 4-byte cp.async, 1: plain loads).
+  m.def("hopper_chunk_widths(Tensor x, Tensor[] weights, int[] tubes) -> int[]");
+  // The Hopper weight / bias gradient kernels' tile code and reduction on the CPU: (dW list,
+  // db list, empty without bias); `target`: the tile count the splits aim at (the kernel: 4 per SM).
+  m.def(
+      "tube_tokens_hopper_dw_emulated(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, bool bias, "
+      "int grid=132, int target=528) -> (Tensor[], Tensor[])");
+  // [splits_0, steps_per_split_0, splits_1, ...] for a call with this target.
+  m.def("hopper_dw_splits(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, int target) -> int[]");
+  // The Hopper input-gradient kernels on the CPU: dP by the dP kernel's tile code, then dx by the
+  // writer (writer = false: by the gather, on the same dP).
+  m.def(
+      "tube_tokens_hopper_dx_emulated(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, int grid=132, "
+      "bool writer=True) -> Tensor");
+  // dx from a given dP workspace (fp32, make_dp_layout's blocks) by the writer (dx_writer.h): on
+  // CUDA the kernel, on the CPU its emulation. grad_out only fixes the layout.
+  m.def("dx_writer_from_dp(Tensor grad_out, Tensor x, Tensor[] weights, int[] tubes, Tensor dp) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) {
   m.impl("tube_tokens_hopper_emulated", &hopper_emulated_cpu);
@@ -481,6 +501,7 @@ TORCH_LIBRARY_IMPL(tubevit_testing, CPU, m) {
   m.impl("tube_tokens_hopper_dw_emulated", &hopper_dw_emulated_cpu);
   m.impl("hopper_dw_splits", &hopper_dw_splits_cpu);
   m.impl("tube_tokens_hopper_dx_emulated", &hopper_dx_emulated_cpu);
+  m.impl("dx_writer_from_dp", &dx_writer_from_dp_cpu);
 }
 
 }  // namespace tubevit

@@ -1,6 +1,6 @@
 // Tile logic of the Hopper (sm_90a, wgmma) forward kernel, host + device:
-// cuda/hopper/hopper_forward.cu compiles it into the kernel and
-// testing/hopper_emulation.cpp runs it on the CPU, CTA by CTA and thread by
+// hopper_forward.cu compiles it into the kernel and
+// hopper_emulation.cpp runs it on the CPU, CTA by CTA and thread by
 // thread, with a plain GEMM in place of wgmma, so the CPU test suite checks
 // every index of the kernel (tile schedule, producer chunks and their source
 // offsets, zero fill, epilogue row tables and 16-byte store chunks).
@@ -28,7 +28,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "common.h"
+#include "../kernels/common.h"
 
 namespace tubevit {
 namespace hopper {
