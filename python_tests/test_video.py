@@ -285,15 +285,26 @@ def test_train_eval_predict_learns_motion(tmp_path, capsys):
     assert abs(sum(pr for _, pr in preds[0]["top"]) - 1) < 1e-5
 
 
-def test_resume_continues_and_refuses_another_model(tmp_path):
+def test_resume_continues_and_refuses_another_model(tmp_path, monkeypatch):
     data, run = str(tmp_path / "data"), str(tmp_path / "run")
     make_motion_folder(data, n_per_class=8, frames=10)
-    cli.main(["train", "--data", data, "--out", run, "--epochs", "3", "--stop-after", "1", *TRAIN])
-    first = torch.load(os.path.join(run, "last.pt"), weights_only=False)
+    # the run is interrupted right after it wrote its first checkpoint
+    save = cli.save_checkpoint
+
+    def save_then_interrupt(path, ckpt):
+        save(path, ckpt)
+        if path.endswith("last.pt"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["train", "--data", data, "--out", run, "--epochs", "3", *TRAIN])
+    monkeypatch.setattr(cli, "save_checkpoint", save)
+    first = torch.load(os.path.join(run, "last.pt"), weights_only=True)  # plain containers and tensors
     assert first["epoch"] == 0
     res = cli.main(["train", "--data", data, "--out", run, "--epochs", "3", "--resume", *TRAIN])
     assert [h["epoch"] for h in res["history"]] == [2, 3]
-    last = torch.load(os.path.join(run, "last.pt"), weights_only=False)
+    last = torch.load(os.path.join(run, "last.pt"), weights_only=True)
     assert last["epoch"] == 2 and not os.path.exists(os.path.join(run, f"last.pt.tmp-{os.getpid()}"))
     wider = [a if a != "tiny" else "ti" for a in TRAIN]
     with pytest.raises(SystemExit, match="is of another model or class set"):
@@ -328,6 +339,39 @@ def test_bad_command_input_is_named(tmp_path):
         cli.main(["eval", "--checkpoint", run, "--data", other, "--split", "all"])
     with pytest.raises(SystemExit, match="missing.mp4"):
         cli.main(["predict", "--checkpoint", run, os.path.join(data, "missing.mp4")])
+
+
+class _RunsCode:
+    """Unpickling this calls exec: what a hostile checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_checkpoints_are_never_unpickled(tmp_path):
+    """eval, predict and --resume load checkpoints with weights_only=True: a file holding a pickled
+    object that would run code is refused with an error naming it, and the code does not run."""
+    data, run = str(tmp_path / "data"), str(tmp_path / "run")
+    make_motion_folder(data, n_per_class=8, frames=10)
+    cli.main(["train", "--data", data, "--out", run, "--epochs", "1", *TRAIN])
+    marker = str(tmp_path / "marker")
+    good = torch.load(os.path.join(run, "last.pt"), weights_only=True)
+    hostile = str(tmp_path / "hostile.pt")
+    torch.save(dict(good, extra=_RunsCode(marker)), hostile)
+    video = os.path.join(data, "left", "left_00.mp4")
+    for argv in (["eval", "--checkpoint", hostile, "--data", data, "--workers", "0"],
+                 ["predict", "--checkpoint", hostile, video]):
+        with pytest.raises(SystemExit, match=r"hostile\.pt: not a readable tubevit_ext checkpoint.*weights_only=True"):
+            cli.main(argv)
+    torch.save(dict(good, extra=_RunsCode(marker)), os.path.join(run, "last.pt"))
+    with pytest.raises(SystemExit, match=r"--resume: .*last\.pt: not a readable tubevit_ext checkpoint"):
+        cli.main(["train", "--data", data, "--out", run, "--epochs", "2", "--resume", *TRAIN])
+    assert not os.path.exists(marker)
+    torch.load(hostile, weights_only=False)  # the test's premise: unpickled, the file runs code
+    assert os.path.exists(marker)
 
 
 def test_train_under_torchrun_with_two_processes(tmp_path):

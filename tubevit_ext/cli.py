@@ -83,15 +83,25 @@ def _checkpoint_path(path: str, which: str = "best.pt") -> str:
     return path
 
 
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """The checkpoint dict in ``path``, loaded with ``weights_only=True``: a checkpoint holds only
+    containers, numbers, strings and tensors, so a file that needs anything else unpickled (which
+    could run code) is refused with a ValueError naming it, as is one that is not a tubevit_ext
+    checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable tubevit_ext checkpoint; it is loaded with weights_only=True, "
+                         f"which refuses pickled objects ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a tubevit_ext checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    return ckpt
+
+
 def load_checkpoint(path: str, which: str = "best.pt", map_location="cpu"):
     """(model, checkpoint dict) from a run directory (its best.pt, else last.pt) or a file."""
     path = _checkpoint_path(path, which)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a tubevit_ext checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    ckpt = read_checkpoint(path, map_location)
     model = model_from_config(ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
     return model, ckpt
@@ -190,9 +200,10 @@ def train(args) -> dict:
     if args.resume:
         if not os.path.exists(last_path):
             raise SystemExit(f"--resume: {last_path} does not exist")
-        ck = torch.load(last_path, map_location="cpu", weights_only=False)
-        if ck.get("format") != CHECKPOINT_FORMAT:
-            raise SystemExit(f"--resume: {last_path} is not a tubevit_ext checkpoint")
+        try:
+            ck = read_checkpoint(last_path)
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}") from None
         mismatch = [k for k in config if ck["config"].get(k) != config[k]]
         if mismatch or ck["classes"] != classes:
             raise SystemExit(f"--resume: {last_path} is of another model or class set "
@@ -262,8 +273,6 @@ def train(args) -> dict:
             if acc["top1"] > best:
                 save_checkpoint(os.path.join(args.out, "best.pt"), ckpt)
         best = max(best, acc["top1"])
-        if args.stop_after is not None and epoch + 1 >= args.stop_after:
-            break  # an interruption, for the resume test
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
@@ -356,7 +365,6 @@ def _parser():
                    help="no random horizontal flips (for classes a mirror image changes, e.g. left vs right)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
 
     e = sub.add_parser("eval", help="top-1 / top-5 of a checkpoint on a video folder")
     e.add_argument("--checkpoint", required=True, help="run directory (its best.pt) or checkpoint file")
