@@ -17,6 +17,7 @@ from tubevit_ext.video import ImageFolder, JointLoader, VideoFolder, find_classe
 from tubevit_ext.video import io as vio  # noqa: E402
 from tubevit_ext.video import transforms as T  # noqa: E402
 from tubevit_ext.video.datasets import collate_samples, folder_samples  # noqa: E402
+from conftest import time_limit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +74,110 @@ def test_seek_does_not_decode_from_the_start(tmp_path, monkeypatch):
     monkeypatch.setattr(av.container.InputContainer, "decode", counting)
     assert read_index(vio.read_frames(path, [280, 281])) == [280, 281]
     assert len(decoded) < 150  # from a keyframe near 280, not from frame 0
+
+
+# ---------------------------------------------------------------- files as encoders write them
+# Each encoder with its default settings (no options: libx264 and libx265 put a keyframe every 250
+# frames and use B-frames, libvpx-vp9 every 128, mpeg4 every 12, mjpeg every frame), 16 s at 25 fps;
+# the .ts file starts at 1.4 s, as FFmpeg's MPEG-TS muxer writes it.
+DEFAULT_ENCODERS = [(".mp4", "libx264"), (".mkv", "libx265"), (".webm", "libvpx-vp9"), (".avi", "mpeg4"),
+                    (".avi", "mjpeg"), (".ts", "libx264"), (".mp4", "libx265")]
+LONG = 400
+
+
+def write_with_defaults(path, codec, frames, fps=25, pts=None):
+    """Frames through `codec` with the encoder's default options; `pts` (ms) gives each frame its
+    presentation time (a variable frame rate), else frame i is at i / fps."""
+    from fractions import Fraction
+    with av.open(path, "w") as out:
+        s = out.add_stream(codec, rate=fps)
+        s.width, s.height = frames.shape[2], frames.shape[1]
+        s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if pts is not None:
+            s.codec_context.time_base = Fraction(1, 1000)
+        for i, f in enumerate(frames.numpy()):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], Fraction(1, 1000)
+            for p in s.encode(frame):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+
+
+@pytest.fixture(scope="module")
+def default_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoders")
+    frames = index_frames(LONG, 48, 96)
+    files = {}
+    for ext, codec in DEFAULT_ENCODERS:
+        path = str(root / f"{codec}{ext}")
+        write_with_defaults(path, codec, frames)
+        files[(ext, codec)] = path
+    return files
+
+
+@pytest.mark.parametrize("ext,codec", DEFAULT_ENCODERS, ids=[f"{c}{e}" for e, c in DEFAULT_ENCODERS])
+def test_clips_anywhere_in_files_as_encoders_write_them(default_files, ext, codec):
+    """Frame-exact clips that start anywhere, far from any keyframe included, and several clips in
+    one read, each under a time limit (a loop that seeks back to the same keyframe fails here)."""
+    path = default_files[(ext, codec)]
+    assert vio.probe(path).num_frames == LONG
+    container = av.open(path)
+    st = container.streams.video[0]
+    keys = vio._frame_table(path).keyframes
+    container.close()
+    assert keys[0] == 0
+    if codec in ("libx264", "libx265"):
+        assert keys[:2] == [0, 250]  # the defaults, as the test means them
+    for start in (0, 1, 60, 100, 137, 200, 234, 249, 250, 251, 300, 383, 384):
+        for stride in (1, 2):
+            idx = [min(start + j * stride, LONG - 1) for j in range(16)]
+            with time_limit(10, f"{codec}{ext} frames {idx[0]}..{idx[-1]}"):
+                assert read_index(vio.read_frames(path, idx)) == idx
+    many = [3, 4, 5, 120, 121, 122, 240, 241, 330, 390, 399]  # an evaluation's clips: one read
+    with time_limit(10, f"{codec}{ext} several clips"):
+        assert read_index(vio.read_frames(path, many)) == many
+        assert read_index(vio.read_frames(path, list(reversed(many)) + [5, 5])) == list(reversed(many)) + [5, 5]
+
+
+def test_a_clip_costs_one_seek_and_no_decode_from_the_start(default_files, monkeypatch):
+    path = default_files[(".mp4", "libx264")]
+    seeks, decoded = [], []
+    real_seek, real_decode = av.container.InputContainer.seek, av.container.InputContainer.decode
+
+    def seek(self, *a, **k):
+        seeks.append(a)
+        return real_seek(self, *a, **k)
+
+    def decode(self, *a, **k):
+        for f in real_decode(self, *a, **k):
+            decoded.append(f.pts)
+            yield f
+    monkeypatch.setattr(av.container.InputContainer, "seek", seek)
+    monkeypatch.setattr(av.container.InputContainer, "decode", decode)
+    with time_limit(10, "clip"):
+        assert read_index(vio.read_frames(path, range(300, 332, 2))) == list(range(300, 332, 2))
+    assert len(seeks) == 1 and len(decoded) <= 332 - 250 + 8  # from the keyframe at 250
+    seeks.clear(), decoded.clear()
+    assert read_index(vio.read_frames(path, range(20, 52, 2))) == list(range(20, 52, 2))
+    assert seeks == [] and len(decoded) <= 52 + 8  # in the first keyframe's group: no seek at all
+
+
+def test_variable_frame_rate_counts_presented_frames(tmp_path):
+    """Frame i is the i-th frame presented, however irregular the timestamps."""
+    g = torch.Generator().manual_seed(0)
+    gaps = (torch.randint(10, 90, (LONG,), generator=g)).tolist()
+    pts = [sum(gaps[:i]) for i in range(LONG)]
+    path = str(tmp_path / "vfr.mkv")
+    write_with_defaults(path, "libx264", index_frames(LONG, 48, 96), pts=pts)
+    for start in (0, 77, 260, 380):
+        idx = list(range(start, min(start + 16, LONG)))
+        with time_limit(10, f"vfr frames {start}.."):
+            assert read_index(vio.read_frames(path, idx)) == idx
+    # read_clip_at: the frame presented at a time, from the stream's first frame
+    assert read_index(vio.read_clip_at(path, pts[123] / 1000, 3)) == [123, 124, 125]
+    assert read_index(vio.read_clip_at(path, (pts[123] + 1) / 1000, 1)) == [123]
 
 
 def test_bad_files_are_named(tmp_path):

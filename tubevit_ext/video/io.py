@@ -2,25 +2,35 @@
 ``pip install tubevit_ext[video]``). Any container and codec the bundled FFmpeg reads: mp4/h264,
 avi/mjpeg/mpeg4, webm/vp9, mkv, mpg/mpeg-1/2, mov; images (jpg, png, bmp) too.
 
-Frames are numbered from 0 in presentation order; frame i of a constant-rate stream is the one
-presented at ``start + i / fps``. Reading a set of frames seeks (to the keyframe at or before
-the first one wanted, then decodes forward) instead of decoding from the start, and seeks again
-across long gaps.
+Frames are numbered from 0 in presentation order: frame i is the i-th frame a sequential decode
+presents, whatever the timestamps (a first timestamp other than 0, variable frame rate). A file's
+frame table (every frame's presentation timestamp and which frames are keyframes, from its packets:
+demuxed, not decoded) is read once per process and kept (``_frame_table``). Reading a set of
+frames seeks to the keyframe at or before the first one wanted (not at all when that is the first
+keyframe) and decodes forward; it seeks forward again only when a keyframe lies between the last
+frame decoded and the next one wanted more than ``_SEEK_GAP`` frames on, so a clip costs one seek
+and every seek moves forward or, when a seek lands past its frame, to an earlier keyframe: a read
+ends.
 
 Errors name the file: a missing file raises FileNotFoundError, an unreadable or corrupt one
 ``VideoDecodeError`` (a ValueError), a frame index past the end IndexError.
 """
 from __future__ import annotations
 
+import bisect
 import os
+from collections import OrderedDict
 from fractions import Fraction
-from typing import NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
-# Seek again rather than decode forward when the next wanted frame is this many frames ahead.
+# Seek forward rather than decode on when the next wanted frame is this many frames ahead (and a
+# keyframe lies in between): decoding ~48 frames of 320x240 H.264 costs about what a seek does.
 _SEEK_GAP = 48
+# Frame tables kept per process, by (path, size, mtime): a file's packets are demuxed once.
+_TABLE_CACHE_SIZE = 4096
 
 
 class VideoDecodeError(ValueError):
@@ -64,12 +74,6 @@ def _fps(stream) -> Fraction:
     return Fraction(rate) if rate else Fraction(25)
 
 
-def _frame_index(frame, start_pts: int, time_base: Fraction, fps: Fraction) -> int:
-    if frame.pts is None:
-        return -1
-    return int(round((frame.pts - start_pts) * time_base * fps))
-
-
 def _errors():
     av = _av()
     return (av.error.FFmpegError, av.error.InvalidDataError) if hasattr(av, "error") else (OSError,)
@@ -95,10 +99,55 @@ def probe(path: str) -> VideoInfo:
         container.close()
 
 
+class _FrameTable(NamedTuple):
+    pts: List[int]        # presentation timestamp of frame i (stream time base), ascending
+    index: Dict[int, int]  # pts -> frame index
+    keyframes: List[int]  # indices of the keyframes, ascending (frame 0 first)
+
+
+_tables: "OrderedDict[tuple, _FrameTable]" = OrderedDict()
+
+
+def _frame_table(path: str) -> _FrameTable:
+    """The frame table of ``path`` from its packets (demuxed, not decoded, in a container of its
+    own, so a reader's stays at the start; kept per process). A packet without a pts counts at its
+    dts; a stream with no timestamps at all gets an empty table, and its frames are then counted
+    as they are decoded."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key in _tables:
+        _tables.move_to_end(key)
+        return _tables[key]
+    stamps, keys = [], []
+    container = _open(path)
+    try:
+        for p in container.demux(container.streams.video[0]):
+            if not p.size:
+                continue  # the demuxer's flush packet
+            t = p.pts if p.pts is not None else p.dts
+            if t is None:
+                stamps = []
+                break
+            stamps.append(t)
+            if p.is_keyframe:
+                keys.append(t)
+    finally:
+        container.close()
+    pts = sorted(set(stamps))
+    index = {t: i for i, t in enumerate(pts)}
+    keyframes = sorted({index[t] for t in keys} | ({0} if pts else set()))
+    table = _FrameTable(pts, index, keyframes)
+    _tables[key] = table
+    if len(_tables) > _TABLE_CACHE_SIZE:
+        _tables.popitem(last=False)
+    return table
+
+
 def read_frames(path: str, indices: Sequence[int]) -> torch.Tensor:
     """Frames ``indices`` (any order, repeats allowed) of a video as a uint8 tensor
-    (len(indices), H, W, 3), RGB, in the order asked. An index the stream skips (variable frame
-    rate) gets the frame presented just before it."""
+    (len(indices), H, W, 3), RGB, in the order asked; frame i is the i-th frame a sequential
+    decode presents. One seek to the keyframe at or before the first wanted frame (none when it
+    is the first keyframe), then a forward decode (see the module's docstring)."""
     indices = [int(i) for i in indices]
     if not indices:
         raise ValueError(f"{path}: indices must name at least one frame")
@@ -110,31 +159,70 @@ def read_frames(path: str, indices: Sequence[int]) -> torch.Tensor:
     try:
         s = container.streams.video[0]
         s.thread_type = "AUTO"
-        fps, tb = _fps(s), Fraction(s.time_base)
-        start_pts = s.start_time or 0
-        k = 0
+        table = _frame_table(path)
+        if table.pts and wanted[-1] >= len(table.pts):
+            raise IndexError(f"{path}: frame {wanted[-1]} is past the end of the video "
+                             f"(its last frame is {len(table.pts) - 1})")
+        k, last, overshot = 0, -1, set()  # overshot: keyframes whose seek landed past its frame
+        key = _keyframe_at_or_before(table, wanted[0])
+        fresh = True  # the container is at the start: frame 0 needs no seek
         while k < len(wanted):
-            # to the keyframe at or before the next wanted frame, then decode forward
-            container.seek(start_pts + int(wanted[k] / fps / tb), stream=s, backward=True, any_frame=False)
-            prev, last = None, -1
+            # to keyframe `key` (the first one: from the start), then decode forward
+            if key > 0 or not fresh:
+                container.seek(table.pts[key] if key > 0 else (s.start_time or 0), stream=s, backward=True,
+                               any_frame=False)
+            fresh = False
+            first, prev, seek_again, pos = True, None, False, -1 if key == 0 else None
             for frame in container.decode(s):
-                i = last = _frame_index(frame, start_pts, tb, fps)
+                i = _index_of(table, frame, pos)
+                if first and key > 0 and (i is None or i > wanted[k]):
+                    # landed past the frame (or cannot tell where): from an earlier keyframe
+                    overshot.add(key)
+                    key = _keyframe_at_or_before(table, key - 1)
+                    seek_again = True
+                    break
+                first = False
+                pos = last = i
                 while k < len(wanted) and wanted[k] <= i:
                     src = frame if wanted[k] == i or prev is None else prev
                     got[wanted[k]] = src.to_ndarray(format="rgb24")
                     k += 1
                 prev = frame
-                if k == len(wanted) or wanted[k] - i > _SEEK_GAP:
+                if k == len(wanted):
                     break
-            else:
-                if k < len(wanted):
-                    raise IndexError(f"{path}: frame {wanted[k]} is past the end of the video "
-                                     f"(its last frame is {last})")
+                nxt = _keyframe_at_or_before(table, wanted[k])
+                if nxt > i + 1 and wanted[k] - i > _SEEK_GAP and nxt not in overshot:  # well ahead: jump
+                    key, seek_again = nxt, True
+                    break
+            if first and key > 0 and not seek_again:  # the seek left nothing to decode: an earlier keyframe
+                overshot.add(key)
+                key, seek_again = _keyframe_at_or_before(table, key - 1), True
+            if k < len(wanted) and not seek_again:
+                raise IndexError(f"{path}: frame {wanted[k]} is past the end of the video "
+                                 f"(its last frame is {last})")
     except _errors() as e:
         raise VideoDecodeError(f"{path}: decoding failed ({type(e).__name__}: {e})") from None
     finally:
         container.close()
     return torch.from_numpy(np.stack([got[i] for i in indices]))
+
+
+def _keyframe_at_or_before(table: _FrameTable, i: int) -> int:
+    """The last keyframe index <= i (0 without a table)."""
+    if not table.keyframes:
+        return 0
+    return table.keyframes[max(bisect.bisect_right(table.keyframes, i) - 1, 0)]
+
+
+def _index_of(table: _FrameTable, frame, before: Optional[int]) -> Optional[int]:
+    """A decoded frame's index: its pts in the table; a pts between two of the table's, the frame
+    presented at or before it; no pts, the frame after ``before`` (the index of the frame decoded
+    before it; None where that is unknown: the first frame after a seek)."""
+    t = frame.pts
+    if t is not None and table.pts:
+        i = table.index.get(t)
+        return i if i is not None else max(bisect.bisect_right(table.pts, t) - 1, 0)
+    return None if before is None else before + 1
 
 
 def read_video(path: str, start_frame: int = 0, end_frame: Optional[int] = None) -> torch.Tensor:
@@ -145,9 +233,19 @@ def read_video(path: str, start_frame: int = 0, end_frame: Optional[int] = None)
 
 
 def read_clip_at(path: str, start_time: float, num_frames: int, stride: int = 1) -> torch.Tensor:
-    """num_frames frames, every stride-th, from the one presented at start_time (seconds)."""
-    fps = probe(path).fps
-    first = int(round(start_time * fps))
+    """num_frames frames, every stride-th, from the one presented at start_time (seconds after the
+    stream's first frame)."""
+    container = _open(path)
+    try:
+        s = container.streams.video[0]
+        table = _frame_table(path)
+        if table.pts:
+            at = table.pts[0] + start_time / Fraction(s.time_base)
+            first = max(bisect.bisect_right(table.pts, at + Fraction(1, 10**6) / Fraction(s.time_base)) - 1, 0)
+        else:
+            first = int(round(start_time * _fps(s)))
+    finally:
+        container.close()
     return read_frames(path, [first + j * stride for j in range(num_frames)])
 
 
