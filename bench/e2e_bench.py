@@ -27,7 +27,7 @@ import torch
 
 import tubevit_ext as tv
 from tubevit_ext.models import tube_tokenizer
-from tubevit_ext.models.tubevit import SIZES, TubeViT
+from tubevit_ext.models import SIZES, TubeViT
 
 
 class _ReferenceTokenizer(torch.nn.Module):

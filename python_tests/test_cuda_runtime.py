@@ -305,7 +305,7 @@ def test_cuda_graph_tiny_batch_inference():
     from tubevit_ext.models import TubeViT
 
     torch.manual_seed(0)
-    model = TubeViT(dim=64, depth=2, heads=2, mlp_dim=128, num_classes=10).cuda().eval()
+    model = TubeViT(dim=64, depth=2, num_heads=2, mlp_dim=128, num_classes=10).cuda().eval()
     size = (20, 64, 64)
     static_x = torch.randn(1, 3, *size, device="cuda")
 
@@ -336,7 +336,7 @@ def test_cuda_varlen_attention_joint_batch_equals_each_sample_alone(autocast):
 
     torch.manual_seed(0)
     dtype = torch.float32 if autocast else torch.bfloat16
-    model = TubeViT(dim=64, depth=2, heads=2, mlp_dim=128, num_classes=5).cuda().to(dtype)
+    model = TubeViT(dim=64, depth=2, num_heads=2, mlp_dim=128, num_classes=5).cuda().to(dtype)
     samples = [torch.randn(3, 20, 32, 32), torch.randn(3, 32, 32), torch.randn(3, 24, 48, 40),
                torch.randn(3, 20, 32, 32), torch.randn(3, 48, 32)]
     samples = [s.to("cuda", dtype) for s in samples]

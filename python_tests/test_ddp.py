@@ -16,7 +16,7 @@ STEPS, BATCH = 3, 4
 
 def _model():
     torch.manual_seed(0)
-    return TubeViT(dim=24, depth=1, heads=2, mlp_dim=48, num_classes=3)
+    return TubeViT(dim=24, depth=1, num_heads=2, mlp_dim=48, num_classes=3)
 
 
 def _data():

@@ -17,7 +17,7 @@ def _tubevit_ops(gm):
 
 def _small_model(device, **kw):
     torch.manual_seed(0)
-    return TubeViT(dim=24, depth=2, heads=2, mlp_dim=48, num_classes={"video": 5, "image": 3}, **kw).to(device).eval()
+    return TubeViT(dim=24, depth=2, num_heads=2, mlp_dim=48, num_classes={"video": 5, "image": 3}, **kw).to(device).eval()
 
 
 def test_export_keeps_the_plain_op_and_batch_is_dynamic(device):

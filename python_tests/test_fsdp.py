@@ -23,7 +23,7 @@ CONFIGS = {"video": dict(joint=False, scaling=False, ckpt=False),
 
 def _model(cfg):
     torch.manual_seed(0)
-    m = TubeViT(dim=24, depth=3, heads=2, mlp_dim=48, num_classes={"video": 3, "image": 4}, tubes=TUBES).double()
+    m = TubeViT(dim=24, depth=3, num_heads=2, mlp_dim=48, num_classes={"video": 3, "image": 4}, tubes=TUBES).double()
     if cfg["scaling"]:
         m.enable_image_to_video_scaling(1)
         with torch.no_grad():

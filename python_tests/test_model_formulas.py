@@ -14,7 +14,7 @@ import tubevit_ext as tv
 from conftest import random_tubes
 from tubevit_ext.models import PackedLayout, TubeViT, inflate_kernel, load_image_vit
 
-SMALL = dict(dim=24, depth=2, heads=2, mlp_dim=48)
+SMALL = dict(dim=24, depth=2, num_heads=2, mlp_dim=48)
 
 
 def _model(**kw):
@@ -467,7 +467,7 @@ def test_varlen_attention_switch_off_cuda_keeps_the_per_group_path():
     """use_varlen_attention() on the CPU (or in fp32) changes nothing: FlashAttention's varlen
     kernel is CUDA fp16/bf16 only, so the per-group path runs and results are bitwise the same;
     the cumulative sequence lengths follow the buffer's sample order."""
-    from tubevit_ext.models.tubevit import _cu_seqlens
+    from tubevit_ext.models.packed import _cu_seqlens
     torch.manual_seed(0)
     m = TubeViT(**SMALL, num_classes=3).eval()
     samples = [torch.randn(3, 20, 32, 32), torch.randn(3, 32, 32), torch.randn(3, 20, 32, 32)]
@@ -506,7 +506,7 @@ def test_varlen_attention_packing_on_the_cpu(monkeypatch):
     offsets, the longest sample, the output's reshape) with FlashAttention's kernel replaced by its
     contract computed per sample on the CPU: a joint batch of three shape groups gives each sample's
     logits and gradients as the per-group SDPA path does, in one call per block."""
-    import tubevit_ext.models.tubevit as tvm
+    import tubevit_ext.models.packed as tvm
     torch.manual_seed(0)
     m = TubeViT(**SMALL, num_classes=3)
     samples = [torch.randn(3, 20, 32, 32), torch.randn(3, 32, 32), torch.randn(3, 24, 48, 40),

@@ -13,7 +13,7 @@ from tubevit_ext.models import (PAPER_SPACE_TO_DEPTH, TubeTokenizer, TubeViT, in
 from conftest import reference_rule_bound
 from tubevit_ext.pos_embed import sincos_from_positions, sincos_pos_embed
 
-SMALL = dict(dim=48, depth=2, heads=4, mlp_dim=96)
+SMALL = dict(dim=48, depth=2, num_heads=4, mlp_dim=96)
 
 
 def _small(**kw):
@@ -27,7 +27,7 @@ def _small(**kw):
 def test_every_size_runs_forward_backward(ctor, dim, depth, heads, mlp, monkeypatch):
     from tubevit_ext.models import tube_tokenizer
     m = ctor(num_classes=7)
-    assert (m.dim, len(m.blocks), m.blocks[0].attn.heads, m.blocks[0].mlp.fc1.out_features) == (dim, depth, heads, mlp)
+    assert (m.dim, len(m.blocks), m.blocks[0].attn.num_heads, m.blocks[0].mlp.fc1.out_features) == (dim, depth, heads, mlp)
     x = torch.randn(1, 3, 20, 28, 28, requires_grad=True)
     w = m.tokenizer.projs[0].weight
     out = m(x)

@@ -10,7 +10,7 @@ import tubevit_ext as tv
 from tubevit_ext.models import PAPER_SPACE_TO_DEPTH, TubeViT
 from tubevit_ext.models import pretrained as pt
 
-SMALL = dict(dim=48, depth=2, heads=4, mlp_dim=96)
+SMALL = dict(dim=48, depth=2, num_heads=4, mlp_dim=96)
 
 
 def _same(a, b, x):
@@ -70,3 +70,29 @@ def test_mismatched_configuration_is_refused(tmp_path):
         TubeViT.from_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         TubeViT.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_config_is_the_constructors_signature_and_old_names_still_load(tmp_path):
+    """TubeViT.config holds every constructor argument but the deprecated alias, by name, so
+    model_from_config rebuilds the same model; `heads=` (the old name of num_heads) warns and
+    means num_heads, and a configuration saved with it still loads."""
+    import inspect
+    import warnings
+
+    from tubevit_ext.models.pretrained import model_from_config
+    m = TubeViT(**SMALL, num_classes={"a": 3}, drop_path_rate=0.1)
+    params = set(inspect.signature(TubeViT.__init__).parameters) - {"self", "heads"}
+    assert set(m.config) == params
+    assert m.config["num_heads"] == 4 and m.config["drop_path_rate"] == 0.1
+    again = model_from_config(m.config)
+    assert again.config == m.config
+    with pytest.warns(FutureWarning, match="use num_heads"):
+        old = TubeViT(dim=48, depth=1, heads=4, mlp_dim=96)
+    assert old.blocks[0].attn.num_heads == 4 and old.config["num_heads"] == 4
+    with pytest.warns(FutureWarning, match="Attention.heads is deprecated"):
+        assert old.blocks[0].attn.heads == 4
+    legacy = {k: v for k, v in m.config.items() if k != "num_heads"}
+    legacy["heads"] = 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the loader maps the old key itself
+        assert model_from_config(legacy).config == m.config

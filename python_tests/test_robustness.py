@@ -263,7 +263,7 @@ def test_device_mismatch_with_meta_tensors():
 
 def test_model_bad_input():
     from tubevit_ext.models import TubeViT
-    m = TubeViT(dim=24, depth=1, heads=2, mlp_dim=48, num_classes={"a": 2})
+    m = TubeViT(dim=24, depth=1, num_heads=2, mlp_dim=48, num_classes={"a": 2})
     with pytest.raises(ValueError, match=r"x must be a video \(B, C, T, H, W\) or an image batch \(B, C, H, W\), got shape \(3, 32, 32\)"):
         m(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="in_channels=3"):
@@ -276,20 +276,20 @@ def test_model_bad_input():
         m.forward_mixed([torch.randn(3, 32, 32)], [])
     with pytest.raises(ValueError, match=r"tube 0 .* yields no tokens"):
         m(torch.randn(1, 3, 4, 32, 32))
-    with pytest.raises(ValueError, match="divisible by heads"):
-        TubeViT(dim=10, depth=1, heads=4, mlp_dim=8)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        TubeViT(dim=10, depth=1, num_heads=4, mlp_dim=8)
 
 
 def test_multi_head_model_needs_a_head_name():
     from tubevit_ext.models import TubeViT
-    m = TubeViT(dim=24, depth=1, heads=2, mlp_dim=48, num_classes={"a": 2, "b": 3})
+    m = TubeViT(dim=24, depth=1, num_heads=2, mlp_dim=48, num_classes={"a": 2, "b": 3})
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match=r"this model has 2 heads \['a', 'b'\]: pass head=<name>"):
         m(x)
     with pytest.raises(ValueError, match=r"pass head=<name>"):
         m.forward_mixed([x[0]], [None])
     assert m(x, head="b").shape == (1, 3)
-    one = TubeViT(dim=24, depth=1, heads=2, mlp_dim=48, num_classes=4)
+    one = TubeViT(dim=24, depth=1, num_heads=2, mlp_dim=48, num_classes=4)
     assert one(x).shape == (1, 4)  # a single head needs no name
 
 
@@ -302,7 +302,7 @@ def test_no_token_message_is_the_same_on_every_path():
     msgs = []
     for call in (lambda: tv.tube_tokens(x, ws, None, tv.PAPER_TUBES),
                  lambda: tv.SparseTubeTokenizer(3, 12)(x),
-                 lambda: TubeViT(dim=12, depth=1, heads=2, mlp_dim=24, num_classes=2)(x),
+                 lambda: TubeViT(dim=12, depth=1, num_heads=2, mlp_dim=24, num_classes=2)(x),
                  lambda: tv.num_tokens(tv.PAPER_TUBES, (15, 28, 28))):
         with pytest.raises(ValueError) as e:
             call()

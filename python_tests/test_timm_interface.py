@@ -6,10 +6,10 @@ import torch
 
 import tubevit_ext as tv
 from tubevit_ext.models import PackedLayout, TubeViT
-from tubevit_ext.models.tubevit import drop_path
+from tubevit_ext.models import DropPath
 
 TUBES = [tv.Tube((4, 8, 8), (4, 8, 8)), tv.Tube((8, 4, 4), (8, 8, 8), (0, 2, 2)), tv.Tube((1, 8, 8), (8, 8, 8))]
-SMALL = dict(dim=24, depth=3, heads=2, mlp_dim=48, tubes=TUBES)
+SMALL = dict(dim=24, depth=3, num_heads=2, mlp_dim=48, tubes=TUBES)
 
 
 def _model(**kw):
@@ -66,7 +66,7 @@ def test_regularisation_defaults_and_eval_change_nothing():
     reg = _model(drop_rate=0.3, attn_drop_rate=0.2, drop_path_rate=0.4)
     reg.load_state_dict(plain.state_dict())
     torch.testing.assert_close(reg(x), plain(x), rtol=0, atol=0)  # eval mode: identity
-    assert [b.drop_path for b in reg.blocks] == pytest.approx([0.0, 0.2, 0.4])  # timm's linear schedule
+    assert [b.drop_path.p for b in reg.blocks] == pytest.approx([0.0, 0.2, 0.4])  # timm's linear schedule
     assert reg.blocks[0].attn.attn_drop == 0.2 and reg.blocks[0].mlp.drop.p == 0.3 and reg.head_drop.p == 0.3
     reg.train()
     torch.manual_seed(1)
@@ -85,15 +85,25 @@ def test_drop_path_drops_whole_samples():
     layout = PackedLayout(((2, 3), (1, 4)), (0, 1, 2))
     torch.manual_seed(0)
     seen = set()
+    dp = DropPath(0.5).train()
     for _ in range(40):
-        y = drop_path(torch.ones(10, 6), layout, 0.5, training=True)
+        y = dp(torch.ones(10, 6), layout)
         for lo, hi in ((0, 3), (3, 6), (6, 10)):
             vals = y[lo:hi].unique().tolist()
             assert len(vals) == 1 and vals[0] in (0.0, 2.0)
             seen.add(vals[0])
     assert seen == {0.0, 2.0}
     x = torch.randn(10, 6)
-    assert drop_path(x, layout, 0.5, training=False) is x
+    assert dp.eval()(x, layout) is x
+    # the mask is drawn where the buffer is: no host list becomes a device tensor per call
+    real = torch.tensor
+    def no_tensor(*a, **k):
+        raise AssertionError("DropPath built a tensor from host data")
+    torch.tensor = no_tensor
+    try:
+        dp.train()(x, layout)
+    finally:
+        torch.tensor = real
 
 
 def test_drop_path_with_checkpointing_recomputes_the_same_masks():

@@ -357,7 +357,7 @@ def test_image_folder_and_joint_loader(tmp_path):
     assert heads == ["video"] * 3 + ["image"] * 2 and len(samples) == len(labels) == 5
     assert samples[0].shape == (3, 8, 32, 32) and samples[3].shape == (3, 32, 32)
     from tubevit_ext.models import TubeViT
-    m = TubeViT(dim=24, depth=1, heads=2, mlp_dim=48, num_classes={"video": 2, "image": 2}, tubes=cli.COMPACT_TUBES)
+    m = TubeViT(dim=24, depth=1, num_heads=2, mlp_dim=48, num_classes={"video": 2, "image": 2}, tubes=cli.COMPACT_TUBES)
     loss, per = m.joint_loss(samples, heads, labels)
     assert set(per) == {"video", "image"} and torch.isfinite(loss)
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from .geometry import PAPER_TUBES, Tube
 from .models import TubeViT, load_image_vit, losses_by_head
-from .models.pretrained import model_from_config
-from .models.tubevit import SIZES
+from .models.pretrained import current_config, model_from_config
+from .models.factories import SIZES
 
 CHECKPOINT_FORMAT = "tubevit_ext-checkpoint-1"
 # --blocks: TubeViT options that match the image ViT a run starts from (models/convert.py)
@@ -39,7 +39,7 @@ BLOCK_STYLES = {"vit": {}, "clip": dict(pre_norm=True, eps=1e-5),
 COMPACT_TUBES = (Tube((4, 8, 8), (4, 8, 8)), Tube((8, 4, 4), (8, 8, 8), (0, 2, 2)), Tube((1, 8, 8), (8, 8, 8)))
 TUBE_SETS = {"paper": PAPER_TUBES, "compact": COMPACT_TUBES}
 #: Model sizes: the paper's ViT sizes plus "tiny" (96 wide, 3 blocks) for small data and quick runs.
-MODEL_SIZES = {**SIZES, "tiny": dict(dim=96, depth=3, heads=4, mlp_dim=192)}
+MODEL_SIZES = {**SIZES, "tiny": dict(dim=96, depth=3, num_heads=4, mlp_dim=192)}
 
 
 # ---------------------------------------------------------------- distributed
@@ -158,61 +158,100 @@ def _evaluate_loader(model, loader, device, head, world) -> Dict[str, float]:
     return {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "samples": int(n)}
 
 
-def train(args) -> dict:
-    from .video.datasets import ImageFolder, JointLoader, VideoFolder
+def _setup(args):
+    """Processes and device: (rank, world, device, is_main)."""
     rank, world, local_rank = _dist_setup(args.device)
     device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and world > 1 else args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
-    main = rank == 0
-    tubes = TUBE_SETS[args.tubes]
-    _check_fits(tubes, args.frames, args.size)
+    return rank, world, device, rank == 0
+
+
+def _datasets(args):
+    """(train videos, val videos, train images or None, {head: classes}, {head: class names})."""
+    from .video.datasets import ImageFolder, VideoFolder
+    _check_fits(TUBE_SETS[args.tubes], args.frames, args.size)
     common = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
                   on_error=args.on_error, seed=args.seed, normalize=args.normalize)
     train_ds = VideoFolder(args.data, "train", flip=not args.no_flip, **common)
     val_ds = VideoFolder(args.data, "val", clips=1, crops=1, **common)
     if val_ds.classes != train_ds.classes:
         raise SystemExit(f"{args.data}: train and val class folders differ ({train_ds.classes} vs {val_ds.classes})")
-    num_classes = {"video": len(train_ds.classes)}
-    classes = {"video": train_ds.classes}
+    num_classes, classes = {"video": len(train_ds.classes)}, {"video": train_ds.classes}
     images = None
     if args.images:
         images = ImageFolder(args.images, "train", size=args.size, seed=args.seed, on_error=args.on_error,
                              normalize=args.normalize)
-        num_classes["image"] = len(images.classes)
-        classes["image"] = images.classes
-    data_cfg = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
-                    normalize=args.normalize, tubes=args.tubes, model=args.model)
-    model = TubeViT(**MODEL_SIZES[args.model], num_classes=num_classes, tubes=tubes, **BLOCK_STYLES[args.blocks])
-    config = model.config  # what the checkpoint rebuilds the model from (models/pretrained.py)
+        num_classes["image"], classes["image"] = len(images.classes), images.classes
+    return train_ds, val_ds, images, num_classes, classes
+
+
+def _model(args, num_classes, device, main):
+    """The TubeViT of --model / --tubes / --blocks, from --init's image ViT when given."""
+    model = TubeViT(**MODEL_SIZES[args.model], num_classes=num_classes, tubes=TUBE_SETS[args.tubes],
+                    **BLOCK_STYLES[args.blocks])
     if args.init:
         sd = torch.load(args.init, map_location="cpu", weights_only=True)
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
         unused = load_image_vit(model, sd)
         if main:
             print(f"initialised from {args.init} (unused: {', '.join(unused) or 'nothing'})")
-    model.to(device)
+    return model.to(device)
+
+
+def _resume(path: str, model, opt, classes, main):
+    """Model and optimizer state from the run's last.pt: (checkpoint, first epoch, best top-1)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume: {path} does not exist")
+    try:
+        ck = read_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"--resume: {e}") from None
+    saved = current_config(ck["config"])
+    mismatch = [k for k in model.config if saved.get(k) != model.config[k]]
+    if mismatch or ck["classes"] != classes:
+        raise SystemExit(f"--resume: {path} is of another model or class set "
+                         f"(differs in {', '.join(mismatch) or 'class names'}); use another --out")
+    model.load_state_dict(ck["state_dict"])
+    opt.load_state_dict(ck["optimizer"])
+    if main:
+        print(f"resuming {path} after epoch {ck['epoch'] + 1}")
+    return ck, ck["epoch"] + 1, ck.get("best_top1", -1.0)
+
+
+def _train_epoch(net, loader, opt, sched, device, joint: bool, bar) -> float:
+    """One pass over the loader; the mean training loss."""
+    loss_sum = 0.0
+    for batch in bar:
+        if joint:
+            samples, heads, labels = batch
+        else:
+            samples, labels = batch
+            heads = ["video"] * len(samples)
+        samples = [s.to(device, non_blocking=True) for s in samples]
+        loss, per_head = losses_by_head(net(samples, head=heads), heads, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.item()
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix({f"loss_{h}": f"{v.item():.3f}" for h, v in per_head.items()}, refresh=False)
+    return loss_sum / max(len(loader), 1)
+
+
+def train(args) -> dict:
+    from .video.datasets import JointLoader
+    rank, world, device, main = _setup(args)
+    train_ds, val_ds, images, num_classes, classes = _datasets(args)
+    data_cfg = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
+                    normalize=args.normalize, tubes=args.tubes, model=args.model)
+    model = _model(args, num_classes, device, main)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start_epoch, best, ck = 0, -1.0, None
     os.makedirs(args.out, exist_ok=True)
     last_path = os.path.join(args.out, "last.pt")
-    if args.resume:
-        if not os.path.exists(last_path):
-            raise SystemExit(f"--resume: {last_path} does not exist")
-        try:
-            ck = read_checkpoint(last_path)
-        except ValueError as e:
-            raise SystemExit(f"--resume: {e}") from None
-        mismatch = [k for k in config if ck["config"].get(k) != config[k]]
-        if mismatch or ck["classes"] != classes:
-            raise SystemExit(f"--resume: {last_path} is of another model or class set "
-                             f"(differs in {', '.join(mismatch) or 'class names'}); use another --out")
-        model.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        start_epoch, best = ck["epoch"] + 1, ck.get("best_top1", -1.0)
-        if main:
-            print(f"resuming {last_path} after epoch {ck['epoch'] + 1}")
+    ck, start_epoch, best = (_resume(last_path, model, opt, classes, main) if args.resume else (None, 0, -1.0))
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -225,50 +264,30 @@ def train(args) -> dict:
         loader = JointLoader(vloader, _loader(images, per_proc, True, args.workers, args.seed, world, rank,
                                               drop_last=True))
     vval = _loader(val_ds, 1, False, args.workers, args.seed, world, rank)
-    steps_total = args.epochs * len(loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(steps_total, 1),
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(args.epochs * len(loader), 1),
                                                 pct_start=min(0.3, args.warmup))
     if ck is not None:
         sched.load_state_dict(ck["scheduler"])  # the schedule where the interrupted run left it
     history = []
     for epoch in range(start_epoch, args.epochs):
-        train_ds.set_epoch(epoch)
-        if images is not None:
-            images.set_epoch(epoch)
+        for ds in (train_ds,) + ((images,) if images is not None else ()):
+            ds.set_epoch(epoch)
         for ld in (vloader,) + ((loader.images,) if images is not None else ()):
             if hasattr(ld.sampler, "set_epoch"):
                 ld.sampler.set_epoch(epoch)
-        t0, seen, loss_sum = time.time(), 0, 0.0
+        t0 = time.time()
         bar = _progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", main and not args.quiet)
-        for batch in bar:
-            if images is not None:
-                samples, heads, labels = batch
-            else:
-                samples, labels = batch
-                heads = ["video"] * len(samples)
-            samples = [s.to(device, non_blocking=True) for s in samples]
-            logits = net(samples, head=heads)
-            loss, per_head = losses_by_head(logits, heads, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(samples)
-            loss_sum += loss.item()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix({f"loss_{h}": f"{v.item():.3f}" for h, v in per_head.items()}, refresh=False)
+        train_loss = _train_epoch(net, loader, opt, sched, device, images is not None, bar)
         acc = _evaluate_loader(model, vval, device, "video", world)
-        epoch_log = dict(epoch=epoch + 1, train_loss=loss_sum / max(len(loader), 1), val_top1=acc["top1"],
-                         val_top5=acc["top5"], seconds=time.time() - t0)
+        epoch_log = dict(epoch=epoch + 1, train_loss=train_loss, val_top1=acc["top1"], val_top5=acc["top5"],
+                         seconds=time.time() - t0)
         history.append(epoch_log)
         if main:
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {epoch_log['train_loss']:.3f}, "
-                  f"val top-1 {acc['top1']:.3f}, top-5 {acc['top5']:.3f} ({acc['samples']} videos, "
-                  f"{epoch_log['seconds']:.0f}s)", flush=True)
-            ckpt = dict(format=CHECKPOINT_FORMAT, config=config, data=data_cfg, classes=classes,
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {train_loss:.3f}, val top-1 {acc['top1']:.3f}, "
+                  f"top-5 {acc['top5']:.3f} ({acc['samples']} videos, {epoch_log['seconds']:.0f}s)", flush=True)
+            ckpt = dict(format=CHECKPOINT_FORMAT, config=model.config, data=data_cfg, classes=classes,
                         state_dict=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        epoch=epoch,
-                        best_top1=max(best, acc["top1"]), val=acc)
+                        epoch=epoch, best_top1=max(best, acc["top1"]), val=acc)
             save_checkpoint(last_path, ckpt)
             if acc["top1"] > best:
                 save_checkpoint(os.path.join(args.out, "best.pt"), ckpt)

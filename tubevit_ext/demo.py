@@ -87,7 +87,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(args.seed)
-    model = TubeViT(dim=args.dim, depth=args.depth, heads=args.heads, mlp_dim=2 * args.dim,
+    model = TubeViT(dim=args.dim, depth=args.depth, num_heads=args.heads, mlp_dim=2 * args.dim,
                     num_classes={"motion": 4, "colour": 3}, tubes=DEMO_TUBES).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)

@@ -92,8 +92,8 @@ def load_digits():
     return (x[perm[:cut]], y[perm[:cut]]), (x[perm[cut:]], y[perm[cut:]])
 
 
-def build(dim, depth, heads, num_classes):
-    return TubeViT(dim=dim, depth=depth, heads=heads, mlp_dim=2 * dim, num_classes=num_classes, tubes=COMPACT_TUBES)
+def build(dim, depth, num_heads, num_classes):
+    return TubeViT(dim=dim, depth=depth, num_heads=num_heads, mlp_dim=2 * dim, num_classes=num_classes, tubes=COMPACT_TUBES)
 
 
 @torch.no_grad()

@@ -38,11 +38,20 @@ def save_pretrained(model, directory: str) -> None:
         json.dump(config, f, indent=2)
 
 
+def current_config(cfg: dict) -> dict:
+    """A ``TubeViT.config`` in the current vocabulary: configurations saved before the attention
+    heads were named ``num_heads`` (timm's name) say ``heads``."""
+    cfg = dict(cfg)
+    if "heads" in cfg and "num_heads" not in cfg:
+        cfg["num_heads"] = cfg.pop("heads")
+    return cfg
+
+
 def model_from_config(cfg: dict):
     """A freshly initialised TubeViT from ``TubeViT.config`` (its JSON form included)."""
     from ..geometry import Tube
     from .tubevit import TubeViT
-    kw = dict(cfg)
+    kw = current_config(cfg)
     kw["tubes"] = [Tube(*t) for t in cfg["tubes"]]
     if cfg.get("space_to_depth") is not None:
         kw["space_to_depth"] = {int(k): tuple(v) for k, v in cfg["space_to_depth"].items()}

@@ -1,20 +1,6 @@
-"""A thin TubeViT: the fused tube tokenizer + plain pre-norm ViT blocks +
-attention-pooling readout + named linear heads.
-
-Joint image + video batching (our answer; the paper leaves it open): a
-list of samples of any shapes (images and videos, videos of different
-sizes) is tokenized per shape group and packed into ONE (total_tokens, d)
-buffer with no padding. Token-wise layers (LayerNorm, MLP, qkv and output
-projections) run once over all tokens. Attention is restricted to each
-sample: the buffer is ordered by group, so every group of equal-length
-samples is a contiguous (g, L, d) slab, attended with
-``F.scaled_dot_product_attention`` per slab. Memory stays linear in the
-token count (no dense all-tokens mask, fused/flash SDPA kernels where the
-backend has them) and every sample's output equals running it alone. With
-``use_varlen_attention()`` a CUDA fp16/bf16 batch of several shape groups
-is attended in one FlashAttention varlen call over the whole buffer
-(``torch.nn.attention.varlen.varlen_attn``, cumulative sequence lengths)
-instead of one call per group.
+"""A thin TubeViT: the fused tube tokenizer (models/tube_tokenizer.py) + pre-norm ViT blocks
+(models/blocks.py) over a packed token buffer (models/packed.py: joint image + video batches of
+any shapes in one pass, no padding) + attention-pooling readout + named linear heads.
 
 Image-to-video scaling (paper §3.6): ``enable_image_to_video_scaling(s)``
 freezes blocks 0..s-1 and changes block s to
@@ -24,8 +10,8 @@ model computes exactly what it did before).
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+import inspect
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,181 +20,30 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..geometry import PAPER_TUBES
-from .tube_tokenizer import PAPER_SPACE_TO_DEPTH, TubeTokenizer
+from .blocks import ACTIVATIONS, AttentionPool, Block
+from .packed import PackedLayout, _varlen_attn
+from .tube_tokenizer import TubeTokenizer
 
 
-@dataclass(frozen=True)
-class PackedLayout:
-    """How samples sit in a packed (total_tokens, d) buffer.
-
-    groups: (count, tokens per sample) per slab, in buffer order.
-    order:  order[j] = index (in the caller's list) of the j-th sample in the buffer;
-            None when the buffer holds the samples in the caller's order (the
-            same-shape forward: no tuple of B entries, so B can stay symbolic
-            under torch.export / torch.compile(dynamic=True)).
-    """
-
-    groups: Tuple[Tuple[int, int], ...]
-    order: Optional[Tuple[int, ...]] = None
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(c * n for c, n in self.groups)
-
-
-try:  # FlashAttention's variable-length kernel (torch >= 2.10, CUDA)
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover - older torch
-    _varlen_attn = None
-
-
-@functools.lru_cache(maxsize=64)
-def _cu_seqlens(groups: Tuple[Tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    """int32 (samples + 1,) cumulative token offsets of a layout's samples, on ``device``; cached
-    per layout, so a forward's blocks share one host-to-device copy."""
-    lens = [n for count, n in groups for _ in range(count)]
-    cum = [0]
-    for n in lens:
-        cum.append(cum[-1] + n)
-    return torch.tensor(cum, dtype=torch.int32, device=device)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over packed tokens, restricted to each sample.
-
-    ``varlen`` (set by TubeViT.use_varlen_attention): where _varlen_applies, one varlen
-    FlashAttention call for all samples instead of one scaled_dot_product_attention per group
-    of equal-length samples (same result up to the kernels' rounding)."""
-
-    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.attn_drop = attn_drop
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.varlen = False
-
-    def _varlen_applies(self, qkv: torch.Tensor, layout: PackedLayout, p: float) -> bool:
-        """FlashAttention's varlen kernel: CUDA, fp16 / bf16 q, k, v (autocast's, too), head size
-        a multiple of 8 up to 256, no attention dropout; worth it with more than one group (one
-        group is one SDPA call)."""
-        hd = qkv.shape[-1] // (3 * self.heads)
-        return (self.varlen and _varlen_attn is not None and qkv.is_cuda
-                and qkv.dtype in (torch.float16, torch.bfloat16)
-                and hd % 8 == 0 and hd <= 256 and p == 0.0 and len(layout.groups) > 1)
-
-    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        qkv = self.qkv(x)  # (total, 3d): one GEMM for all samples
-        d, h = x.shape[-1], self.heads
-        p = self.attn_drop if self.training else 0.0
-        if self._varlen_applies(qkv, layout, p):
-            q, k, v = (t.contiguous() for t in qkv.view(-1, 3, h, d // h).unbind(1))  # (total, h, hd) each
-            cu = _cu_seqlens(layout.groups, x.device)
-            longest = max(n for _, n in layout.groups)
-            o = _varlen_attn(q, k, v, cu, cu, longest, longest)
-            return self.proj_drop(self.proj(o.reshape(-1, d)))
-        outs, start = [], 0
-        for count, n in layout.groups:
-            slab = qkv[start:start + count * n].view(count, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-            o = F.scaled_dot_product_attention(slab[0], slab[1], slab[2], dropout_p=p)  # (count, h, n, hd)
-            outs.append(o.transpose(1, 2).reshape(count * n, d))
-            start += count * n
-        return self.proj_drop(self.proj(outs[0] if len(outs) == 1 else torch.cat(outs)))
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0, act: str = "gelu"):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-        self.act = ACTIVATIONS[act]
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
-def drop_path(x: torch.Tensor, layout: PackedLayout, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample in a packed buffer: each sample's residual branch is dropped
-    with probability p (all its tokens together) and the kept ones scaled by 1 / (1 - p)."""
-    if p == 0.0 or not training:
-        return x
-    per_sample = torch.tensor([n for count, n in layout.groups for _ in range(count)], device=x.device)
-    keep = (torch.rand(per_sample.numel(), device=x.device) >= p).to(x.dtype) / (1.0 - p)
-    return x * keep.repeat_interleave(per_sample, output_size=x.shape[0])[:, None]
-
-
-class Block(nn.Module):
-    """Pre-norm ViT block (timm naming: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
-
-    def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float = 1e-6, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, act: str = "gelu"):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads, attn_drop=attn_drop, proj_drop=drop)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_dim, drop, act)
-        self.drop_path = drop_path
-        self.gate_alpha: Optional[nn.Parameter] = None  # set by image-to-video scaling
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "gate_alpha"
-        if key in state_dict and state_dict[key].dim() == 0:  # saved when the gate was 0-d
-            state_dict[key] = state_dict[key].reshape(1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def forward(self, x, layout: PackedLayout, z0: Optional[torch.Tensor] = None):
-        y = x + drop_path(self.attn(self.norm1(x), layout), layout, self.drop_path, self.training)
-        z = y + drop_path(self.mlp(self.norm2(y)), layout, self.drop_path, self.training)
-        if self.gate_alpha is not None and z0 is not None:
-            z = z + torch.tanh(self.gate_alpha) * z0
-        return z
-
-
-class AttentionPool(nn.Module):
-    """Attention-pooling readout (a learned probe attends over each sample's
-    tokens, then a residual MLP), as in the paper's readout."""
-
-    def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.heads = heads
-        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.probe, std=0.02)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_dim)
-
-    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        d, h = x.shape[-1], self.heads
-        kv = self.kv(x)
-        q = self.q(self.probe).view(1, h, 1, d // h)
-        outs, start = [], 0
-        for count, n in layout.groups:
-            slab = kv[start:start + count * n].view(count, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
-            o = F.scaled_dot_product_attention(q.expand(count, -1, -1, -1), slab[0], slab[1])
-            outs.append(o.reshape(count, d))
-            start += count * n
-        pooled = self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))  # (samples, d) in buffer order
-        return pooled + self.mlp(self.norm(pooled))
+def _json_config(args: dict) -> dict:
+    """The constructor's arguments in JSON form: what save_pretrained writes and model_from_config
+    (models/pretrained.py) reads back."""
+    cfg = dict(args)
+    n = cfg["num_classes"]
+    cfg["num_classes"] = dict(n) if isinstance(n, dict) else {"default": n}
+    from ..geometry import as_tubes
+    cfg["tubes"] = [[list(t.kernel), list(t.stride), list(t.offset)] for t in as_tubes(cfg["tubes"])]
+    s2d = cfg["space_to_depth"]
+    cfg["space_to_depth"] = None if s2d is None else {str(k): list(v) for k, v in dict(s2d).items()}
+    cfg["pre_norm"] = bool(cfg["pre_norm"])
+    return cfg
 
 
 class TubeViT(nn.Module):
     """TubeViT classifier.
 
     Args:
-        dim, depth, heads, mlp_dim: ViT sizes.
+        dim, depth, num_heads, mlp_dim: ViT sizes (``heads=`` is a deprecated alias of num_heads).
         num_classes: an int (one head named "default") or {head name: classes}.
         in_channels, tubes, kernels, space_to_depth, image_tube: see TubeTokenizer.
         drop_rate: dropout after the attention and MLP projections, in the MLP, and on the
@@ -229,12 +64,20 @@ class TubeViT(nn.Module):
     get_intermediate_layers, set_grad_checkpointing.
     """
 
-    def __init__(self, *, dim: int = 768, depth: int = 12, heads: int = 12, mlp_dim: int = 3072,
+    def __init__(self, *, dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_dim: int = 3072,
                  num_classes: Union[int, Dict[str, int]] = 400, in_channels: int = 3, tubes=PAPER_TUBES,
                  kernels: str = "per_tube", space_to_depth=None, image_tube: Optional[int] = None,
                  eps: float = 1e-6, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, pre_norm: bool = False, act: str = "gelu"):
+                 drop_path_rate: float = 0.0, pre_norm: bool = False, act: str = "gelu",
+                 heads: Optional[int] = None):
         super().__init__()
+        if heads is not None:
+            warnings.warn("TubeViT(heads=...) is deprecated: use num_heads= (timm's name; `heads` are the "
+                          "classifiers)", FutureWarning, stacklevel=2)
+            num_heads = heads
+        # the constructor's arguments, from its signature (heads folded into num_heads)
+        args = {k: v for k, v in locals().items() if k in inspect.signature(TubeViT.__init__).parameters
+                and k not in ("self", "heads")}
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
         for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
@@ -244,21 +87,13 @@ class TubeViT(nn.Module):
         self.dim = self.num_features = dim
         self.tokenizer = TubeTokenizer(in_channels, dim, tubes, kernels=kernels, space_to_depth=space_to_depth,
                                        image_tube=image_tube)
-        # the constructor's arguments, JSON-friendly: what save_pretrained writes and
-        # from_pretrained rebuilds the model from (tubevit_ext/models/pretrained.py)
-        self.config = dict(dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
-                           num_classes=dict(num_classes) if isinstance(num_classes, dict) else {"default": num_classes},
-                           in_channels=in_channels, tubes=[[list(t.kernel), list(t.stride), list(t.offset)]
-                                                           for t in self.tokenizer.tubes],
-                           kernels=kernels, space_to_depth=None if space_to_depth is None else
-                           {str(k): list(v) for k, v in dict(space_to_depth).items()},
-                           image_tube=image_tube, eps=eps, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                           drop_path_rate=drop_path_rate, pre_norm=bool(pre_norm), act=act)
+        self.config = _json_config(args)  # what save_pretrained writes, model_from_config reads
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.norm_pre = nn.LayerNorm(dim, eps=eps) if pre_norm else nn.Identity()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, eps, drop_rate, attn_drop_rate, r, act) for r in rates)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_dim, eps, drop_rate, attn_drop_rate, r, act)
+                                    for r in rates)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.pool = AttentionPool(dim, heads, mlp_dim, eps)
+        self.pool = AttentionPool(dim, num_heads, mlp_dim, eps)
         self.head_drop = nn.Dropout(drop_rate)
         if isinstance(num_classes, int):
             num_classes = {"default": num_classes}
@@ -365,11 +200,7 @@ class TubeViT(nn.Module):
         (B, N, d); a list of samples of any shapes -> a list of (N_i, d), input order."""
         if isinstance(x, (list, tuple)):
             tokens, layout = self.pack(x)
-            feats = self._blocks(tokens, layout)[0]
-            per, start = [], 0
-            for count, n in layout.groups:
-                per += list(feats[start:start + count * n].view(count, n, -1).unbind(0))
-                start += count * n
+            per = layout.per_sample(self._blocks(tokens, layout)[0])
             out = [None] * len(per)
             for j, i in enumerate(layout.order):
                 out[i] = per[j]
@@ -474,45 +305,3 @@ def losses_by_head(logits: Sequence[torch.Tensor], heads: Sequence[str], labels:
         per_head[name] = loss
         total = total + (weights or {}).get(name, 1.0) * loss
     return total, per_head
-
-
-# Paper Table 11 (B, L, H) and the usual ViT-Ti/S widths.
-SIZES = {
-    "ti": dict(dim=192, depth=12, heads=3, mlp_dim=768),
-    "s": dict(dim=384, depth=12, heads=6, mlp_dim=1536),
-    "b": dict(dim=768, depth=12, heads=12, mlp_dim=3072),
-    "l": dict(dim=1024, depth=24, heads=16, mlp_dim=4096),
-    "h": dict(dim=1280, depth=32, heads=16, mlp_dim=5120),
-}
-
-
-def _make(size, **kw):
-    return TubeViT(**{**SIZES[size], **kw})
-
-
-def tubevit_ti(**kw) -> TubeViT:
-    return _make("ti", **kw)
-
-
-def tubevit_s(**kw) -> TubeViT:
-    return _make("s", **kw)
-
-
-def tubevit_b(**kw) -> TubeViT:
-    return _make("b", **kw)
-
-
-def tubevit_l(**kw) -> TubeViT:
-    return _make("l", **kw)
-
-
-def tubevit_h(**kw) -> TubeViT:
-    return _make("h", **kw)
-
-
-#: Tokenizer presets: the paper's §4.1 tubes, and Table 12 (with space-to-depth).
-PRESETS = {
-    "paper": dict(tubes=PAPER_TUBES),
-    "paper_space_to_depth": dict(tubes=PAPER_TUBES, space_to_depth=PAPER_SPACE_TO_DEPTH),
-    "paper_interpolated": dict(tubes=PAPER_TUBES, kernels="interpolated"),
-}
