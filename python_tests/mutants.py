@@ -22,29 +22,33 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MODEL_TESTS = ["test_model_formulas.py", "test_models.py"]
+F = "test_model_formulas.py::"
+GATE = [F + "test_gate_adds_tanh_alpha_times_the_tube_tokens", F + "test_gated_block_receives_the_tokenizer_output"]
 
-# name: (file under tubevit_ext/, original text, planted text, test files that must catch it)
+# name: (file under tubevit_ext/, original text, planted text, the tests that exercise it and must catch it)
 MUTANTS = {
-    "gate_alpha": ("models/tubevit.py", "z = z + torch.tanh(self.gate_alpha) * z0",
-                   "z = z + self.gate_alpha * z0", MODEL_TESTS),
-    "gate_block_input": ("models/tubevit.py", "z = z + torch.tanh(self.gate_alpha) * z0",
-                         "z = z + torch.tanh(self.gate_alpha) * x", MODEL_TESTS),
+    "gate_alpha": ("models/blocks.py", "z = z + torch.tanh(self.gate_alpha) * z0",
+                   "z = z + self.gate_alpha * z0", GATE),
+    "gate_block_input": ("models/blocks.py", "z = z + torch.tanh(self.gate_alpha) * z0",
+                         "z = z + torch.tanh(self.gate_alpha) * x", GATE),
     "gate_encode_input": ("models/tubevit.py", "z = z0 if i == self.scaling_layer else None",
-                          "z = x if i == self.scaling_layer else None", MODEL_TESTS),
-    "inflation_scale": ("models/convert.py", "* (ph * pw) / (kh * kw)", "* (ph * pw) / (kh * kh)", MODEL_TESTS),
+                          "z = x if i == self.scaling_layer else None", GATE),
+    "inflation_scale": ("models/convert.py", "* (ph * pw) / (kh * kw)", "* (ph * pw) / (kh * kh)",
+                        [F + "test_inflation_formula_nonsquare_and_growing"]),
     "ln_swap": ("models/convert.py",
                 '''(r"^encoder\\.layers\\.encoder_layer_(\\d+)\\.ln_1\\.", r"blocks.\\1.norm1."),
        (r"^encoder\\.layers\\.encoder_layer_(\\d+)\\.ln_2\\.", r"blocks.\\1.norm2."),''',
                 '''(r"^encoder\\.layers\\.encoder_layer_(\\d+)\\.ln_1\\.", r"blocks.\\1.norm2."),
-       (r"^encoder\\.layers\\.encoder_layer_(\\d+)\\.ln_2\\.", r"blocks.\\1.norm1."),''', MODEL_TESTS),
+       (r"^encoder\\.layers\\.encoder_layer_(\\d+)\\.ln_2\\.", r"blocks.\\1.norm1."),''',
+                [F + "test_image_vit_mapping_key_by_key"]),
     "joint_packing_order": ("models/tubevit.py", "        return feats[inverse.to(feats.device)]",
-                            "        return feats", MODEL_TESTS),
+                            "        return feats", [F + "test_joint_loss_equals_each_sample_alone"]),
     "fake_width": ("_ops.py", "return x.new_empty((x.shape[0], n, weights[0].shape[0]))",
                    "return x.new_empty((x.shape[0], n, weights[0].shape[0] + 1))",
-                   ["test_model_formulas.py", "test_module.py"]),
+                   [F + "test_fake_kernels_give_the_real_shapes", "test_module.py"]),
     "model_without_pe": ("models/tube_tokenizer.py", "return tube_tokens(x, ws, bs or None, self.tubes, pe)",
-                         "return tube_tokens(x, ws, bs or None, self.tubes, None)", MODEL_TESTS),
+                         "return tube_tokens(x, ws, bs or None, self.tubes, None)",
+                         ["test_models.py::test_per_tube_matches_conv3d"]),
     "pe_centre": ("geometry.py", "return offset + stride * index + kernel // 2",
                   "return offset + stride * index + (kernel - 1) // 2", ["test_pos_embed.py", "test_tokens.py"]),
 }
