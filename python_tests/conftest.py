@@ -8,6 +8,7 @@ import signal
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import tubevit_ext as tv
 
@@ -100,6 +101,21 @@ def load_bench(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def oracle(x, ws, bs, tubes, pe=None, gout=None):
+    """The suite's oracle: the reference construction (per-tube Conv3d, flatten, cat, add;
+    tubevit_ext/reference.py) in fp64 on these operands' values as they are (rounded inputs stay
+    rounded). Returns the tokens, and with an output gradient ``gout`` also dx, [dW_i] and [db_i]
+    (db empty without biases): (out, dx, dws, dbs)."""
+    x64 = x.detach().double().requires_grad_(gout is not None)
+    w64 = [w.detach().double().requires_grad_(gout is not None) for w in ws]
+    b64 = [b.detach().double().requires_grad_(gout is not None) for b in bs] if bs else None
+    out = tv.reference.tube_tokens(x64, w64, b64, tubes, None if pe is None else pe.detach().double())
+    if gout is None:
+        return out.detach()
+    grads = torch.autograd.grad(out, [x64, *w64, *(b64 or [])], gout.detach().double())
+    return out.detach(), grads[0], list(grads[1:1 + len(w64)]), list(grads[1 + len(w64):])
 
 
 def make_params(tubes, C, d, dtype=torch.float32, device="cpu", bias=True, seed=0):
@@ -196,9 +212,114 @@ def max_err(a, b):
 
 
 def round_to_tf32(t):
-    """fp32 tensor rounded to TF32's 10-bit mantissa (nearest, ties to even):
-    the input rounding of tensor-core fp32 (TF32) arithmetic."""
+    """fp32 rounded to TF32's 10-bit mantissa as the tensor-core kernels' __float_to_tf32 does
+    (nearest, ties away from zero): the input rounding of fp32-as-TF32 arithmetic."""
     bits = t.float().contiguous().view(torch.int32)
-    lsb = (bits >> 13) & 1
-    rounded = ((bits + 0xFFF + lsb) & ~0x1FFF).view(torch.float32)
-    return torch.where(torch.isfinite(t), rounded, t.float())
+    out = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(t), out, t.float())
+
+
+# ---- shared problems: the tensor-core and GEMM-path tile cases, hypothesis strategies, layouts
+
+def make_x(B, C, size, dtype, layout, g):
+    """x (B, C, *size) from generator g in `layout`: contiguous, channels_last_3d, or noncontiguous (the
+    same values in a view with no dense layout: every other channel of a doubled tensor)."""
+    x = torch.randn(B, C, *size, generator=g, dtype=torch.float64).to(dtype)
+    if layout == "channels_last_3d":
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "noncontiguous":
+        return torch.stack([x, x], dim=2).flatten(1, 2)[:, ::2]
+    return x
+
+
+#: The kernels' tile cases (test_tc_emulation.py, test_gemm_path.py): (tubes, (T, H, W), C, d)
+TILE_CASES = {
+    # many tokens (M tiles), K = 54 (two K steps, partial), d = 70 (two channel tiles, partial)
+    "one_tube": ([tv.Tube((2, 3, 3), (1, 2, 2), (0, 1, 0))], (6, 20, 22), 3, 70),
+    # four tubes, K from 12 to 240, overlapping windows, offsets
+    "mixed": ([tv.Tube((4, 4, 5), (2, 3, 3), (1, 0, 2)), tv.Tube((1, 2, 2), (1, 2, 2)),
+               tv.Tube((3, 1, 4), (2, 1, 3), (0, 2, 1)), tv.Tube((2, 5, 2), (3, 4, 2), (1, 1, 0))],
+              (9, 17, 19), 3, 130),
+    # widths/offsets that allow 8-, 4- (and for fp32 4-) element accesses in the gather and
+    # the weight tile (kw 8/4/12/16, W = 48, K = 1536/768/1728/768)
+    "paper": (tv.PAPER_TUBES, (33, 64, 48), 3, 20),
+    # kw = 6 on W = 36: 2-element gather accesses (16-bit types), K = 2*2*6*2 = 48
+    "vec2": ([tv.Tube((2, 2, 6), (2, 3, 6), (0, 1, 0))], (5, 11, 36), 2, 33),
+    # H > 32 and W > 64: the dX gather's (32 x 64)-voxel tiles, with partial last tiles on both
+    # axes and windows that straddle tile borders (kw = 5 with stride 3)
+    # d = 72: every grad-row access of dW's token-major A tile is 8 (16-bit) or 4 (fp32) channels
+    # wide, with a partial second channel tile
+    "d72": ([tv.Tube((2, 4, 4), (2, 4, 4), (0, 0, 0))], (6, 16, 24), 3, 72),
+    "wide": ([tv.Tube((2, 3, 5), (1, 2, 3), (0, 1, 2)), tv.Tube((1, 4, 4), (2, 4, 4), (1, 0, 1))],
+             (3, 37, 70), 2, 20),
+}
+
+
+@st.composite
+def tile_problems(draw):
+    size = (draw(st.integers(1, 9)), draw(st.integers(1, 20)), draw(st.integers(1, 20)))
+    tubes = []
+    for _ in range(draw(st.integers(1, 4))):
+        k, s, o = [], [], []
+        for L in size:
+            ka = draw(st.integers(1, min(L, 6)))
+            k.append(ka)
+            s.append(draw(st.integers(1, 6)))
+            o.append(draw(st.integers(0, L - ka)))
+        tubes.append(tv.Tube(tuple(k), tuple(s), tuple(o)))
+    return dict(size=size, tubes=tubes, C=draw(st.integers(1, 4)), d=draw(st.integers(1, 80)),
+                B=draw(st.integers(1, 3)), dtype=draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32])),
+                layout=draw(st.sampled_from(["contiguous", "channels_last_3d", "noncontiguous"])),
+                bias=draw(st.booleans()), pe=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
+
+
+def tile_inputs(prob):
+    """A drawn problem's tensors: x, weights, biases ([] when drawn off), the position embedding
+    (None when drawn off), the flat tube list and the output gradient, in the drawn dtype."""
+    tubes, size, dtype, d = prob["tubes"], prob["size"], prob["dtype"], prob["d"]
+    g = torch.Generator().manual_seed(prob["seed"])
+    x = make_x(prob["B"], prob["C"], size, dtype, prob["layout"], g)
+    ws, bs = make_params(tubes, prob["C"], d, dtype, seed=prob["seed"])
+    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype) if prob["pe"] else None
+    gout = torch.randn(prob["B"], tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
+    return x, ws, bs if prob["bias"] else [], pe, tv.flatten_tubes(tubes), gout
+
+
+@st.composite
+def tube_problems(draw):
+    size = (draw(st.integers(1, 10)), draw(st.integers(1, 14)), draw(st.integers(1, 14)))
+    tubes = []
+    for _ in range(draw(st.integers(1, 8))):
+        k, s, o = [], [], []
+        for L in size:
+            ka = draw(st.integers(1, min(L, 6)))
+            k.append(ka)
+            s.append(draw(st.integers(1, 8)))  # below and above the kernel size
+            o.append(draw(st.integers(0, L - ka)))
+        tubes.append(tv.Tube(tuple(k), tuple(s), tuple(o)))
+    return dict(
+        size=size, tubes=tubes, C=draw(st.integers(1, 4)), d=draw(st.sampled_from([1, 2, 3, 5, 6, 7, 12, 13])),
+        B=draw(st.integers(0, 3)), bias=draw(st.booleans()), pe=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16])),
+        layout=draw(st.sampled_from(["contiguous", "channels_last_3d", "noncontiguous"])),
+        grads=draw(st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans())),
+        seed=draw(st.integers(0, 2 ** 16)))
+
+
+def torchvision_vit_state_dict(dim=24, depth=2, mlp=48, classes=5, g=None):
+    """A random state_dict in torchvision VisionTransformer's layout (image-ViT loading tests)."""
+    sd = {"class_token": torch.randn(1, 1, dim), "encoder.pos_embedding": torch.randn(1, 5, dim),
+          "conv_proj.weight": torch.randn(dim, 3, 16, 16), "conv_proj.bias": torch.randn(dim),
+          "encoder.ln.weight": torch.randn(dim), "encoder.ln.bias": torch.randn(dim),
+          "heads.head.weight": torch.randn(classes, dim), "heads.head.bias": torch.randn(classes)}
+    for i in range(depth):
+        p = f"encoder.layers.encoder_layer_{i}."
+        sd.update({p + "ln_1.weight": torch.randn(dim), p + "ln_1.bias": torch.randn(dim),
+                   p + "self_attention.in_proj_weight": torch.randn(3 * dim, dim),
+                   p + "self_attention.in_proj_bias": torch.randn(3 * dim),
+                   p + "self_attention.out_proj.weight": torch.randn(dim, dim),
+                   p + "self_attention.out_proj.bias": torch.randn(dim),
+                   p + "ln_2.weight": torch.randn(dim), p + "ln_2.bias": torch.randn(dim),
+                   p + "mlp.0.weight": torch.randn(mlp, dim), p + "mlp.0.bias": torch.randn(mlp),
+                   p + "mlp.3.weight": torch.randn(dim, mlp), p + "mlp.3.bias": torch.randn(dim)})
+    return sd

@@ -194,7 +194,7 @@ def test_aot_inductor_package_runs_the_op(tmp_path):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from test_fuzz import problems  # noqa: E402
+from conftest import tube_problems as problems  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None)

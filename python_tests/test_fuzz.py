@@ -7,28 +7,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tubevit_ext as tv
-from conftest import DEVICES, max_err, reference_rule_bound
-
-
-@st.composite
-def problems(draw):
-    size = (draw(st.integers(1, 10)), draw(st.integers(1, 14)), draw(st.integers(1, 14)))
-    tubes = []
-    for _ in range(draw(st.integers(1, 8))):
-        k, s, o = [], [], []
-        for L in size:
-            ka = draw(st.integers(1, min(L, 6)))
-            k.append(ka)
-            s.append(draw(st.integers(1, 8)))  # below and above the kernel size
-            o.append(draw(st.integers(0, L - ka)))
-        tubes.append(tv.Tube(tuple(k), tuple(s), tuple(o)))
-    return dict(
-        size=size, tubes=tubes, C=draw(st.integers(1, 4)), d=draw(st.sampled_from([1, 2, 3, 5, 6, 7, 12, 13])),
-        B=draw(st.integers(0, 3)), bias=draw(st.booleans()), pe=draw(st.booleans()),
-        dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16])),
-        layout=draw(st.sampled_from(["contiguous", "channels_last_3d", "noncontiguous"])),
-        grads=draw(st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans())),
-        seed=draw(st.integers(0, 2 ** 16)))
+from conftest import DEVICES, max_err, reference_rule_bound, tube_problems as problems
 
 
 def _inputs(p, dtype, device, compute=None):

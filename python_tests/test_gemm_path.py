@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 
 import tubevit_ext as tv
-from conftest import FP32_BLAS_REL, UNIT_ROUNDOFF, check_rounded, make_params
-from test_tc_emulation import CASES, _tc_problems, fuzz_inputs, make_x
+from conftest import (FP32_BLAS_REL, TILE_CASES as CASES, UNIT_ROUNDOFF, check_rounded, make_params, make_x, oracle,
+                      tile_inputs as fuzz_inputs, tile_problems as _tc_problems)
 
 from tubevit_ext.testing import ops
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -21,13 +21,11 @@ def check_close(got, want, dtype, name):
 
 def oracle_forward(x, ws, bs, pe, tubes):
     """fp64 reference on the dtype-rounded operands (what the GEMM multiplies)."""
-    return tv.reference.tube_tokens(x.double(), [w.double() for w in ws], [b.double() for b in bs] or None,
-                                    tubes, None if pe is None else pe.double())
+    return oracle(x, ws, bs, tubes, pe)
 
 
 def oracle_weight_grads(x, ws, gout, tubes):
-    w64 = [w.double().requires_grad_() for w in ws]
-    return torch.autograd.grad(tv.reference.tube_tokens(x.double(), w64, None, tubes), w64, gout.double())
+    return oracle(x, ws, None, tubes, gout=gout)[2]
 
 
 def problem(case, dtype, seed, layout="contiguous", B=2):
@@ -75,9 +73,8 @@ def test_input_gradient_by_gather(case, dtype):
     # PyTorch's autograd, which rounds once per convolution's input gradient)
     tubes, size, d, x, ws, _, _, gout = problem(case, dtype, 17)
     got = ops.tube_tokens_gemm_path_dx(gout, x, ws, tv.flatten_tubes(tubes))
+    want = oracle(x, ws, None, tubes, gout=gout)[1]
     x64 = x.double().requires_grad_()
-    want = torch.autograd.grad(tv.reference.tube_tokens(x64, [w.double() for w in ws], None, tubes), x64,
-                               gout.double())[0]
     assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
     err = (got.double() - want).abs().max().item()
     rel = FP32_BLAS_REL if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import tubevit_ext as tv
-from conftest import random_tubes
+from conftest import random_tubes, torchvision_vit_state_dict as _torchvision_sd
 from tubevit_ext.models import PackedLayout, TubeViT, inflate_kernel, load_image_vit
 
 SMALL = dict(dim=24, depth=2, num_heads=2, mlp_dim=48)
@@ -95,24 +95,6 @@ def test_inflation_formula_nonsquare_and_growing(kernel):
 
 
 # ---------------------------------------------------------------- image-ViT state_dicts, key by key
-def _torchvision_sd(dim=24, depth=2, mlp=48, classes=5, g=None):
-    sd = {"class_token": torch.randn(1, 1, dim), "encoder.pos_embedding": torch.randn(1, 5, dim),
-          "conv_proj.weight": torch.randn(dim, 3, 16, 16), "conv_proj.bias": torch.randn(dim),
-          "encoder.ln.weight": torch.randn(dim), "encoder.ln.bias": torch.randn(dim),
-          "heads.head.weight": torch.randn(classes, dim), "heads.head.bias": torch.randn(classes)}
-    for i in range(depth):
-        p = f"encoder.layers.encoder_layer_{i}."
-        sd.update({p + "ln_1.weight": torch.randn(dim), p + "ln_1.bias": torch.randn(dim),
-                   p + "self_attention.in_proj_weight": torch.randn(3 * dim, dim),
-                   p + "self_attention.in_proj_bias": torch.randn(3 * dim),
-                   p + "self_attention.out_proj.weight": torch.randn(dim, dim),
-                   p + "self_attention.out_proj.bias": torch.randn(dim),
-                   p + "ln_2.weight": torch.randn(dim), p + "ln_2.bias": torch.randn(dim),
-                   p + "mlp.0.weight": torch.randn(mlp, dim), p + "mlp.0.bias": torch.randn(mlp),
-                   p + "mlp.3.weight": torch.randn(dim, mlp), p + "mlp.3.bias": torch.randn(dim)})
-    return sd
-
-
 # ours <- torchvision suffix, per block
 _TV_BLOCK = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
              "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",

@@ -9,53 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tubevit_ext as tv
-from conftest import FP32_TC_REL, check_rounded, make_params
+from conftest import (FP32_TC_REL, TILE_CASES as CASES, check_rounded, make_params, make_x, round_to_tf32 as tf32,
+                      tile_inputs as fuzz_inputs, tile_problems as _tc_problems)
 
 from tubevit_ext.testing import ops
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-
-CASES = {
-    # many tokens (M tiles), K = 54 (two K steps, partial), d = 70 (two channel tiles, partial)
-    "one_tube": ([tv.Tube((2, 3, 3), (1, 2, 2), (0, 1, 0))], (6, 20, 22), 3, 70),
-    # four tubes, K from 12 to 240, overlapping windows, offsets
-    "mixed": ([tv.Tube((4, 4, 5), (2, 3, 3), (1, 0, 2)), tv.Tube((1, 2, 2), (1, 2, 2)),
-               tv.Tube((3, 1, 4), (2, 1, 3), (0, 2, 1)), tv.Tube((2, 5, 2), (3, 4, 2), (1, 1, 0))],
-              (9, 17, 19), 3, 130),
-    # widths/offsets that allow 8-, 4- (and for fp32 4-) element accesses in the gather and
-    # the weight tile (kw 8/4/12/16, W = 48, K = 1536/768/1728/768)
-    "paper": (tv.PAPER_TUBES, (33, 64, 48), 3, 20),
-    # kw = 6 on W = 36: 2-element gather accesses (16-bit types), K = 2*2*6*2 = 48
-    "vec2": ([tv.Tube((2, 2, 6), (2, 3, 6), (0, 1, 0))], (5, 11, 36), 2, 33),
-    # H > 32 and W > 64: the dX gather's (32 x 64)-voxel tiles, with partial last tiles on both
-    # axes and windows that straddle tile borders (kw = 5 with stride 3)
-    # d = 72: every grad-row access of dW's token-major A tile is 8 (16-bit) or 4 (fp32) channels
-    # wide, with a partial second channel tile (TUBEVIT_TC_DW_VEC = 1 builds)
-    "d72": ([tv.Tube((2, 4, 4), (2, 4, 4), (0, 0, 0))], (6, 16, 24), 3, 72),
-    "wide": ([tv.Tube((2, 3, 5), (1, 2, 3), (0, 1, 2)), tv.Tube((1, 4, 4), (2, 4, 4), (1, 0, 1))],
-             (3, 37, 70), 2, 20),
-}
-
-
-def tf32(t):
-    """Round fp32 to TF32 as the kernels' __float_to_tf32 does (nearest, ties away from zero)."""
-    bits = t.float().contiguous().view(torch.int32)
-    out = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
-    return torch.where(torch.isfinite(t), out, t.float())
 
 
 def as_mma_input(t, dtype):
     """What the tensor cores multiply: the dtype-rounded value (fp32: TF32), in fp64."""
     t = t.to(dtype)
     return (tf32(t) if dtype == torch.float32 else t).double()
-
-
-def make_x(B, C, size, dtype, layout, g):
-    x = torch.randn(B, C, *size, generator=g, dtype=torch.float64).to(dtype)
-    if layout == "channels_last_3d":
-        return x.contiguous(memory_format=torch.channels_last_3d)
-    if layout == "noncontiguous":
-        return torch.stack([x, x], dim=2).flatten(1, 2)[:, ::2]
-    return x
 
 
 def check_close(got, want, dtype, name):
@@ -151,36 +115,6 @@ def test_batch_zero_and_float64_rejected():
     x64 = torch.randn(1, C, *size, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="tube_tokens_tc_emulated"):  # no fp64 tensor cores
         ops.tube_tokens_tc_emulated(x64, w64, [], tv.flatten_tubes(tubes), None)
-
-
-@st.composite
-def _tc_problems(draw):
-    size = (draw(st.integers(1, 9)), draw(st.integers(1, 20)), draw(st.integers(1, 20)))
-    tubes = []
-    for _ in range(draw(st.integers(1, 4))):
-        k, s, o = [], [], []
-        for L in size:
-            ka = draw(st.integers(1, min(L, 6)))
-            k.append(ka)
-            s.append(draw(st.integers(1, 6)))
-            o.append(draw(st.integers(0, L - ka)))
-        tubes.append(tv.Tube(tuple(k), tuple(s), tuple(o)))
-    return dict(size=size, tubes=tubes, C=draw(st.integers(1, 4)), d=draw(st.integers(1, 80)),
-                B=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(DTYPES)),
-                layout=draw(st.sampled_from(["contiguous", "channels_last_3d", "noncontiguous"])),
-                bias=draw(st.booleans()), pe=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
-
-
-def fuzz_inputs(prob):
-    """A drawn problem's tensors: x, weights, biases ([] when drawn off), the position embedding
-    (None when drawn off), the flat tube list and the output gradient, in the drawn dtype."""
-    tubes, size, dtype, d = prob["tubes"], prob["size"], prob["dtype"], prob["d"]
-    g = torch.Generator().manual_seed(prob["seed"])
-    x = make_x(prob["B"], prob["C"], size, dtype, prob["layout"], g)
-    ws, bs = make_params(tubes, prob["C"], d, dtype, seed=prob["seed"])
-    pe = tv.sincos_pos_embed(tubes, size, d, dtype=dtype) if prob["pe"] else None
-    gout = torch.randn(prob["B"], tv.num_tokens(tubes, size), d, generator=g, dtype=torch.float64).to(dtype)
-    return x, ws, bs if prob["bias"] else [], pe, tv.flatten_tubes(tubes), gout
 
 
 @settings(max_examples=60, deadline=None)

@@ -514,7 +514,7 @@ def test_command_line_entry_points():
 
 
 def test_train_jointly_with_images_from_an_image_vit(tmp_path, capsys):
-    from test_model_formulas import _torchvision_sd
+    from conftest import torchvision_vit_state_dict as _torchvision_sd
     data, run, imgs = str(tmp_path / "data"), str(tmp_path / "run"), tmp_path / "img"
     make_motion_folder(data, n_per_class=8, frames=10)
     for cls in ("a", "b", "c"):

@@ -14,7 +14,7 @@ import torch
 
 import tubevit_ext as tv
 from conftest import (DX_SHAPES, _reread_switches, check_rounded, cuda_graph_replay, dp_inputs,  # noqa: F401
-                      dx_from_dp_fp64, make_params, set_switch)
+                      dx_from_dp_fp64, make_params, oracle, set_switch)
 
 if not tv._C._prototype_compiled():
     pytest.skip("a build without csrc/prototype (TUBEVIT_PROTOTYPE=1 builds it)", allow_module_level=True)
@@ -121,12 +121,9 @@ def test_hopper_tiles_without_bias_or_pos_embed():
 
 def _reference_grads(x, ws, tubes, grad, bias):
     """dW and db of the fp64 reference for this output gradient, on the same rounded operands."""
-    xd = x.double()
-    wd = [w.detach().double().requires_grad_() for w in ws]
-    bd = [torch.zeros(w.shape[0], dtype=torch.float64, requires_grad=True) for w in ws] if bias else None
-    y = tv.reference.tube_tokens(xd, wd, bd, tubes, None)
-    y.backward(grad.double())
-    return [w.grad for w in wd], [b.grad for b in bd] if bias else []
+    bs = [torch.zeros(w.shape[0], dtype=torch.float64) for w in ws] if bias else None
+    _, _, dws, dbs = oracle(x, ws, bs, tubes, gout=grad)
+    return dws, dbs
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -278,9 +275,7 @@ def test_cuda_hopper_grad_weight_matches_the_reference(monkeypatch, case, dtype,
 
 def _reference_dx(x, ws, tubes, grad):
     """dx of the fp64 reference for this output gradient, on the same rounded operands."""
-    xd = x.double().requires_grad_()
-    tv.reference.tube_tokens(xd, [w.double() for w in ws], None, tubes, None).backward(grad.double())
-    return xd.grad
+    return oracle(x, ws, None, tubes, gout=grad)[1]
 
 
 def _grad_for(x, ws, tubes, dtype, seed=5):
