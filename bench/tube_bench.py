@@ -1,32 +1,24 @@
 """Benchmark: the fused tube tokenizer against what users would write instead.
 
 Implementations (all compute the same (B, N, d) tokens, bias and PE included):
-  reference           per-tube nn.Conv3d (cuDNN / oneDNN) + flatten + cat + PE add
+  reference           per-tube nn.Conv3d (cuDNN with cudnn.benchmark on / oneDNN) + flatten + cat + PE add
   unfold_gemm         per-tube strided unfold view -> patch copy -> one F.linear per tube + cat + PE add
   compiled_reference  torch.compile(reference)
-  fused               tubevit_ext.SparseTubeTokenizer (on CUDA: the path the library picks by size)
-  fused_gemm          the same with TUBEVIT_CUDA_PATH=gemm (CUDA only, opt-in: the GEMM path forced)
-  fused_tc            the same with TUBEVIT_CUDA_PATH=tc (CUDA only, opt-in: the tensor-core kernels, the
-                      WMMA forward)
-  fused_hopper        the same with TUBEVIT_CUDA_PATH=hopper (CUDA only, a build with csrc/prototype: the
-                      sm_90a wgmma forward, weight and bias gradients, and dP + the dx writer, where
-                      they apply)
+  fused               tubevit_ext.SparseTubeTokenizer (on CUDA: the kernels the planner picks)
+  fused_gemm / fused_tc / fused_hopper
+                      the same with TUBEVIT_CUDA_PATH=gemm / tc / hopper (CUDA only; hopper: a build
+                      with csrc/prototype)
+Modes: fwd; fwd_bwd (weights and bias require grad); fwd_bwd_input (the input too).
 
-Modes: fwd; fwd_bwd (weights and bias require grad, input does not);
-fwd_bwd_input (input requires grad too).
-
-Each configuration is first checked against the reference (max_abs_err), then timed: warm-up,
-repeats, median; CUDA events on GPU, perf_counter on CPU; inputs rotated over several fresh
-buffers so no implementation runs on cache-hot data. On CUDA each row has three times:
-median_ms (one call between events: host work and launch latency included), pipelined_ms
-(--repeats back-to-back calls, one synchronisation, per call: what a training loop sees) and
-kernel_ms (GPU time in the call's kernels, torch.profiler); with --cuda-graph, fwd rows also
-graph_ms / graph_pipelined_ms (the call captured in a torch.cuda.CUDAGraph and replayed). On GPU the card's dense matmul rate per
-dtype is measured in the same run and every result reports its achieved TFLOP/s.
+Each configuration is checked against the reference first (max_abs_err), then timed in
+interleaved rounds (A B C A B C ...: a shared machine's drift hits every implementation alike),
+inputs rotated over fresh buffers. CUDA rows carry median_ms (one call between events),
+pipelined_ms (back-to-back calls, one synchronisation: what a training loop sees) and kernel_ms
+(the calls' GPU time, torch.profiler); with --cuda-graph, fwd rows also graph_ms /
+graph_pipelined_ms. On GPU the dense matmul rate per dtype is measured in the same run.
 
     python bench/tube_bench.py --preset cpu-targets          # paper tubes, B = 4, CPU (bench/RESULTS.md)
     python bench/tube_bench.py --preset gpu-targets          # paper tubes, B = 32, GPU (bench/RESULTS.md)
-    python bench/tube_bench.py --device cpu --batch 1 2 4 --frames 32 --dim 384 768 --modes fwd
 Outputs: table on stdout, JSON (--json), PNG plot (--plot; needs matplotlib, skipped otherwise).
 """
 from __future__ import annotations
@@ -41,10 +33,8 @@ import subprocess
 import sys
 import time
 
-# Compile in this process: inductor's default pool of compile workers keeps
-# processes alive that share the CPU with every timing after the first
-# torch.compile (seen on the 2-vCPU VM: a bf16 fwd_bwd timed after a compile
-# ran 30 % slower). Must be set before torch._inductor is imported.
+# Compile in this process: inductor's pool of compile workers would share the CPU with every
+# later timing (a bf16 fwd_bwd timed after a compile ran 30 % slower on the 2-vCPU VM).
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
@@ -52,30 +42,21 @@ import torch.nn.functional as F  # noqa: E402
 
 import tubevit_ext as tv  # noqa: E402
 
-TUBE_SETS = {
-    "paper": tv.PAPER_TUBES,
-    # A ViViT-style tubelet pair: dense 2x16x16 plus a coarse 8x32x32 tube.
-    "tubelet2": (tv.Tube((2, 16, 16), (2, 16, 16)), tv.Tube((8, 32, 32), (8, 32, 32), (0, 0, 0))),
-}
-# compiled_reference last in each configuration: torch.compile leaves compile
-# workers behind that would otherwise share the CPU with the next timings.
-IMPLS = ["reference", "unfold_gemm", "fused", "fused_gemm", "fused_tc", "fused_hopper",
-         "compiled_reference"]
+TUBE_SETS = {"paper": tv.PAPER_TUBES,  # and a ViViT-style tubelet pair: dense 2x16x16 plus a coarse 8x32x32
+             "tubelet2": (tv.Tube((2, 16, 16), (2, 16, 16)), tv.Tube((8, 32, 32), (8, 32, 32)))}
+# compiled_reference last: torch.compile's leftovers would share the CPU with the next timings
+IMPLS = ["reference", "unfold_gemm", "fused", "fused_gemm", "fused_tc", "fused_hopper", "compiled_reference"]
 DEFAULT_IMPLS = ["reference", "unfold_gemm", "fused", "compiled_reference"]
-# the fused module with one CUDA path forced: the environment the op reads per
-# call, set for the whole step (forward and backward)
-PATH_ENV = {"fused_gemm": {"TUBEVIT_CUDA_PATH": "gemm"},
-            "fused_tc": {"TUBEVIT_CUDA_PATH": "tc"},
+PATH_ENV = {"fused_gemm": {"TUBEVIT_CUDA_PATH": "gemm"}, "fused_tc": {"TUBEVIT_CUDA_PATH": "tc"},
             "fused_hopper": {"TUBEVIT_CUDA_PATH": "hopper"}}
 MODES = ["fwd", "fwd_bwd", "fwd_bwd_input"]
+MODE_GEMMS = {"fwd": 1, "fwd_bwd": 2, "fwd_bwd_input": 3}  # fwd, + dW, + dX
 
 
-# ---------------------------------------------------------------- implementations
 class UnfoldGemm(torch.nn.Module):
-    """The fastest pure-PyTorch formulation we know: strided unfold views of
-    each tube's slice, one copy into a (B, n, K) patch matrix, one GEMM per
-    tube (F.linear, bias fused), cat, PE add. Shares the fused module's
-    parameters."""
+    """The fastest pure-PyTorch formulation we know: strided unfold views of each tube's slice, one
+    copy into a (B, n, K) patch matrix, one GEMM per tube (F.linear, bias fused), cat, PE add.
+    Shares the fused module's parameters."""
 
     def __init__(self, fused: tv.SparseTubeTokenizer):
         super().__init__()
@@ -96,19 +77,10 @@ class UnfoldGemm(torch.nn.Module):
 
 
 def build(impl, fused, ref):
-    if impl == "fused":
-        return fused
-    if impl in PATH_ENV:
-        if next(fused.parameters()).device.type != "cuda":
-            raise RuntimeError(f"{impl} selects a CUDA path: CUDA only")
-        return fused
-    if impl == "reference":
-        return ref
-    if impl == "unfold_gemm":
-        return UnfoldGemm(fused)
-    if impl == "compiled_reference":
-        return torch.compile(ref)
-    raise ValueError(impl)
+    if impl in PATH_ENV and next(fused.parameters()).device.type != "cuda":
+        raise RuntimeError(f"{impl} selects a CUDA path: CUDA only")
+    return {"reference": lambda: ref, "unfold_gemm": lambda: UnfoldGemm(fused),
+            "compiled_reference": lambda: torch.compile(ref)}.get(impl, lambda: fused)()
 
 
 def gemm_flops(tubes, size, C, d, batch):
@@ -117,18 +89,10 @@ def gemm_flops(tubes, size, C, d, batch):
     return 2.0 * batch * d * per
 
 
-MODE_GEMMS = {"fwd": 1, "fwd_bwd": 2, "fwd_bwd_input": 3}  # fwd, + dW, + dX
-
-
 # ---------------------------------------------------------------- timing
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_fn(fn, inputs, device, warmup, repeats):
-    """Median seconds of fn(x) over `repeats` calls, rotating through `inputs`."""
-    return statistics.median(time_samples(fn, inputs, device, warmup, repeats))
 
 
 def time_samples(fn, inputs, device, warmup, repeats):
@@ -137,16 +101,15 @@ def time_samples(fn, inputs, device, warmup, repeats):
         fn(inputs[i % len(inputs)])
     sync(device)
     times = []
-    if device.type == "cuda":
-        for i in range(repeats):
+    for i in range(repeats):
+        if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             fn(inputs[i % len(inputs)])
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
-    else:
-        for i in range(repeats):
+        else:
             t0 = time.perf_counter()
             fn(inputs[i % len(inputs)])
             times.append(time.perf_counter() - t0)
@@ -154,9 +117,8 @@ def time_samples(fn, inputs, device, warmup, repeats):
 
 
 def pipelined_seconds(fn, inputs, device, calls):
-    """Seconds per call of `calls` back-to-back calls of fn(x) with one synchronisation at the end:
-    what a training or inference loop sees, where the host queues call i + 1 while the GPU runs
-    call i (time_samples synchronises every call, so it adds the launch latency each time)."""
+    """Seconds per call of `calls` back-to-back calls with one synchronisation at the end: what a
+    loop sees, where the host queues call i + 1 while the GPU runs call i."""
     fn(inputs[0])
     sync(device)
     t0 = time.perf_counter()
@@ -167,30 +129,25 @@ def pipelined_seconds(fn, inputs, device, calls):
 
 
 def kernel_seconds(fn, inputs, device, calls):
-    """GPU seconds per call spent in kernels (torch.profiler's CUDA activity, summed over every
-    kernel and memset/memcpy the calls launched), so host and device shares of a call are
-    visible next to its wall time. CUDA only."""
+    """GPU seconds per call in the calls' kernels, memsets and copies (torch.profiler). CUDA only."""
     from torch.profiler import ProfilerActivity, profile
-
     fn(inputs[0])
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(calls):
             fn(inputs[i % len(inputs)])
         sync(device)
-    total_us = sum(e.self_device_time_total for e in prof.key_averages()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    return total_us / 1e6 / calls
+    return sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6 / calls
 
 
 def graph_seconds(fn, inputs, device, warmup, repeats):
-    """(one replay between events, per replay of `repeats` back-to-back replays) of fn captured in
-    a torch.cuda.CUDAGraph on a static input buffer, the input copied in before each replay (part
-    of the time, as it would be in an inference server). CUDA, forward without grad."""
+    """(one replay between events, per replay back to back) of fn captured in a CUDA graph on a
+    static input, the input copied in before each replay (as an inference server would)."""
     static_x = inputs[0].detach().clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up on a side stream, as CUDA graph capture requires
+    with torch.cuda.stream(s):  # warm-up on a side stream, as capture requires
         for _ in range(max(warmup, 2)):
             fn(static_x)
     torch.cuda.current_stream().wait_stream(s)
@@ -201,23 +158,18 @@ def graph_seconds(fn, inputs, device, warmup, repeats):
     def replay(x):
         static_x.copy_(x)
         g.replay()
-    one = statistics.median(time_samples(replay, inputs, device, warmup, repeats))
-    return one, pipelined_seconds(replay, inputs, device, repeats)
+    return (statistics.median(time_samples(replay, inputs, device, warmup, repeats)),
+            pipelined_seconds(replay, inputs, device, repeats))
 
 
 def matmul_peak(device, dtype, n=8192):
     """Dense square matmul TFLOP/s on this device (the roofline for the GEMM work)."""
-    if device.type != "cuda":
-        n = 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_fn(lambda _: torch.mm(a, b), [None], device, 3, 10 if device.type == "cuda" else 3)
-    return 2.0 * n ** 3 / t / 1e12
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2.0 * n ** 3 / statistics.median(time_samples(lambda _: torch.mm(a, b), [None], device, 3, 10)) / 1e12
 
 
 class pinned_env:
-    """Environment variables set inside (for the fused_gemm / fused_tc / fused_hopper variants),
-    restored after."""
+    """Environment variables set inside (the fused_* variants), restored after; options re-read."""
 
     def __init__(self, env):
         self.env = env or {}
@@ -229,16 +181,13 @@ class pinned_env:
 
     def __exit__(self, *exc):
         for k, v in self.prev.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         tv.reload_options()
 
 
 def make_step(model, mode, env=None):
-    params = list(model.parameters()) if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule) \
-        else list(model._orig_mod.parameters())
+    mod = getattr(model, "_orig_mod", model)
+    params = list(mod.parameters())
     if env:
         inner = make_step(model, mode)
 
@@ -255,107 +204,64 @@ def make_step(model, mode, env=None):
         out.backward(torch.ones_like(out))  # fixed cost; identical for every impl
         for p in params:
             p.grad = None
-        if x.grad is not None:
-            x.grad = None
+        x.grad = None
         return out
     return step
 
 
 # ---------------------------------------------------------------- one configuration
 def run_config(args, device, dtype, batch, frames, dim, tubes_name, mode, impls, peak, rows, progress):
-    tubes = TUBE_SETS[tubes_name]
-    size = (frames, *args.size)
+    tubes, size = TUBE_SETS[tubes_name], (frames, *args.size)
     torch.manual_seed(0)
     fused = tv.SparseTubeTokenizer(3, dim, tubes).to(device, dtype)
     ref = tv.reference.SparseTubeTokenizer(3, dim, tubes).to(device, dtype)
     ref.load_state_dict(fused.state_dict())
-    need_x = mode == "fwd_bwd_input"
-    inputs = [torch.randn(batch, 3, *size, device=device, dtype=dtype).requires_grad_(need_x)
+    inputs = [torch.randn(batch, 3, *size, device=device, dtype=dtype).requires_grad_(mode == "fwd_bwd_input")
               for _ in range(args.rotate)]
     flops = gemm_flops(tubes, size, 3, dim, batch) * MODE_GEMMS[mode]
     with torch.no_grad():
         want = ref(inputs[0]).float()
-    variants = []
-    for impl in sorted(impls, key=IMPLS.index):
-        if impl == "reference" and device.type == "cuda":
-            variants += [(impl, False), (impl, True)]  # cudnn.benchmark off / on
-        else:
-            variants.append((impl, None))
-    # Agreement first, then timing in `args.rounds` interleaved rounds
-    # (impl A, B, C, A, B, C, ...): slow drifts of a shared machine then
-    # hit every implementation alike instead of whichever ran last.
+    tol = {"float32": 1e-3, "float64": 1e-9, "bfloat16": 5e-2, "float16": 1e-2}[dtype_name(dtype)]
     timed = []
-    for impl, bench_flag in variants:
+    for impl in sorted(impls, key=IMPLS.index):  # agreement first, then the timing rounds
         row = dict(impl=impl, mode=mode, dtype=dtype_name(dtype), batch=batch, frames=frames, dim=dim,
                    tubes=tubes_name, size=list(size), tokens=want.shape[1])
-        if bench_flag is not None:
-            row["cudnn_benchmark"] = bench_flag
         rows.append(row)
         try:
-            with cudnn_benchmark(bench_flag), pinned_env(PATH_ENV.get(impl)):
+            with pinned_env(PATH_ENV.get(impl)), torch.no_grad():
                 model = build(impl, fused, ref)
-                with torch.no_grad():
-                    got = model(inputs[0]).float()
-            row["max_abs_err"] = (got - want).abs().max().item()
-            # agreement check before timing: outputs within the dtype's
-            # tolerance of the reference (relative to the output scale)
-            tol = {"float32": 1e-3, "float64": 1e-9, "bfloat16": 5e-2, "float16": 1e-2}.get(row["dtype"], 1e-2)
+                row["max_abs_err"] = (model(inputs[0]).float() - want).abs().max().item()
             row["agrees"] = bool(row["max_abs_err"] <= tol * max(1.0, want.abs().max().item()))
             if not row["agrees"]:
                 print(f"WARNING: {impl} disagrees with the reference: max_abs_err {row['max_abs_err']:.3g}",
                       file=sys.stderr)
-            timed.append((row, make_step(model, mode, PATH_ENV.get(impl)), bench_flag, []))
+            timed.append((row, make_step(model, mode, PATH_ENV.get(impl)), []))
         except Exception as e:  # e.g. compile unavailable: recorded, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     for r in range(args.rounds):
-        for row, step, bench_flag, samples in timed:
-            if "error" in row:
-                continue
-            progress(f"{tubes_name} {dtype_name(dtype)} B={batch} T={frames} d={dim} {mode} {row['impl']}"
-                     + ("" if bench_flag is None else f" cudnn.benchmark={bench_flag}")
+        for row, step, samples in timed:
+            progress(f"{tubes_name} {row['dtype']} B={batch} T={frames} d={dim} {mode} {row['impl']}"
                      + (f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""))
             try:
-                with cudnn_benchmark(bench_flag):
-                    samples += time_samples(step, inputs, device, args.warmup, args.repeats)
-            except Exception as e:
+                samples += time_samples(step, inputs, device, args.warmup, args.repeats)
+            except Exception as e:  # recorded, not fatal
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    for row, step, bench_flag, samples in timed:
-        if "error" in row or not samples:
+    for row, step, samples in timed:
+        if "error" in row:
             continue
         t = statistics.median(samples)
-        row["median_ms"] = t * 1e3
-        row["samples"] = len(samples)
-        row["tflops"] = flops / t / 1e12
+        row.update(median_ms=t * 1e3, samples=len(samples), tflops=flops / t / 1e12)
         if peak.get(row["dtype"]):
             row["frac_of_matmul_peak"] = row["tflops"] / peak[row["dtype"]]
-        if device.type != "cuda":
-            continue
-        # Host and device shares (CUDA): median_ms is one call between events (launch latency
-        # and host work included); pipelined_ms what a loop sees; kernel_ms the GPU's share.
-        try:
-            with cudnn_benchmark(bench_flag):
+        if device.type == "cuda":
+            try:
                 row["pipelined_ms"] = pipelined_seconds(step, inputs, device, args.repeats) * 1e3
                 row["kernel_ms"] = kernel_seconds(step, inputs, device, min(args.repeats, 10)) * 1e3
                 if args.cuda_graph and mode == "fwd":
                     one, piped = graph_seconds(step, inputs, device, args.warmup, args.repeats)
                     row["graph_ms"], row["graph_pipelined_ms"] = one * 1e3, piped * 1e3
-        except Exception as e:  # e.g. an implementation that cannot be captured: recorded, not fatal
-            row["timing_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-
-
-class cudnn_benchmark:
-    """torch.backends.cudnn.benchmark set to `flag` inside (None: untouched)."""
-
-    def __init__(self, flag):
-        self.flag = flag
-
-    def __enter__(self):
-        self.prev = torch.backends.cudnn.benchmark
-        if self.flag is not None:
-            torch.backends.cudnn.benchmark = self.flag
-
-    def __exit__(self, *exc):
-        torch.backends.cudnn.benchmark = self.prev
+            except Exception as e:  # e.g. an implementation that cannot be captured: recorded
+                row["timing_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
 def dtype_name(dt):
@@ -363,13 +269,11 @@ def dtype_name(dt):
 
 
 def git_commit():
-    # The device machine's copy of the tree may carry an older .git than the
-    # tree being run: the caller can name the commit (bench/gpu_check.sh
-    # passes TUBEVIT_COMMIT through).
+    """The commit, or TUBEVIT_COMMIT (the device machine's .git may be older than its tree)."""
     if os.environ.get("TUBEVIT_COMMIT"):
         return os.environ["TUBEVIT_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True).stdout.strip()
@@ -382,40 +286,30 @@ def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
     return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
 # ---------------------------------------------------------------- reporting
-def print_table(rows):
-    hdr = f"{'tubes':8s} {'dtype':8s} {'B':>3s} {'T':>3s} {'d':>5s} {'mode':13s} {'impl':24s} {'ms':>9s} {'TFLOP/s':>8s} {'xref':>6s} {'err':>9s}"
-    print(hdr)
-    print("-" * len(hdr))
-    base = {}
-    for r in rows:
-        if r["impl"] == "reference" and not r.get("cudnn_benchmark", False) and "median_ms" in r:
-            base[key(r)] = r["median_ms"]
-    for r in rows:
-        name = r["impl"] + ("" if "cudnn_benchmark" not in r else f" (bench={'on' if r['cudnn_benchmark'] else 'off'})")
-        if "error" in r:
-            print(f"{r['tubes']:8s} {r['dtype']:8s} {r['batch']:3d} {r['frames']:3d} {r['dim']:5d} {r['mode']:13s} {name:24s} skipped: {r['error']}")
-            continue
-        sp = base.get(key(r), float("nan")) / r["median_ms"]
-        print(f"{r['tubes']:8s} {r['dtype']:8s} {r['batch']:3d} {r['frames']:3d} {r['dim']:5d} {r['mode']:13s} {name:24s} "
-              f"{r['median_ms']:9.2f} {r['tflops']:8.3f} {sp:6.2f} {r['max_abs_err']:9.2e}"
-              + ("" if r.get("agrees", True) else "  MISMATCH")
-              + "".join(f"  {k[:-3]} {r[k]:.3f}" for k in ("pipelined_ms", "kernel_ms", "graph_ms") if k in r))
-
-
 def key(r):
     return (r["tubes"], r["dtype"], r["batch"], r["frames"], r["dim"], r["mode"])
+
+
+def print_table(rows):
+    hdr = f"{'tubes':8s} {'dtype':8s} {'B':>3s} {'T':>3s} {'d':>5s} {'mode':13s} {'impl':18s} {'ms':>9s} " \
+          f"{'TFLOP/s':>8s} {'xref':>6s} {'err':>9s}"
+    print(hdr + "\n" + "-" * len(hdr))
+    base = {key(r): r["median_ms"] for r in rows if r["impl"] == "reference" and "median_ms" in r}
+    for r in rows:
+        head = f"{r['tubes']:8s} {r['dtype']:8s} {r['batch']:3d} {r['frames']:3d} {r['dim']:5d} {r['mode']:13s} " \
+               f"{r['impl']:18s}"
+        if "error" in r:
+            print(f"{head} skipped: {r['error']}")
+            continue
+        print(f"{head} {r['median_ms']:9.2f} {r['tflops']:8.3f} {base.get(key(r), float('nan')) / r['median_ms']:6.2f} "
+              f"{r['max_abs_err']:9.2e}" + ("" if r.get("agrees", True) else "  MISMATCH")
+              + "".join(f"  {k[:-3]} {r[k]:.3f}" for k in ("pipelined_ms", "kernel_ms", "graph_ms") if k in r))
 
 
 def plot(rows, path):
@@ -426,25 +320,18 @@ def plot(rows, path):
     except ImportError:
         print("matplotlib not installed: plot skipped (pip install matplotlib)")
         return
-    base = {key(r): r["median_ms"] for r in rows
-            if r["impl"] == "reference" and not r.get("cudnn_benchmark", False) and "median_ms" in r}
+    base = {key(r): r["median_ms"] for r in rows if r["impl"] == "reference" and "median_ms" in r}
     panels = sorted({(r["dtype"], r["mode"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (dt, mode) in zip(axes[0], panels):
         groups = {}
         for r in rows:
-            if (r["dtype"], r["mode"]) != (dt, mode) or "median_ms" not in r or key(r) not in base:
-                continue
-            name = r["impl"] + (" (bench)" if r.get("cudnn_benchmark") else "")
-            label = f"{name} {r['tubes']} T={r['frames']} d={r['dim']}"
-            groups.setdefault(label, []).append((r["batch"], base[key(r)] / r["median_ms"]))
+            if (r["dtype"], r["mode"]) == (dt, mode) and "median_ms" in r and key(r) in base:
+                label = f"{r['impl']} {r['tubes']} T={r['frames']} d={r['dim']}"
+                groups.setdefault(label, []).append((r["batch"], base[key(r)] / r["median_ms"]))
         for label, pts in sorted(groups.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("speed-up over reference")
-        ax.set_title(f"{dt} {mode}")
+            ax.plot(*zip(*sorted(pts)), marker="o", label=label)
+        ax.set(xscale="log", xlabel="batch size", ylabel="speed-up over reference", title=f"{dt} {mode}")
         ax.axhline(1.0, color="gray", lw=0.5)
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -453,49 +340,48 @@ def plot(rows, path):
 
 
 def check_targets(rows, device):
-    """Prints the targets that this run can judge (ratios from the same run)."""
+    """Prints the targets this run can judge (ratios from the same run)."""
     def med(impl, mode, dtype, field="median_ms", **kw):
-        for r in rows:
-            if r["impl"] == impl and r["mode"] == mode and r["dtype"] == dtype and "median_ms" in r \
-                    and not r.get("cudnn_benchmark", False) and all(r[k] == v for k, v in kw.items()):
-                return r.get(field, r["median_ms"])
-        return None
+        return next((r.get(field, r["median_ms"]) for r in rows if r["impl"] == impl and r["mode"] == mode
+                     and r["dtype"] == dtype and "median_ms" in r and all(r[k] == v for k, v in kw.items())), None)
+
+    def line(label, a, b, goal):
+        if a and b:
+            print(f"  {label}: {b / a:.2f}x (target >= {goal}x) {'OK' if b / a >= goal else 'MISSED'}")
 
     print("\ntargets (ratio of medians, same run):")
-    if device.type == "cpu":
-        checks = [("fwd", "reference", 3.0), ("fwd", "unfold_gemm", 1.2),
-                  ("fwd_bwd", "reference", 4.0), ("fwd_bwd", "unfold_gemm", 1.2)]
-        dt, kw = "float32", dict(tubes="paper", batch=4, frames=32, dim=768)
-    else:
-        checks = [("fwd", "reference", 5.0), ("fwd", "unfold_gemm", 1.5), ("fwd", "compiled_reference", 1.5),
-                  ("fwd_bwd", "reference", 3.0)]
-        dt, kw = "bfloat16", dict(tubes="paper", batch=32, frames=32, dim=768)
+    cpu = device.type == "cpu"
+    dt, kw = ("float32", dict(tubes="paper", batch=4, frames=32, dim=768)) if cpu else \
+        ("bfloat16", dict(tubes="paper", batch=32, frames=32, dim=768))
+    checks = [("fwd", "reference", 3.0), ("fwd", "unfold_gemm", 1.2), ("fwd_bwd", "reference", 4.0),
+              ("fwd_bwd", "unfold_gemm", 1.2)] if cpu else \
+        [("fwd", "reference", 5.0), ("fwd", "unfold_gemm", 1.5), ("fwd", "compiled_reference", 1.5),
+         ("fwd_bwd", "reference", 3.0)]
     for mode, other, goal in checks:
-        a, b = med("fused", mode, dt, **kw), med(other, mode, dt, **kw)
-        if a and b:
-            print(f"  {dt} {mode}: fused vs {other}: {b / a:.2f}x (target >= {goal}x) {'OK' if b / a >= goal else 'MISSED'}")
-    if device.type == "cuda":
-        # the fused kernels' targets (bench/DESIGN.md), for the path the library picks and the forced
-        # Hopper kernels: ratios of pipelined_ms (back-to-back calls, what a training loop sees)
-        kernel_checks = [("fwd", "bfloat16", "unfold_gemm", 2.5), ("fwd", "bfloat16", "reference", 25.0),
-                         ("fwd_bwd", "bfloat16", "unfold_gemm", 2.5), ("fwd_bwd_input", "bfloat16", "unfold_gemm", 2.0),
-                         ("fwd", "float32", "reference", 10.0)]
-        for impl in ("fused", "fused_hopper"):
-            for mode, dt2, other, goal in kernel_checks:
-                a = med(impl, mode, dt2, "pipelined_ms", **kw)
-                b = med(other, mode, dt2, "pipelined_ms", **kw)
-                if a and b:
-                    print(f"  {dt2} {mode}: {impl} vs {other}: {b / a:.2f}x pipelined (target >= {goal}x) "
-                          f"{'OK' if b / a >= goal else 'MISSED'}")
-            for r in rows:
-                if r["impl"] == impl and r["mode"] == "fwd" and r["dtype"] == "bfloat16" \
-                        and "frac_of_matmul_peak" in r and all(r[k] == v for k, v in kw.items()):
-                    frac = r["frac_of_matmul_peak"] * r["median_ms"] / r.get("pipelined_ms", r["median_ms"])
-                    print(f"  bf16 fwd: {impl} achieved {frac * 100:.0f}% of matmul peak pipelined "
-                          f"({r['frac_of_matmul_peak'] * 100:.0f}% one call between events) (target >= 50%)")
+        line(f"{dt} {mode}: fused vs {other}", med("fused", mode, dt, **kw), med(other, mode, dt, **kw), goal)
+    if cpu:
+        return
+    # the fused kernels' targets (bench/DESIGN.md) for the planner's choice and the prototype's
+    # kernels, as ratios of pipelined_ms (back-to-back calls, what a training loop sees)
+    for impl in ("fused", "fused_hopper"):
+        for mode, dt2, other, goal in [("fwd", "bfloat16", "unfold_gemm", 2.5), ("fwd", "bfloat16", "reference", 25.0),
+                                       ("fwd_bwd", "bfloat16", "unfold_gemm", 2.5),
+                                       ("fwd_bwd_input", "bfloat16", "unfold_gemm", 2.0),
+                                       ("fwd", "float32", "reference", 10.0)]:
+            a, b = med(impl, mode, dt2, "pipelined_ms", **kw), med(other, mode, dt2, "pipelined_ms", **kw)
+            if a and b:
+                print(f"  {dt2} {mode}: {impl} vs {other}: {b / a:.2f}x pipelined (target >= {goal}x) "
+                      f"{'OK' if b / a >= goal else 'MISSED'}")
+        for r in rows:
+            if r["impl"] == impl and r["mode"] == "fwd" and r["dtype"] == "bfloat16" and "frac_of_matmul_peak" in r \
+                    and all(r[k] == v for k, v in kw.items()):
+                frac = r["frac_of_matmul_peak"] * r["median_ms"] / r.get("pipelined_ms", r["median_ms"])
+                print(f"  bf16 fwd: {impl} achieved {frac * 100:.0f}% of matmul peak pipelined "
+                      f"({r['frac_of_matmul_peak'] * 100:.0f}% one call between events) (target >= 50%)")
+
 
 PRESETS = {
-    # the shared CPU VM drifts: three interleaved rounds (see run_config)
+    # the shared CPU VM drifts: three interleaved rounds
     "cpu-targets": dict(device="cpu", dtypes=["float32"], batch=[4], frames=[32], dim=[768], tubes=["paper"],
                         modes=["fwd", "fwd_bwd"], impls=DEFAULT_IMPLS, rounds=3),
     "cpu-sweep": dict(device="cpu", dtypes=["float32", "bfloat16"], batch=[1, 2, 4], frames=[32, 64],
@@ -503,88 +389,60 @@ PRESETS = {
                       impls=["reference", "unfold_gemm", "fused"], rounds=2),
     "gpu-targets": dict(device="cuda", dtypes=["bfloat16", "float32"], batch=[32], frames=[32], dim=[768],
                         tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=DEFAULT_IMPLS),
-    "gpu-sweep": dict(device="cuda", dtypes=["bfloat16", "float16", "float32"], batch=[8, 16, 32, 64],
-                      frames=[32, 64], dim=[384, 768, 1024], tubes=["paper", "tubelet2"], modes=MODES,
-                      impls=DEFAULT_IMPLS),
 }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    presets = "; ".join(f"{k}: " + ", ".join(f"{a}={v}" for a, v in c.items()) for k, c in PRESETS.items())
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="a named configuration; explicit options below override its fields (" + presets + ")")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration; the options below override it")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when a GPU is visible)")
     p.add_argument("--dtypes", nargs="+", help="float32, bfloat16, float16, float64 (default: float32)")
-    p.add_argument("--batch", nargs="+", type=int, help="batch sizes B (default: 4)")
-    p.add_argument("--frames", nargs="+", type=int, help="frame counts T (default: 32)")
-    p.add_argument("--dim", nargs="+", type=int, help="token widths d (default: 768)")
-    p.add_argument("--tubes", nargs="+", choices=sorted(TUBE_SETS),
-                   help="tube sets: paper (the four tubes of the paper), tubelet2 (2x16x16 + 8x32x32) "
-                        "(default: paper)")
-    p.add_argument("--modes", nargs="+", choices=MODES,
-                   help="fwd, fwd_bwd (weights and bias require grad), fwd_bwd_input (x too) "
-                        "(default: fwd fwd_bwd)")
-    p.add_argument("--impls", nargs="+", choices=IMPLS,
-                   help="implementations, see above (default: " + " ".join(DEFAULT_IMPLS) + ")")
-    p.add_argument("--size", nargs=2, type=int, default=(224, 224), metavar=("H", "W"),
-                   help="frame size (default: 224 224)")
+    for name, default in (("batch", 4), ("frames", 32), ("dim", 768)):
+        p.add_argument(f"--{name}", nargs="+", type=int, help=f"(default: {default})")
+    p.add_argument("--tubes", nargs="+", choices=sorted(TUBE_SETS), help="(default: paper)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="(default: fwd fwd_bwd)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, help="(default: " + " ".join(DEFAULT_IMPLS) + ")")
+    p.add_argument("--size", nargs=2, type=int, default=(224, 224), metavar=("H", "W"), help="(default: 224 224)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per implementation and round (default: 10)")
-    p.add_argument("--rounds", type=int,
-                   help="interleaved timing rounds, A B C A B C ... (default: the preset's, else 1)")
-    p.add_argument("--rotate", type=int, default=3,
-                   help="fresh input buffers rotated between calls, so none is cache-hot (default: 3)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA, fwd rows: also time the call captured in a CUDA graph (graph_ms, "
-                        "graph_pipelined_ms)")
-    p.add_argument("--json", help="write results here (default: bench/out/<device>-<date>.json)")
-    p.add_argument("--plot", help="write a PNG plot here, needs matplotlib (default: next to the JSON)")
+    p.add_argument("--rounds", type=int, help="interleaved timing rounds (default: the preset's, else 1)")
+    p.add_argument("--rotate", type=int, default=3, help="fresh input buffers rotated between calls (default: 3)")
+    p.add_argument("--cuda-graph", action="store_true", help="CUDA fwd rows: also the call replayed from a CUDA graph")
+    p.add_argument("--json", help="results (default: bench/out/<device>-<date>.json)")
+    p.add_argument("--plot", help="PNG plot, needs matplotlib (default: next to the JSON)")
     args = p.parse_args(argv)
-
     cfg = dict(PRESETS.get(args.preset, {}))
     defaults = dict(device="cuda" if torch.cuda.is_available() else "cpu", dtypes=["float32"], batch=[4],
                     frames=[32], dim=[768], tubes=["paper"], modes=["fwd", "fwd_bwd"], impls=DEFAULT_IMPLS, rounds=1)
     for k, v in defaults.items():
-        if getattr(args, k, None) is not None:
-            cfg[k] = getattr(args, k)
-        cfg.setdefault(k, v)
+        cfg[k] = getattr(args, k) if getattr(args, k, None) is not None else cfg.get(k, v)
     args.rounds = cfg["rounds"]
     device = torch.device(cfg["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device visible")
-
+    torch.backends.cudnn.benchmark = True  # the reference at cuDNN's best algorithm
     dtypes = [getattr(torch, d) for d in cfg["dtypes"]]
-    peak = {}
-    if device.type == "cuda":
-        for dt in dtypes:
-            prev = torch.backends.cuda.matmul.allow_tf32
-            peak[dtype_name(dt)] = matmul_peak(device, dt)
-            torch.backends.cuda.matmul.allow_tf32 = prev
+    peak = {dtype_name(dt): matmul_peak(device, dt) for dt in dtypes} if device.type == "cuda" else {}
     configs = [(dt, b, f, d, tn, m) for dt in dtypes for tn in cfg["tubes"] for f in cfg["frames"]
                for d in cfg["dim"] for m in cfg["modes"] for b in cfg["batch"]]
-    rows = []
-    t_start = time.time()
-    for i, (dt, b, f, d, tn, m) in enumerate(configs):
+    rows, t_start = [], time.time()
+    for i, c in enumerate(configs):
         def progress(msg, i=i):
             print(f"[{i + 1}/{len(configs)} {time.time() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)
-        run_config(args, device, dt, b, f, d, tn, m, cfg["impls"], peak, rows, progress)
-
+        run_config(args, device, *c, cfg["impls"], peak, rows, progress)
     result = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": str(torch.backends.cudnn.version()) if device.type == "cuda" else None,
-              "commit": git_commit(), "date": _dt.date.today().isoformat(),
-              "threads": torch.get_num_threads(), "peak_tflops": peak, "config": cfg,
+              "commit": git_commit(), "date": _dt.date.today().isoformat(), "threads": torch.get_num_threads(),
+              "peak_tflops": peak, "config": cfg, "cuda_path": os.environ.get("TUBEVIT_CUDA_PATH", "auto"),
               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
-              # the CUDA path "fused" was told to take (csrc/options.h): auto, gemm, tc or naive
-              "cuda_path": os.environ.get("TUBEVIT_CUDA_PATH", "auto"),
               "results": rows}
     print(f"\ndevice: {result['device']} | torch {result['torch']} | commit {result['commit']}")
     if peak:
         print("dense matmul peak (TFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()))
     print_table(rows)
     check_targets(rows, device)
-    root = os.path.dirname(os.path.abspath(__file__))
-    path = args.json or os.path.join(root, "out", f"{device.type}-{result['date']}.json")
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
+                                     f"{device.type}-{result['date']}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(result, fh, indent=1)
