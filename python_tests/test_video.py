@@ -292,9 +292,12 @@ def test_video_folder_items_and_bad_files(tmp_path):
     root = str(tmp_path / "d")
     make_motion_folder(root, n_per_class=6, frames=12)
     (tmp_path / "d" / "left" / "broken.mp4").write_bytes(b"junk" * 50)
+    ds = VideoFolder(root, "all", frames=8, size=24, train=True)  # lists files, opens none
+    assert len(ds) == 13 and ds.infos == {}
+    broken = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("broken.mp4")][0]
     with pytest.warns(UserWarning, match=r"skipping .*broken.mp4"):
-        ds = VideoFolder(root, "all", frames=8, size=24, train=True)
-    assert len(ds) == 12
+        x, y = ds[broken]  # the next readable sample instead, the broken file named
+    assert x.shape == (3, 8, 24, 24) and y in (0, 1)
     x, y = ds[0]
     assert x.shape == (3, 8, 24, 24) and y in (0, 1)
     ds.set_epoch(0)
@@ -302,14 +305,16 @@ def test_video_folder_items_and_bad_files(tmp_path):
     ds.set_epoch(0)
     assert torch.equal(ds[3][0], a)  # same epoch, same clip and crop
     ds.set_epoch(0)
-    epoch0 = [ds[i][0] for i in range(len(ds))]
+    readable = [i for i in range(len(ds)) if i != broken]
+    epoch0 = [ds[i][0] for i in readable]
     ds.set_epoch(1)
-    epoch1 = [ds[i][0] for i in range(len(ds))]
+    epoch1 = [ds[i][0] for i in readable]
     assert any(not torch.equal(u, v) for u, v in zip(epoch0, epoch1))  # another epoch, other clips
     ev = VideoFolder(root, "all", frames=8, size=24, train=False, clips=2, crops=3)
     assert ev[0][0].shape == (6, 3, 8, 24, 24)
+    strict = VideoFolder(root, "all", frames=8, size=24, on_error="raise")
     with pytest.raises(vio.VideoDecodeError, match="broken.mp4"):
-        VideoFolder(root, "all", frames=8, size=24, on_error="raise")
+        strict[broken]
     # a file that breaks after the dataset was built: skipped at load time, named
     os.remove(os.path.join(root, "left", "broken.mp4"))
     ds = VideoFolder(root, "all", frames=8, size=24, train=True)
@@ -454,6 +459,30 @@ class _RunsCode:
 
     def __reduce__(self):
         return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_normalize_on_device_is_the_same_training(tmp_path):
+    """--normalize-on-device: workers hand over uint8 clips and the training loop normalises them;
+    on the CPU the same arithmetic runs, so the run is the same bit for bit."""
+    data = str(tmp_path / "data")
+    make_motion_folder(data, n_per_class=8, frames=10)
+    runs = []
+    for extra in ([], ["--normalize-on-device"]):
+        run = str(tmp_path / f"run{len(runs)}")
+        cli.main(["train", "--data", data, "--out", run, "--epochs", "1", *TRAIN, *extra])
+        runs.append(torch.load(os.path.join(run, "last.pt"), weights_only=True))
+    for k, v in runs[0]["state_dict"].items():
+        assert torch.equal(v, runs[1]["state_dict"][k]), k
+    assert runs[0]["val"] == runs[1]["val"]
+    clip = index_frames(12, 40, 48)
+    for train in (True, False):
+        f = T.ClipTransform(32, train, crops=1 if train else 3)
+        u = T.ClipTransform(32, train, crops=1 if train else 3, output="uint8")
+        a = f(clip, torch.Generator().manual_seed(3))
+        b = u(clip, torch.Generator().manual_seed(3))
+        assert b.dtype == torch.uint8 and (b.dim() == 5 or b.movedim(0, -1).is_contiguous())  # dense, channels last
+        got = T.normalize(b) if b.dim() == 4 else torch.stack([T.normalize(c) for c in b])
+        assert torch.equal(got, a)
 
 
 def test_checkpoints_are_never_unpickled(tmp_path):

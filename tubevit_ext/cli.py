@@ -138,15 +138,25 @@ def _progress(iterable, total, desc, enabled):
         return iterable
 
 
+def _to_device(x: torch.Tensor, device, normalize: str) -> torch.Tensor:
+    """A clip on the training device, normalised there when the workers handed it over as uint8
+    (--normalize-on-device)."""
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:  # (C, T, H, W), or an evaluation's (clips x crops, C, T, H, W)
+        from .video.transforms import normalize as normalize_
+        x = normalize_(x, normalize) if x.dim() == 4 else torch.stack([normalize_(c, normalize) for c in x])
+    return x
+
+
 @torch.no_grad()
-def _evaluate_loader(model, loader, device, head, world) -> Dict[str, float]:
+def _evaluate_loader(model, loader, device, head, world, normalize="imagenet") -> Dict[str, float]:
     """Top-1 / top-5 over a loader of (clips, labels); a sample with several clips / crops
     averages their softmax scores."""
     model.eval()
     correct1 = correct5 = n = 0
     for samples, labels in loader:
         for x, y in zip(samples, labels):
-            x = x.to(device)
+            x = _to_device(x, device, normalize)
             batch = x if x.dim() == 5 else x[None]
             probs = F.softmax(model(batch, head=head).float(), -1).mean(0)
             top = probs.topk(min(5, probs.numel())).indices.tolist()
@@ -173,7 +183,8 @@ def _datasets(args):
     from .video.datasets import ImageFolder, VideoFolder
     _check_fits(TUBE_SETS[args.tubes], args.frames, args.size)
     common = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
-                  on_error=args.on_error, seed=args.seed, normalize=args.normalize)
+                  on_error=args.on_error, seed=args.seed, normalize=args.normalize,
+                  output="uint8" if args.normalize_on_device else "float")
     train_ds = VideoFolder(args.data, "train", flip=not args.no_flip, **common)
     val_ds = VideoFolder(args.data, "val", clips=1, crops=1, **common)
     if val_ds.classes != train_ds.classes:
@@ -220,7 +231,7 @@ def _resume(path: str, model, opt, classes, main):
     return ck, ck["epoch"] + 1, ck.get("best_top1", -1.0)
 
 
-def _train_epoch(net, loader, opt, sched, device, joint: bool, bar) -> float:
+def _train_epoch(net, loader, opt, sched, device, joint: bool, bar, normalize: str) -> float:
     """One pass over the loader; the mean training loss."""
     loss_sum = 0.0
     for batch in bar:
@@ -229,7 +240,7 @@ def _train_epoch(net, loader, opt, sched, device, joint: bool, bar) -> float:
         else:
             samples, labels = batch
             heads = ["video"] * len(samples)
-        samples = [s.to(device, non_blocking=True) for s in samples]
+        samples = [_to_device(s, device, normalize) for s in samples]
         loss, per_head = losses_by_head(net(samples, head=heads), heads, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -277,8 +288,8 @@ def train(args) -> dict:
                 ld.sampler.set_epoch(epoch)
         t0 = time.time()
         bar = _progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", main and not args.quiet)
-        train_loss = _train_epoch(net, loader, opt, sched, device, images is not None, bar)
-        acc = _evaluate_loader(model, vval, device, "video", world)
+        train_loss = _train_epoch(net, loader, opt, sched, device, images is not None, bar, args.normalize)
+        acc = _evaluate_loader(model, vval, device, "video", world, args.normalize)
         epoch_log = dict(epoch=epoch + 1, train_loss=train_loss, val_top1=acc["top1"], val_top5=acc["top5"],
                          seconds=time.time() - t0)
         history.append(epoch_log)
@@ -380,6 +391,9 @@ def _parser():
     t.add_argument("--normalize", default="imagenet", help="imagenet (default), clip, inception or none")
     t.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="unreadable files: skip with a warning naming each (default), or raise")
+    t.add_argument("--normalize-on-device", action="store_true",
+                   help="workers hand uint8 clips to the training device, which normalises them (a quarter "
+                        "of the bytes through the loader; the workers skip the fp32 pass)")
     t.add_argument("--no-flip", action="store_true",
                    help="no random horizontal flips (for classes a mirror image changes, e.g. left vs right)")
     t.add_argument("--seed", type=int, default=0)

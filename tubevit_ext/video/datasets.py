@@ -8,10 +8,10 @@ Layout: one sub-folder per class (UCF101 / HMDB / Kinetics style), ``classes`` s
 - otherwise a deterministic split: a file is in "val" when a hash of its path relative to the
   class folder (stable across machines and Python runs) falls below ``val_fraction``.
 
-Unreadable files: ``on_error="skip"`` (default) probes every file once when the dataset is
-built and leaves out the ones that cannot be read, with a warning naming each; a file that fails
-later, mid-decode, is replaced by the next readable sample, again with a warning naming it.
-``on_error="raise"`` raises at once, naming the file. Short videos follow ``short`` (see
+Building a dataset lists files and nothing more: a file is probed (frame count and rate, from its
+packets: ``io._frame_table``) the first time a worker loads it, and kept per process. Unreadable
+files: ``on_error="skip"`` (default) replaces a file that cannot be read by the next readable
+sample, with a warning naming it; ``on_error="raise"`` raises, naming the file. Short videos follow ``short`` (see
 ``transforms``). Clips are drawn with a per-sample generator seeded from (seed, epoch, index),
 so an epoch is the same in every worker layout; ``seed_worker`` seeds the other libraries.
 """
@@ -128,12 +128,14 @@ class VideoFolder(_Folder):
     train=True: one random clip per video per epoch, random crop and flip. train=False: ``clips``
     uniformly spaced clips x ``crops`` (1 or 3) crops, stacked: (clips * crops, C, T, S, S).
     Frames are ``stride`` apart, or sampled at ``target_fps``. ``flip=False`` for classes a
-    mirror image changes (left vs right motion)."""
+    mirror image changes (left vs right motion). ``output="uint8"``: clips stay uint8 (the
+    consumer normalises them, ``transforms.normalize``, e.g. on the training device)."""
 
     def __init__(self, root: str, split: str = "train", frames: int = 8, size: int = 112, train: Optional[bool] = None,
                  stride: int = 1, target_fps: Optional[float] = None, clips: int = 1, crops: int = 1,
                  normalize="imagenet", short: str = "clamp", val_fraction: float = 0.2,
-                 split_file: Optional[str] = None, on_error: str = "skip", seed: int = 0, flip: bool = True):
+                 split_file: Optional[str] = None, on_error: str = "skip", seed: int = 0, flip: bool = True,
+                 output: str = "float"):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         frame_step(stride)  # validates stride
@@ -141,32 +143,28 @@ class VideoFolder(_Folder):
         self.train = split == "train" if train is None else train
         self.clips, self.short, self.on_error, self.seed, self.epoch = clips, short, on_error, seed, 0
         self.transform = ClipTransform(size, self.train, flip=flip, crops=1 if self.train else crops,
-                                       normalize=normalize)
+                                       normalize=normalize, output=output)
         samples, self.classes = folder_samples(root, split, VIDEO_EXTENSIONS, val_fraction, split_file)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.infos: Dict[str, vio.VideoInfo] = {}
-        kept = []
-        for path, label in samples:
-            try:
-                self.infos[path] = vio.probe(path)
-                kept.append((path, label))
-            except (vio.VideoDecodeError, FileNotFoundError) as e:
-                if on_error == "raise":
-                    raise
-                warnings.warn(_skip_message(path, e))
-        if not kept:
-            raise ValueError(f"no readable video in split {split!r} of {root}")
-        self.samples = kept
+        if not samples:
+            raise ValueError(f"no video in split {split!r} of {root}")
+        self.samples = samples
+        self.infos: Dict[str, vio.VideoInfo] = {}  # probed on first load, per process
 
     def _load(self, path: str, g: torch.Generator) -> torch.Tensor:
-        info = self.infos.get(path) or vio.probe(path)
+        info = self.infos.get(path)
+        if info is None:
+            info = self.infos[path] = vio.probe(path)
         step = frame_step(self.stride, info.fps, self.target_fps)
         if self.train:
             return self.transform(vio.read_frames(path, random_clip(info.num_frames, self.frames, step, g,
                                                                     self.short)), g)
+        # every clip from one read: one decode of the video, not one per clip
+        clips = uniform_clips(info.num_frames, self.frames, step, self.clips, self.short)
+        frames = vio.read_frames(path, [i for c in clips for i in c])
         outs = []
-        for idx in uniform_clips(info.num_frames, self.frames, step, self.clips, self.short):
-            y = self.transform(vio.read_frames(path, idx))
+        for k in range(len(clips)):
+            y = self.transform(frames[k * self.frames:(k + 1) * self.frames])
             outs.append(y if y.dim() == 5 else y[None])
         return torch.cat(outs)
 

@@ -80,13 +80,14 @@ def _errors():
 
 
 def probe(path: str) -> VideoInfo:
-    """fps, frame count, duration and frame size of a video file, without decoding it (a file
-    whose header has no frame count is demuxed, not decoded, to count its packets)."""
+    """fps, frame count, duration and frame size of a video file, without decoding it. The frame
+    count is the frame table's (the frames read_frames numbers; the file's packets are demuxed
+    once per process), the header's for a stream without timestamps."""
     container = _open(path)
     try:
         s = container.streams.video[0]
         fps = _fps(s)
-        n = s.frames
+        n = len(_frame_table(path).pts) or s.frames
         if not n:
             n = sum(1 for p in container.demux(s) if p.size)
         if n <= 0:

@@ -93,7 +93,11 @@ def to_cthw(frames: torch.Tensor) -> torch.Tensor:
 
 
 def resize_short_side(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(C, T, H, W) or (C, H, W), any dtype: the shorter of H, W becomes ``size`` (aspect kept)."""
+    """(C, T, H, W) or (C, H, W), any dtype: the shorter of H, W becomes ``size`` (aspect kept),
+    bilinear with antialiasing. uint8 on the CPU stays uint8: PyTorch's uint8 kernel on
+    channels-last frames (the layout decoded (T, H, W, 3) frames have) is within one level of
+    the float path's rounded result and ~100x faster than it on a 320x240 -> 341x256 clip (8 ms
+    against 790 ms for 32 frames on one core of the 2-vCPU VM)."""
     H, W = x.shape[-2:]
     if min(H, W) == size:
         return x
@@ -102,9 +106,13 @@ def resize_short_side(x: torch.Tensor, size: int) -> torch.Tensor:
     image = x.dim() == 3
     y = x[:, None] if image else x
     y = y.permute(1, 0, 2, 3)  # (T, C, H, W): frames as the batch
-    out = F.interpolate(y.float(), size=hw, mode="bilinear", align_corners=False, antialias=True)
-    if x.dtype == torch.uint8:
-        out = out.round_().clamp_(0, 255).to(torch.uint8)
+    if x.dtype == torch.uint8 and x.device.type == "cpu":
+        out = F.interpolate(y.contiguous(memory_format=torch.channels_last), size=hw, mode="bilinear",
+                            align_corners=False, antialias=True)
+    else:
+        out = F.interpolate(y.float(), size=hw, mode="bilinear", align_corners=False, antialias=True)
+        if x.dtype == torch.uint8:
+            out = out.round_().clamp_(0, 255).to(torch.uint8)
     out = out.permute(1, 0, 2, 3)
     return out[:, 0] if image else out
 
@@ -147,16 +155,20 @@ def hflip(x: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, preset: Union[str, Sequence] = "imagenet") -> torch.Tensor:
-    """uint8 (or float in [0, 1]) (C, ...) -> float32 (x - mean) / std per channel; ``preset`` a
-    name of NORMALIZE or a (mean, std) pair."""
+    """uint8 (or float in [0, 1]) (C, ...) -> float32 (x - mean) / std per channel, contiguous;
+    ``preset`` a name of NORMALIZE or a (mean, std) pair. As x * (1 / (255 std)) - mean / std in
+    place on one fp32 copy (within an fp32 rounding of the written formula; 4.3 ms against 25 ms
+    for a 32 x 224 x 224 clip on one core of the 2-vCPU VM)."""
     if isinstance(preset, str):
         if preset not in NORMALIZE:
             raise ValueError(f"normalize preset must be one of {sorted(NORMALIZE)} or (mean, std), got {preset!r}")
         preset = NORMALIZE[preset]
-    mean, std = (torch.tensor(v, dtype=torch.float32) for v in preset)
-    y = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    shape = (-1,) + (1,) * (y.dim() - 1)
-    return (y - mean.view(shape)) / std.view(shape)
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=x.device) for v in preset)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    scale = (1.0 / std) / (255.0 if x.dtype == torch.uint8 else 1.0)
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    y.copy_(x)
+    return y.mul_(scale.view(shape)).sub_((mean / std).view(shape))
 
 
 class ClipTransform:
@@ -164,16 +176,28 @@ class ClipTransform:
 
     train=True: resize the short side to ``resize`` (default 8/7 of ``size``), random crop,
     random horizontal flip (``flip``). train=False: resize, then one centre crop, or ``crops=3``
-    crops along the long side (returned stacked: (crops, C, T, S, S))."""
+    crops along the long side (returned stacked: (crops, C, T, S, S)). Everything before the
+    normalisation stays uint8. ``output="uint8"`` stops there: uint8 clips, dense in the decoded
+    frames' (T, H, W, C) order (a crop copied row by row: 0.6 ms for 32 x 224 x 224 against 3.8 ms
+    for a (C, T, H, W)-contiguous copy), a quarter of the bytes to hand to the training device,
+    which normalises them with ``normalize``."""
 
     def __init__(self, size: int, train: bool, resize: Optional[int] = None, flip: bool = True,
-                 crops: int = 1, normalize: Union[str, Sequence] = "imagenet"):
+                 crops: int = 1, normalize: Union[str, Sequence] = "imagenet", output: str = "float"):
         if crops not in (1, 3):
             raise ValueError(f"crops must be 1 or 3, got {crops}")
         if isinstance(normalize, str) and normalize not in NORMALIZE:
             raise ValueError(f"normalize preset must be one of {sorted(NORMALIZE)} or (mean, std), got {normalize!r}")
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
         self.size, self.train, self.flip, self.crops, self.norm = size, train, flip, crops, normalize
         self.resize = resize or int(math.ceil(size * 8 / 7))
+        self.output = output
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output == "uint8":
+            return x.movedim(0, -1).contiguous().movedim(-1, 0)
+        return normalize(x, self.norm)
 
     def __call__(self, frames: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         x = resize_short_side(to_cthw(frames), self.resize)
@@ -181,10 +205,10 @@ class ClipTransform:
             x = random_crop(x, self.size, generator)
             if self.flip and bool(torch.rand((), generator=generator) < 0.5):
                 x = hflip(x)
-            return normalize(x, self.norm)
+            return self._finish(x)
         if self.crops == 1:
-            return normalize(center_crop(x, self.size), self.norm)
-        return torch.stack([normalize(c, self.norm) for c in three_crops(x, self.size)])
+            return self._finish(center_crop(x, self.size))
+        return torch.stack([self._finish(c) for c in three_crops(x, self.size)])
 
 
 __all__ = ["NORMALIZE", "frame_step", "clip_span", "clip_indices", "random_clip", "uniform_clips", "to_cthw",
