@@ -323,3 +323,21 @@ def torchvision_vit_state_dict(dim=24, depth=2, mlp=48, classes=5, g=None):
                    p + "mlp.0.weight": torch.randn(mlp, dim), p + "mlp.0.bias": torch.randn(mlp),
                    p + "mlp.3.weight": torch.randn(dim, mlp), p + "mlp.3.bias": torch.randn(dim)})
     return sd
+
+
+def make_motion_folder(root, n_per_class=32, frames=16, size=40, seed=0, ext=".mp4", split_dirs=False):
+    """Two classes that differ only in motion: a square moving left or right over noise (needs PyAV)."""
+    from tubevit_ext.video import io as vio
+    g = torch.Generator().manual_seed(seed)
+    for cls, dx in (("left", -2), ("right", 2)):
+        for k in range(n_per_class):
+            sub = os.path.join(root, ("val" if k % 4 == 0 else "train") if split_dirs else "", cls)
+            os.makedirs(sub, exist_ok=True)
+            fr = (torch.rand(frames, size, size, 3, generator=g) * 60).to(torch.uint8)
+            col = torch.randint(120, 256, (3,), generator=g).to(torch.uint8)
+            y = int(torch.randint(4, size - 12, (1,), generator=g))
+            x0 = int(torch.randint(0, size - 8, (1,), generator=g))
+            for t in range(frames):
+                x = (x0 + dx * t) % (size - 8)
+                fr[t, y:y + 8, x:x + 8] = col
+            vio.write_video(os.path.join(sub, f"{cls}_{k:02d}{ext}"), fr, fps=25)

@@ -17,7 +17,7 @@ from tubevit_ext.video import ImageFolder, JointLoader, VideoFolder, find_classe
 from tubevit_ext.video import io as vio  # noqa: E402
 from tubevit_ext.video import transforms as T  # noqa: E402
 from tubevit_ext.video.datasets import collate_samples, folder_samples  # noqa: E402
-from conftest import time_limit  # noqa: E402
+from conftest import make_motion_folder, time_limit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -243,23 +243,6 @@ def test_transforms():
 
 
 # ---------------------------------------------------------------- datasets
-def make_motion_folder(root, n_per_class=32, frames=16, size=40, seed=0, ext=".mp4", split_dirs=False):
-    """Two classes that differ only in motion: a square moving left or right over noise."""
-    g = torch.Generator().manual_seed(seed)
-    for cls, dx in (("left", -2), ("right", 2)):
-        for k in range(n_per_class):
-            sub = os.path.join(root, ("val" if k % 4 == 0 else "train") if split_dirs else "", cls)
-            os.makedirs(sub, exist_ok=True)
-            fr = (torch.rand(frames, size, size, 3, generator=g) * 60).to(torch.uint8)
-            col = torch.randint(120, 256, (3,), generator=g).to(torch.uint8)
-            y = int(torch.randint(4, size - 12, (1,), generator=g))
-            x0 = int(torch.randint(0, size - 8, (1,), generator=g))
-            for t in range(frames):
-                x = (x0 + dx * t) % (size - 8)
-                fr[t, y:y + 8, x:x + 8] = col
-            vio.write_video(os.path.join(sub, f"{cls}_{k:02d}{ext}"), fr, fps=25)
-
-
 def test_folder_splits(tmp_path):
     root = str(tmp_path / "d")
     make_motion_folder(root, n_per_class=20, frames=4)
@@ -534,7 +517,7 @@ def test_media_demo_runs_on_the_shipped_media():
 
 def test_command_line_entry_points():
     r = subprocess.run([sys.executable, "-m", "tubevit_ext", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0 and "{train,eval,predict}" in r.stdout
+    assert r.returncode == 0 and "{train,eval,export,predict}" in r.stdout
     script = os.path.join(os.path.dirname(sys.executable), "tubevit")
     if not os.path.exists(script):
         pytest.skip("the package is not pip-installed here (no console script)")

@@ -5,18 +5,29 @@
                   [--batch-size 8] [--lr 1e-4] [--images DIR] [--init VIT.pth] [--resume] [--device cuda]
     tubevit eval --checkpoint RUN_DIR_OR_FILE --data DIR [--clips 4] [--crops 3] [--json out.json]
     tubevit predict --checkpoint RUN_DIR_OR_FILE FILE [FILE ...] [--topk 5]
+    tubevit export RUN_DIR_OR_FILE OUT_DIR [--ema]        # save_pretrained's directory
+
+Training recipe (``tubevit train --help``): --precision bf16|fp16|fp32, --accum-steps, --clip-grad,
+--label-smoothing, --layer-decay, --ema, --drop-path, --i2v-scaling, --sched onecycle|cosine with
+--warmup-epochs, --grad-checkpointing, --compile, --varlen-attention; RUN_DIR/metrics.jsonl gets a
+row every --log-every optimizer steps (loss per head, lr, clips/s, the fraction of time waiting for
+data, peak memory) and one per epoch (validation top-1 / top-5, of the EMA weights too).
 
 DIR holds one sub-folder per class (UCF101 / HMDB / Kinetics layout), with train/ and val/
 sub-trees or split deterministically (``tubevit_ext.video.datasets``). A run directory gets
 ``last.pt`` (every epoch) and ``best.pt`` (best validation top-1), each written atomically
 (a temporary file, then a rename), holding the model's configuration, weights, class names,
-optimizer state and epoch; ``--resume`` continues from ``last.pt``. Under ``torchrun`` training
+optimizer, schedule, scaler, EMA and generator states and epoch, all plain containers and tensors
+(loaded with weights_only=True); ``--resume`` continues from ``last.pt`` as the uninterrupted run
+would have, bit for bit on the CPU. Under ``torchrun`` training
 runs DistributedDataParallel over the processes (gloo on CPU, NCCL on CUDA).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import time
 import warnings
@@ -103,6 +114,8 @@ def load_checkpoint(path: str, which: str = "best.pt", map_location="cpu"):
     path = _checkpoint_path(path, which)
     ckpt = read_checkpoint(path, map_location)
     model = model_from_config(ckpt["config"])
+    if ckpt.get("scaling_layer") is not None:
+        model.enable_image_to_video_scaling(ckpt["scaling_layer"])
     model.load_state_dict(ckpt["state_dict"])
     return model, ckpt
 
@@ -199,20 +212,28 @@ def _datasets(args):
 
 
 def _model(args, num_classes, device, main):
-    """The TubeViT of --model / --tubes / --blocks, from --init's image ViT when given."""
+    """The TubeViT of --model / --tubes / --blocks / --drop-path, from --init's image ViT when
+    given, with --i2v-scaling, --grad-checkpointing and --varlen-attention applied."""
     model = TubeViT(**MODEL_SIZES[args.model], num_classes=num_classes, tubes=TUBE_SETS[args.tubes],
-                    **BLOCK_STYLES[args.blocks])
+                    drop_path_rate=args.drop_path, **BLOCK_STYLES[args.blocks])
     if args.init:
         sd = torch.load(args.init, map_location="cpu", weights_only=True)
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
         unused = load_image_vit(model, sd)
         if main:
             print(f"initialised from {args.init} (unused: {', '.join(unused) or 'nothing'})")
+    if args.i2v_scaling is not None:
+        model.enable_image_to_video_scaling(args.i2v_scaling)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
+    if args.varlen_attention:
+        model.use_varlen_attention()
     return model.to(device)
 
 
 def _resume(path: str, model, opt, classes, main):
-    """Model and optimizer state from the run's last.pt: (checkpoint, first epoch, best top-1)."""
+    """Model and optimizer state from the run's last.pt: (checkpoint, first epoch, best top-1); the
+    caller restores the schedule, scaler, EMA and RNG state from the checkpoint."""
     if not os.path.exists(path):
         raise SystemExit(f"--resume: {path} does not exist")
     try:
@@ -221,7 +242,8 @@ def _resume(path: str, model, opt, classes, main):
         raise SystemExit(f"--resume: {e}") from None
     saved = current_config(ck["config"])
     mismatch = [k for k in model.config if saved.get(k) != model.config[k]]
-    if mismatch or ck["classes"] != classes:
+    if mismatch or ck["classes"] != classes or ck.get("scaling_layer") != model.scaling_layer:
+        mismatch += [] if ck.get("scaling_layer") == model.scaling_layer else ["--i2v-scaling"]
         raise SystemExit(f"--resume: {path} is of another model or class set "
                          f"(differs in {', '.join(mismatch) or 'class names'}); use another --out")
     model.load_state_dict(ck["state_dict"])
@@ -231,41 +253,70 @@ def _resume(path: str, model, opt, classes, main):
     return ck, ck["epoch"] + 1, ck.get("best_top1", -1.0)
 
 
-def _train_epoch(net, loader, opt, sched, device, joint: bool, bar, normalize: str) -> float:
-    """One pass over the loader; the mean training loss."""
-    loss_sum = 0.0
-    for batch in bar:
+def _train_epoch(net, model, loader, opt, sched, device, joint: bool, bar, args, precision, ema, log,
+                 epoch: int, step0: int) -> float:
+    """One pass over the loader with gradient accumulation (--accum-steps micro-batches per
+    optimizer step, the last step of the epoch taking what is left), clipping, the EMA update and
+    the metrics log; returns the mean training loss."""
+    from .training import optimizer_step
+    loss_sum, n, accum = 0.0, len(loader), max(1, args.accum_steps)
+    it, t_wait = iter(bar), time.perf_counter()
+    for i in range(n):
+        batch = next(it)
         if joint:
             samples, heads, labels = batch
         else:
             samples, labels = batch
             heads = ["video"] * len(samples)
-        samples = [_to_device(s, device, normalize) for s in samples]
-        loss, per_head = losses_by_head(net(samples, head=heads), heads, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        log.waited(time.perf_counter() - t_wait, len(samples))
+        samples = [_to_device(s, device, args.normalize) for s in samples]
+        last = (i + 1) % accum == 0 or i + 1 == n
+        group = accum if i // accum < n // accum else n % accum  # micro-batches in this step
+        sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            with precision.autocast():
+                loss, per_head = losses_by_head(net(samples, head=heads), heads, labels,
+                                                label_smoothing=args.label_smoothing)
+            scaled = loss / group
+            (precision.scaler.scale(scaled) if precision.scaler is not None else scaled).backward()
         loss_sum += loss.item()
+        if last:
+            optimizer_step(model, opt, precision, args.clip_grad)
+            sched.step()
+            if ema is not None:
+                ema.update(model)
+            step = step0 + (i + 1 + accum - 1) // accum
+            if args.log_every and step % args.log_every == 0:
+                log.write(kind="step", epoch=epoch + 1, step=step, lr=opt.param_groups[-1]["lr"],
+                          loss={h: v.item() for h, v in per_head.items()}, **log.window(),
+                          peak_mem_mb=(torch.cuda.max_memory_allocated(device) / 2 ** 20
+                                       if device.type == "cuda" else None))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix({f"loss_{h}": f"{v.item():.3f}" for h, v in per_head.items()}, refresh=False)
-    return loss_sum / max(len(loader), 1)
+        t_wait = time.perf_counter()
+    return loss_sum / max(n, 1)
 
 
 def train(args) -> dict:
+    from .training import EMA, MetricsLog, Precision, default_precision, make_schedule, param_groups, rng_state, \
+        set_rng_state
     from .video.datasets import JointLoader
     rank, world, device, main = _setup(args)
     train_ds, val_ds, images, num_classes, classes = _datasets(args)
     data_cfg = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
                     normalize=args.normalize, tubes=args.tubes, model=args.model)
     model = _model(args, num_classes, device, main)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    precision = Precision(args.precision or default_precision(device), device)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay), lr=args.lr)
+    ema = EMA(model, args.ema) if args.ema else None
     os.makedirs(args.out, exist_ok=True)
     last_path = os.path.join(args.out, "last.pt")
     ck, start_epoch, best = (_resume(last_path, model, opt, classes, main) if args.resume else (None, 0, -1.0))
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
     per_proc = max(1, args.batch_size // world)
     vloader = _loader(train_ds, per_proc, True, args.workers, args.seed, world, rank, drop_last=True)
     if len(vloader) == 0:
@@ -275,10 +326,20 @@ def train(args) -> dict:
         loader = JointLoader(vloader, _loader(images, per_proc, True, args.workers, args.seed, world, rank,
                                               drop_last=True))
     vval = _loader(val_ds, 1, False, args.workers, args.seed, world, rank)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(args.epochs * len(loader), 1),
-                                                pct_start=min(0.3, args.warmup))
-    if ck is not None:
-        sched.load_state_dict(ck["scheduler"])  # the schedule where the interrupted run left it
+    steps_per_epoch = math.ceil(len(loader) / max(1, args.accum_steps))
+    sched = make_schedule(opt, args.sched, args.lr, args.epochs * steps_per_epoch,
+                          round(args.warmup_epochs * steps_per_epoch), args.warmup)
+    if ck is not None:  # the schedule, scaler, EMA and generators where the interrupted run left them
+        sched.load_state_dict(ck["scheduler"])
+        for g, lr in zip(opt.param_groups, sched.get_last_lr()):  # building the schedule reset them
+            g["lr"] = lr
+        if precision.scaler is not None and ck.get("scaler"):
+            precision.scaler.load_state_dict(ck["scaler"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        if ck.get("rng") is not None:
+            set_rng_state(ck["rng"])
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl") if main else None)
     history = []
     for epoch in range(start_epoch, args.epochs):
         for ds in (train_ds,) + ((images,) if images is not None else ()):
@@ -286,27 +347,61 @@ def train(args) -> dict:
         for ld in (vloader,) + ((loader.images,) if images is not None else ()):
             if hasattr(ld.sampler, "set_epoch"):
                 ld.sampler.set_epoch(epoch)
+            ld.generator.manual_seed(args.seed * 1_000_003 + epoch)  # the epoch's order, resumed or not
         t0 = time.time()
         bar = _progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", main and not args.quiet)
-        train_loss = _train_epoch(net, loader, opt, sched, device, images is not None, bar, args.normalize)
+        train_loss = _train_epoch(net, model, loader, opt, sched, device, images is not None, bar, args, precision,
+                                  ema, log, epoch, epoch * steps_per_epoch)
         acc = _evaluate_loader(model, vval, device, "video", world, args.normalize)
+        ema_acc = _evaluate_loader(ema.module, vval, device, "video", world, args.normalize) if ema else None
+        score = (ema_acc or acc)["top1"]
         epoch_log = dict(epoch=epoch + 1, train_loss=train_loss, val_top1=acc["top1"], val_top5=acc["top5"],
                          seconds=time.time() - t0)
+        if ema_acc is not None:
+            epoch_log.update(ema_val_top1=ema_acc["top1"], ema_val_top5=ema_acc["top5"])
         history.append(epoch_log)
+        log.write(kind="epoch", val_clips=1, val_crops=1, **epoch_log)
         if main:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {train_loss:.3f}, val top-1 {acc['top1']:.3f}, "
-                  f"top-5 {acc['top5']:.3f} ({acc['samples']} videos, {epoch_log['seconds']:.0f}s)", flush=True)
+                  f"top-5 {acc['top5']:.3f}" + (f", EMA top-1 {ema_acc['top1']:.3f}" if ema_acc else "")
+                  + f" ({acc['samples']} videos, {epoch_log['seconds']:.0f}s)", flush=True)
             ckpt = dict(format=CHECKPOINT_FORMAT, config=model.config, data=data_cfg, classes=classes,
-                        state_dict=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        epoch=epoch, best_top1=max(best, acc["top1"]), val=acc)
+                        scaling_layer=model.scaling_layer, state_dict=model.state_dict(), optimizer=opt.state_dict(),
+                        scheduler=sched.state_dict(), epoch=epoch, best_top1=max(best, score), val=acc,
+                        ema=ema.state_dict() if ema else None, ema_val=ema_acc,
+                        scaler=precision.scaler.state_dict() if precision.scaler is not None else None,
+                        precision=precision.name, rng=rng_state())
             save_checkpoint(last_path, ckpt)
-            if acc["top1"] > best:
+            if score > best:
                 save_checkpoint(os.path.join(args.out, "best.pt"), ckpt)
-        best = max(best, acc["top1"])
+            if args.keep:
+                save_checkpoint(os.path.join(args.out, f"epoch-{epoch + 1:04d}.pt"), ckpt)
+                _prune(args.out, args.keep)
+        best = max(best, score)
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
     return dict(best_top1=best, history=history)
+
+
+def _prune(run_dir: str, keep: int) -> None:
+    """Only the newest ``keep`` epoch-NNNN.pt checkpoints stay (last.pt and best.pt always do)."""
+    epochs = sorted(f for f in os.listdir(run_dir) if f.startswith("epoch-") and f.endswith(".pt"))
+    for f in epochs[:-keep]:
+        os.remove(os.path.join(run_dir, f))
+
+
+def export(args) -> str:
+    """A run's checkpoint as a save_pretrained directory (config.json + weights); --ema exports the
+    EMA weights."""
+    model, ck = load_checkpoint(args.run, which=args.which)
+    if args.ema:
+        if ck.get("ema") is None:
+            raise SystemExit(f"{_checkpoint_path(args.run, args.which)}: has no EMA weights (trained without --ema)")
+        model.load_state_dict(ck["ema"])
+    model.save_pretrained(args.dir)
+    print(f"exported {_checkpoint_path(args.run, args.which)} -> {args.dir}")
+    return args.dir
 
 
 # ---------------------------------------------------------------- eval / predict
@@ -376,9 +471,35 @@ def _parser():
     t.add_argument("--target-fps", type=float, default=None, help="sample clips at this rate instead of --stride")
     t.add_argument("--epochs", type=int, default=10, help="(default: 10)")
     t.add_argument("--batch-size", type=int, default=8, help="videos per step, over all processes (default: 8)")
-    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, one-cycle (default: 1e-4)")
-    t.add_argument("--weight-decay", type=float, default=0.05, help="(default: 0.05)")
-    t.add_argument("--warmup", type=float, default=0.1, help="fraction of steps warming up (default: 0.1)")
+    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    t.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW's, on weights only: no decay for biases, norms and no_weight_decay() (default: 0.05)")
+    t.add_argument("--sched", choices=["onecycle", "cosine"], default="onecycle",
+                   help="onecycle (--warmup: fraction of steps up) or cosine (linear warmup over --warmup-epochs, "
+                        "then cosine to 0) (default: onecycle)")
+    t.add_argument("--warmup", type=float, default=0.1, help="onecycle: fraction of steps warming up (default: 0.1)")
+    t.add_argument("--warmup-epochs", type=float, default=0.0, help="cosine: epochs of linear warmup (default: 0)")
+    t.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="autocast dtype (fp16 with a gradient scaler) (default: bf16 on a CUDA GPU that has it, "
+                        "else fp32)")
+    t.add_argument("--accum-steps", type=int, default=1,
+                   help="micro-batches per optimizer step: a batch of --batch-size x this (default: 1)")
+    t.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm to this")
+    t.add_argument("--label-smoothing", type=float, default=0.0, help="(default: 0)")
+    t.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise learning-rate decay: layer l of L at lr * decay^(L-1-l) (e.g. 0.75)")
+    t.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an EMA of the weights (e.g. 0.9998), validate it and pick best.pt by it")
+    t.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block (default: 0)")
+    t.add_argument("--i2v-scaling", type=int, default=None, metavar="LAYER",
+                   help="image-to-video scaling (paper §3.6): blocks below LAYER frozen, tube tokens gated in at it")
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--varlen-attention", action="store_true",
+                   help="one varlen FlashAttention call per block for joint batches (CUDA, fp16/bf16)")
+    t.add_argument("--log-every", type=int, default=10,
+                   help="optimizer steps between metrics.jsonl rows (0: epochs only) (default: 10)")
+    t.add_argument("--keep", type=int, default=0, help="also keep the newest N epoch-NNNN.pt checkpoints")
     t.add_argument("--images", help="image folder (one sub-folder per class) for joint training, its own head")
     t.add_argument("--init", help="image-ViT state_dict file to start from (torchvision, timm, HuggingFace ViT or "
                                   "CLIP, OpenCLIP layout)")
@@ -410,6 +531,12 @@ def _parser():
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--on-error", choices=["skip", "raise"], default="skip")
 
+    x = sub.add_parser("export", help="a run's checkpoint as a save_pretrained directory")
+    x.add_argument("run", help="run directory (its best.pt) or checkpoint file")
+    x.add_argument("dir", help="output directory (config.json + weights)")
+    x.add_argument("--which", default="best.pt", help="checkpoint in the run directory (default: best.pt)")
+    x.add_argument("--ema", action="store_true", help="the EMA weights (a run trained with --ema)")
+
     r = sub.add_parser("predict", help="top-k classes of video files")
     r.add_argument("--checkpoint", required=True, help="run directory (its best.pt) or checkpoint file")
     r.add_argument("files", nargs="+", help="video files")
@@ -424,7 +551,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     warnings.simplefilter("default", UserWarning)
     try:
-        return {"train": train, "eval": evaluate, "predict": predict}[args.command](args)
+        return {"train": train, "eval": evaluate, "predict": predict, "export": export}[args.command](args)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"tubevit {args.command}: {e}") from None
 

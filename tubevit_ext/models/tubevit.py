@@ -291,9 +291,10 @@ class TubeViT(nn.Module):
 
 
 def losses_by_head(logits: Sequence[torch.Tensor], heads: Sequence[str], labels: Sequence[int],
-                   weights: Optional[Dict[str, float]] = None):
+                   weights: Optional[Dict[str, float]] = None, label_smoothing: float = 0.0):
     """(total, {head: loss}) from per-sample logits (a joint forward's list): each head's loss is
-    the cross-entropy mean over its samples, the total their weighted sum (weights default 1)."""
+    the cross-entropy mean over its samples (16-bit logits in fp32; ``label_smoothing``), the total
+    their weighted sum (weights default 1)."""
     if not (len(logits) == len(heads) == len(labels)):
         raise ValueError("logits, heads and labels must have the same length")
     device = logits[0].device
@@ -301,7 +302,9 @@ def losses_by_head(logits: Sequence[torch.Tensor], heads: Sequence[str], labels:
     total, per_head = 0.0, {}
     for name in dict.fromkeys(heads):
         idx = [i for i, h in enumerate(heads) if h == name]
-        loss = F.cross_entropy(torch.stack([logits[i] for i in idx]), labels[idx])
+        lg = torch.stack([logits[i] for i in idx])
+        loss = F.cross_entropy(lg.float() if lg.dtype in (torch.float16, torch.bfloat16) else lg, labels[idx],
+                               label_smoothing=label_smoothing)
         per_head[name] = loss
         total = total + (weights or {}).get(name, 1.0) * loss
     return total, per_head
