@@ -4,8 +4,8 @@ and with the nn.Conv3d reference tokenizer the public TubeViT ports use, timed i
     python bench/e2e_bench.py [--sizes ti] [--batch 1 4] [--frames 32] [--modes train infer]
                               [--compile off] [--device cpu] [--repeats 5] [--json out.json] [--plot out.png]
 
-Rows: a training step (forward, cross-entropy, backward, AdamW step; bf16 autocast on CUDA, fp32
-on the CPU) or inference (forward under inference_mode), per model size, batch, frame count and
+Rows: a training step (forward, cross-entropy, backward, AdamW step, under --precision: bf16
+autocast and/or fp32; default bf16 on CUDA, fp32 on the CPU) or inference (forward under inference_mode), per model size, batch, frame count and
 torch.compile off/on. Before timing, the two models must give the same loss and gradients
 (within the dtype's rounding): a failed check stops the run. Per row: median step time of each,
 the speed-up, the tokenizer's share of our step (torch.profiler: the self and child time of the
@@ -175,15 +175,17 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="(default: off)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=None,
+                    help="autocast of the step (default: bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per model and row (default: 5)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--plot", help="write a PNG of the speed-ups here (needs matplotlib)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    precisions = a.precision or (["bf16"] if device.type == "cuda" else ["fp32"])
     rows = []
-    print(f"{'size':4s} {'mode':5s} {'B':>3s} {'T':>3s} {'compile':7s} {'reference':>10s} {'fused':>10s} {'speed-up':>8s} "
-          f"{'tok share':>9s}")
+    print(f"{'size':4s} {'mode':5s} {'prec':4s} {'B':>3s} {'T':>3s} {'compile':7s} {'reference':>10s} {'fused':>10s} "
+          f"{'speed-up':>8s} {'tok share':>9s}")
     for size in a.sizes:
         ours, ref = build_pair(size, device=device)
         for B in a.batch:
@@ -191,33 +193,33 @@ def main(argv=None):
                 g = torch.Generator().manual_seed(B * 1000 + T)
                 x = torch.randn(B, 3, T, a.size, a.size, generator=g).to(device)
                 y = torch.randint(0, 400, (B,), generator=g).to(device)
-                check_same(ours, ref, x, y, autocast_dtype, device)
-                for comp in a.compile:
-                    for mode in a.modes:
-                        models = {"reference": copy.deepcopy(ref), "fused": copy.deepcopy(ours)}
-                        res = {}
-                        for impl, m in models.items():
-                            runner = torch.compile(m) if comp == "on" else m
-                            step = make_step(runner, mode, x, y, device, autocast_dtype)
-                            if device.type == "cuda":
-                                torch.cuda.reset_peak_memory_stats()
-                            ts = time_steps(step, a.repeats, device)
-                            res[impl] = dict(median_ms=statistics.median(ts), samples=ts,
-                                             peak_mem_mb=(torch.cuda.max_memory_allocated() / 2 ** 20
-                                                          if device.type == "cuda" else None))
-                            if device.type == "cuda":
-                                res[impl]["pipelined_ms"] = 1e3 * _tube_bench().pipelined_seconds(
-                                    lambda _: step(), [None], device, a.repeats)
-                        share = tokenizer_share(models["fused"], make_step(models["fused"], mode, x, y, device,
-                                                                          autocast_dtype), device)
-                        speedup = res["reference"]["median_ms"] / res["fused"]["median_ms"]
-                        for impl in models:
-                            rows.append(dict(impl=impl, model=size, mode=mode, dtype="bfloat16" if autocast_dtype else
-                                             "float32", batch=B, frames=T, size=a.size, compile=comp,
-                                             device=str(device), speedup=speedup if impl == "fused" else 1.0,
-                                             tokenizer_share=share if impl == "fused" else None, **res[impl]))
-                        print(f"{size:4s} {mode:5s} {B:3d} {T:3d} {comp:7s} {res['reference']['median_ms']:8.1f}ms "
-                              f"{res['fused']['median_ms']:8.1f}ms {speedup:7.2f}x {100 * share:8.1f}%", flush=True)
+                for comp, prec, mode in [(c, p, m) for c in a.compile for p in precisions for m in a.modes]:
+                    autocast_dtype = torch.bfloat16 if prec == "bf16" else None
+                    check_same(ours, ref, x, y, autocast_dtype, device)
+                    models = {"reference": copy.deepcopy(ref), "fused": copy.deepcopy(ours)}
+                    res = {}
+                    for impl, m in models.items():
+                        runner = torch.compile(m) if comp == "on" else m
+                        step = make_step(runner, mode, x, y, device, autocast_dtype)
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        ts = time_steps(step, a.repeats, device)
+                        res[impl] = dict(median_ms=statistics.median(ts), samples=ts,
+                                         peak_mem_mb=(torch.cuda.max_memory_allocated() / 2 ** 20
+                                                      if device.type == "cuda" else None))
+                        if device.type == "cuda":
+                            res[impl]["pipelined_ms"] = 1e3 * _tube_bench().pipelined_seconds(
+                                lambda _: step(), [None], device, a.repeats)
+                    share = tokenizer_share(models["fused"], make_step(models["fused"], mode, x, y, device,
+                                                                      autocast_dtype), device)
+                    speedup = res["reference"]["median_ms"] / res["fused"]["median_ms"]
+                    for impl in models:
+                        rows.append(dict(impl=impl, model=size, mode=mode, dtype="bfloat16" if autocast_dtype else
+                                         "float32", precision=prec, batch=B, frames=T, size=a.size, compile=comp,
+                                         device=str(device), speedup=speedup if impl == "fused" else 1.0,
+                                         tokenizer_share=share if impl == "fused" else None, **res[impl]))
+                    print(f"{size:4s} {mode:5s} {prec:4s} {B:3d} {T:3d} {comp:7s} {res['reference']['median_ms']:8.1f}ms "
+                          f"{res['fused']['median_ms']:8.1f}ms {speedup:7.2f}x {100 * share:8.1f}%", flush=True)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(torch=torch.__version__, device=str(device), commit=_tube_bench().git_commit(), rows=rows), fh, indent=2)

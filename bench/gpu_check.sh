@@ -8,7 +8,8 @@
 #   sanitize  compute-sanitizer memcheck, racecheck and initcheck on bench/sanitize_case.py, once per
 #             product path (TUBEVIT_CUDA_PATH=gemm, tc, naive)
 #   bench     bench/tube_bench.py --preset gpu-targets (reference, unfold + cuBLAS, the library), JSON + PNG
-#   e2e       bench/e2e_bench.py: TubeViT-B with our tokenizer vs the Conv3d one, bf16, B = 8 and 32
+#   e2e       bench/e2e_bench.py: TubeViT-B with our tokenizer vs the Conv3d one, bf16 and fp32 autocast
+#             (the train command's step, data excluded), B = 8 and 32
 #   prototype first light of csrc/prototype (only where the build has it): its CUDA tests, then the
 #             suite's CUDA tests under TUBEVIT_CUDA_PATH=hopper, memcheck / racecheck / synccheck of
 #             the Hopper path, and its bench rows against the product in the same run
@@ -116,7 +117,7 @@ print('carried build works:', tv._C.__file__, 'prototype:', tv._C._prototype_com
       run_step bench 120 bench bench.json --impls reference unfold_gemm fused fused_gemm fused_tc
       grep -E "target|matmul peak" "$LOGS/bench.log" | tee -a "$SUMMARY" ;;
     e2e)
-      run_step e2e 150 "$PY" bench/e2e_bench.py --sizes b --batch 8 32 --frames 32 --repeats 5 \
+      run_step e2e 180 "$PY" bench/e2e_bench.py --sizes b --batch 8 32 --frames 32 --repeats 5 --precision bf16 fp32 \
         --json "$DATA/e2e.json" --plot "$DATA/e2e.png"
       grep -E "^b " "$LOGS/e2e.log" | tee -a "$SUMMARY" ;;
     prototype)

@@ -232,3 +232,65 @@ def test_model_switches_reach_the_model(tmp_path, data, monkeypatch):
     assert ck["precision"] == "fp16" and ck["scaler"]["scale"] > 0 and ck["scaling_layer"] == 2
     model, _ = cli.load_checkpoint(run)
     assert model.scaling_layer == 2 and not any(p.requires_grad for p in model.blocks[0].parameters())
+
+
+def test_tubes_command_and_tube_lists(tmp_path, capsys):
+    import tubevit_ext as tv
+    spec = "8,8,8/16,32,32;16,4,4/6,32,32/4,8,8;4,12,12/16,32,32/0,16,16;1,16,16/32,16,16"
+    assert cli.parse_tubes(spec) == tuple(tv.PAPER_TUBES) and cli.parse_tubes("compact") == cli.COMPACT_TUBES
+    for bad in ("8,8/16,32,32", "8,8,8", "a,b,c/1,1,1", ";"):
+        with pytest.raises(ValueError, match="--tubes"):
+            cli.parse_tubes(bad)
+    for tubes, frames, size in (("paper", 32, 224), ("paper", 64, 160), (spec, 20, 28), ("compact", 8, 32)):
+        rows = cli.main(["tubes", "--tubes", tubes, "--frames", str(frames), "--size", str(size)])
+        tl = cli.parse_tubes(tubes)
+        assert rows[-1]["tokens"] == tv.num_tokens(tl, (frames, size, size))
+        assert [r["tokens"] for r in rows[:-1]] == tv.geometry.tube_token_counts(tl, (frames, size, size))
+        assert 0 < rows[-1]["voxel_share"] <= 1
+    assert rows[-1]["flops"] == sum(2 * 3 * t.kernel[0] * t.kernel[1] * t.kernel[2] * 768 * n
+                                    for t, n in zip(tl, [r["tokens"] for r in rows[:-1]]))
+    # the paper's tubes at 32 x 224^2: 539 tokens, 2 d sum(n K) = 0.896 GFLOP (bench/DESIGN.md's floor)
+    rows = cli.main(["tubes", "--frames", "32", "--size", "224", "--plot", str(tmp_path / "t.png")])
+    assert rows[-1]["tokens"] == 539 and round(rows[-1]["flops"] / 1e9, 3) == 0.896
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="tube 1 .* yields no tokens"):
+        cli.main(["tubes", "--frames", "8", "--size", "224"])
+
+
+def test_config_file_round_trips_to_the_flags(tmp_path):
+    flags = ["train", "--data", "D", "--out", "O", "--accum-steps", "4", "--layer-decay", "0.75", "--ema", "0.999",
+             "--sched", "cosine", "--warmup-epochs", "5", "--tubes", "compact", "--precision", "bf16"]
+    want = vars(cli._parser().parse_args(flags))
+    cfg = {k: want[k] for k in ("accum_steps", "layer_decay", "ema", "sched", "warmup_epochs", "tubes", "precision")}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(cfg))
+    got = vars(cli._with_config(cli._parser(), ["train", "--data", "D", "--out", "O", "--config", str(path)]))
+    assert {k: got[k] for k in cfg} == cfg and got["config"] == str(path)
+    over = vars(cli._with_config(cli._parser(), ["train", "--data", "D", "--out", "O", "--config", str(path),
+                                                 "--accum-steps", "2"]))
+    assert over["accum_steps"] == 2 and over["ema"] == 0.999  # the command line wins
+    try:
+        import yaml
+    except ImportError:
+        yaml = None
+    if yaml is not None:
+        ypath = tmp_path / "recipe.yaml"
+        ypath.write_text(yaml.safe_dump({k.replace("_", "-"): v for k, v in cfg.items()}))
+        got = vars(cli._with_config(cli._parser(), ["train", "--data", "D", "--out", "O", "--config", str(ypath)]))
+        assert {k: got[k] for k in cfg} == cfg
+    path.write_text(json.dumps({"acum_steps": 2}))
+    with pytest.raises(SystemExit, match=r"unknown train options \['acum_steps'\]"):
+        cli._with_config(cli._parser(), ["train", "--data", "D", "--out", "O", "--config", str(path)])
+
+
+def test_validation_clips_and_crops_and_the_plot(tmp_path, data):
+    run = str(tmp_path / "run")
+    res = cli.main(["train", "--data", data, "--out", run, *TRAIN, "--epochs", "2", "--val-clips", "2",
+                    "--val-crops", "3", "--log-every", "1"])
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [(r["val_clips"], r["val_crops"]) for r in rows if r["kind"] == "epoch"] == [(2, 3), (2, 3)]
+    assert len(res["history"]) == 2
+    pytest.importorskip("matplotlib")
+    out = cli.main(["plot", run])
+    assert os.path.getsize(out) > 1000

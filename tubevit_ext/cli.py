@@ -49,6 +49,27 @@ BLOCK_STYLES = {"vit": {}, "clip": dict(pre_norm=True, eps=1e-5),
 #: temporal tube with a spatial offset, and the one-frame image tube.
 COMPACT_TUBES = (Tube((4, 8, 8), (4, 8, 8)), Tube((8, 4, 4), (8, 8, 8), (0, 2, 2)), Tube((1, 8, 8), (8, 8, 8)))
 TUBE_SETS = {"paper": PAPER_TUBES, "compact": COMPACT_TUBES}
+
+
+def parse_tubes(spec: str):
+    """A --tubes value: a name of TUBE_SETS, or a tube list "kt,kh,kw/st,sh,sw/ot,oh,ow;..." (the
+    offset may be left out: 0,0,0), e.g. "8,8,8/16,32,32;1,16,16/32,16,16"."""
+    if spec in TUBE_SETS:
+        return TUBE_SETS[spec]
+    tubes = []
+    for k, part in enumerate(p for p in spec.replace(" ", "").split(";") if p):
+        fields = part.split("/")
+        try:
+            triples = [tuple(int(v) for v in f.split(",")) for f in fields]
+        except ValueError:
+            triples = []
+        if len(fields) not in (2, 3) or len(triples) != len(fields) or any(len(t) != 3 for t in triples):
+            raise ValueError(f"--tubes: tube {k} ({part!r}) must be kt,kh,kw/st,sh,sw[/ot,oh,ow]; "
+                             f"or one of {sorted(TUBE_SETS)}")
+        tubes.append(Tube(*triples))
+    if not tubes:
+        raise ValueError(f"--tubes: no tube in {spec!r}")
+    return tuple(tubes)
 #: Model sizes: the paper's ViT sizes plus "tiny" (96 wide, 3 blocks) for small data and quick runs.
 MODEL_SIZES = {**SIZES, "tiny": dict(dim=96, depth=3, num_heads=4, mlp_dim=192)}
 
@@ -194,12 +215,12 @@ def _setup(args):
 def _datasets(args):
     """(train videos, val videos, train images or None, {head: classes}, {head: class names})."""
     from .video.datasets import ImageFolder, VideoFolder
-    _check_fits(TUBE_SETS[args.tubes], args.frames, args.size)
+    _check_fits(parse_tubes(args.tubes), args.frames, args.size)
     common = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
                   on_error=args.on_error, seed=args.seed, normalize=args.normalize,
                   output="uint8" if args.normalize_on_device else "float")
     train_ds = VideoFolder(args.data, "train", flip=not args.no_flip, **common)
-    val_ds = VideoFolder(args.data, "val", clips=1, crops=1, **common)
+    val_ds = VideoFolder(args.data, "val", clips=args.val_clips, crops=args.val_crops, train=False, **common)
     if val_ds.classes != train_ds.classes:
         raise SystemExit(f"{args.data}: train and val class folders differ ({train_ds.classes} vs {val_ds.classes})")
     num_classes, classes = {"video": len(train_ds.classes)}, {"video": train_ds.classes}
@@ -214,7 +235,7 @@ def _datasets(args):
 def _model(args, num_classes, device, main):
     """The TubeViT of --model / --tubes / --blocks / --drop-path, from --init's image ViT when
     given, with --i2v-scaling, --grad-checkpointing and --varlen-attention applied."""
-    model = TubeViT(**MODEL_SIZES[args.model], num_classes=num_classes, tubes=TUBE_SETS[args.tubes],
+    model = TubeViT(**MODEL_SIZES[args.model], num_classes=num_classes, tubes=parse_tubes(args.tubes),
                     drop_path_rate=args.drop_path, **BLOCK_STYLES[args.blocks])
     if args.init:
         sd = torch.load(args.init, map_location="cpu", weights_only=True)
@@ -360,7 +381,7 @@ def train(args) -> dict:
         if ema_acc is not None:
             epoch_log.update(ema_val_top1=ema_acc["top1"], ema_val_top5=ema_acc["top5"])
         history.append(epoch_log)
-        log.write(kind="epoch", val_clips=1, val_crops=1, **epoch_log)
+        log.write(kind="epoch", val_clips=args.val_clips, val_crops=args.val_crops, **epoch_log)
         if main:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {train_loss:.3f}, val top-1 {acc['top1']:.3f}, "
                   f"top-5 {acc['top5']:.3f}" + (f", EMA top-1 {ema_acc['top1']:.3f}" if ema_acc else "")
@@ -389,6 +410,96 @@ def _prune(run_dir: str, keep: int) -> None:
     epochs = sorted(f for f in os.listdir(run_dir) if f.startswith("epoch-") and f.endswith(".pt"))
     for f in epochs[:-keep]:
         os.remove(os.path.join(run_dir, f))
+
+
+def tubes(args) -> List[dict]:
+    """Per tube: the token grid at --frames x --size x --size, its tokens, the multiply-adds per token
+    (2 * K * d FLOPs) and the share of the clip's voxels its windows see; then the totals."""
+    from .geometry import token_grid, tube_token_counts
+    tl = parse_tubes(args.tubes)
+    size = (args.frames, args.size, args.size)
+    counts = tube_token_counts(tl, size)  # names the tube that does not fit
+    rows, voxels = [], args.frames * args.size * args.size
+    seen_all = torch.zeros(size, dtype=torch.bool)
+    for i, (t, n) in enumerate(zip(tl, counts)):
+        grid = token_grid(t, size)
+        idx = [torch.zeros(L, dtype=torch.bool) for L in size]
+        for ax in range(3):
+            for j in range(grid[ax]):
+                start = t.offset[ax] + j * t.stride[ax]
+                idx[ax][start:start + t.kernel[ax]] = True
+        seen = idx[0][:, None, None] & idx[1][None, :, None] & idx[2][None, None, :]
+        seen_all |= seen
+        K = 3 * t.kernel[0] * t.kernel[1] * t.kernel[2]
+        rows.append(dict(tube=i, kernel=t.kernel, stride=t.stride, offset=t.offset, grid=grid, tokens=n,
+                         flops_per_token=2 * K * args.dim, voxel_share=seen.sum().item() / voxels))
+    total = dict(tokens=sum(counts), flops=sum(r["tokens"] * r["flops_per_token"] for r in rows),
+                 voxel_share=seen_all.sum().item() / voxels)
+    for r in rows:
+        print(f"tube {r['tube']}: kernel {r['kernel']} stride {r['stride']} offset {r['offset']}: grid {r['grid']}, "
+              f"{r['tokens']} tokens, {r['flops_per_token'] / 1e6:.2f} MFLOP/token, sees {100 * r['voxel_share']:.1f} % "
+              f"of the voxels")
+    print(f"total: {total['tokens']} tokens, {total['flops'] / 1e9:.3f} GFLOP per clip in the tokenizer (d = {args.dim}), "
+          f"the tubes see {100 * total['voxel_share']:.1f} % of the voxels")
+    if args.plot:
+        _plot_tubes(tl, size, args.plot)
+    return rows + [total]
+
+
+def _plot_tubes(tl, size, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from .geometry import token_grid
+    fig, axes = plt.subplots(1, len(tl), figsize=(3.2 * len(tl), 3.4), squeeze=False)
+    for ax, (i, t) in zip(axes[0], enumerate(tl)):
+        grid = token_grid(t, size)
+        for jh in range(grid[1]):
+            for jw in range(grid[2]):
+                ax.add_patch(Rectangle((t.offset[2] + jw * t.stride[2], t.offset[1] + jh * t.stride[1]),
+                                       t.kernel[2], t.kernel[1], fill=True, alpha=0.35, lw=0.3, ec="k"))
+        ax.set(xlim=(0, size[2]), ylim=(size[1], 0), aspect="equal",
+               title=f"tube {i}: {t.kernel[0]}x{t.kernel[1]}x{t.kernel[2]}\n{grid[0]} time steps of {grid[1]}x{grid[2]}")
+        ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def plot(args) -> str:
+    """Loss per head and learning rate by step, validation top-1 by epoch, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(args.run, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{args.run} has no metrics.jsonl (a run of this version of tubevit train)")
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    steps = [r for r in rows if r.get("kind") == "step"]
+    epochs = [r for r in rows if r.get("kind") == "epoch"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for head in sorted({h for r in steps for h in r["loss"]}):
+        pts = [(r["step"], r["loss"][head]) for r in steps if head in r["loss"]]
+        axes[0].plot(*zip(*pts), label=f"loss {head}")
+    if steps:
+        axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps])
+    for key in ("val_top1", "ema_val_top1"):
+        pts = [(r["epoch"], r[key]) for r in epochs if key in r]
+        if pts:
+            axes[2].plot(*zip(*pts), marker="o", label=key)
+    for ax, title in zip(axes, ("training loss", "learning rate", "validation top-1")):
+        ax.set_title(title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_xlabel("step"), axes[1].set_xlabel("step"), axes[2].set_xlabel("epoch")
+    fig.tight_layout()
+    out = args.out or os.path.join(args.run, "curves.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"plot: {out}")
+    return out
 
 
 def export(args) -> str:
@@ -462,9 +573,14 @@ def _parser():
     t.add_argument("--data", required=True, help="video folder: DATA/<class>/*.mp4 (or DATA/train, DATA/val)")
     t.add_argument("--out", required=True, help="run directory for last.pt / best.pt")
     t.add_argument("--model", choices=sorted(MODEL_SIZES), default="ti", help="ViT size (default: ti)")
-    t.add_argument("--tubes", choices=sorted(TUBE_SETS), default="paper",
+    t.add_argument("--config", help="JSON or YAML file of train options (its keys: the options' names, "
+                   "e.g. accum_steps); options given on the command line override it")
+    t.add_argument("--tubes", default="paper",
                    help="paper: the paper's four tubes (frames >= 20, size >= 28); compact: for short small "
-                        "clips (frames >= 8, size >= 16) (default: paper)")
+                        "clips (frames >= 8, size >= 16); or a list kt,kh,kw/st,sh,sw/ot,oh,ow;... "
+                        "(default: paper)")
+    t.add_argument("--val-clips", type=int, default=1, help="clips per validation video (default: 1)")
+    t.add_argument("--val-crops", type=int, choices=[1, 3], default=1, help="crops per validation clip (default: 1)")
     t.add_argument("--frames", type=int, default=32, help="frames per clip (default: 32)")
     t.add_argument("--size", type=int, default=224, help="crop size (default: 224)")
     t.add_argument("--stride", type=int, default=2, help="frame stride within a clip (default: 2)")
@@ -531,6 +647,17 @@ def _parser():
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--on-error", choices=["skip", "raise"], default="skip")
 
+    tb = sub.add_parser("tubes", help="each tube's grid, tokens, FLOPs per token and share of voxels for a clip size")
+    tb.add_argument("--tubes", default="paper", help="a name (paper, compact) or kt,kh,kw/st,sh,sw/ot,oh,ow;...")
+    tb.add_argument("--frames", type=int, default=32, help="(default: 32)")
+    tb.add_argument("--size", type=int, default=224, help="(default: 224)")
+    tb.add_argument("--dim", type=int, default=768, help="token width d, for the FLOPs (default: 768)")
+    tb.add_argument("--plot", help="PNG of where the tubes sample a clip (needs matplotlib)")
+
+    pl = sub.add_parser("plot", help="a PNG of a run's curves (RUN_DIR/metrics.jsonl; needs matplotlib)")
+    pl.add_argument("run", help="run directory")
+    pl.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
+
     x = sub.add_parser("export", help="a run's checkpoint as a save_pretrained directory")
     x.add_argument("run", help="run directory (its best.pt) or checkpoint file")
     x.add_argument("dir", help="output directory (config.json + weights)")
@@ -547,11 +674,45 @@ def _parser():
     return p
 
 
+def _with_config(parser, argv):
+    """argv parsed, with a train --config file's values as the defaults the command line overrides."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        cfg = load_config(args.config)
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        known = {a.dest for a in sub._actions}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown train options {unknown}")
+        sub.set_defaults(**cfg)
+        args = parser.parse_args(argv)
+    return args
+
+
+def load_config(path: str) -> dict:
+    """A JSON (.json) or YAML (.yaml / .yml; needs PyYAML) file of train options, keys as the
+    options' destinations (accum_steps) or names (accum-steps)."""
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write it as JSON") from None
+        cfg = yaml.safe_load(text)
+    else:
+        cfg = json.loads(text)
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{path}: a config is a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in cfg.items()}
+
+
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    args = _with_config(_parser(), argv)
     warnings.simplefilter("default", UserWarning)
     try:
-        return {"train": train, "eval": evaluate, "predict": predict, "export": export}[args.command](args)
+        return {"train": train, "eval": evaluate, "predict": predict, "export": export, "tubes": tubes,
+                "plot": plot}[args.command](args)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"tubevit {args.command}: {e}") from None
 
