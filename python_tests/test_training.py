@@ -28,7 +28,8 @@ def _batches(n, per, seed=0):
 
 
 def _args(**kw):
-    base = dict(accum_steps=1, normalize="imagenet", label_smoothing=0.0, clip_grad=None, log_every=0)
+    base = dict(accum_steps=1, normalize="imagenet", label_smoothing=0.0, clip_grad=None, log_every=0, mixup=0.0,
+                cutmix=0.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -294,3 +295,66 @@ def test_validation_clips_and_crops_and_the_plot(tmp_path, data):
     pytest.importorskip("matplotlib")
     out = cli.main(["plot", run])
     assert os.path.getsize(out) > 1000
+
+
+def test_mixup_and_cutmix_mix_whole_clips_within_a_head():
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.rand(3, 4, 16, 16, generator=g) for _ in range(4)]
+    images = [torch.rand(3, 16, 16, generator=g) for _ in range(2)]
+    samples, heads = clips + images, ["video"] * 4 + ["image"] * 2
+    labels, classes = [0, 1, 2, 3, 3, 4], {"video": 4, "image": 5}  # distinct within each head
+    torch.manual_seed(1)
+    mixed, targets, lam = tr.mix_batch(samples, labels, heads, classes, mixup=0.8)
+    assert 0.0 < lam < 1.0
+    for i, (m, t) in enumerate(zip(mixed, targets)):
+        assert t.shape == (classes[heads[i]],) and t.sum().item() == pytest.approx(1.0)
+        partners = [k for k in range(len(samples)) if heads[k] == heads[i] and k != i
+                    and torch.allclose(m, lam * samples[i] + (1 - lam) * samples[k])]
+        if partners:  # x = lam x_i + (1 - lam) x_j, and the label mixed with the same lambda
+            j = partners[0]
+            assert t[labels[i]].item() == pytest.approx(lam) and t[labels[j]].item() == pytest.approx(1 - lam)
+        else:  # paired with itself
+            assert torch.equal(m, samples[i]) and t[labels[i]].item() == 1.0
+    for seed in range(20):  # a batch whose lambda leaves a box of some size
+        torch.manual_seed(seed)
+        cut, targets, lam = tr.mix_batch(samples, labels, heads, classes, cutmix=1.0)
+        if lam < 0.9:
+            break
+    boxes = 0
+    for i in range(4):
+        changed = (cut[i] != samples[i]).any(0)  # (T, H, W): where a partner's pixels were pasted
+        assert targets[i].sum().item() == pytest.approx(1.0)
+        if changed.any():
+            boxes += 1
+            assert all(torch.equal(changed[0], changed[t]) for t in range(4))  # the same box in every frame
+            assert 1 - changed[0].float().mean().item() == pytest.approx(lam)  # lambda is the area kept
+            assert targets[i][labels[i]].item() == pytest.approx(lam)
+    assert boxes > 0
+    loss, _ = losses_by_head([torch.randn(classes[h]) for h in heads], heads, targets)
+    assert loss.item() > 0  # soft targets go through the loss
+
+
+def test_randaugment_and_erasing_are_the_same_in_every_frame():
+    pytest.importorskip("torchvision")
+    from tubevit_ext.video import transforms as T
+    frame = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    clip = frame.expand(3, 6, 32, 32).contiguous()  # six identical frames
+    aug = T.clip_augment((2, 9), 1.0)
+    for seed in range(5):
+        out = aug(clip, torch.Generator().manual_seed(seed))
+        assert out.shape == clip.shape and out.dtype == torch.uint8
+        assert all(torch.equal(out[:, 0], out[:, t]) for t in range(6))
+        assert not torch.equal(out, clip)
+    a = aug(clip, torch.Generator().manual_seed(7))
+    assert torch.equal(a, aug(clip, torch.Generator().manual_seed(7)))  # the sample's generator decides
+    assert T.clip_augment(None, 0.0) is None
+
+
+def test_augmented_and_mixed_training_runs(tmp_path, data):
+    pytest.importorskip("torchvision")
+    run = str(tmp_path / "run")
+    res = cli.main(["train", "--data", data, "--out", run, *TRAIN, "--epochs", "1", "--mixup", "0.8", "--cutmix",
+                    "1.0", "--randaugment", "2,9", "--random-erase", "0.25", "--label-smoothing", "0.1"])
+    assert len(res["history"]) == 1 and res["history"][0]["train_loss"] > 0
+    with pytest.raises(SystemExit, match="give N,M"):
+        cli.main(["train", "--data", data, "--out", run, *TRAIN, "--epochs", "1", "--randaugment", "9"])

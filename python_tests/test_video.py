@@ -517,7 +517,7 @@ def test_media_demo_runs_on_the_shipped_media():
 
 def test_command_line_entry_points():
     r = subprocess.run([sys.executable, "-m", "tubevit_ext", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0 and "{train,eval,export,predict}" in r.stdout
+    assert r.returncode == 0 and "{train,eval,tubes,plot,export,predict}" in r.stdout
     script = os.path.join(os.path.dirname(sys.executable), "tubevit")
     if not os.path.exists(script):
         pytest.skip("the package is not pip-installed here (no console script)")

@@ -219,7 +219,12 @@ def _datasets(args):
     common = dict(frames=args.frames, size=args.size, stride=args.stride, target_fps=args.target_fps,
                   on_error=args.on_error, seed=args.seed, normalize=args.normalize,
                   output="uint8" if args.normalize_on_device else "float")
-    train_ds = VideoFolder(args.data, "train", flip=not args.no_flip, **common)
+    from .video.transforms import clip_augment
+    ra = tuple(int(v) for v in args.randaugment.split(",")) if args.randaugment else None
+    if ra is not None and len(ra) != 2:
+        raise SystemExit(f"--randaugment {args.randaugment}: give N,M (ops per clip, magnitude), e.g. 2,9")
+    train_ds = VideoFolder(args.data, "train", flip=not args.no_flip, augment=clip_augment(ra, args.random_erase),
+                           **common)
     val_ds = VideoFolder(args.data, "val", clips=args.val_clips, crops=args.val_crops, train=False, **common)
     if val_ds.classes != train_ds.classes:
         raise SystemExit(f"{args.data}: train and val class folders differ ({train_ds.classes} vs {val_ds.classes})")
@@ -279,7 +284,7 @@ def _train_epoch(net, model, loader, opt, sched, device, joint: bool, bar, args,
     """One pass over the loader with gradient accumulation (--accum-steps micro-batches per
     optimizer step, the last step of the epoch taking what is left), clipping, the EMA update and
     the metrics log; returns the mean training loss."""
-    from .training import optimizer_step
+    from .training import mix_batch, optimizer_step
     loss_sum, n, accum = 0.0, len(loader), max(1, args.accum_steps)
     it, t_wait = iter(bar), time.perf_counter()
     for i in range(n):
@@ -291,6 +296,9 @@ def _train_epoch(net, model, loader, opt, sched, device, joint: bool, bar, args,
             heads = ["video"] * len(samples)
         log.waited(time.perf_counter() - t_wait, len(samples))
         samples = [_to_device(s, device, args.normalize) for s in samples]
+        if args.mixup or args.cutmix:  # soft targets from here on
+            samples, labels, _ = mix_batch(samples, list(labels), heads, model.config["num_classes"], args.mixup,
+                                           args.cutmix)
         last = (i + 1) % accum == 0 or i + 1 == n
         group = accum if i // accum < n // accum else n % accum  # micro-batches in this step
         sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
@@ -602,6 +610,14 @@ def _parser():
                    help="micro-batches per optimizer step: a batch of --batch-size x this (default: 1)")
     t.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm to this")
     t.add_argument("--label-smoothing", type=float, default=0.0, help="(default: 0)")
+    t.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup of whole clips within a head, lambda ~ Beta(ALPHA, ALPHA) (e.g. 0.8)")
+    t.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="cutmix: one box, the same in every frame (e.g. 1.0); with --mixup, one of the two per batch")
+    t.add_argument("--randaugment", default=None, metavar="N,M",
+                   help="RandAugment, N ops of magnitude M, the same for every frame of a clip (needs torchvision)")
+    t.add_argument("--random-erase", type=float, default=0.0, metavar="P",
+                   help="random erasing with probability P, the same box in every frame (needs torchvision)")
     t.add_argument("--layer-decay", type=float, default=None,
                    help="layer-wise learning-rate decay: layer l of L at lr * decay^(L-1-l) (e.g. 0.75)")
     t.add_argument("--ema", type=float, default=None, metavar="DECAY",

@@ -122,6 +122,54 @@ class EMA:
         self.module.load_state_dict(sd)
 
 
+def mix_batch(samples: List[torch.Tensor], labels: List[int], heads: List[str], num_classes: Dict[str, int],
+              mixup: float = 0.0, cutmix: float = 0.0, generator: Optional[torch.Generator] = None):
+    """Mixup / CutMix of whole clips: each sample is mixed with another of its head (a joint batch
+    mixes within a head; samples of another shape are left alone), with one lambda ~ Beta(alpha,
+    alpha) per batch. CutMix pastes one box, the same in every frame of the clip, and sets lambda to
+    the kept area. With both on, each batch takes one of them at random. Returns (samples, soft
+    targets: one (classes,) float tensor per sample, lambda * onehot(y) + (1 - lambda) *
+    onehot(y_partner), summing to one, and lambda)."""
+    alpha, use_cut = (mixup, False) if not cutmix else (cutmix, True) if not mixup else \
+        ((cutmix, True) if bool(torch.rand((), generator=generator) < 0.5) else (mixup, False))
+    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
+    out, targets = list(samples), []
+    groups: Dict[tuple, List[int]] = {}
+    for i, (s, h) in enumerate(zip(samples, heads)):
+        groups.setdefault((h, tuple(s.shape)), []).append(i)
+    partner = list(range(len(samples)))
+    for idx in groups.values():
+        perm = torch.randperm(len(idx), generator=generator).tolist()
+        for a, b in zip(idx, [idx[j] for j in perm]):
+            partner[a] = b
+    box = None
+    if use_cut and lam < 1.0:
+        H, W = samples[0].shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(H * cut), int(W * cut)
+        cy, cx = (int(torch.randint(0, n, (1,), generator=generator)) for n in (H, W))
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)  # the area kept
+        box = (y0, y1, x0, x1)
+    for i, s in enumerate(samples):
+        j = partner[i]
+        if j != i:
+            if box is not None and s.shape[-2:] == samples[0].shape[-2:]:
+                y0, y1, x0, x1 = box
+                mixed = s.clone()
+                mixed[..., y0:y1, x0:x1] = samples[j][..., y0:y1, x0:x1]  # every frame: the same box
+                out[i] = mixed
+            elif box is None:
+                out[i] = lam * s + (1.0 - lam) * samples[j]
+        n = num_classes[heads[i]]
+        t = torch.zeros(n, dtype=torch.float32, device=s.device)
+        t[labels[i]] += lam if j != i else 1.0
+        if j != i:
+            t[labels[j]] += 1.0 - lam
+        targets.append(t)
+    return out, targets, lam
+
+
 def optimizer_step(model, optimizer, precision: Precision, clip_grad: Optional[float]) -> Optional[float]:
     """One optimizer step after the accumulated backward passes: unscale (fp16), clip the global
     gradient norm to ``clip_grad`` when given, step, update the scaler, zero the gradients.
@@ -188,5 +236,5 @@ class MetricsLog:
         return out
 
 
-__all__ = ["PRECISIONS", "default_precision", "Precision", "param_groups", "make_schedule", "EMA",
+__all__ = ["PRECISIONS", "default_precision", "Precision", "param_groups", "make_schedule", "EMA", "mix_batch",
            "optimizer_step", "rng_state", "set_rng_state", "MetricsLog"]

@@ -294,17 +294,20 @@ def losses_by_head(logits: Sequence[torch.Tensor], heads: Sequence[str], labels:
                    weights: Optional[Dict[str, float]] = None, label_smoothing: float = 0.0):
     """(total, {head: loss}) from per-sample logits (a joint forward's list): each head's loss is
     the cross-entropy mean over its samples (16-bit logits in fp32; ``label_smoothing``), the total
-    their weighted sum (weights default 1)."""
+    their weighted sum (weights default 1). ``labels``: class indices, or one (classes,) tensor of
+    class probabilities per sample (mixup / cutmix targets)."""
     if not (len(logits) == len(heads) == len(labels)):
         raise ValueError("logits, heads and labels must have the same length")
     device = logits[0].device
-    labels = torch.as_tensor(list(labels), device=device)
+    soft = isinstance(labels[0], torch.Tensor) and labels[0].dim() == 1  # class probabilities (mixup)
+    labels = [t.to(device) for t in labels] if soft else torch.as_tensor(list(labels), device=device)
     total, per_head = 0.0, {}
     for name in dict.fromkeys(heads):
         idx = [i for i, h in enumerate(heads) if h == name]
         lg = torch.stack([logits[i] for i in idx])
-        loss = F.cross_entropy(lg.float() if lg.dtype in (torch.float16, torch.bfloat16) else lg, labels[idx],
-                               label_smoothing=label_smoothing)
+        lg = lg.float() if lg.dtype in (torch.float16, torch.bfloat16) else lg
+        target = torch.stack([labels[i] for i in idx]).to(lg.dtype) if soft else labels[idx]
+        loss = F.cross_entropy(lg, target, label_smoothing=label_smoothing)
         per_head[name] = loss
         total = total + (weights or {}).get(name, 1.0) * loss
     return total, per_head

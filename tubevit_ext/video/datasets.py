@@ -129,13 +129,14 @@ class VideoFolder(_Folder):
     uniformly spaced clips x ``crops`` (1 or 3) crops, stacked: (clips * crops, C, T, S, S).
     Frames are ``stride`` apart, or sampled at ``target_fps``. ``flip=False`` for classes a
     mirror image changes (left vs right motion). ``output="uint8"``: clips stay uint8 (the
-    consumer normalises them, ``transforms.normalize``, e.g. on the training device)."""
+    consumer normalises them, ``transforms.normalize``, e.g. on the training device). ``augment``:
+    ``transforms.clip_augment(...)``, applied to training clips."""
 
     def __init__(self, root: str, split: str = "train", frames: int = 8, size: int = 112, train: Optional[bool] = None,
                  stride: int = 1, target_fps: Optional[float] = None, clips: int = 1, crops: int = 1,
                  normalize="imagenet", short: str = "clamp", val_fraction: float = 0.2,
                  split_file: Optional[str] = None, on_error: str = "skip", seed: int = 0, flip: bool = True,
-                 output: str = "float"):
+                 output: str = "float", augment=None):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         frame_step(stride)  # validates stride
@@ -143,7 +144,7 @@ class VideoFolder(_Folder):
         self.train = split == "train" if train is None else train
         self.clips, self.short, self.on_error, self.seed, self.epoch = clips, short, on_error, seed, 0
         self.transform = ClipTransform(size, self.train, flip=flip, crops=1 if self.train else crops,
-                                       normalize=normalize, output=output)
+                                       normalize=normalize, output=output, augment=augment)
         samples, self.classes = folder_samples(root, split, VIDEO_EXTENSIONS, val_fraction, split_file)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         if not samples:

@@ -171,6 +171,40 @@ def normalize(x: torch.Tensor, preset: Union[str, Sequence] = "imagenet") -> tor
     return y.mul_(scale.view(shape)).sub_((mean / std).view(shape))
 
 
+class ClipAugment:
+    """RandAugment (N ops of magnitude M) and random erasing applied identically to every frame of a
+    (C, T, H, W) uint8 clip: torchvision.transforms.v2 on a ``tv_tensors.Video`` draws one set of
+    parameters per clip (torchvision is an optional dependency, imported here). The parameters
+    come from the sample's generator, so an epoch's augmentations do not depend on the worker
+    layout. A class, not a closure, so datasets holding one pickle into spawned workers."""
+
+    def __init__(self, randaugment: Optional[Sequence[int]] = None, random_erase: float = 0.0):
+        try:
+            from torchvision.transforms import v2
+        except ImportError:
+            raise ImportError("--randaugment / --random-erase need torchvision (its transforms.v2)") from None
+        ops = []
+        if randaugment:
+            n, m = randaugment
+            ops.append(v2.RandAugment(num_ops=int(n), magnitude=int(m)))
+        if random_erase:
+            ops.append(v2.RandomErasing(p=float(random_erase), value=0))
+        self.tf = v2.Compose(ops)
+
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        from torchvision import tv_tensors
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            y = self.tf(tv_tensors.Video(x.transpose(0, 1)))  # (T, C, H, W): frames share the parameters
+        return y.as_subclass(torch.Tensor).transpose(0, 1)
+
+
+def clip_augment(randaugment: Optional[Sequence[int]] = None, random_erase: float = 0.0):
+    """A ClipAugment, or None when both are off."""
+    return ClipAugment(randaugment, random_erase) if randaugment or random_erase else None
+
+
 class ClipTransform:
     """Decoded frames (T, H, W, 3) uint8 (or an image (H, W, 3)) -> normalised float (C, T, S, S).
 
@@ -183,7 +217,8 @@ class ClipTransform:
     which normalises them with ``normalize``."""
 
     def __init__(self, size: int, train: bool, resize: Optional[int] = None, flip: bool = True,
-                 crops: int = 1, normalize: Union[str, Sequence] = "imagenet", output: str = "float"):
+                 crops: int = 1, normalize: Union[str, Sequence] = "imagenet", output: str = "float",
+                 augment=None):
         if crops not in (1, 3):
             raise ValueError(f"crops must be 1 or 3, got {crops}")
         if isinstance(normalize, str) and normalize not in NORMALIZE:
@@ -193,6 +228,7 @@ class ClipTransform:
         self.size, self.train, self.flip, self.crops, self.norm = size, train, flip, crops, normalize
         self.resize = resize or int(math.ceil(size * 8 / 7))
         self.output = output
+        self.augment = augment  # train only: clip_augment(...), on the uint8 crop
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         if self.output == "uint8":
@@ -205,11 +241,13 @@ class ClipTransform:
             x = random_crop(x, self.size, generator)
             if self.flip and bool(torch.rand((), generator=generator) < 0.5):
                 x = hflip(x)
+            if self.augment is not None:
+                x = self.augment(x, generator)
             return self._finish(x)
         if self.crops == 1:
             return self._finish(center_crop(x, self.size))
         return torch.stack([self._finish(c) for c in three_crops(x, self.size)])
 
 
-__all__ = ["NORMALIZE", "frame_step", "clip_span", "clip_indices", "random_clip", "uniform_clips", "to_cthw",
+__all__ = ["ClipAugment", "clip_augment", "NORMALIZE", "frame_step", "clip_span", "clip_indices", "random_clip", "uniform_clips", "to_cthw",
            "resize_short_side", "center_crop", "random_crop", "three_crops", "hflip", "normalize", "ClipTransform"]
