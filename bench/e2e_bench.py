@@ -91,11 +91,18 @@ def check_same(ours, ref, x, y, autocast_dtype, device):
         loss.backward()
         outs.append((loss.detach(), [p.grad.detach().clone() for p in m.parameters() if p.grad is not None]))
     (la, ga), (lb, gb) = outs
-    tol = dict(rtol=2e-2, atol=2e-3) if autocast_dtype is not None else dict(rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(la, lb, **tol)
-    assert len(ga) == len(gb)
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, b.abs().max().item()))
+    if autocast_dtype is None:
+        torch.testing.assert_close(la, lb, rtol=1e-3, atol=1e-5)
+        assert len(ga) == len(gb)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * max(1.0, b.abs().max().item()))
+    else:  # bf16: elementwise, two tokenizers' gradients through a whole model differ by bf16 rounding
+        # (sign flips of near-zero entries included); the gradient as a whole agrees to a few per cent,
+        # where a wrong tokenizer is off by O(1)
+        torch.testing.assert_close(la, lb, rtol=2e-2, atol=2e-3)
+        flat_a, flat_b = (torch.cat([g.float().flatten() for g in gs]) for gs in (ga, gb))
+        rel = ((flat_a - flat_b).norm() / flat_b.norm()).item()
+        assert rel < 0.05, f"bf16 gradients differ by {rel:.3f} of their norm"
     for m in (ours, ref):
         m.zero_grad(set_to_none=True)
 
