@@ -341,3 +341,17 @@ def make_motion_folder(root, n_per_class=32, frames=16, size=40, seed=0, ext=".m
                 x = (x0 + dx * t) % (size - 8)
                 fr[t, y:y + 8, x:x + 8] = col
             vio.write_video(os.path.join(sub, f"{cls}_{k:02d}{ext}"), fr, fps=25)
+
+
+def interrupt_after_first_checkpoint(monkeypatch):
+    """`tubevit train` stops (KeyboardInterrupt) right after it wrote its first last.pt, as an
+    interrupted run would; undo with monkeypatch.undo() or by setting cli.save_checkpoint back."""
+    from tubevit_ext import cli
+    save = cli.save_checkpoint
+
+    def save_then_interrupt(path, ckpt):
+        save(path, ckpt)
+        if path.endswith("last.pt"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "save_checkpoint", save_then_interrupt)
+    return save

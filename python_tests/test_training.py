@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import interrupt_after_first_checkpoint, make_motion_folder
 from tubevit_ext import cli
 from tubevit_ext import training as tr
 from tubevit_ext.models import TubeViT, losses_by_head
@@ -147,7 +148,6 @@ def test_bf16_autocast_is_present_in_the_step(monkeypatch):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     pytest.importorskip("av")
-    from conftest import make_motion_folder
     root = str(tmp_path_factory.mktemp("motion") / "data")
     make_motion_folder(root, n_per_class=8, frames=10)
     return root
@@ -166,13 +166,7 @@ def test_resumed_run_continues_bit_for_bit(tmp_path, data, monkeypatch):
     whole = str(tmp_path / "whole")
     cli.main(["train", "--data", data, "--out", whole, *TRAIN, *opts])
     part = str(tmp_path / "part")
-    save = cli.save_checkpoint
-
-    def save_then_interrupt(path, ckpt):
-        save(path, ckpt)
-        if path.endswith("last.pt"):
-            raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "save_checkpoint", save_then_interrupt)
+    save = interrupt_after_first_checkpoint(monkeypatch)  # the run stops after its first checkpoint
     with pytest.raises(KeyboardInterrupt):
         cli.main(["train", "--data", data, "--out", part, *TRAIN, *opts])
     monkeypatch.setattr(cli, "save_checkpoint", save)

@@ -17,7 +17,7 @@ from tubevit_ext.video import ImageFolder, JointLoader, VideoFolder, find_classe
 from tubevit_ext.video import io as vio  # noqa: E402
 from tubevit_ext.video import transforms as T  # noqa: E402
 from tubevit_ext.video.datasets import collate_samples, folder_samples  # noqa: E402
-from conftest import make_motion_folder, time_limit  # noqa: E402
+from conftest import interrupt_after_first_checkpoint, make_motion_folder, time_limit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -381,15 +381,7 @@ def test_train_eval_predict_learns_motion(tmp_path, capsys):
 def test_resume_continues_and_refuses_another_model(tmp_path, monkeypatch):
     data, run = str(tmp_path / "data"), str(tmp_path / "run")
     make_motion_folder(data, n_per_class=8, frames=10)
-    # the run is interrupted right after it wrote its first checkpoint
-    save = cli.save_checkpoint
-
-    def save_then_interrupt(path, ckpt):
-        save(path, ckpt)
-        if path.endswith("last.pt"):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "save_checkpoint", save_then_interrupt)
+    save = interrupt_after_first_checkpoint(monkeypatch)  # the run stops after its first checkpoint
     with pytest.raises(KeyboardInterrupt):
         cli.main(["train", "--data", data, "--out", run, "--epochs", "3", *TRAIN])
     monkeypatch.setattr(cli, "save_checkpoint", save)

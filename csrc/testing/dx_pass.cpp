@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <limits>
 
 #include "../kernels/grad_input.h"
 #include "dx_emulation.h"
@@ -16,16 +15,9 @@ namespace {
 at::Tensor dx_from_dp_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
                           at::IntArrayRef tubes, const at::Tensor& dp) {
   const TubeLayout L = check_backward_args(grad_out, x, weights, tubes);
-  int64_t dp_elems = 0;
-  const ParamsDX p = make_dp_layout(L, nullptr, &dp_elems);
-  TORCH_CHECK_VALUE(dp.scalar_type() == at::kFloat && dp.is_contiguous() && dp.numel() == dp_elems,
-                    "dp must be a contiguous fp32 tensor of ", dp_elems, " elements, got ", dp.scalar_type(),
-                    " with ", dp.numel());
+  ParamsDX p;
+  at::Tensor dx = dx::dx_test_output(L, x, dp, &p);
   const auto t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat, "x must be fp16, bf16 or fp32, got ",
-                   t);
-  at::Tensor dx = at::full({L.batch, L.channels, L.size[0], L.size[1], L.size[2]},
-                           std::numeric_limits<double>::quiet_NaN(), x.options());
   if (dx.numel() == 0) return dx;
   TUBEVIT_DISPATCH_HALF_BF16_FLOAT(t, "dx_from_dp", [&] {
     dx::emulate_gather<scalar_t>(p, dp.const_data_ptr<float>(), L, dx.mutable_data_ptr<scalar_t>());
